@@ -1,0 +1,28 @@
+"""InternImage models, key-for-key compatible with the official checkpoints."""
+
+from .dcnv3 import DCNv3
+from .internimage import (
+    DCN_LR_KEYWORDS,
+    InternImage,
+    InternImageLayer,
+    InternImageStage,
+    check_model_kwargs,
+    lr_decay_ratios,
+    lr_scale,
+)
+from .registry import VARIANTS, create_model, list_models, variant_config
+
+__all__ = [
+    "DCN_LR_KEYWORDS",
+    "DCNv3",
+    "InternImage",
+    "InternImageLayer",
+    "InternImageStage",
+    "VARIANTS",
+    "check_model_kwargs",
+    "create_model",
+    "list_models",
+    "lr_decay_ratios",
+    "lr_scale",
+    "variant_config",
+]
