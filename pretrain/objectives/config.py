@@ -1,0 +1,183 @@
+"""The `objective:` section of a run config.
+
+One schema for every objective. `name` picks the family; the M3I objective (`"m3i"`) contains the other two
+as special cases: `"contrastive"` is M3I with the dense weights at zero and mixing off, and a pure
+self-supervised run is M3I with `semantic.weight: 0`. `"supervised"` is plain classification (a linear
+classifier on the pooled feature, cross-entropy on `label`), the recipe of an IN-22K/IN-1K stage.
+
+Values that the M3I paper (arXiv 2211.09807) does not publish are config values whose default is taken from
+the same authors' SiameseIM (arXiv 2206.01204) or from CLIP, and each field says which. Nothing here is mutated
+after load: `build_objective` derives the effective switches (e.g. whether an EMA teacher is needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OBJECTIVE_NAMES = ("supervised", "contrastive", "m3i")
+
+
+@dataclass
+class TextConfig:
+    """The text tower (a CLIP-style causal transformer) and its BPE tokenizer."""
+
+    tokenizer: str = ""
+    """Path to a `tokenizers` tokenizer.json (ours from `pretrain data tokenizer`, or any user file). Required
+    when a semantic term is on; the vocabulary size of the tower is read from this file."""
+    train_if_missing: bool = True
+    """If `tokenizer` does not exist and the data exposes captions, train a byte-level BPE tokenizer on them at
+    build time (deterministic, every rank gets the same one; rank 0 writes it). Convenient for the tiny CPU run;
+    at scale train it once with `pretrain data tokenizer` and point here."""
+    vocab_size: int = 32000
+    """Vocabulary size when training a tokenizer (not when loading one). 32k is a usual BPE size for English
+    web captions; CLIP used 49,408."""
+    context_length: int = 77
+    """Tokens per text, including start/end tokens (CLIP's 77: web alt-texts are short)."""
+    width: int = 768
+    """Transformer width. The M3I text encoder is not published; 768/12/12 is CLIP ViT-L/14's text tower,
+    the usual partner of a ~1B image tower."""
+    depth: int = 12
+    """Transformer blocks (CLIP ViT-L/14 text tower: 12)."""
+    heads: int = 12
+    """Attention heads (width / 64)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / width."""
+
+
+@dataclass
+class SemanticConfig:
+    """Image-text (and class-name prompt) contrastive term: Fig. 1's weakly/fully supervised targets."""
+
+    weight: float = 1.0
+    """Loss weight. Not published; SiameseIM/M3I start from equal weights across terms."""
+    embed_dim: int = 768
+    """Joint embedding width. 768 = InternImage-H/G's clip_projector output, which then is the image
+    embedding with no extra projection; T–XL get a masked attention-pooling head over the stride-16 tokens
+    plus a linear projection to this width (our choice: T–XL have no official embedding head)."""
+    pool_heads: int = 8
+    """Heads of the T–XL attention-pooling head (ours; H/G use the official clip_projector's 16)."""
+    temperature_init: float = 0.07
+    """Initial softmax temperature (CLIP: 0.07; learnable as log(1/T))."""
+    temperature_min: float = 0.01
+    """Lower clamp of the temperature (CLIP clamps the logit scale at 100), applied after every step."""
+    learnable_temperature: bool = True
+    """Learn the temperature (CLIP). False keeps `temperature_init`."""
+    gather_with_grad: bool = True
+    """All-gather embeddings across ranks with gradients; each rank computes the loss of its local rows
+    against the global batch (memory linear in the local batch). False: contrast within the local batch."""
+    label_prompt_prob: float = 0.5
+    """For a sample with both a caption and a label, probability of using its class-name prompt instead of
+    the caption (ours; M3I only says both kinds of target share the text encoder). Captionless labelled samples
+    always use the prompt; labelless captioned samples always use the caption."""
+    prompt_templates: list[str] = field(
+        default_factory=lambda: ["a photo of a {}.", "a picture of a {}.", "{}"]
+    )
+    """Class-name prompt templates; training samples one per sample, zero-shot averages all (CLIP)."""
+
+
+@dataclass
+class MixConfig:
+    """M3I's input mixing (Fig. 2): x = M⊙v_A + (1−M)⊙v_B, B = the batch rolled by one."""
+
+    enabled: bool = True
+    """Mix inputs. Off: each image is seen whole (pure contrastive / supervised-through-prompts runs)."""
+    ratio: float = 0.5
+    """Fraction of the 16-px blocks taken from B (the mask ratio of the intra-view prediction). The paper
+    shows ≈50–60%; 0.5 keeps both images' semantic terms equally informed."""
+    min_block: int = 4
+    """Smallest rectangle (in 16-px blocks) of the BEiT-style blockwise mask (BEiT's 16 at 14×14 is too coarse
+    for the tiny maps of CPU runs; 4 works for both)."""
+    aspect_min: float = 0.3
+    """Aspect-ratio range [aspect_min, 1/aspect_min] of the mask rectangles (BEiT)."""
+
+
+@dataclass
+class DenseConfig:
+    """Self-supervised dense term: predict EMA-teacher token features of A's same view and B's other view."""
+
+    intra_weight: float = 1.0
+    """Weight of the intra-view term (A's same view, at the tokens covered by B). Equal weights: not published."""
+    inter_weight: float = 1.0
+    """Weight of the inter-view term (every token of B's other view; B's same view when data.views == 1)."""
+    intra_on_masked_only: bool = True
+    """Intra-view loss only where A is hidden (MAE/SiameseIM convention: visible tokens are nearly free)."""
+    projector_dim: int = 256
+    """Width of the online/teacher projector output = target width (SiameseIM's projector: 256)."""
+    decoder_depth: int = 4
+    """Predictor transformer blocks (SiameseIM: 4-block decoder for ViT-B; M3I's is unpublished)."""
+    decoder_width: int = 512
+    """Predictor width (SiameseIM: 512)."""
+    decoder_heads: int = 16
+    """Predictor attention heads (SiameseIM: 16)."""
+    loss: str = "cosine"
+    """"cosine": normalised L2 = 2 − 2·cos (SiameseIM, M3I Fig. 1); "smooth_l1" on LayerNorm'd targets."""
+    ema_momentum: float = 0.995
+    """Teacher momentum at step 0 (SiameseIM: 0.995)."""
+    ema_momentum_end: float = 1.0
+    """Teacher momentum at the last step, reached on a cosine schedule (BYOL/SiameseIM: 1.0)."""
+
+
+@dataclass
+class SupervisedConfig:
+    """Plain classification (`name: supervised`)."""
+
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing (InternImage's IN-22K/IN-1K recipes use 0.1)."""
+
+
+@dataclass
+class ZeroShotConfig:
+    """Zero-shot evaluation with class-name prompts on a held-out labelled split."""
+
+    every_steps: int = 0
+    """Evaluate every N optimizer steps during training (0: only at the end / by command)."""
+    split: str = ""
+    """Manifest or shard path of the held-out labelled split (empty: the data section's eval split)."""
+    max_batches: int = 0
+    """Cap the number of eval batches (0: the whole split)."""
+    topk: list[int] = field(default_factory=lambda: [1, 5])
+    """Accuracies to report, logged as `zeroshot/top{k}`."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """What is optimised: the loss terms and the heads, text tower and EMA teacher they need."""
+
+    name: str = "m3i"
+    """"supervised" | "contrastive" | "m3i" (see the module docstring)."""
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    """Image-text / class-prompt contrastive term."""
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    """Self-supervised intra-/inter-view feature prediction."""
+    mix: MixConfig = field(default_factory=MixConfig)
+    """Input mixing of two images."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Text tower and tokenizer."""
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    """Settings of `name: supervised`."""
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    """Zero-shot evaluation."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVE_NAMES:
+            raise ValueError(f"objective.name must be one of {OBJECTIVE_NAMES}, got {self.name!r}")
+        if not all(isinstance(getattr(self, f), c) for f, c in _SECTIONS.items()):
+            return  # a loader still filling nested sections calls again with dataclasses
+        if self.dense.loss not in ("cosine", "smooth_l1"):
+            raise ValueError(f"objective.dense.loss must be 'cosine' or 'smooth_l1', got {self.dense.loss!r}")
+        if not 0.0 <= self.mix.ratio < 1.0:
+            raise ValueError(f"objective.mix.ratio must be in [0, 1), got {self.mix.ratio}")
+        if not 0.0 <= self.semantic.label_prompt_prob <= 1.0:
+            raise ValueError("objective.semantic.label_prompt_prob must be in [0, 1]")
+        if not 0.0 < self.dense.ema_momentum <= self.dense.ema_momentum_end <= 1.0:
+            raise ValueError("objective.dense needs 0 < ema_momentum <= ema_momentum_end <= 1")
+
+
+_SECTIONS = {
+    "semantic": SemanticConfig,
+    "dense": DenseConfig,
+    "mix": MixConfig,
+    "text": TextConfig,
+    "supervised": SupervisedConfig,
+    "zero_shot": ZeroShotConfig,
+}
