@@ -1,0 +1,177 @@
+"""DeepSpeed checkpoints: find the tag, consolidate ZeRO 1/2/3 partitions lazily, convert to universal.
+
+Works on any DeepSpeed checkpoint layout (`ROOT/latest` + `ROOT/global_stepN/`, a bare `global_stepN/`,
+or our engine's per-step directories holding one) and any ZeRO stage and world size: the stage and the
+number of partitions are read from the shard files themselves, never passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import re
+import zipfile
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .tensors import ConvertError, LazyTensor
+
+MODEL_STATES = "*model_states.pt"
+OPTIM_STATES = "*_optim_states.pt"
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _has_model_states(path: Path) -> bool:
+    return path.is_dir() and any(path.glob(MODEL_STATES))
+
+
+def is_deepspeed_dir(path: Path) -> bool:
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / "latest").is_file() or _has_model_states(path):
+        return True
+    return any(_has_model_states(d) for d in path.iterdir() if d.is_dir())
+
+
+@dataclass
+class DeepSpeedTag:
+    root: Path
+    tag: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.tag
+
+
+def resolve_tag(path: str | Path, tag: str | None = None) -> DeepSpeedTag:
+    """Find the checkpoint tag directory (the one with `*model_states.pt`) under or at `path`."""
+    path = Path(path)
+    if tag is not None:
+        if not _has_model_states(path / tag):
+            raise ConvertError(f"{path / tag} holds no DeepSpeed model states (*model_states.pt)")
+        return DeepSpeedTag(path, tag)
+    if _has_model_states(path):
+        return DeepSpeedTag(path.parent, path.name)
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not _has_model_states(path / tag):
+            raise ConvertError(f"{latest} names tag {tag!r} but {path / tag} holds no *model_states.pt")
+        return DeepSpeedTag(path, tag)
+    tags = sorted((d.name for d in path.iterdir() if _has_model_states(d)), key=_natural)
+    if not tags:
+        raise ConvertError(f"{path} is not a DeepSpeed checkpoint (no 'latest' file, no *model_states.pt)")
+    chosen = DeepSpeedTag(path, tags[-1])
+    if len(tags) > 1:
+        chosen.notes.append(f"no 'latest' file: using the newest tag {tags[-1]!r} of {tags}")
+    return chosen
+
+
+def _zero_info(optim_file: Path) -> tuple[int, int]:
+    """(zero stage, data-parallel world size) from one optimizer shard (memory-mapped, nothing read)."""
+    state = torch.load(optim_file, map_location="cpu", mmap=True, weights_only=False)
+    osd = state["optimizer_state_dict"]
+    world = osd.get("partition_count", 1)
+    world = max(world) if isinstance(world, list | tuple) else int(world)
+    return int(osd.get("zero_stage", 1)), world
+
+
+_LOAD_ERRORS = (ValueError, RuntimeError, FileNotFoundError, EOFError, KeyError, pickle.UnpicklingError,
+                zipfile.BadZipFile, AssertionError)
+
+
+def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, LazyTensor], dict]:
+    """The consolidated fp32 state dict of the DeepSpeed-wrapped module, as lazy tensors.
+
+    ZeRO 1/2/3 go through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`: the
+    optimizer shards are memory-mapped and only the fp32 master partitions are touched (Adam moments are
+    never read); a ZeRO-3 parameter is gathered from its partitions when it is loaded. A checkpoint
+    without ZeRO optimizer shards (ZeRO disabled, or saved without optimizer) is read from the module
+    weights of `mp_rank_00`.
+    """
+    found = resolve_tag(path, tag)
+    tag_dir = found.dir
+    info: dict = {"tag": found.tag, "dir": str(tag_dir), "notes": list(found.notes)}
+    optim_files = sorted(tag_dir.glob(OPTIM_STATES), key=lambda p: _natural(p.name))
+    model_files = sorted(tag_dir.glob(MODEL_STATES), key=lambda p: _natural(p.name))
+    try:
+        if not optim_files:
+            state = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
+            module = state.get("module")
+            if not isinstance(module, dict) or not module:
+                raise ConvertError(
+                    f"{model_files[0]} has no module weights and {tag_dir} has no ZeRO optimizer shards: "
+                    "nothing to consolidate"
+                )
+            info.update(zero_stage=0, world_size=None)
+            info["notes"].append("no ZeRO optimizer shards: module weights taken from " + model_files[0].name)
+            return {k: LazyTensor.of(v) for k, v in module.items() if isinstance(v, torch.Tensor)}, info
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        stage, world = _zero_info(optim_files[0])
+        info.update(zero_stage=stage, world_size=world)
+        if world != len(optim_files):
+            raise ConvertError(
+                f"{tag_dir}: ZeRO-{stage} checkpoint of {world} ranks but {len(optim_files)} optimizer shard "
+                f"file(s) found ({', '.join(p.name for p in optim_files)}): a rank's shard is missing"
+            )
+        with contextlib.redirect_stdout(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(found.root), tag=found.tag, lazy_mode=True)
+    except ConvertError:
+        raise
+    except _LOAD_ERRORS as err:
+        raise ConvertError(f"DeepSpeed checkpoint {tag_dir} is incomplete or corrupt: {err}") from err
+
+    out: dict[str, LazyTensor] = {}
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = LazyTensor.of(value)
+        else:  # deepspeed's GatheredTensor (ZeRO-3): gathered from every rank's partition on demand
+            out[name] = LazyTensor(tuple(value.shape), value.dtype, value.contiguous)
+    return out, info
+
+
+def to_universal(src: str | Path, dst_tmp: Path, tag: str | None = None, workers: int = 1) -> dict:
+    """Write DeepSpeed's universal checkpoint of `src` into the (temporary) directory `dst_tmp`.
+
+    The result is a checkpoint root: `dst_tmp/<tag>/` (per-parameter fp32 weights and Adam moments under
+    `zero/`, the model-states files) with `latest` and `latest_universal` naming the tag. A run on any
+    number of ranks resumes from it with `"checkpoint": {"load_universal": true}` in its DeepSpeed config.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    found = resolve_tag(src, tag)
+    optim_files = sorted(found.dir.glob(OPTIM_STATES))
+    if not optim_files:
+        raise ConvertError(f"{found.dir} has no ZeRO optimizer shards: a universal checkpoint needs ZeRO 1/2/3")
+    stage, world = _zero_info(optim_files[0])
+    if world != len(optim_files):
+        raise ConvertError(f"{found.dir}: {len(optim_files)} of {world} ranks' optimizer shards present")
+    dst_tmp.mkdir(parents=True)
+    args = Namespace(
+        input_folder=str(found.dir),
+        output_folder=str(dst_tmp / found.tag),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal.main(args)
+    except _LOAD_ERRORS as err:
+        raise ConvertError(f"universal conversion of {found.dir} failed: {err}") from err
+    (dst_tmp / "latest").write_text(found.tag)
+    (dst_tmp / "latest_universal").write_text(found.tag)
+    return {"tag": found.tag, "zero_stage": stage, "world_size": world, "notes": found.notes}
