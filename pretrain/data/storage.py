@@ -1,0 +1,82 @@
+"""The one place that talks to fsspec: resolve URLs, join relative paths, write files atomically.
+
+Every other data module goes through here, so a new storage backend (or its options) is one change.
+Credentials and endpoints come from the backend's usual environment (e.g. AWS_* and AWS_ENDPOINT_URL for s3).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+
+import fsspec
+
+
+def url_to_fs(url: str):
+    """(filesystem, path) for any fsspec URL or plain local path."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(fs) -> bool:
+    return "file" in _protocols(fs)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with '/', keeping the scheme (`s3://b/x` + `y` -> `s3://b/x/y`)."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.lstrip('/')}"
+    return out
+
+
+def dirname(url: str) -> str:
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest)}"
+    return posixpath.dirname(url) or "."
+
+
+def resolve(base_dir: str, uri: str) -> str:
+    """A shard URI from a manifest: absolute URLs/paths stay, relative ones are taken from the manifest's folder."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return join(base_dir, uri)
+
+
+def makedirs(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write so a reader sees the old file or the complete new one, never a partial one.
+
+    Local: temp file in the same folder + rename. Object stores: a single PUT is already atomic.
+    """
+    fs, path = url_to_fs(url)
+    if not is_local(fs):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()

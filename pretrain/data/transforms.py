@@ -1,0 +1,93 @@
+"""Decode and augment one image into its views (Pillow + numpy; no torchvision).
+
+The crop box is drawn first from the header's size, then the JPEG is decoded in draft mode at the smallest
+DCT scale that still gives the crop at least `size` pixels: a 1000 px photo cropped to 224 px decodes at
+1/2-1/4 resolution, the main reason this path is fast. Normalisation happens later, on the whole batch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from .config import AugmentConfig
+
+
+def random_resized_box(
+    rng: np.random.Generator, w: int, h: int, aug: AugmentConfig
+) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in pixels: area fraction in aug.scale, aspect in aug.ratio (log-uniform); 10 tries,
+    then the largest center crop with the aspect clamped into range."""
+    area = w * h
+    log_lo, log_hi = math.log(aug.ratio[0]), math.log(aug.ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(aug.scale[0], aug.scale[1])
+        ratio = math.exp(rng.uniform(log_lo, log_hi))
+        cw = math.sqrt(target * ratio)
+        ch = math.sqrt(target / ratio)
+        if 0 < cw <= w and 0 < ch <= h:
+            x0 = rng.uniform(0, w - cw)
+            y0 = rng.uniform(0, h - ch)
+            return x0, y0, x0 + cw, y0 + ch
+    return center_box(w, h, aug.ratio)
+
+
+def center_box(w: int, h: int, ratio: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float, float, float]:
+    """Largest centered crop whose aspect ratio is clamped into `ratio` (square by default)."""
+    aspect = min(max(w / h, ratio[0]), ratio[1])
+    if w / h > aspect:
+        cw, ch = h * aspect, float(h)
+    else:
+        cw, ch = float(w), w / aspect
+    x0, y0 = (w - cw) / 2, (h - ch) / 2
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def decode_views(
+    data: bytes, size: int, views: int, aug: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encoded image -> (views, size, size, 3) uint8 and (views, 5) float32 boxes.
+
+    Box row: x0, y0, x1, y1 as fractions of the original image, then 1.0 if the view was flipped horizontally.
+    Raises on undecodable or truncated data (the reader counts and skips those).
+    """
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"empty image {w}x{h}")
+    boxes = [random_resized_box(rng, w, h, aug) if aug.random else center_box(w, h) for _ in range(views)]
+    flips = [bool(aug.random and rng.random() < aug.hflip) for _ in range(views)]
+    # draft: smallest decode that keeps every view's crop at >= size px in both directions
+    min_cw = min(b[2] - b[0] for b in boxes)
+    min_ch = min(b[3] - b[1] for b in boxes)
+    if img.format == "JPEG":
+        img.draft("RGB", (math.ceil(w * size / min_cw), math.ceil(h * size / min_ch)))
+    img = img.convert("RGB")  # forces the full decode: truncated files raise here
+    sx, sy = img.size[0] / w, img.size[1] / h
+    out = np.empty((views, size, size, 3), np.uint8)
+    box_arr = np.empty((views, 5), np.float32)
+    for v, ((x0, y0, x1, y1), flip) in enumerate(zip(boxes, flips)):
+        crop = img.resize(
+            (size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy), reducing_gap=None
+        )
+        arr = np.asarray(crop)
+        out[v] = arr[:, ::-1] if flip else arr
+        box_arr[v] = (x0 / w, y0 / h, x1 / w, y1 / h, float(flip))
+    return out, box_arr
+
+
+def normalizer(aug: AugmentConfig):
+    """uint8 (B, S, S, 3) tensor -> float32 (B, 3, S, S) normalised; one vectorised op per batch."""
+    import torch
+
+    mean = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def apply(x):
+        x = torch.as_tensor(x).permute(0, 3, 1, 2).float()
+        return (x - mean).mul_(inv_std).contiguous()
+
+    return apply
