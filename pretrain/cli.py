@@ -13,9 +13,15 @@ import sys
 
 # sub-command -> module that registers it (and its own sub-sub-commands)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("pretrain.engine.commands", "train a model from a YAML config (one process or under deepspeed)"),
+    "train": (
+        "pretrain.engine.commands",
+        "train a model from a YAML config (one process or under deepspeed)",
+    ),
     "data": ("pretrain.data.commands", "build, inspect and generate corpus shards"),
-    "convert": ("pretrain.convert.commands", "convert checkpoints between ZeRO, consolidated, official, HF, safetensors"),
+    "convert": (
+        "pretrain.convert.commands",
+        "convert checkpoints between ZeRO, consolidated, official, HF, safetensors",
+    ),
     "eval": ("pretrain.objectives.commands", "evaluate a checkpoint (zero-shot)"),
     "bench": ("pretrain.bench.commands", "benchmarks: dcn kernel, ingest, train step"),
     "flops": ("pretrain.models.commands", "FLOPs (MACs) and parameters of a model per image"),

@@ -23,17 +23,38 @@ OFFICIAL_PARAMS = {
 STYLES = {
     "t_like": dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_classes=10),
     "s_xl_like": dict(
-        channels=16, depths=[1, 1, 2, 1], groups=[2, 2, 4, 8], num_classes=10, layer_scale=0.5, post_norm=True,
+        channels=16,
+        depths=[1, 1, 2, 1],
+        groups=[2, 2, 4, 8],
+        num_classes=10,
+        layer_scale=0.5,
+        post_norm=True,
         offset_scale=2.0,
     ),
     "h_like": dict(
-        channels=16, depths=[1, 1, 3, 1], groups=[1, 2, 4, 8], num_classes=7, dw_kernel_size=5, res_post_norm=True,
-        level2_post_norm=True, level2_post_norm_block_ids=[0, 2], center_feature_scale=True,
-        use_clip_projector=True, remove_center=True,
+        channels=16,
+        depths=[1, 1, 3, 1],
+        groups=[1, 2, 4, 8],
+        num_classes=7,
+        dw_kernel_size=5,
+        res_post_norm=True,
+        level2_post_norm=True,
+        level2_post_norm_block_ids=[0, 2],
+        center_feature_scale=True,
+        use_clip_projector=True,
+        remove_center=True,
     ),
     "g_like": dict(
-        channels=16, depths=[1, 1, 2, 1], groups=[2, 4, 4, 8], num_classes=5, post_norm=True, dw_kernel_size=5,
-        level2_post_norm=True, level2_post_norm_block_ids=[1], center_feature_scale=True, use_clip_projector=True,
+        channels=16,
+        depths=[1, 1, 2, 1],
+        groups=[2, 4, 4, 8],
+        num_classes=5,
+        post_norm=True,
+        dw_kernel_size=5,
+        level2_post_norm=True,
+        level2_post_norm_block_ids=[1],
+        center_feature_scale=True,
+        use_clip_projector=True,
     ),
 }
 
@@ -62,7 +83,12 @@ def official_shapes(cfg: dict) -> dict[str, tuple]:
             ln(b + "norm1.0", ci)
             shapes[b + "dcn.dw_conv.0.weight"], shapes[b + "dcn.dw_conv.0.bias"] = (ci, 1, dw, dw), (ci,)
             ln(b + "dcn.dw_conv.1.1", ci)
-            for name, out in (("offset", g * points * 2), ("mask", g * points), ("input_proj", ci), ("output_proj", ci)):
+            for name, out in (
+                ("offset", g * points * 2),
+                ("mask", g * points),
+                ("input_proj", ci),
+                ("output_proj", ci),
+            ):
                 shapes[b + f"dcn.{name}.weight"], shapes[b + f"dcn.{name}.bias"] = (out, ci), (out,)
             if cfs:
                 shapes[b + "dcn.center_feature_scale_proj_weight"] = (g, ci)
@@ -100,7 +126,10 @@ def official_shapes(cfg: dict) -> dict[str, tuple]:
             ln(f"clip_projector.norm1_{n}.0", 1024)
             shapes[f"clip_projector.cross_dcn.{n}.weight"] = (1024, 1024)
             shapes[f"clip_projector.cross_dcn.{n}_bias"] = (1024,)
-        shapes["clip_projector.cross_dcn.proj.weight"], shapes["clip_projector.cross_dcn.proj.bias"] = (768, 1024), (768,)
+        shapes["clip_projector.cross_dcn.proj.weight"], shapes["clip_projector.cross_dcn.proj.bias"] = (
+            (768, 1024),
+            (768,),
+        )
         ln("fc_norm.0", 768)
     if ncls > 0:
         shapes["head.weight"], shapes["head.bias"] = (ncls, hd), (ncls,)
@@ -154,14 +183,18 @@ def _dcn(x, sd, b, cfg, group):
     n, h, w, c = x.shape
     dw = sd[b + "dw_conv.0.weight"]
     x_proj = _lin(x, sd, b + "input_proj")
-    x1 = F.conv2d(x.permute(0, 3, 1, 2), dw, sd[b + "dw_conv.0.bias"], padding=(dw.shape[-1] - 1) // 2, groups=c)
+    x1 = F.conv2d(
+        x.permute(0, 3, 1, 2), dw, sd[b + "dw_conv.0.bias"], padding=(dw.shape[-1] - 1) // 2, groups=c
+    )
     x1 = F.gelu(_ln(x1.permute(0, 2, 3, 1), sd, b + "dw_conv.1.1"))
     offset = _lin(x1, sd, b + "offset")
     mask = F.softmax(_lin(x1, sd, b + "mask").view(n, h, w, group, -1), -1).view(n, h, w, -1)
     geom = DCNGeometry.make(3, 1, 1, 1, group, cfg.get("offset_scale", 1.0), cfg.get("remove_center", False))
     y = dcnv3_core_reference(x_proj, offset, mask, geom)
     if cfg.get("center_feature_scale", False):
-        s = torch.sigmoid(F.linear(x1, sd[b + "center_feature_scale_proj_weight"], sd[b + "center_feature_scale_proj_bias"]))
+        s = torch.sigmoid(
+            F.linear(x1, sd[b + "center_feature_scale_proj_weight"], sd[b + "center_feature_scale_proj_bias"])
+        )
         s = s[..., None].repeat(1, 1, 1, 1, c // group).flatten(-2)
         y = y * (1 - s) + x_proj * s
     return _lin(y, sd, b + "output_proj")
@@ -180,7 +213,10 @@ def official_forward(sd: dict, cfg: dict, img: torch.Tensor) -> torch.Tensor:
     for i, depth in enumerate(cfg["depths"]):
         for j in range(depth):
             b = f"levels.{i}.blocks.{j}."
-            dcn = lambda t: _dcn(t, sd, b + "dcn.", cfg, cfg["groups"][i])  # noqa: E731
+
+            def dcn(t, b=b, group=cfg["groups"][i]):
+                return _dcn(t, sd, b + "dcn.", cfg, group)
+
             if cfg.get("layer_scale") is not None:
                 g1, g2 = sd[b + "gamma1"], sd[b + "gamma2"]
                 if post:
@@ -209,11 +245,20 @@ def official_forward(sd: dict, cfg: dict, img: torch.Tensor) -> torch.Tensor:
             x = _ln(x.permute(0, 2, 3, 1), sd, f"levels.{i}.downsample.norm.1")
     if not cfg.get("use_clip_projector", False):
         x = F.conv2d(x.permute(0, 3, 1, 2), sd["conv_head.0.weight"])
-        x = F.batch_norm(x, sd["conv_head.1.0.running_mean"], sd["conv_head.1.0.running_var"],
-                         sd["conv_head.1.0.weight"], sd["conv_head.1.0.bias"], training=False, eps=1e-5)
+        x = F.batch_norm(
+            x,
+            sd["conv_head.1.0.running_mean"],
+            sd["conv_head.1.0.running_var"],
+            sd["conv_head.1.0.weight"],
+            sd["conv_head.1.0.bias"],
+            training=False,
+            eps=1e-5,
+        )
         x = F.gelu(x).mean((2, 3))
     else:
-        x4 = F.pixel_shuffle(F.conv2d(outs[3].permute(0, 3, 1, 2), sd["dcnv3_head_x4.0.weight"], sd["dcnv3_head_x4.0.bias"]), 2)
+        x4 = F.pixel_shuffle(
+            F.conv2d(outs[3].permute(0, 3, 1, 2), sd["dcnv3_head_x4.0.weight"], sd["dcnv3_head_x4.0.bias"]), 2
+        )
         x = x4 + F.conv2d(outs[2].permute(0, 3, 1, 2), sd["dcnv3_head_x3.weight"], sd["dcnv3_head_x3.bias"])
         x = x.flatten(2).transpose(1, 2)  # (B, N, 1024)
         p = "clip_projector."
@@ -222,7 +267,11 @@ def official_forward(sd: dict, cfg: dict, img: torch.Tensor) -> torch.Tensor:
         bsz, heads = x.shape[0], 16
 
         def split(t, n):
-            return F.linear(t, sd[p + f"cross_dcn.{n}.weight"], sd[p + f"cross_dcn.{n}_bias"]).view(bsz, t.shape[1], heads, -1).transpose(1, 2)
+            return (
+                F.linear(t, sd[p + f"cross_dcn.{n}.weight"], sd[p + f"cross_dcn.{n}_bias"])
+                .view(bsz, t.shape[1], heads, -1)
+                .transpose(1, 2)
+            )
 
         qh, kh, vh = split(q, "q") * (1024 // heads) ** -0.5, split(k, "k"), split(v, "v")
         a = (qh @ kh.transpose(-2, -1)).softmax(-1) @ vh
@@ -237,7 +286,10 @@ def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             scale = 0.3 if "offset" in name or "mask" in name else 0.2
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale + (1.0 if name.endswith("norm.0.weight") else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale
+                + (1.0 if name.endswith("norm.0.weight") else 0.0)
+            )
         for name, buf in model.named_buffers():
             if name.endswith("running_var"):
                 buf.copy_(torch.rand(buf.shape, generator=gen, dtype=buf.dtype) + 0.5)
@@ -272,10 +324,14 @@ def test_pool_tokens_mask_all_true_is_official_pooling():
     model = randomized(InternImage(**STYLES["h_like"]).double().eval())
     tokens = model.forward_features(torch.randn(2, 3, 64, 64, dtype=torch.float64))["tokens16"]
     full = model.pool_tokens(tokens)
-    torch.testing.assert_close(model.pool_tokens(tokens, torch.ones(tokens.shape[:3], dtype=torch.bool)), full)
+    torch.testing.assert_close(
+        model.pool_tokens(tokens, torch.ones(tokens.shape[:3], dtype=torch.bool)), full
+    )
     half = torch.zeros(tokens.shape[:3], dtype=torch.bool)
     half[:, :, :2] = True
-    torch.testing.assert_close(model.pool_tokens(tokens, half), model.pool_tokens(tokens[:, :, :2].contiguous()))
+    torch.testing.assert_close(
+        model.pool_tokens(tokens, half), model.pool_tokens(tokens[:, :, :2].contiguous())
+    )
 
 
 @pytest.mark.parametrize("style", ["t_like", "h_like"])

@@ -117,7 +117,9 @@ def test_gradcheck(remove_center, stride):
     # Keep sampling points away from integer coordinates, where bilinear interpolation has kinks.
     offset = offset + 0.237
     inputs = [t.clone().requires_grad_() for t in (value, offset, mask)]
-    assert torch.autograd.gradcheck(lambda v, o, m: dcnv3_core_reference(v, o, m, geom), inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda v, o, m: dcnv3_core_reference(v, o, m, geom), inputs, eps=1e-6, atol=1e-5
+    )
 
 
 def test_fused_reference_equals_composition():
@@ -133,7 +135,9 @@ def test_fused_reference_equals_composition():
     params = FusedParams(rnd(36, c), rnd(36), rnd(18, c), rnd(18), rnd(c, c), rnd(c), rnd(2, c), rnd(2))
     out = dcnv3_fused(value, x1, params, geom)
     offset = x1 @ params.offset_weight.T + params.offset_bias
-    mask = torch.softmax((x1 @ params.mask_weight.T + params.mask_bias).view(n, h, w, 2, 9), -1).view(n, h, w, 18)
+    mask = torch.softmax((x1 @ params.mask_weight.T + params.mask_bias).view(n, h, w, 2, 9), -1).view(
+        n, h, w, 18
+    )
     y = naive_dcnv3(value, offset, mask, 3, 1, 1, 1, 2, 1.0, False)
     s = torch.sigmoid(x1 @ params.cfs_weight.T + params.cfs_bias)  # (n, h, w, 2), 4 channels per group
     s = s[..., [0, 0, 0, 0, 1, 1, 1, 1]]
@@ -175,5 +179,12 @@ def test_fused_reference_wrapper_matches_module_path():
     gen = torch.Generator().manual_seed(2)
     value = torch.randn(1, 3, 3, 2, dtype=torch.float64, generator=gen)
     x1 = torch.randn(1, 3, 3, 2, dtype=torch.float64, generator=gen)
-    p = FusedParams(*(torch.randn(*s, dtype=torch.float64, generator=gen) for s in [(18, 2), (18,), (9, 2), (9,), (2, 2), (2,)]))
-    torch.testing.assert_close(dcnv3_fused(value, x1, p, geom, backend="reference"), dcnv3_fused_reference(value, x1, p, geom))
+    p = FusedParams(
+        *(
+            torch.randn(*s, dtype=torch.float64, generator=gen)
+            for s in [(18, 2), (18,), (9, 2), (9,), (2, 2), (2,)]
+        )
+    )
+    torch.testing.assert_close(
+        dcnv3_fused(value, x1, p, geom, backend="reference"), dcnv3_fused_reference(value, x1, p, geom)
+    )

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {
-    "dcn": ("pretrain.bench.dcn", "DCN block forward/backward: fused kernel vs reference, torch.compile, DCNv4"),
+    "dcn": (
+        "pretrain.bench.dcn",
+        "DCN block forward/backward: fused kernel vs reference, torch.compile, DCNv4",
+    ),
     "ingest": ("pretrain.bench.ingest", "decode + augment throughput per core, Ray pipeline vs bare loop"),
     "train": ("pretrain.bench.train", "train step time, samples/s and MFU"),
 }

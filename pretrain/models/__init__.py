@@ -1,6 +1,7 @@
 """InternImage models, key-for-key compatible with the official checkpoints."""
 
 from .dcnv3 import DCNv3
+from .flops import FlopsReport, count_flops  # noqa: E402  (after the registry it uses)
 from .internimage import (
     DCN_LR_KEYWORDS,
     InternImage,
@@ -19,7 +20,9 @@ __all__ = [
     "InternImageLayer",
     "InternImageStage",
     "VARIANTS",
+    "FlopsReport",
     "check_model_kwargs",
+    "count_flops",
     "create_model",
     "list_models",
     "lr_decay_ratios",

@@ -52,7 +52,14 @@ class DCNv3(nn.Module):
         points = self.geom.points
 
         self.dw_conv = nn.Sequential(
-            nn.Conv2d(channels, channels, dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2, groups=channels),
+            nn.Conv2d(
+                channels,
+                channels,
+                dw_kernel_size,
+                stride=1,
+                padding=(dw_kernel_size - 1) // 2,
+                groups=channels,
+            ),
             build_norm_layer(channels, norm_layer, "channels_first", "channels_last"),
             build_act_layer(act_layer),
         )

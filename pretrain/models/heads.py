@@ -57,7 +57,14 @@ class CrossAttention(nn.Module):
 class AttentionPoolingBlock(nn.Module):
     """LN-normalised attention pooling: (B, N, D) tokens -> (B, out_dim)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, norm_layer: str = "LN", out_dim: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        norm_layer: str = "LN",
+        out_dim: int | None = None,
+    ):
         super().__init__()
         self.norm1_q = build_norm_layer(dim, norm_layer)
         self.norm1_k = build_norm_layer(dim, norm_layer)

@@ -139,7 +139,9 @@ class InternImageStage(nn.Module):
             self.norm = build_norm_layer(channels, "LN")
         self.post_norm_block_ids = list(post_norm_block_ids) if post_norm_block_ids is not None else None
         if self.post_norm_block_ids is not None:
-            self.post_norms = nn.ModuleList(build_norm_layer(channels, "LN") for _ in self.post_norm_block_ids)
+            self.post_norms = nn.ModuleList(
+                build_norm_layer(channels, "LN") for _ in self.post_norm_block_ids
+            )
         self.downsample = DownsampleLayer(channels, norm_layer=norm_layer) if downsample else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +271,11 @@ class InternImage(nn.Module):
             )
             self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, embed, kernel_size=1)
             self.clip_projector = AttentionPoolingBlock(
-                embed, num_heads=self.ATTNPOOL_HEADS, qkv_bias=True, norm_layer=norm_layer, out_dim=self.CLIP_EMBED_DIM
+                embed,
+                num_heads=self.ATTNPOOL_HEADS,
+                qkv_bias=True,
+                norm_layer=norm_layer,
+                out_dim=self.CLIP_EMBED_DIM,
             )
             self.fc_norm = build_norm_layer(self.CLIP_EMBED_DIM, norm_layer)
             head_dim = self.CLIP_EMBED_DIM
@@ -319,7 +325,9 @@ class InternImage(nn.Module):
         """H/G only: CLIP-projector embedding (N, 768) of tokens16 (N, h, w, 1024), optionally of the
         tokens where `token_mask` (N, h, w) is True (per-image embeddings of a mixed input)."""
         if not self.use_clip_projector:
-            raise RuntimeError("pool_tokens needs the CLIP-projector head (use_clip_projector=True, H/G variants)")
+            raise RuntimeError(
+                "pool_tokens needs the CLIP-projector head (use_clip_projector=True, H/G variants)"
+            )
         n, h, w, d = tokens16.shape
         flat_mask = token_mask.reshape(n, h * w) if token_mask is not None else None
         return self.fc_norm(self.clip_projector(tokens16.reshape(n, h * w, d), flat_mask))

@@ -27,7 +27,11 @@ class ToChannelsLast(nn.Module):
 
 
 def build_norm_layer(
-    dim: int, norm_layer: str, in_format: str = "channels_last", out_format: str = "channels_last", eps: float = 1e-6
+    dim: int,
+    norm_layer: str,
+    in_format: str = "channels_last",
+    out_format: str = "channels_last",
+    eps: float = 1e-6,
 ) -> nn.Sequential:
     """LayerNorm ("LN") or BatchNorm ("BN") wrapped with the permutes the layouts need."""
     layers: list[nn.Module] = []
@@ -79,7 +83,9 @@ class DropPath(nn.Module):
 class StemLayer(nn.Module):
     """Two stride-2 3x3 convs: (N, 3, H, W) -> (N, H/4, W/4, C) channels-last."""
 
-    def __init__(self, in_chans: int = 3, out_chans: int = 96, act_layer: str = "GELU", norm_layer: str = "LN"):
+    def __init__(
+        self, in_chans: int = 3, out_chans: int = 96, act_layer: str = "GELU", norm_layer: str = "LN"
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, out_chans // 2, kernel_size=3, stride=2, padding=1)
         self.norm1 = build_norm_layer(out_chans // 2, norm_layer, "channels_first", "channels_first")

@@ -1,8 +1,8 @@
 """DCNv3 operators: the exact pure-PyTorch reference and a dispatch to accelerated backends.
 
-    from pretrain.ops import dcnv3_core, DCNGeometry
-    geom = DCNGeometry.make(kernel_size=3, stride=1, pad=1, dilation=1, group=4, offset_scale=1.0)
-    out = dcnv3_core(value, offset, mask, geom, backend="auto")
+from pretrain.ops import dcnv3_core, DCNGeometry
+geom = DCNGeometry.make(kernel_size=3, stride=1, pad=1, dilation=1, group=4, offset_scale=1.0)
+out = dcnv3_core(value, offset, mask, geom, backend="auto")
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from .fused import FusedParams, dcnv3_fused_reference
 from .geometry import DCNGeometry
 from .reference import dcnv3_core_reference, sampling_locations
 
-register_backend(Backend(name="reference", core=dcnv3_core_reference, fused=dcnv3_fused_reference, priority=0))
+register_backend(
+    Backend(name="reference", core=dcnv3_core_reference, fused=dcnv3_fused_reference, priority=0)
+)
 
 
 def dcnv3_core(

@@ -46,7 +46,9 @@ def dcnv3_fused_reference(
     y = core(value, offset, mask, geom)
     if params.cfs_weight is not None:
         if y.shape != value.shape:
-            raise ValueError("center-feature-scale needs stride 1 and 'same' padding (output shape == input shape)")
+            raise ValueError(
+                "center-feature-scale needs stride 1 and 'same' padding (output shape == input shape)"
+            )
         s = torch.sigmoid(F.linear(x1, params.cfs_weight, params.cfs_bias))  # (N, H, W, G)
         s = s.repeat_interleave(c // geom.group, dim=-1)
         y = y * (1 - s) + value * s

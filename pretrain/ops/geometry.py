@@ -30,12 +30,19 @@ class DCNGeometry:
     @classmethod
     def make(cls, kernel_size=3, stride=1, pad=1, dilation=1, group=1, offset_scale=1.0, remove_center=False):
         geom = cls(
-            _pair(kernel_size), _pair(stride), _pair(pad), _pair(dilation), int(group), float(offset_scale),
+            _pair(kernel_size),
+            _pair(stride),
+            _pair(pad),
+            _pair(dilation),
+            int(group),
+            float(offset_scale),
             bool(remove_center),
         )
         kh, kw = geom.kernel
         if kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"DCNv3 needs odd kernel sizes (the center tap defines the grid), got {geom.kernel}")
+            raise ValueError(
+                f"DCNv3 needs odd kernel sizes (the center tap defines the grid), got {geom.kernel}"
+            )
         if geom.group < 1 or min(geom.stride) < 1 or min(geom.dilation) < 1 or min(geom.pad) < 0:
             raise ValueError(f"invalid DCNv3 geometry {geom}")
         return geom
@@ -52,7 +59,10 @@ class DCNGeometry:
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.pad, self.dilation
-        return ((height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1, (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1)
+        return (
+            (height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1,
+            (width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1,
+        )
 
     def taps(self, dtype=torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tap_x, tap_y), each (P,): the regular-grid displacement i*d_w - c_w, j*d_h - c_h of each point."""
@@ -69,7 +79,9 @@ class DCNGeometry:
     def check(self, value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> None:
         """Raise a ValueError naming the tensor whose shape disagrees with this geometry."""
         if value.dim() != 4 or offset.dim() != 4 or mask.dim() != 4:
-            raise ValueError("DCNv3 expects channels-last 4-D tensors: value (N,H,W,C), offset and mask (N,Ho,Wo,*)")
+            raise ValueError(
+                "DCNv3 expects channels-last 4-D tensors: value (N,H,W,C), offset and mask (N,Ho,Wo,*)"
+            )
         n, h, w, c = value.shape
         if c % self.group:
             raise ValueError(f"value has {c} channels, not divisible by group={self.group}")
