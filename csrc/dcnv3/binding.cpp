@@ -1,0 +1,303 @@
+// PyTorch binding of the DCNv3 kernels: validates shapes, dtypes, devices, contiguity and alignment, owns
+// all memory (outputs and workspaces come from torch's caching allocator), and dispatches per dtype. The
+// composition into the DCN block (sampling kernel + projection GEMMs) lives in pretrain/ops/cuda.py.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "launch.h"
+
+namespace {
+
+using dcnv3::DcnParams;
+using dcnv3::GemmParams;
+using dcnv3::ReduceParams;
+
+enum class DT { f32, f16, bf16 };
+
+DT dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DT::f32;
+    case at::kHalf: return DT::f16;
+    case at::kBFloat16: return DT::bf16;
+    default: TORCH_CHECK(false, "dcnv3 CUDA: unsupported dtype ", t.scalar_type(), " (float32, float16, bfloat16)");
+  }
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& like, bool same_dtype = true) {
+  TORCH_CHECK(t.is_cuda(), "dcnv3 CUDA: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == like.device(), "dcnv3 CUDA: ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.is_contiguous(), "dcnv3 CUDA: ", name, " must be contiguous");
+  if (same_dtype)
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "dcnv3 CUDA: ", name, " has dtype ", t.scalar_type(),
+                ", expected ", like.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "dcnv3 CUDA: ", name,
+              " must be 16-byte aligned (call .clone())");
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+int sm_count(const at::Tensor& t) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.device().index()));
+  return sms;
+}
+
+void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+
+// geom = [kh, kw, sh, sw, ph, pw, dh, dw, group, remove_center]
+DcnParams make_params(const at::Tensor& value, int64_t ho, int64_t wo, const std::vector<int64_t>& geom,
+                      double offset_scale, bool apply_softmax, bool has_cfs) {
+  TORCH_CHECK(geom.size() == 10, "dcnv3 CUDA: geometry must be [kh, kw, sh, sw, ph, pw, dh, dw, group, remove_center]");
+  TORCH_CHECK(value.dim() == 4, "dcnv3 CUDA: value must be (N, H, W, C)");
+  const int64_t kh = geom[0], kw = geom[1], group = geom[8];
+  const bool remove_center = geom[9] != 0;
+  const int64_t c = value.size(3);
+  TORCH_CHECK(group > 0 && c % group == 0, "dcnv3 CUDA: channels ", c, " not divisible by group ", group);
+  TORCH_CHECK(dcnv3::supported_channels_per_group(static_cast<int>(c / group)),
+              "dcnv3 CUDA: channels per group ", c / group, " has no kernel (16 or 32)");
+  const int64_t points = kh * kw - (remove_center ? 1 : 0);
+  TORCH_CHECK(kh % 2 == 1 && kw % 2 == 1 && points <= dcnv3::kMaxPoints && 3 * points + 1 <= dcnv3::kGroupCols,
+              "dcnv3 CUDA: kernel ", kh, "x", kw, " has ", points, " points; the kernels take at most ",
+              dcnv3::kMaxPoints);
+  DcnParams p{};
+  p.N = static_cast<int>(value.size(0));
+  p.H = static_cast<int>(value.size(1));
+  p.W = static_cast<int>(value.size(2));
+  p.C = static_cast<int>(c);
+  p.G = static_cast<int>(group);
+  p.Ho = static_cast<int>(ho);
+  p.Wo = static_cast<int>(wo);
+  p.P = static_cast<int>(points);
+  p.stride_h = static_cast<int>(geom[2]);
+  p.stride_w = static_cast<int>(geom[3]);
+  p.pad_h = static_cast<int>(geom[4]);
+  p.pad_w = static_cast<int>(geom[5]);
+  const int dh = static_cast<int>(geom[6]), dw = static_cast<int>(geom[7]);
+  p.center_h = dh * static_cast<int>(kh - 1) / 2;
+  p.center_w = dw * static_cast<int>(kw - 1) / 2;
+  p.offset_scale = static_cast<float>(offset_scale);
+  p.apply_softmax = apply_softmax;
+  p.has_cfs = has_cfs;
+  TORCH_CHECK(!has_cfs || (ho == p.H && wo == p.W), "dcnv3 CUDA: center-feature-scale needs output size == input size");
+  TORCH_CHECK(int64_t(p.N) * ho * wo * c < (int64_t(1) << 31), "dcnv3 CUDA: tensor too large for 32-bit pixel indices");
+  // Official point order: p = i*kh + j, i the width tap (major), j the height tap; center dropped if asked.
+  int q = 0;
+  for (int i = 0; i < kw; ++i)
+    for (int j = 0; j < kh; ++j) {
+      if (remove_center && i == (kw - 1) / 2 && j == (kh - 1) / 2) continue;
+      p.tap_x[q] = i * dw - p.center_w;
+      p.tap_y[q] = j * dh - p.center_h;
+      ++q;
+    }
+  p.value = value.data_ptr();
+  return p;
+}
+
+#define DCNV3_DISPATCH(dt, fn, ...)                      \
+  switch (dt) {                                          \
+    case DT::f32: dcnv3::fn##_f32(__VA_ARGS__); break;   \
+    case DT::f16: dcnv3::fn##_f16(__VA_ARGS__); break;   \
+    case DT::bf16: dcnv3::fn##_bf16(__VA_ARGS__); break; \
+  }
+
+// Packed-logits source: either (x1 (N,Ho,Wo,C), wpack (G*32, C), bpack (G*32)) or logits (N,Ho,Wo,G*32).
+void bind_logit_source(DcnParams& p, const at::Tensor& value, const c10::optional<at::Tensor>& x1,
+                       const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
+                       const c10::optional<at::Tensor>& logits) {
+  const int64_t cols = int64_t(p.G) * dcnv3::kGroupCols;
+  if (logits.has_value()) {
+    check_tensor(*logits, "logits", value);
+    TORCH_CHECK(logits->numel() == int64_t(p.N) * p.Ho * p.Wo * cols, "dcnv3 CUDA: logits must be (N, Ho, Wo, G*32)");
+    p.logits = logits->data_ptr();
+  } else {
+    TORCH_CHECK(x1.has_value() && wpack.has_value() && bpack.has_value(),
+                "dcnv3 CUDA: give either logits or x1 + wpack + bpack");
+    check_tensor(*x1, "x1", value);
+    check_tensor(*wpack, "wpack", value);
+    check_tensor(*bpack, "bpack", value);
+    TORCH_CHECK(x1->dim() == 4 && x1->size(0) == p.N && x1->size(1) == p.Ho && x1->size(2) == p.Wo &&
+                    x1->size(3) == p.C, "dcnv3 CUDA: x1 must be (N, Ho, Wo, C) = (", p.N, ", ", p.Ho, ", ", p.Wo,
+                ", ", p.C, ")");
+    TORCH_CHECK(wpack->dim() == 2 && wpack->size(0) == cols && wpack->size(1) == p.C,
+                "dcnv3 CUDA: wpack must be (G*32, C)");
+    TORCH_CHECK(bpack->numel() == cols, "dcnv3 CUDA: bpack must be (G*32,)");
+    p.x1 = x1->data_ptr();
+    p.wpack = wpack->data_ptr();
+    p.bpack = bpack->data_ptr();
+  }
+}
+
+at::Tensor sample_fwd(const at::Tensor& value, const c10::optional<at::Tensor>& x1,
+                      const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
+                      const c10::optional<at::Tensor>& logits, int64_t ho, int64_t wo, std::vector<int64_t> geom,
+                      double offset_scale, bool apply_softmax, bool has_cfs) {
+  check_tensor(value, "value", value);
+  const c10::cuda::CUDAGuard guard(value.device());
+  DT dt = dtype_of(value);
+  DcnParams p = make_params(value, ho, wo, geom, offset_scale, apply_softmax, has_cfs);
+  bind_logit_source(p, value, x1, wpack, bpack, logits);
+  at::Tensor y = at::empty({p.N, ho, wo, p.C}, value.options());
+  p.y = y.data_ptr();
+  if (y.numel() == 0) return y;
+  DCNV3_DISPATCH(dt, dcn_fwd, p.C / p.G, p, stream());
+  check_launch();
+  return y;
+}
+
+// -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,G*32) dtype of value)
+std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& value,
+                                   const c10::optional<at::Tensor>& x1, const c10::optional<at::Tensor>& wpack,
+                                   const c10::optional<at::Tensor>& bpack, const c10::optional<at::Tensor>& logits,
+                                   int64_t ho, int64_t wo, std::vector<int64_t> geom, double offset_scale,
+                                   bool apply_softmax, bool has_cfs) {
+  check_tensor(value, "value", value);
+  const c10::cuda::CUDAGuard guard(value.device());
+  DT dt = dtype_of(value);
+  DcnParams p = make_params(value, ho, wo, geom, offset_scale, apply_softmax, has_cfs);
+  bind_logit_source(p, value, x1, wpack, bpack, logits);
+  check_tensor(grad_y, "grad_y", value, /*same_dtype=*/false);
+  TORCH_CHECK(grad_y.scalar_type() == at::kFloat, "dcnv3 CUDA: grad_y must be float32");
+  TORCH_CHECK(grad_y.numel() == int64_t(p.N) * ho * wo * p.C, "dcnv3 CUDA: grad_y must be (N, Ho, Wo, C)");
+  auto f32 = value.options().dtype(at::kFloat);
+  at::Tensor absmax = at::zeros({1}, f32);
+  at::Tensor acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
+  at::Tensor grad_logits = at::empty({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
+  at::Tensor grad_value = at::empty_like(value);
+  if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
+  dcnv3::absmax_f32(grad_y.data_ptr<float>(), grad_y.numel(), absmax.data_ptr<float>(), stream());
+  check_launch();
+  p.grad_y = grad_y.data_ptr<float>();
+  p.grad_y_absmax = absmax.data_ptr<float>();
+  p.grad_value_acc = reinterpret_cast<unsigned long long*>(acc.data_ptr<int64_t>());
+  p.grad_logits = grad_logits.data_ptr();
+  DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
+  check_launch();
+  DCNV3_DISPATCH(dt, fixed_point_finalize, reinterpret_cast<const unsigned long long*>(acc.data_ptr<int64_t>()),
+                 acc.numel(), absmax.data_ptr<float>(), grad_value.data_ptr(), stream());
+  check_launch();
+  return {grad_value, grad_logits};
+}
+
+// out (M, N) = a (M, K) . w (N, K)^T + bias; a is any (..., K) tensor, out keeps its leading dims.
+at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  check_tensor(a, "input", a);
+  check_tensor(w, "weight", a);
+  const c10::cuda::CUDAGuard guard(a.device());
+  DT dt = dtype_of(a);
+  TORCH_CHECK(w.dim() == 2 && a.size(-1) == w.size(1), "dcnv3 CUDA: linear weight must be (N, K) with K = input's last dim");
+  const int64_t K = w.size(1), N = w.size(0), M = a.numel() / std::max<int64_t>(K, 1);
+  auto sizes = a.sizes().vec();
+  sizes.back() = N;
+  at::Tensor out = at::empty(sizes, a.options());
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", a);
+    TORCH_CHECK(bias->numel() == N, "dcnv3 CUDA: bias must be (N,)");
+  }
+  if (out.numel() == 0) return out;
+  GemmParams p{};
+  p.a = a.data_ptr(); p.a_m = K; p.a_k = 1;
+  p.b = w.data_ptr(); p.b_n = K; p.b_k = 1;
+  p.M = static_cast<int>(M); p.N = static_cast<int>(N); p.K = static_cast<int>(K);
+  p.k_per_split = static_cast<int>(K);
+  p.out = out.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  DCNV3_DISPATCH(dt, gemm, p, 1, stream());
+  check_launch();
+  return out;
+}
+
+// grad_a (M, K) = grad (M, N) . w (N, K); fp32 output when out_f32 (feeds the sampling backward).
+at::Tensor linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, bool out_f32) {
+  check_tensor(grad, "grad", grad);
+  check_tensor(w, "weight", grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  DT dt = dtype_of(grad);
+  TORCH_CHECK(w.dim() == 2 && grad.size(-1) == w.size(0), "dcnv3 CUDA: weight must be (N, K) with N = grad's last dim");
+  const int64_t N = w.size(0), K = w.size(1), M = grad.numel() / std::max<int64_t>(N, 1);
+  auto sizes = grad.sizes().vec();
+  sizes.back() = K;
+  at::Tensor out = at::empty(sizes, out_f32 ? grad.options().dtype(at::kFloat) : grad.options());
+  if (out.numel() == 0) return out;
+  GemmParams p{};
+  // A(m, n) = grad[m*N + n]; B(k, n) = w[n*K + k]  (w read transposed in place).
+  p.a = grad.data_ptr(); p.a_m = N; p.a_k = 1;
+  p.b = w.data_ptr(); p.b_n = 1; p.b_k = K;
+  p.M = static_cast<int>(M); p.N = static_cast<int>(K); p.K = static_cast<int>(N);
+  p.k_per_split = static_cast<int>(N);
+  if (out_f32) {
+    p.out_f32 = out.data_ptr<float>();
+    p.out_split_stride = 0;
+  } else {
+    p.out = out.data_ptr();
+  }
+  DCNV3_DISPATCH(dt, gemm, p, 1, stream());
+  check_launch();
+  return out;
+}
+
+// grad_w (N, K) = grad (M, N)^T . a (M, K) and grad_b (N) = column sums of grad, both with deterministic
+// split-K over the M rows (fp32 partials summed in a fixed order).
+std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tensor& a) {
+  check_tensor(grad, "grad", grad);
+  check_tensor(a, "input", grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  DT dt = dtype_of(grad);
+  const int64_t N = grad.size(-1), K = a.size(-1), M = grad.numel() / std::max<int64_t>(N, 1);
+  TORCH_CHECK(a.numel() == M * K, "dcnv3 CUDA: input and grad disagree on the number of rows");
+  at::Tensor gw = at::empty({N, K}, grad.options());
+  at::Tensor gb = at::empty({N}, grad.options());
+  if (M == 0) return {gw.zero_(), gb.zero_()};
+  const int sms = sm_count(grad);
+  const int64_t tiles = ((N + 63) / 64) * ((K + 63) / 64);
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles - 1) / tiles, (M + 255) / 256));
+  int64_t k_per_split = ((M + splits - 1) / splits + 31) / 32 * 32;
+  splits = (M + k_per_split - 1) / k_per_split;
+  auto f32 = grad.options().dtype(at::kFloat);
+  at::Tensor partial = at::empty({splits, N, K}, f32);
+  GemmParams p{};
+  // A(n, m) = grad[m*N + n]; B(k, m) = a[m*K + k]: both read transposed in place.
+  p.a = grad.data_ptr(); p.a_m = 1; p.a_k = N;
+  p.b = a.data_ptr(); p.b_n = 1; p.b_k = K;
+  p.M = static_cast<int>(N); p.N = static_cast<int>(K); p.K = static_cast<int>(M);
+  p.k_per_split = static_cast<int>(k_per_split);
+  p.out_f32 = partial.data_ptr<float>();
+  p.out_split_stride = N * K;
+  DCNV3_DISPATCH(dt, gemm, p, static_cast<int>(splits), stream());
+  check_launch();
+  ReduceParams r{};
+  r.partial = partial.data_ptr<float>(); r.splits = static_cast<int>(splits);
+  r.M = static_cast<int>(N); r.N = static_cast<int>(K); r.out = gw.data_ptr();
+  DCNV3_DISPATCH(dt, split_reduce, r, stream());
+  check_launch();
+
+  const int64_t bsplits = std::max<int64_t>(1, std::min<int64_t>(1024, (M + 1023) / 1024));
+  at::Tensor bpartial = at::empty({bsplits, N}, f32);
+  DCNV3_DISPATCH(dt, colsum_partial, grad.data_ptr(), static_cast<int>(M), static_cast<int>(N),
+                 static_cast<int>(bsplits), bpartial.data_ptr<float>(), stream());
+  check_launch();
+  ReduceParams rb{};
+  rb.partial = bpartial.data_ptr<float>(); rb.splits = static_cast<int>(bsplits);
+  rb.M = 1; rb.N = static_cast<int>(N); rb.out = gb.data_ptr();
+  DCNV3_DISPATCH(dt, split_reduce, rb, stream());
+  check_launch();
+  return {gw, gb};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused DCNv3 kernels (CUTLASS/CuTe): sampling fused with the offset/mask projection, and GEMMs";
+  m.def("sample_fwd", &sample_fwd, "y = sample(value, logits or x1.wpack^T+bpack)");
+  m.def("sample_bwd", &sample_bwd, "(grad_value, grad_logits) of sample_fwd");
+  m.def("linear_fwd", &linear_fwd, "a . w^T + bias (tensor-core tiles, fp32 accumulation)");
+  m.def("linear_bwd_input", &linear_bwd_input, "grad . w");
+  m.def("linear_bwd_weight", &linear_bwd_weight, "(grad^T . a, column sums of grad), deterministic split-K");
+  m.attr("kMaxPoints") = dcnv3::kMaxPoints;
+  m.attr("kGroupCols") = dcnv3::kGroupCols;
+}

@@ -1,0 +1,76 @@
+// Element types, conversions and vector memory helpers shared by every kernel.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include <cutlass/numeric_types.h>
+
+namespace dcnv3 {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(cutlass::half_t x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(cutlass::bfloat16_t x) { return static_cast<float>(x); }
+
+template <class T>
+__device__ __forceinline__ T from_float(float x) {
+  return T(x);  // cutlass half_t/bfloat16_t round to nearest even
+}
+
+// Elements per 16-byte vector: 8 for 16-bit types, 4 for fp32.
+template <class T>
+struct Vec {
+  static constexpr int kN = 16 / int(sizeof(T));
+  static_assert(16 % sizeof(T) == 0, "element size must divide 16 bytes");
+};
+
+// 16-byte load of Vec<T>::kN elements, converted to fp32. ptr must be 16-byte aligned (binding checks the
+// base pointers; channel offsets are multiples of the vector since Cg is a multiple of it).
+template <class T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec<T>::kN]) {
+  uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::kN; ++i) out[i] = to_float(e[i]);
+}
+
+template <class T>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec<T>::kN]) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::kN; ++i) e[i] = from_float<T>(in[i]);
+  *reinterpret_cast<uint4*>(ptr) = raw;
+}
+
+template <int N>
+__device__ __forceinline__ void load_f32(const float* ptr, float (&out)[N]) {
+  static_assert(N % 4 == 0, "fp32 vectors are loaded as float4");
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    float4 v = *reinterpret_cast<const float4*>(ptr + i);
+    out[i] = v.x;
+    out[i + 1] = v.y;
+    out[i + 2] = v.z;
+    out[i + 3] = v.w;
+  }
+}
+
+// Deterministic scatter-add: grad_value is accumulated in 64-bit fixed point, where addition is associative,
+// so the result does not depend on the order in which blocks arrive. The scale maps max|grad_y| to 2^40:
+// every scattered term is bounded by max|grad_y| (softmax weights and bilinear weights are <= 1), so an
+// element overflows only after 2^23 full-magnitude terms, and each term is rounded to at most
+// max|grad_y| * 2^-41 absolute error.
+__device__ __forceinline__ float fixed_point_scale(const float* absmax) {
+  float m = fmaxf(*absmax, 1e-30f);
+  int e = 40 - static_cast<int>(ceilf(log2f(m)));
+  e = max(min(e, 126), -126);
+  return ldexpf(1.0f, e);
+}
+
+__device__ __forceinline__ void fixed_point_add(unsigned long long* dst, float v, float scale) {
+  long long q = __float2ll_rn(v * scale);  // v * 2^e is exact; only the fixed-point rounding remains
+  if (q != 0) atomicAdd(dst, static_cast<unsigned long long>(q));
+}
+
+}  // namespace dcnv3

@@ -1,0 +1,328 @@
+// The DCNv3 sampling kernels, forward and backward, each fused with the offset/mask(/cfs) projection.
+//
+// One CTA owns a tile of kTileM = 64 output pixels x kGroupsPerCta = 2 groups. It
+//   1. computes that tile's packed logits (64 pixels, 2 groups x 32 columns) = x1 tile . wpack^T + bpack with
+//      the tensor-core tile GEMM (K = C), into shared memory: offsets and masks never touch HBM;
+//   2. normalises them in place (softmax over the P mask logits of each pixel/group, sigmoid of the cfs logit);
+//   3. aggregates: each (pixel, group) pair is served by Cg / Vec lanes, each lane owning one 16-byte channel
+//      vector, bilinearly sampling the 4 corners of each of the P points from `value` (channels-last, so a
+//      corner is one contiguous 16-byte load per lane) with fp32 accumulation;
+//   4. forward: blends with the center feature and writes y (the output projection runs as a separate GEMM:
+//      with C up to 2560 a full output row does not fit on chip, and y is needed again for grad W_out).
+//      backward: recomputes steps 1-2 (like flash-attention, cheaper than storing G*3P logits per pixel),
+//      reduces the per-point dot products across the lanes of a pair with shuffles (fixed order), applies
+//      the softmax/sigmoid backward, writes grad logits (T) for the two weight/input GEMMs, and scatters
+//      grad value into a 64-bit fixed-point accumulator (deterministic: integer adds commute exactly).
+#pragma once
+
+#include "params.h"
+#include "tile_gemm.cuh"
+
+namespace dcnv3 {
+
+constexpr int kGroupsPerCta = kTileN / kGroupCols;  // 2
+static_assert(kTileN % kGroupCols == 0, "a CTA's GEMM columns must hold whole groups");
+
+template <class T>
+struct DcnSmem {
+  TileGemmSmem<T> gemm;
+  float logits[kTileM * (kTileN + kAccPad)];  // (kTileM, kTileN) fp32, row pitch kTileN + kAccPad
+};
+
+__device__ __forceinline__ float* logit_row(float* logits, int pix, int gl) {
+  return logits + pix * (kTileN + kAccPad) + gl * kGroupCols;
+}
+
+// Steps 1-2: fill smem logits for pixels [m0, m0+64) and groups [g0, g0+2), normalised.
+template <class T>
+__device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g0, int M) {
+  const int n_cols = p.G * kGroupCols;
+  if (p.logits == nullptr) {
+    // x1 (M, C) row-major: A(m, k) = x1[m*C + k]; wpack (G*32, C): B(n, k) = wpack[n*C + k].
+    tile_gemm<T>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0, M, static_cast<const T*>(p.wpack),
+                 p.C, 1, g0 * kGroupCols, n_cols, 0, p.C);
+    const T* bias = static_cast<const T*>(p.bpack);
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      int r = idx / kTileN, c = idx % kTileN, n = g0 * kGroupCols + c;
+      if (n < n_cols) sm.logits[r * (kTileN + kAccPad) + c] += to_float(bias[n]);
+    }
+  } else {
+    const T* src = static_cast<const T*>(p.logits);
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = g0 * kGroupCols + c;
+      sm.logits[r * (kTileN + kAccPad) + c] = (m < M && n < n_cols) ? to_float(src[int64_t(m) * n_cols + n]) : 0.f;
+    }
+  }
+  __syncthreads();
+  static_assert(kTileM * kGroupsPerCta <= kThreads, "one thread per (pixel, group) pair normalises it");
+  if (threadIdx.x < kTileM * kGroupsPerCta) {
+    float* row = logit_row(sm.logits, threadIdx.x / kGroupsPerCta, threadIdx.x % kGroupsPerCta);
+    if (p.apply_softmax) {
+      float* ml = row + 2 * p.P;
+      float mx = -INFINITY;
+      for (int q = 0; q < p.P; ++q) mx = fmaxf(mx, ml[q]);
+      float sum = 0.f;
+      for (int q = 0; q < p.P; ++q) {
+        ml[q] = __expf(ml[q] - mx);
+        sum += ml[q];
+      }
+      float inv = 1.f / sum;
+      for (int q = 0; q < p.P; ++q) ml[q] *= inv;
+    }
+    if (p.has_cfs) row[3 * p.P] = 1.f / (1.f + __expf(-row[3 * p.P]));
+  }
+  __syncthreads();
+}
+
+struct Bilinear {
+  int x0, y0;
+  float w[4];     // corner weights (y0,x0) (y0,x1) (y1,x0) (y1,x1)
+  bool in[4];     // corner inside the image
+  float lx, ly;
+};
+
+__device__ __forceinline__ Bilinear bilinear_at(float x, float y, int H, int W) {
+  Bilinear b;
+  float fx = floorf(x), fy = floorf(y);
+  b.x0 = static_cast<int>(fx);
+  b.y0 = static_cast<int>(fy);
+  b.lx = x - fx;
+  b.ly = y - fy;
+  float hx = 1.f - b.lx, hy = 1.f - b.ly;
+  b.w[0] = hy * hx;
+  b.w[1] = hy * b.lx;
+  b.w[2] = b.ly * hx;
+  b.w[3] = b.ly * b.lx;
+  bool x0in = b.x0 >= 0 && b.x0 < W, x1in = b.x0 + 1 >= 0 && b.x0 + 1 < W;
+  bool y0in = b.y0 >= 0 && b.y0 < H, y1in = b.y0 + 1 >= 0 && b.y0 + 1 < H;
+  b.in[0] = y0in && x0in;
+  b.in[1] = y0in && x1in;
+  b.in[2] = y1in && x0in;
+  b.in[3] = y1in && x1in;
+  return b;
+}
+
+__device__ __forceinline__ int64_t corner_offset(const Bilinear& b, int k, int n, int H, int W, int C) {
+  int yy = b.y0 + (k >> 1), xx = b.x0 + (k & 1);
+  return ((int64_t(n) * H + yy) * W + xx) * C;
+}
+
+// Sampling coordinates (pixels, unpadded image) of point q for output pixel (ho, wo).
+__device__ __forceinline__ void sample_xy(const DcnParams& p, const float* row, int q, int ho, int wo, float& x,
+                                          float& y) {
+  x = float(wo * p.stride_w - p.pad_w + p.center_w) + (float(p.tap_x[q]) + row[2 * q]) * p.offset_scale;
+  y = float(ho * p.stride_h - p.pad_h + p.center_h) + (float(p.tap_y[q]) + row[2 * q + 1]) * p.offset_scale;
+}
+
+// grid (ceil(M/64), ceil(G/2)), kThreads threads.
+template <class T, int CG>
+__global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
+  constexpr int kVec = Vec<T>::kN;
+  constexpr int kLanes = CG / kVec;  // lanes per (pixel, group) pair
+  static_assert(CG % kVec == 0, "channels per group must be a multiple of the 16-byte vector");
+  static_assert(32 % kLanes == 0, "the lanes of a pair must sit in one warp");
+  static_assert((kTileM * kGroupsPerCta * kLanes) % kThreads == 0, "every thread runs the same trip count");
+  __shared__ DcnSmem<T> sm;
+
+  const int M = p.N * p.Ho * p.Wo;
+  const int m0 = blockIdx.x * kTileM, g0 = blockIdx.y * kGroupsPerCta;
+  compute_logits<T>(p, sm, m0, g0, M);
+
+  const T* value = static_cast<const T*>(p.value);
+  for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+    const int pair = item / kLanes, lane = item % kLanes;
+    const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
+    const int m = m0 + pix, g = g0 + gl;
+    if (m >= M || g >= p.G) continue;  // no collective operations below: early exit is safe here
+    const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho, n = m / (p.Wo * p.Ho);
+    const int ch = g * CG + lane * kVec;
+    const float* row = logit_row(sm.logits, pix, gl);
+
+    float acc[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
+    for (int q = 0; q < p.P; ++q) {
+      float x, y;
+      sample_xy(p, row, q, ho, wo, x, y);
+      const float mk = row[2 * p.P + q];
+      Bilinear b = bilinear_at(x, y, p.H, p.W);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (!b.in[k]) continue;
+        float vals[kVec];
+        load_vec<T>(value + corner_offset(b, k, n, p.H, p.W, p.C) + ch, vals);
+        const float wk = mk * b.w[k];
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) acc[v] = fmaf(wk, vals[v], acc[v]);
+      }
+    }
+    if (p.has_cfs) {
+      const float s = row[3 * p.P];
+      float vc[kVec];
+      load_vec<T>(value + ((int64_t(n) * p.H + ho) * p.W + wo) * p.C + ch, vc);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) acc[v] = acc[v] * (1.f - s) + vc[v] * s;
+    }
+    store_vec<T>(static_cast<T*>(p.y) + int64_t(m) * p.C + ch, acc);
+  }
+}
+
+// Sum over the kLanes consecutive lanes serving one pair; every lane gets the total (fixed xor tree).
+template <int kLanes>
+__device__ __forceinline__ float lane_sum(float v) {
+#pragma unroll
+  for (int o = kLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// grid (ceil(M/64), ceil(G/2)), kThreads threads.
+template <class T, int CG>
+__global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
+  constexpr int kVec = Vec<T>::kN;
+  constexpr int kLanes = CG / kVec;
+  static_assert(CG % kVec == 0, "channels per group must be a multiple of the 16-byte vector");
+  static_assert(32 % kLanes == 0, "the lanes of a pair must sit in one warp (shuffle reduction)");
+  static_assert((kTileM * kGroupsPerCta * kLanes) % kThreads == 0,
+                "every thread runs the same trip count (shuffles need the whole warp)");
+  __shared__ DcnSmem<T> sm;
+
+  const int M = p.N * p.Ho * p.Wo;
+  const int m0 = blockIdx.x * kTileM, g0 = blockIdx.y * kGroupsPerCta;
+  compute_logits<T>(p, sm, m0, g0, M);
+  const float scale = fixed_point_scale(p.grad_y_absmax);
+  const int n_cols = p.G * kGroupCols;
+
+  const T* value = static_cast<const T*>(p.value);
+  for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+    const int pair = item / kLanes, lane = item % kLanes;
+    const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
+    const int m = m0 + pix, g = g0 + gl;
+    // Invalid pairs still run the loop with zeros (no early exit: the shuffles need every lane).
+    const bool valid = m < M && g < p.G;
+    const int mm = valid ? m : 0, gg = valid ? g : 0;
+    const int wo = mm % p.Wo, ho = (mm / p.Wo) % p.Ho, n = mm / (p.Wo * p.Ho);
+    const int ch = gg * CG + lane * kVec;
+    const float* row = logit_row(sm.logits, pix, gl);
+    const float s = p.has_cfs ? row[3 * p.P] : 0.f;
+
+    float gy[kVec], gyc[kVec], ycore[kVec];
+    if (valid) {
+      load_f32<kVec>(p.grad_y + int64_t(mm) * p.C + ch, gy);
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) gy[v] = 0.f;
+    }
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      gyc[v] = gy[v] * (1.f - s);  // gradient reaching the core aggregate through the cfs blend
+      ycore[v] = 0.f;
+    }
+
+    float g_mask[kMaxPoints], g_x[kMaxPoints], g_y[kMaxPoints];
+#pragma unroll
+    for (int q = 0; q < kMaxPoints; ++q) {
+      g_mask[q] = g_x[q] = g_y[q] = 0.f;
+      if (q >= p.P) continue;
+      float x, y;
+      sample_xy(p, row, q, ho, wo, x, y);
+      const float mk = row[2 * p.P + q];
+      Bilinear b = bilinear_at(x, y, p.H, p.W);
+      float corner[4][kVec];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (valid && b.in[k]) {
+          load_vec<T>(value + corner_offset(b, k, n, p.H, p.W, p.C) + ch, corner[k]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) corner[k][v] = 0.f;
+        }
+      }
+      const float hx = 1.f - b.lx, hy = 1.f - b.ly;
+      float dm = 0.f, dx = 0.f, dy = 0.f;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const float sample = b.w[0] * corner[0][v] + b.w[1] * corner[1][v] + b.w[2] * corner[2][v] +
+                             b.w[3] * corner[3][v];
+        ycore[v] = fmaf(mk, sample, ycore[v]);
+        dm = fmaf(gyc[v], sample, dm);
+        dx = fmaf(gyc[v], hy * (corner[1][v] - corner[0][v]) + b.ly * (corner[3][v] - corner[2][v]), dx);
+        dy = fmaf(gyc[v], hx * (corner[2][v] - corner[0][v]) + b.lx * (corner[3][v] - corner[1][v]), dy);
+      }
+      g_mask[q] = lane_sum<kLanes>(dm);
+      g_x[q] = lane_sum<kLanes>(dx) * mk * p.offset_scale;
+      g_y[q] = lane_sum<kLanes>(dy) * mk * p.offset_scale;
+      if (valid) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (!b.in[k]) continue;
+          unsigned long long* dst = p.grad_value_acc + corner_offset(b, k, n, p.H, p.W, p.C) + ch;
+          const float wk = mk * b.w[k];
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, wk * gyc[v], scale);
+        }
+      }
+    }
+
+    float g_s = 0.f;
+    if (p.has_cfs) {
+      float vc[kVec];
+      const int64_t center = ((int64_t(n) * p.H + ho) * p.W + wo) * p.C + ch;
+      if (valid) {
+        load_vec<T>(value + center, vc);
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) vc[v] = 0.f;
+      }
+      float d = 0.f;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
+      g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
+      if (valid) {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) fixed_point_add(p.grad_value_acc + center + v, gy[v] * s, scale);
+      }
+    }
+
+    // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
+    float dot = 0.f;
+    if (p.apply_softmax) {
+#pragma unroll
+      for (int q = 0; q < kMaxPoints; ++q)
+        if (q < p.P) dot = fmaf(row[2 * p.P + q], g_mask[q], dot);
+    }
+    if (valid) {
+      T* out = static_cast<T*>(p.grad_logits) + int64_t(mm) * n_cols + gg * kGroupCols;
+      // The pair's lanes share the 32 columns; all values are lane-uniform after the reductions.
+#pragma unroll
+      for (int j0 = 0; j0 < kGroupCols; j0 += kLanes) {
+        const int j = j0 + lane;
+        float v = 0.f;
+#pragma unroll
+        for (int q = 0; q < kMaxPoints; ++q) {
+          if (q >= p.P) continue;
+          if (j == 2 * q) v = g_x[q];
+          if (j == 2 * q + 1) v = g_y[q];
+          if (j == 2 * p.P + q) v = p.apply_softmax ? row[2 * p.P + q] * (g_mask[q] - dot) : g_mask[q];
+        }
+        if (p.has_cfs && j == 3 * p.P) v = g_s;
+        out[j] = from_float<T>(v);
+      }
+    }
+  }
+}
+
+template <class T, int CG>
+void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
+  const int M = p.N * p.Ho * p.Wo;
+  dim3 grid((M + kTileM - 1) / kTileM, (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
+  dcn_fwd_kernel<T, CG><<<grid, kThreads, 0, stream>>>(p);
+}
+
+template <class T, int CG>
+void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
+  const int M = p.N * p.Ho * p.Wo;
+  dim3 grid((M + kTileM - 1) / kTileM, (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
+  dcn_bwd_kernel<T, CG><<<grid, kThreads, 0, stream>>>(p);
+}
+
+}  // namespace dcnv3

@@ -1,0 +1,17 @@
+// Instantiation unit: DCN backward sampling kernel, element type float (compiled per arch by the build).
+#include <stdexcept>
+
+#include "../dcn_kernels.cuh"
+#include "../launch.h"
+
+namespace dcnv3 {
+
+void dcn_bwd_f32(int channels_per_group, const DcnParams& p, cudaStream_t stream) {
+  switch (channels_per_group) {
+    case 16: launch_dcn_bwd<float, 16>(p, stream); break;
+    case 32: launch_dcn_bwd<float, 32>(p, stream); break;
+    default: throw std::invalid_argument("dcnv3: no backward kernel for this channels-per-group");
+  }
+}
+
+}  // namespace dcnv3

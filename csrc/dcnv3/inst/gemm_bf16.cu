@@ -1,0 +1,22 @@
+// Instantiation unit: projection GEMM and fixed-order reductions, element type cutlass::bfloat16_t.
+#include <algorithm>
+
+#include "../gemm.cuh"
+#include "../launch.h"
+
+namespace dcnv3 {
+
+void gemm_bf16(const GemmParams& p, int splits, cudaStream_t stream) { launch_gemm<cutlass::bfloat16_t>(p, splits, stream); }
+
+void split_reduce_bf16(const ReduceParams& p, cudaStream_t stream) { launch_split_reduce<cutlass::bfloat16_t>(p, stream); }
+
+void colsum_partial_bf16(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream) {
+  launch_colsum_partial<cutlass::bfloat16_t>(x, M, N, splits, partial, stream);
+}
+
+void fixed_point_finalize_bf16(const unsigned long long* acc, int64_t count, const float* absmax, void* out,
+                             cudaStream_t stream) {
+  launch_fixed_point_finalize<cutlass::bfloat16_t>(acc, count, absmax, out, stream);
+}
+
+}  // namespace dcnv3

@@ -1,0 +1,31 @@
+// Host-side entry points of the kernels, one set per element type, defined in inst/*.cu. Plain C++ (no CuTe,
+// no torch) so the binding can call them; the binding owns validation and memory.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <cstdint>
+
+#include "params.h"
+
+namespace dcnv3 {
+
+#define DCNV3_DECLARE_LAUNCHERS(SUFFIX)                                                                         \
+  void dcn_fwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
+  void dcn_bwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
+  void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
+  void split_reduce_##SUFFIX(const ReduceParams& p, cudaStream_t stream);                                       \
+  void colsum_partial_##SUFFIX(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream);    \
+  void fixed_point_finalize_##SUFFIX(const unsigned long long* acc, int64_t count, const float* absmax, void* out, \
+                                     cudaStream_t stream);
+
+DCNV3_DECLARE_LAUNCHERS(f32)
+DCNV3_DECLARE_LAUNCHERS(f16)
+DCNV3_DECLARE_LAUNCHERS(bf16)
+#undef DCNV3_DECLARE_LAUNCHERS
+
+void absmax_f32(const float* x, int64_t count, float* out, cudaStream_t stream);
+
+// Channels per group with compiled kernels (every dtype).
+inline bool supported_channels_per_group(int cg) { return cg == 16 || cg == 32; }
+
+}  // namespace dcnv3

@@ -1,0 +1,74 @@
+// Kernel parameters as raw pointers, sizes and strides: no torch, no CuTe, so the binding (host C++) and the
+// kernels (.cuh) share one description. Element types are erased to void*; the instantiation unit knows T.
+#pragma once
+
+#include <cstdint>
+
+namespace dcnv3 {
+
+// Sampling points per group the kernels handle: one 32-wide column block of packed logits per group holds
+// 2P offsets + P mask logits + 1 center-feature-scale logit, so 3P + 1 <= 32 (3x3 kernels: P = 9, or 8).
+constexpr int kMaxPoints = 10;
+constexpr int kGroupCols = 32;
+
+// Packed-logit layout (per pixel, per group g, columns g*32 + j):
+//   j in [0, 2P)      offset logits, j = 2p + {0: x/width, 1: y/height}   (official offset order)
+//   j in [2P, 3P)     mask logits of point p = j - 2P                      (softmax over P)
+//   j == 3P           center-feature-scale logit                           (sigmoid), zero weight if unused
+//   j in (3P, 32)     zero padding
+struct DcnParams {
+  // value (N, H, W, C) channels-last contiguous, C = G * Cg.
+  const void* value;
+  // x1 (N, Ho, Wo, C): the projection input; the fused path needs Ho == H, Wo == W (checked by the binding).
+  const void* x1;
+  // wpack (G*32, C) row-major and bpack (G*32): the packed offset/mask/cfs projection (see layout above).
+  const void* wpack;
+  const void* bpack;
+  // Core mode: logits (N*Ho*Wo, G*32) given directly (offset and already-normalised mask); x1/wpack unused.
+  const void* logits;
+  bool apply_softmax;  // fused: softmax over the mask logits; core: mask taken as given
+  bool has_cfs;        // center-feature-scale blend y = y(1-s) + value*s, s = sigmoid(logit[3P])
+
+  // Forward output: y (N, Ho, Wo, C), the blended aggregate (input of output_proj).
+  void* y;
+
+  // Backward inputs/outputs.
+  const float* grad_y;           // (N*Ho*Wo, C) fp32: gradient w.r.t. y
+  const float* grad_y_absmax;    // scalar: max |grad_y|, sets the fixed-point scale of grad_value_acc
+  unsigned long long* grad_value_acc;  // (N, H, W, C) int64 fixed point (deterministic scatter)
+  void* grad_logits;             // (N*Ho*Wo, G*32) T: gradient w.r.t. packed logits (pre-softmax)
+
+  int N, H, W, C, G, Ho, Wo;
+  int P;
+  int stride_h, stride_w, pad_h, pad_w, center_h, center_w;
+  float offset_scale;
+  int tap_x[16];  // i*d_w - c_w of point p (width tap, official width-major order)
+  int tap_y[16];  // j*d_h - c_h
+};
+
+// C (M, N) = A (M, K) . B (N, K)^T with arbitrary element strides (so transposed operands need no copy).
+// Split-K: blockIdx.z covers K range [z*k_per_split, (z+1)*k_per_split) and writes fp32 partials to
+// out_f32 + z*out_split_stride; a fixed-order reduction then sums the splits (deterministic).
+struct GemmParams {
+  const void* a;
+  int64_t a_m, a_k;  // A(m, k) = a[m*a_m + k*a_k]
+  const void* b;
+  int64_t b_n, b_k;  // B(n, k) = b[n*b_n + k*b_k]
+  int M, N, K;
+  int k_per_split;
+  float* out_f32;    // fp32 output (M, N) row-major per split; when null the T output below is used
+  int64_t out_split_stride;
+  void* out;         // T output (M, N) row-major, + bias (N) when bias is non-null
+  const void* bias;
+};
+
+// Fixed-order reductions used around the GEMMs.
+struct ReduceParams {
+  const float* partial;  // (splits, M, N) fp32
+  int splits;
+  int M, N;
+  const void* bias;      // T (N) or null
+  void* out;             // T (M, N)
+};
+
+}  // namespace dcnv3

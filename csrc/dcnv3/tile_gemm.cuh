@@ -1,0 +1,122 @@
+// One CTA-wide tensor-core tile GEMM, the building block of every projection in the DCN block:
+//   acc (BM, BN) fp32 = sum_k A(m0 + m, k) * B(n0 + n, k)
+// A and B are read from global memory with arbitrary strides (so transposed operands need no copy), staged
+// through shared memory and multiplied with a CuTe TiledMMA: mma.sync tensor cores (SM80 atoms, also the
+// instruction these kernels use on sm_90a) for bf16/fp16, FFMA for fp32 (matching PyTorch's default of no
+// TF32 in fp32 matmuls). The result is left in a shared-memory fp32 tile so that epilogues (bias, softmax,
+// aggregation, split-K partials) index it plainly, independent of the MMA fragment layout.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+#include "common.cuh"
+
+namespace dcnv3 {
+
+using namespace cute;
+
+constexpr int kThreads = 128;  // 4 warps per CTA for every kernel in this family
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kTileK = 32;
+
+template <class T>
+struct MmaTraits;
+
+// 2x2 warps of 16x8x16 atoms, permuted to a 32x32x16 tile: each warp owns a 16x16 piece per atom step.
+template <>
+struct MmaTraits<cutlass::bfloat16_t> {
+  using TiledMma = decltype(make_tiled_mma(MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>{},
+                                           Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
+};
+template <>
+struct MmaTraits<cutlass::half_t> {
+  using TiledMma = decltype(make_tiled_mma(MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>{},
+                                           Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
+};
+// fp32: 16x8 threads of scalar FMA, each thread a 4x8 sub-tile of the 64x64 output.
+template <>
+struct MmaTraits<float> {
+  using TiledMma = decltype(make_tiled_mma(MMA_Atom<UniversalFMA<float, float, float, float>>{},
+                                           Layout<Shape<_16, _8, _1>>{}));
+};
+
+// +8 elements per smem row breaks the power-of-two row pitch (bank conflicts of the fragment loads).
+constexpr int kSmemPad = 8;
+constexpr int kAccPad = 4;
+
+template <class T>
+struct TileGemmSmem {
+  T a[kTileM * (kTileK + kSmemPad)];
+  T b[kTileN * (kTileK + kSmemPad)];
+};
+
+// Stage rows [r0, r0 + ROWS) x cols [k0, k0 + kTileK) of a strided matrix X(r, k) = x[r*s_r + k*s_k] into
+// smem (ROWS, kTileK) k-contiguous, zero-filling outside (rows, K). The thread order follows whichever index
+// has unit stride so the global reads coalesce for both plain and transposed operands.
+template <class T, int ROWS>
+__device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows,
+                                           int k0, int K) {
+  constexpr int kPitch = kTileK + kSmemPad;
+  if (s_k == 1) {
+    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
+      int r = idx / kTileK, k = idx % kTileK;
+      int gr = r0 + r, gk = k0 + k;
+      smem[r * kPitch + k] = (gr < rows && gk < K) ? x[gr * s_r + gk] : T(0.0f);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
+      int r = idx % ROWS, k = idx / ROWS;
+      int gr = r0 + r, gk = k0 + k;
+      smem[r * kPitch + k] = (gr < rows && gk < K) ? x[gr * s_r + int64_t(gk) * s_k] : T(0.0f);
+    }
+  }
+}
+
+// acc_smem (kTileM, kTileN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T.
+// All kThreads threads must call it; it ends with a __syncthreads so acc_smem is readable by everyone.
+template <class T>
+__device__ void tile_gemm(TileGemmSmem<T>& sm, float* acc_smem, const T* a, int64_t a_m, int64_t a_k, int m0,
+                          int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin, int k_end) {
+  using TiledMma = typename MmaTraits<T>::TiledMma;
+  static_assert(size(TiledMma{}) == kThreads, "the tiled MMA must use exactly the CTA's threads");
+  static_assert(kTileM % 32 == 0 && kTileN % 32 == 0 && kTileK % 16 == 0, "tile must cover whole MMA steps");
+
+  // sA: (kTileM, kTileK) -> row pitch kTileK+pad, k contiguous.   sB: (kTileN, kTileK), same.
+  Tensor sA = make_tensor(make_smem_ptr(sm.a),
+                          Layout<Shape<Int<kTileM>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
+  Tensor sB = make_tensor(make_smem_ptr(sm.b),
+                          Layout<Shape<Int<kTileN>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
+  // sC: (kTileM, kTileN) fp32 -> row pitch kTileN+pad, n contiguous.
+  Tensor sC = make_tensor(make_smem_ptr(acc_smem),
+                          Layout<Shape<Int<kTileM>, Int<kTileN>>, Stride<Int<kTileN + kAccPad>, _1>>{});
+
+  TiledMma mma;
+  auto thr = mma.get_slice(threadIdx.x);
+  Tensor tCsA = thr.partition_A(sA);              // (MMA, MMA_M, MMA_K) view of sA for this thread
+  Tensor tCsB = thr.partition_B(sB);              // (MMA, MMA_N, MMA_K)
+  Tensor tCrA = thr.partition_fragment_A(sA);     // registers, same shape
+  Tensor tCrB = thr.partition_fragment_B(sB);
+  Tensor tCsC = thr.partition_C(sC);              // (MMA, MMA_M, MMA_N)
+  Tensor acc = thr.partition_fragment_C(sC);      // fp32 accumulators
+  clear(acc);
+
+  for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
+    stage_tile<T, kTileM>(sm.a, a, a_m, a_k, m0, M, k0, k_end);
+    stage_tile<T, kTileN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
+    __syncthreads();
+    CUTE_UNROLL
+    for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(i);
+    CUTE_UNROLL
+    for (int i = 0; i < size(tCrB); ++i) tCrB(i) = tCsB(i);
+    cute::gemm(mma, tCrA, tCrB, acc);
+    __syncthreads();
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) tCsC(i) = acc(i);
+  __syncthreads();
+}
+
+}  // namespace dcnv3
