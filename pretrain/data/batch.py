@@ -51,38 +51,43 @@ class RowFetcher:
         self.warn = _Warner()
         self._files = _LRU(16 * len(plan.manifests))
         self._tables = _LRU(len(plan.manifests) * (shuffle_window + 2))
-        self._bad_shards: dict[tuple[int, int], str] = {}
-        self._lock = threading.Lock()
 
     def _open(self, src: int, shard: int):
         def make():
-            m = self.plan.manifests[src]
-            url = m.shard_url(shard)
-            info = m.shards[shard]
-            fs, path = storage.url_to_fs(url)
-            try:
-                pf = pq.ParquetFile(fs.open(path, "rb"))
-            except FileNotFoundError:
-                return None, "missing_shard", f"shard {url} is missing"
-            except Exception as err:  # not parquet, truncated footer...
-                return None, "shard_mismatch", f"shard {url} is unreadable ({type(err).__name__}: {err})"
-            md = pf.metadata
-            names = set(pf.schema_arrow.names)
-            lacking = [c for c in READ_COLUMNS if c not in names]
-            sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-            expected = [
-                min(info.row_group_rows, info.rows - g * info.row_group_rows) for g in range(info.row_groups)
-            ]
-            if lacking or sizes != expected:
-                why = (
-                    f"lacks columns {lacking}"
-                    if lacking
-                    else f"has row groups {sizes[:4]}.. ({md.num_rows} rows), manifest says {info.rows} rows in groups of {info.row_group_rows}"
-                )
-                return None, "shard_mismatch", f"shard {url} does not match its manifest: it {why}"
-            return (pf, threading.Lock()), None, None
+            handle, reason, msg = self._check(src, shard)
+            if handle is None:  # warn once per shard (cached), not once per sample
+                self.warn(reason, f"skipping the samples of {msg}")
+            return handle, reason, msg
 
         return self._files.get((src, shard), make)
+
+    def _check(self, src: int, shard: int):
+        """Open a shard and compare its footer with the manifest entry: (handle, None, None) or (None, reason, msg)."""
+        m = self.plan.manifests[src]
+        url = m.shard_url(shard)
+        info = m.shards[shard]
+        fs, path = storage.url_to_fs(url)
+        try:
+            pf = pq.ParquetFile(fs.open(path, "rb"))
+        except FileNotFoundError:
+            return None, "missing_shard", f"shard {url} is missing"
+        except Exception as err:  # not parquet, truncated footer...
+            return None, "shard_mismatch", f"shard {url} is unreadable ({type(err).__name__}: {err})"
+        md = pf.metadata
+        names = set(pf.schema_arrow.names)
+        lacking = [c for c in READ_COLUMNS if c not in names]
+        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        expected = [
+            min(info.row_group_rows, info.rows - g * info.row_group_rows) for g in range(info.row_groups)
+        ]
+        if lacking or sizes != expected:
+            why = (
+                f"lacks columns {lacking}"
+                if lacking
+                else f"has row groups {sizes[:4]}.. ({md.num_rows} rows), manifest says {info.rows} rows in groups of {info.row_group_rows}"
+            )
+            return None, "shard_mismatch", f"shard {url} does not match its manifest: it {why}"
+        return (pf, threading.Lock()), None, None
 
     def row_group(self, src: int, shard: int, rg: int):
         """Column dict of python lists for one row group, or (None, reason, message)."""
@@ -136,9 +141,8 @@ def assemble(fetcher: RowFetcher, cfg: DataConfig, epoch: int, positions: np.nda
     for j, i in enumerate(idx):
         s, sh, g, r = int(src[j]), int(shard[j]), int(rg[j]), int(row[j])
         cols, reason, msg = fetcher.row_group(s, sh, g)
-        if cols is None:
+        if cols is None:  # the fetcher warned once for the whole shard / row group
             out["reason"][i] = reason
-            fetcher.warn(reason, f"skipping sample at position {positions[i]} of epoch {epoch}: {msg}")
             continue
         key = cols["key"][r]
         data = cols["image"][r]

@@ -1,0 +1,79 @@
+"""Bad data is skipped and counted, never a crash mid-run; a manifest naming a missing shard fails at start."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pretrain.data import DataConfig, SourceConfig, build_stream, make_sample_corpus
+from pretrain.data.batch import BadDataWarning
+from pretrain.data.schema import write_shard
+
+
+def _corpus(tmp_path):
+    url = make_sample_corpus(
+        str(tmp_path), num=120, size=32, seed=1, num_val=0, shard_rows=40, row_group_rows=20
+    )
+    return url, [str(tmp_path / "train" / f"shard-0000{i}.parquet") for i in range(3)]
+
+
+def _cfg(url, **kw):
+    return DataConfig(sources=[SourceConfig("s", url)], image_size=16, batch_size=20, num_workers=1, **kw)
+
+
+def _rewrite(path, mutate):
+    cols = pq.read_table(path).to_pydict()
+    mutate(cols)
+    write_shard(path, cols, row_group_rows=20)
+
+
+def test_corrupt_and_truncated_images_are_counted(tmp_path):
+    url, shards = _corpus(tmp_path)
+
+    def damage(cols):
+        cols["image"][3] = b"\xff\xd8 definitely not a jpeg"
+        cols["image"][7] = cols["image"][7][: len(cols["image"][7]) // 2]  # truncated mid-scan
+        cols["image"][9] = b""
+
+    _rewrite(shards[0], damage)
+    stream = build_stream(_cfg(url), rank=0, world_size=1, seed=0)
+    with pytest.warns(BadDataWarning) as caught:
+        keys = [k for b in stream for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+    assert stream.counters()["bad_image"] == 3 and stream.counters()["samples"] == 117 == len(set(keys))
+    msgs = " ".join(str(w.message) for w in caught)
+    assert "sample-train-0000003" in msgs and "shard-00000.parquet" in msgs
+    assert "sample-train-0000003" not in keys
+
+
+def test_missing_shard_fails_at_start_with_the_fix(tmp_path):
+    url, shards = _corpus(tmp_path)
+    os.remove(shards[1])
+    with pytest.raises(FileNotFoundError, match=r"shard-00001\.parquet.*pretrain data build"):
+        build_stream(_cfg(url), rank=0, world_size=1, seed=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_stream(_cfg(str(tmp_path / "nope" / "manifest.json")), rank=0, world_size=1, seed=0)
+
+
+def test_shard_lost_mid_run_and_mismatched_shard_are_skipped(tmp_path):
+    url, shards = _corpus(tmp_path)
+    stream = build_stream(_cfg(url, shuffle=False), rank=0, world_size=1, seed=0)
+    os.remove(shards[2])  # after the start check: disappears mid-run
+    _rewrite(
+        shards[1], lambda cols: [v.__delitem__(slice(30, None)) for v in cols.values()]
+    )  # 30 rows, not 40
+    with pytest.warns(BadDataWarning, match="does not match its manifest"):
+        got = [b for b in stream]
+    c = stream.counters()
+    assert c["missing_shard"] == 40 and c["shard_mismatch"] == 40 and c["samples"] == 40
+    assert all(b["image"].shape == (20, 3, 16, 16) for b in got)  # fixed batch size throughout
+
+
+def test_empty_shard_file_is_skipped(tmp_path):
+    url, shards = _corpus(tmp_path)
+    open(shards[0], "wb").close()
+    stream = build_stream(_cfg(url), rank=0, world_size=1, seed=0)
+    with pytest.warns(BadDataWarning, match="unreadable"):
+        n = sum(int(b["valid"].sum()) for b in stream)
+    assert n == 80 and stream.counters()["shard_mismatch"] == 40
