@@ -1,0 +1,427 @@
+"""The one typed run configuration: YAML -> frozen dataclasses, with a docstring per field.
+
+    cfg = load_config("configs/tiny_cpu.yaml", overrides=["optim.lr=1e-3", "engine.zero_stage=2"])
+    save_config(cfg, "runs/x/config.yaml")          # the resolved config, saved with every run/checkpoint
+
+Every field is declared with `_f(default, "doc")`; the doc lives in the field's metadata so that
+`describe(RunConfig)` (and `pretrain train --describe-config`) can print the schema. Loading is strict: an
+unknown key fails naming its dotted path and the closest valid key (difflib), a value of the wrong type fails
+naming the key and the expected type. Nothing mutates a config after load (the dataclasses are frozen);
+components receive only their own section.
+
+The `data` and `objective` sections are owned by `pretrain.data.config.DataConfig` and
+`pretrain.objectives.config.ObjectiveConfig`; they are validated by the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema; the message names the dotted key."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a documentation string (mutable defaults get a factory)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    if dataclasses.is_dataclass(default):  # a section: a fresh copy per instance (it may not be frozen)
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# ---------------------------------------------------------------------------------------------- fallbacks
+# The data and objective sections belong to other packages. Until those land, small stand-ins keep the
+# schema loadable (the engine then uses its synthetic stream and a plain supervised objective).
+try:  # pragma: no cover - depends on what is installed in the checkout
+    from pretrain.data.config import DataConfig
+except ImportError:  # pragma: no cover
+
+    @dataclass(frozen=True)
+    class DataConfig:  # type: ignore[no-redef]
+        """Stand-in for `pretrain.data.config.DataConfig` (not importable in this checkout)."""
+
+        batch_size: int = _f(8, "Images per rank per micro-step.")
+        image_size: int = _f(224, "Square input resolution in pixels.")
+
+
+try:  # pragma: no cover
+    from pretrain.objectives.config import ObjectiveConfig
+except ImportError:  # pragma: no cover
+
+    @dataclass(frozen=True)
+    class ObjectiveConfig:  # type: ignore[no-redef]
+        """Stand-in for `pretrain.objectives.config.ObjectiveConfig` (not importable in this checkout)."""
+
+        name: str = _f("supervised", "Objective name; only 'supervised' without pretrain.objectives.")
+        label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy.")
+
+
+# ---------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone to build (`pretrain.models.create_model`) and how to initialise it."""
+
+    variant: str = _f("internimage_t", "Registered variant: internimage_t|s|b|l|xl|h|g (see `pretrain models`).")
+    num_classes: int = _f(1000, "Classifier classes (0 = no classifier head).")
+    dcn_backend: str = _f("auto", "DCNv3 op backend: auto (fastest available), reference, or a fused kernel.")
+    with_cp: bool = _f(False, "Activation checkpointing of every block (the official `with_cp`): ~30% slower, "
+                       "a fraction of the activation memory.")
+    drop_path_rate: float | None = _f(None, "Stochastic depth rate; null keeps the variant's default.")
+    overrides: dict[str, Any] = _f({}, "Extra constructor arguments (channels, depths, groups, ...) for custom "
+                                   "sizes; passed to create_model as keywords.")
+    init_from: str | None = _f(None, "Initial weights: an official .pth, an HF directory or a .safetensors "
+                               "file (loaded through pretrain.convert.load_pretrained); null = random init.")
+    init_drop_head: bool = _f(False, "Do not load the classifier from init_from (another label set).")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """A deterministic synthetic stream (class-coloured noise) instead of the corpus: smoke tests, benchmarks."""
+
+    enabled: bool = _f(False, "Use the synthetic stream instead of `data`.")
+    batch_size: int = _f(8, "Images per rank per micro-step.")
+    image_size: int = _f(224, "Square input resolution in pixels.")
+    num_classes: int = _f(10, "Labels are drawn from [0, num_classes).")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the official InternImage parameter groups."""
+
+    name: Literal["adamw"] = _f("adamw", "Optimizer (AdamW only).")
+    lr: float = _f(5e-4, "Peak learning rate for a global batch of `lr_ref_batch` (linear scaling rule).")
+    lr_ref_batch: int | None = _f(512, "Global batch `lr` refers to: effective lr = lr * global_batch / "
+                                  "lr_ref_batch (official: 512). null = `lr` is absolute.")
+    weight_decay: float = _f(0.05, "Decoupled weight decay; not applied to 1-D params, biases and norms.")
+    betas: tuple[float, float] = _f((0.9, 0.999), "Adam betas.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    layer_decay: float = _f(1.0, "Layer-wise lr decay ratio with the official semantics "
+                            "(pretrain.models.lr_decay_ratios); 1.0 = off.")
+    dcn_lr_mul: float = _f(1.0, "lr multiplier of the DCN offset/mask projections (official DCN_LR_MUL).")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Per-step lr schedule: linear warmup, then cosine to `min_lr_ratio`."""
+
+    total_steps: int = _f(1000, "Optimizer steps of the whole run (the cosine reaches its end here).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    warmup_init_ratio: float = _f(0.0, "Warmup starts at lr * this (official: WARMUP_LR / BASE_LR = 1e-3).")
+    min_lr_ratio: float = _f(0.0, "Cosine ends at lr * this (official: MIN_LR / BASE_LR = 1e-2).")
+    stop_at_step: int | None = _f(None, "Stop this job at this step (saving a checkpoint) while the schedule "
+                                  "still spans total_steps: for runs split over time-limited jobs.")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """DeepSpeed: precision, ZeRO, accumulation, clipping, and the non-finite loss guard."""
+
+    precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision (master weights stay fp32).")
+    zero_stage: int = _f(1, "ZeRO stage 0-3: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer state to CPU (stage >= 1; builds CPUAdam).")
+    offload_param: bool = _f(False, "Offload parameters to CPU (stage 3 only).")
+    grad_accum: int = _f(1, "Micro-steps accumulated per optimizer step.")
+    clip_grad: float | None = _f(5.0, "Global gradient-norm clip (official CLIP_GRAD 5.0); null = off.")
+    max_nonfinite: int = _f(10, "Stop with an error (after saving) once this many micro-steps in a row had "
+                            "a NaN/inf loss; each such micro-step is skipped (no backward) and counted.")
+    dist_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "Process-group backend: auto = nccl on CUDA, "
+                                                       "gloo on CPU.")
+    deepspeed_config: str | None = _f(None, "A raw DeepSpeed JSON whose keys are merged over the generated "
+                                      "config (recursively): the escape hatch for tuning knobs.")
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """Exponential moving average of the trained weights (the official classification EMA)."""
+
+    enabled: bool = _f(False, "Keep an EMA of the weights (fp32, this rank's shard under ZeRO-3).")
+    decay: float = _f(0.9999, "EMA decay per optimizer step (official 0.9999).")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """One directory per step (DeepSpeed shards + our state), a `latest` pointer, the last K kept."""
+
+    dir: str | None = _f(None, "Checkpoint root (local path or fsspec URL); null = <output_dir>/checkpoints.")
+    every_steps: int = _f(1000, "Save every N optimizer steps (0 = only at the end / on signal).")
+    keep: int = _f(3, "Keep the last K step directories (0 = keep all).")
+    save_on_signal: bool = _f(True, "On SIGTERM/SIGINT finish the step, save, and exit.")
+    save_final: bool = _f(True, "Save when the run ends.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """TensorBoard and the console progress line."""
+
+    every_steps: int = _f(10, "Log scalars and print the progress line every N optimizer steps.")
+    tensorboard: bool = _f(True, "Write TensorBoard events under <output_dir>/tb (rank 0).")
+    console: bool = _f(True, "Print the progress line (rank 0).")
+    image_grid: bool = _f(True, "Log an image grid of the first batch.")
+    dcn_points_every: int = _f(1000, "Draw learned DCN sampling points over an input image every N steps "
+                               "(0 = never).")
+    peak_tflops: float | None = _f(None, "Peak dense TFLOP/s per device for MFU; null = look the device up in "
+                                   "pretrain.monitor.throughput.PEAK_TFLOPS.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run."""
+
+    name: str = _f("run", "Run name (TensorBoard and log labels).")
+    output_dir: str = _f("runs/run", "Where the resolved config, metrics.jsonl, tb/ and checkpoints/ go.")
+    seed: int = _f(0, "Global seed (model init is identical on every rank; data and dropout are per rank).")
+    model: ModelConfig = _f(ModelConfig(), "Backbone.")
+    data: DataConfig = _f(DataConfig(), "Corpus stream (pretrain.data).")
+    synthetic: SyntheticConfig = _f(SyntheticConfig(), "Synthetic stream instead of the corpus.")
+    objective: ObjectiveConfig = _f(ObjectiveConfig(), "Objective (pretrain.objectives).")
+    optim: OptimConfig = _f(OptimConfig(), "Optimizer.")
+    schedule: ScheduleConfig = _f(ScheduleConfig(), "Learning-rate schedule and run length.")
+    engine: EngineConfig = _f(EngineConfig(), "DeepSpeed engine.")
+    ema: EMAConfig = _f(EMAConfig(), "Weight EMA.")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "Checkpointing.")
+    logging: LoggingConfig = _f(LoggingConfig(), "Logging.")
+
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(Path(self.output_dir) / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and minimally convert: int->float, numeric strings, lists->tuples) `value` against `tp`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            inner = args[0] if args else Any
+            items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: cannot check {value!r} against {_type_name(tp)}")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    full = f"{where}.{key}" if where else key
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(where + '.') if where else ''}{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(sorted(valid))})")
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping, strictly (see the module docstring)."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names:
+            raise _unknown_key(str(key), names, where)
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """A YAML-safe plain structure (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _schema_at(cls: Any, parts: list[str], key: str) -> None:
+    """Fail early (naming the key) when an override path does not exist in the schema."""
+    tp = cls
+    for i, part in enumerate(parts):
+        if typing.get_origin(tp) is dict or tp is Any:
+            return  # free-form mapping (model.overrides.*)
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise _unknown_key(part, list(hints), ".".join(parts[:i]))
+        tp = hints[part]
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            non_none = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = non_none[0] if len(non_none) == 1 else Any
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], schema: type = RunConfig) -> dict:
+    """`a.b=value` strings into a copy of the raw mapping; values are parsed as YAML (typed)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        _schema_at(schema, parts, key)
+        value = yaml.safe_load(text) if text.strip() else ""
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (optional) + `--set` overrides -> a validated, frozen RunConfig."""
+    raw: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, list(overrides))
+    return from_dict(RunConfig, raw)
+
+
+def config_from_yaml_text(text: str) -> RunConfig:
+    return from_dict(RunConfig, yaml.safe_load(text) or {})
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """A modified copy of a frozen section, dotted keys allowed: replace(cfg, **{"engine.zero_stage": 2})."""
+    nested: dict[str, dict] = {}
+    flat: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, type, default, doc (for `pretrain train --describe-config`)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        doc = f.metadata.get("doc", "")
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}: [{tp.__name__}] {doc}")
+            lines.extend(describe(tp, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "<required>"
+        lines.append(f"  {key}: {_type_name(tp)} = {default!r}  # {doc}")
+    return lines
