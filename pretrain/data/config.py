@@ -88,6 +88,8 @@ class DataConfig:
     False: the last global batch is completed with padding rows (valid=False)."""
     num_workers: int = 2
     """Decode threads per rank (arrow reader) or concurrent decode tasks (ray reader)."""
+    ray_num_cpus: float = 1.0
+    """Ray reader: CPUs reserved per decode actor (num_workers actors per rank)."""
     prefetch: int = 2
     """Batches decoded ahead of the consumer per rank."""
     reader: str = "arrow"
@@ -114,5 +116,7 @@ class DataConfig:
         for name in ("image_size", "batch_size", "shuffle_window", "mix_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1")
+        if self.ray_num_cpus <= 0:
+            raise ValueError("data.ray_num_cpus must be > 0")
         if self.num_workers < 0 or self.prefetch < 0 or self.samples_per_epoch < 0:
             raise ValueError("data.num_workers, data.prefetch and data.samples_per_epoch must be >= 0")

@@ -87,7 +87,9 @@ def normalizer(aug: AugmentConfig):
     inv_std = 1.0 / (torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
 
     def apply(x):
-        x = torch.as_tensor(x).permute(0, 3, 1, 2).float()
+        x = (
+            torch.from_numpy(np.require(x, requirements="W")).permute(0, 3, 1, 2).float()
+        )  # Ray gives read-only
         return (x - mean).mul_(inv_std).contiguous()
 
     return apply

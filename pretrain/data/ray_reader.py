@@ -1,0 +1,158 @@
+"""The Ray Data reader: decode + augment on the Ray cluster's CPU workers, same batches as the arrow reader.
+
+Why each rank builds its own, pre-split dataset instead of Ray Train's `get_dataset_shard` (streaming_split):
+Ray's split hands blocks to whichever worker asks first, so which rank saw which sample is not recorded and
+a mid-epoch cursor could not be exact. Here `rank_dataset` is a Ray Dataset of exactly this rank's
+remaining batches (global step t -> positions of `pretrain.data.order`), read with column pruning
+(key/image/caption/label) from row groups inside `map_batches` actors that keep a bounded row-group cache.
+`RayStream` iterates it in order (`preserve_order`) and keeps the same cursor as the arrow reader, so the
+guarantee of `pretrain.data.stream` holds unchanged with Ray, including resuming on a different world size,
+and a run may even switch readers between restarts.
+
+With Ray Train: call `build_stream(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+seed=...)` (cfg.reader="ray") inside `train_loop_per_worker`; pass no `datasets=` to the trainer.
+Ray is imported only here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .batch import REASONS, RowFetcher, assemble, normalizer, to_torch
+from .config import DataConfig
+from .order import Plan
+from .schema import Manifest
+from .stream import Cursor, make_plan
+
+
+class _DecodeStep:
+    """map_batches actor: global step ids -> this rank's rows (uint8 views, boxes, targets, reasons)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        manifests: list[Manifest],
+        order_seed: int,
+        aug_seed: int,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        start: int,
+    ):
+        self.cfg, self.aug_seed, self.epoch, self.start = cfg, aug_seed, epoch, start
+        self.plan = make_plan(cfg, order_seed, manifests)
+        self.cursor = Cursor(self.plan, cfg, rank, world_size)
+        self.fetcher = RowFetcher(self.plan, cfg.shuffle_window)
+
+    def __call__(self, batch: dict) -> dict:
+        parts = [
+            assemble(
+                self.fetcher, self.cfg, self.epoch, self.cursor.positions(self.start, int(t)), self.aug_seed
+            )
+            for t in batch["id"]
+        ]
+        out = {
+            k: np.concatenate([p[k] for p in parts])
+            for k in ("images", "view_boxes", "label", "has_caption", "source", "valid")
+        }
+        for k in ("caption", "key", "reason"):
+            out[k] = np.asarray([s for p in parts for s in p[k]], dtype=object)
+        return out
+
+
+def rank_dataset(cfg: DataConfig, plan: Plan, cursor: Cursor, *, order_seed: int, aug_seed: int):
+    """Ray Dataset of one rank's remaining batches of the cursor's epoch, in order, B rows per step."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the cursor counts delivered steps in order
+    steps = cursor.steps_left()
+    ds = ray.data.range(steps, override_num_blocks=max(1, min(steps, 64)))
+    return ds.map_batches(
+        _DecodeStep,
+        batch_size=1,
+        fn_constructor_kwargs=dict(
+            cfg=cfg,
+            manifests=plan.manifests,
+            order_seed=order_seed,
+            aug_seed=aug_seed,
+            rank=cursor.rank,
+            world_size=cursor.world_size,
+            epoch=cursor.epoch,
+            start=cursor.consumed,
+        ),
+        concurrency=max(1, cfg.num_workers),
+        num_cpus=cfg.ray_num_cpus,
+    )
+
+
+class RayStream:
+    """Same interface and cursor as `pretrain.data.stream.Stream`; the decoding runs in Ray actors."""
+
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.order_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else seed
+        self.plan = make_plan(cfg, self.order_seed)
+        self.cursor = Cursor(self.plan, cfg, rank, world_size)
+        self.normalize = normalizer(cfg.augment)
+        self._counters = {"samples": 0, "batches": 0, "padding": 0, **{r: 0 for r in REASONS}}
+
+    @property
+    def epoch(self) -> int:
+        return self.cursor.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.cursor.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor.load_state_dict(state)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counters)
+
+    def __len__(self) -> int:
+        return self.cursor.steps_left()
+
+    def dataset(self):
+        """The Ray Dataset of this rank's remaining batches (a new one per call: it starts at the cursor)."""
+        return rank_dataset(self.cfg, self.plan, self.cursor, order_seed=self.order_seed, aug_seed=self.seed)
+
+    def __iter__(self):
+        c = self.cursor
+        epoch, start, steps = c.epoch, c.consumed, c.steps_left()
+        if steps:
+            batches = self.dataset().iter_batches(
+                batch_size=self.cfg.batch_size,
+                batch_format="numpy",
+                prefetch_batches=max(1, self.cfg.prefetch),
+            )
+            for t, raw in enumerate(batches):
+                batch = to_torch(raw, self.cfg.views, self.normalize)
+                self._counters["batches"] += 1
+                self._counters["samples"] += int(raw["valid"].sum())
+                for r in raw["reason"]:
+                    if r:
+                        self._counters[r] += 1
+                c.consumed = min(start + (t + 1) * c.global_batch, max(self.plan.epoch_len, start))
+                yield batch
+        c.epoch, c.consumed = epoch + 1, 0
+
+    def close(self) -> None:
+        pass
+
+
+def read_corpus(manifest_url: str, columns: list[str] | None = None):
+    """Whole corpus as a Ray Dataset via `read_parquet` with column pruning (for bulk jobs: statistics,
+    tokenizer training, re-sharding). Training uses `rank_dataset`, whose order is exact and resumable."""
+    import ray.data
+
+    from . import storage
+
+    m = Manifest.load(manifest_url)
+    urls = [m.shard_url(i) for i in range(len(m.shards))]
+    fs, _ = storage.url_to_fs(urls[0])
+    paths = [storage.url_to_fs(u)[1] for u in urls]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
