@@ -1,0 +1,411 @@
+"""The "cuda" DCNv3 backend: autograd over the fused kernels of csrc/dcnv3 (optional extension).
+
+Importing this module never builds or needs CUDA: it registers the backend, and the extension is imported
+lazily from the directory `python -m pretrain.ops.build` writes to. Until that explicit build step has run on
+a GPU machine, `unavailable_reason` says so and `backend="auto"` keeps using the reference op.
+
+Kernel boundary (see csrc/dcnv3/dcn_kernels.cuh): the offset/mask(/center-feature-scale) projections are packed
+into one weight `wpack` (G*32, C): per group 2P offset rows, P mask rows, 1 cfs row, zero padding. The sampling
+kernel computes those logits on chip, then softmax, aggregation and the cfs blend; the output projection is a
+separate GEMM. Packing is done here with differentiable torch ops, so autograd maps grad(wpack) back onto the
+module's own offset/mask/cfs parameters.
+
+Ops (torch.library.custom_op, with fake implementations so torch.compile can trace them):
+    internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs) -> (out, y)
+    internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, geom, ...) -> 6 grads
+    internimage_dcnv3::core_fwd(value, logits, ho, wo, geom, offset_scale) -> y
+    internimage_dcnv3::core_bwd(grad_y, value, logits, ho, wo, geom, offset_scale) -> (grad_value, grad_logits)
+Each has a CUDA kernel (the extension) and a CPU kernel that evaluates the same packed contract with the
+reference op: the CPU kernels exist to test this module's plumbing without a GPU, never for speed (the
+backend reports itself unavailable for CPU tensors, so dispatch never routes CPU work here).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import Backend, register_backend
+from .fused import FusedParams, dcnv3_fused_reference
+from .geometry import DCNGeometry
+from .reference import dcnv3_core_reference
+
+GROUP_COLS = 32  # packed logit columns per group (csrc/dcnv3/params.h: kGroupCols)
+CHANNELS_PER_GROUP = (16, 32)  # compiled kernel variants (csrc/dcnv3/launch.h)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BUILD_COMMAND = "python -m pretrain.ops.build"
+
+_ext = None
+_ext_error: str | None = None
+
+
+def extension():
+    """The built extension module, or None (with `extension_error()` saying why). Never compiles."""
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    try:
+        from .build import EXT_NAME, built_library
+
+        lib = built_library()
+        if lib is None:
+            _ext_error = (
+                f"the DCNv3 CUDA extension is not built: run `{BUILD_COMMAND}` on a machine with CUDA"
+            )
+            return None
+        loader = importlib.machinery.ExtensionFileLoader(EXT_NAME, str(lib))
+        spec = importlib.util.spec_from_file_location(EXT_NAME, str(lib), loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        _ext = module
+    except Exception as err:  # a stale or foreign build: say which and how to rebuild
+        _ext_error = (
+            f"the DCNv3 CUDA extension failed to load ({type(err).__name__}: {err}); rerun `{BUILD_COMMAND}`"
+        )
+    return _ext
+
+
+def extension_error() -> str | None:
+    extension()
+    return _ext_error
+
+
+def unavailable_reason(t: torch.Tensor) -> str | None:
+    """None when the cuda backend can take tensors like `t`, else one actionable line."""
+    if t.device.type != "cuda":
+        return f"tensor is on {t.device.type}, the cuda backend runs on CUDA tensors only"
+    if t.dtype not in DTYPES:
+        return f"dtype {t.dtype} is not supported by the cuda backend (float32, float16, bfloat16)"
+    return extension_error()
+
+
+def geometry_list(geom: DCNGeometry) -> list[int]:
+    """[kh, kw, sh, sw, ph, pw, dh, dw, group, remove_center], the binding's geometry argument."""
+    return [*geom.kernel, *geom.stride, *geom.pad, *geom.dilation, geom.group, int(geom.remove_center)]
+
+
+def unsupported_reason(value: torch.Tensor, geom: DCNGeometry, x1: torch.Tensor | None = None) -> str | None:
+    """Shape/geometry limits of the compiled kernels (None when supported); callers fall back to the reference."""
+    if value.dim() != 4:
+        return "value must be (N, H, W, C)"
+    c = value.shape[-1]
+    if c % geom.group or c // geom.group not in CHANNELS_PER_GROUP:
+        return f"channels per group {c / geom.group:g} has no compiled kernel (have {CHANNELS_PER_GROUP})"
+    if 3 * geom.points + 1 > GROUP_COLS:
+        return f"{geom.points} sampling points per group exceed the kernel's {(GROUP_COLS - 1) // 3} (3x3 kernels)"
+    if x1 is not None and geom.output_size(value.shape[1], value.shape[2]) != tuple(value.shape[1:3]):
+        return (
+            "the fused op needs output size == input size (offsets are projected from x1 at input resolution)"
+        )
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"DCNv3 cuda backend: {reason}; using the reference op", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing (differentiable): module parameters -> the kernel's per-group 32-column logit layout.
+
+
+def pack_projection(
+    params: FusedParams, geom: DCNGeometry, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wpack (G*32, C), bpack (G*32,)) in `dtype` from the offset/mask/cfs projections."""
+    g, p = geom.group, geom.points
+    c = params.offset_weight.shape[-1]
+    ws = [params.offset_weight.view(g, 2 * p, c), params.mask_weight.view(g, p, c)]
+    bs = [params.offset_bias.view(g, 2 * p), params.mask_bias.view(g, p)]
+    if params.cfs_weight is not None:
+        ws.append(params.cfs_weight.view(g, 1, c))
+        bs.append(params.cfs_bias.view(g, 1))
+    w = torch.cat([t.to(dtype) for t in ws], dim=1)
+    b = torch.cat([t.to(dtype) for t in bs], dim=1)
+    pad = GROUP_COLS - w.shape[1]
+    w = F.pad(w, (0, 0, 0, pad)).reshape(g * GROUP_COLS, c).contiguous()
+    b = F.pad(b, (0, pad)).reshape(g * GROUP_COLS).contiguous()
+    return w, b
+
+
+def pack_logits(
+    offset: torch.Tensor, mask: torch.Tensor, geom: DCNGeometry, dtype: torch.dtype
+) -> torch.Tensor:
+    """(N, Ho, Wo, G*32) packed logits from offset (N,Ho,Wo,G*2P) and (normalised) mask (N,Ho,Wo,G*P)."""
+    n, ho, wo, _ = offset.shape
+    g, p = geom.group, geom.points
+    packed = torch.cat(
+        [offset.to(dtype).view(n, ho, wo, g, 2 * p), mask.to(dtype).view(n, ho, wo, g, p)], dim=-1
+    )
+    return F.pad(packed, (0, GROUP_COLS - 3 * p)).reshape(n, ho, wo, g * GROUP_COLS).contiguous()
+
+
+def _geom_from_list(geom: list[int], offset_scale: float) -> DCNGeometry:
+    kh, kw, sh, sw, ph, pw, dh, dw, group, remove_center = geom
+    return DCNGeometry.make((kh, kw), (sh, sw), (ph, pw), (dh, dw), group, offset_scale, bool(remove_center))
+
+
+def sample_reference(
+    value: torch.Tensor, logits: torch.Tensor, geom: DCNGeometry, apply_softmax: bool, has_cfs: bool
+) -> torch.Tensor:
+    """The sampling kernel's contract in torch ops: packed logits (N,Ho,Wo,G*32) -> y (N,Ho,Wo,C)."""
+    n, ho, wo, _ = logits.shape
+    g, p = geom.group, geom.points
+    lg = logits.view(n, ho, wo, g, GROUP_COLS)
+    offset = lg[..., : 2 * p].reshape(n, ho, wo, g * 2 * p)
+    mask = lg[..., 2 * p : 3 * p]
+    if apply_softmax:
+        mask = F.softmax(mask, dim=-1)
+    y = dcnv3_core_reference(value, offset, mask.reshape(n, ho, wo, g * p), geom)
+    if has_cfs:
+        s = torch.sigmoid(lg[..., 3 * p]).repeat_interleave(value.shape[-1] // g, dim=-1)
+        y = y * (1 - s) + value * s
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops. CUDA kernels call the extension; CPU kernels evaluate the same contract with the reference.
+
+_LIB = "internimage_dcnv3"
+
+
+@torch.library.custom_op(f"{_LIB}::fused_fwd", mutates_args=())
+def fused_fwd(
+    value: torch.Tensor,
+    x1: torch.Tensor,
+    wpack: torch.Tensor,
+    bpack: torch.Tensor,
+    wout: torch.Tensor,
+    bout: torch.Tensor,
+    geom: list[int],
+    offset_scale: float,
+    has_cfs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (N,H,W,Cout), y (N,H,W,C) the blended aggregate, saved for grad wout)."""
+    g = _geom_from_list(geom, offset_scale)
+    logits = F.linear(x1, wpack, bpack)
+    y = sample_reference(value, logits, g, True, has_cfs)
+    return F.linear(y, wout, bout), y
+
+
+@fused_fwd.register_kernel("cuda")
+def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs):
+    ext = extension()
+    h, w = value.shape[1], value.shape[2]
+    y = ext.sample_fwd(value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs)
+    return ext.linear_fwd(y, wout, bout), y
+
+
+@fused_fwd.register_fake
+def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs):
+    return value.new_empty((*value.shape[:3], wout.shape[0])), torch.empty_like(value)
+
+
+@torch.library.custom_op(f"{_LIB}::fused_bwd", mutates_args=())
+def fused_bwd(
+    grad_out: torch.Tensor,
+    value: torch.Tensor,
+    x1: torch.Tensor,
+    wpack: torch.Tensor,
+    bpack: torch.Tensor,
+    wout: torch.Tensor,
+    y: torch.Tensor,
+    geom: list[int],
+    offset_scale: float,
+    has_cfs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grads of (value, x1, wpack, bpack, wout, bout)."""
+    g = _geom_from_list(geom, offset_scale)
+    # Custom-op kernels run below the autograd dispatch key: torch.func builds its own graph there.
+    _, vjp = torch.func.vjp(
+        lambda v, x, wp, bp: sample_reference(v, F.linear(x, wp, bp), g, True, has_cfs),
+        value,
+        x1,
+        wpack,
+        bpack,
+    )
+    grads = vjp(F.linear(grad_out, wout.t()))
+    flat = grad_out.reshape(-1, grad_out.shape[-1])
+    return (*grads, flat.t() @ y.reshape(-1, y.shape[-1]), flat.sum(0))
+
+
+@fused_bwd.register_kernel("cuda")
+def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs):
+    ext = extension()
+    h, w = value.shape[1], value.shape[2]
+    grad_y = ext.linear_bwd_input(grad_out, wout, True)  # fp32, feeds the sampling backward
+    grad_wout, grad_bout = ext.linear_bwd_weight(grad_out, y)
+    grad_value, grad_logits = ext.sample_bwd(
+        grad_y, value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs
+    )
+    grad_x1 = ext.linear_bwd_input(grad_logits, wpack, False)
+    grad_wpack, grad_bpack = ext.linear_bwd_weight(grad_logits, x1)
+    return grad_value, grad_x1, grad_wpack, grad_bpack, grad_wout, grad_bout
+
+
+@fused_bwd.register_fake
+def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs):
+    return (
+        torch.empty_like(value),
+        torch.empty_like(x1),
+        torch.empty_like(wpack),
+        torch.empty_like(bpack),
+        torch.empty_like(wout),
+        wout.new_empty(wout.shape[0]),
+    )
+
+
+def _fused_setup(ctx, inputs, output):
+    value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs = inputs
+    ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1])
+    ctx.geom, ctx.offset_scale, ctx.has_cfs = geom, offset_scale, has_cfs
+
+
+def _fused_backward(ctx, grad_out, _grad_y):
+    # y is an internal output (kept for grad wout); the public wrapper never returns it, so its grad is unused.
+    value, x1, wpack, bpack, wout, y = ctx.saved_tensors
+    grads = fused_bwd(
+        grad_out.contiguous(), value, x1, wpack, bpack, wout, y, ctx.geom, ctx.offset_scale, ctx.has_cfs
+    )
+    return (*grads, None, None, None)
+
+
+fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::core_fwd", mutates_args=())
+def core_fwd(
+    value: torch.Tensor, logits: torch.Tensor, ho: int, wo: int, geom: list[int], offset_scale: float
+) -> torch.Tensor:
+    """DCNv3 aggregation from packed (offset, normalised mask) logits -> (N, Ho, Wo, C)."""
+    return sample_reference(value, logits, _geom_from_list(geom, offset_scale), False, False)
+
+
+@core_fwd.register_kernel("cuda")
+def _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale):
+    return extension().sample_fwd(value, None, None, None, logits, ho, wo, geom, offset_scale, False, False)
+
+
+@core_fwd.register_fake
+def _core_fwd_fake(value, logits, ho, wo, geom, offset_scale):
+    return value.new_empty((value.shape[0], ho, wo, value.shape[3]))
+
+
+@torch.library.custom_op(f"{_LIB}::core_bwd", mutates_args=())
+def core_bwd(
+    grad_y: torch.Tensor,
+    value: torch.Tensor,
+    logits: torch.Tensor,
+    ho: int,
+    wo: int,
+    geom: list[int],
+    offset_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_value, grad_logits); grad_y is float32."""
+    g = _geom_from_list(geom, offset_scale)
+    y, vjp = torch.func.vjp(lambda v, lg: sample_reference(v, lg, g, False, False), value, logits)
+    return vjp(grad_y.to(y.dtype))
+
+
+@core_bwd.register_kernel("cuda")
+def _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale):
+    gv, gl = extension().sample_bwd(
+        grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False
+    )
+    return gv, gl
+
+
+@core_bwd.register_fake
+def _core_bwd_fake(grad_y, value, logits, ho, wo, geom, offset_scale):
+    return torch.empty_like(value), torch.empty_like(logits)
+
+
+def _core_setup(ctx, inputs, output):
+    value, logits, ho, wo, geom, offset_scale = inputs
+    ctx.save_for_backward(value, logits)
+    ctx.args = (ho, wo, geom, offset_scale)
+
+
+def _core_backward(ctx, grad_y):
+    value, logits = ctx.saved_tensors
+    # The kernel takes grad_y in fp32 (float64 stays float64 on the CPU path).
+    grad_y = grad_y.contiguous() if grad_y.dtype == torch.float64 else grad_y.float().contiguous()
+    gv, gl = core_bwd(grad_y, value, logits, *ctx.args)
+    return gv, gl, None, None, None, None
+
+
+core_fwd.register_autograd(_core_backward, setup_context=_core_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backend entry points (the dispatch contract of pretrain/ops/dispatch.py).
+
+
+def _fused_call(
+    value: torch.Tensor, x1: torch.Tensor, params: FusedParams, geom: DCNGeometry
+) -> torch.Tensor:
+    """The op path without availability checks (the tests call it on CPU to exercise the plumbing)."""
+    dtype = value.dtype
+    wpack, bpack = pack_projection(params, geom, dtype)
+    out, _ = fused_fwd(
+        value.contiguous(),
+        x1.to(dtype).contiguous(),
+        wpack,
+        bpack,
+        params.output_weight.to(dtype).contiguous(),
+        params.output_bias.to(dtype).contiguous(),
+        geometry_list(geom),
+        float(geom.offset_scale),
+        params.cfs_weight is not None,
+    )
+    return out
+
+
+def _core_call(
+    value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geom: DCNGeometry
+) -> torch.Tensor:
+    geom.check(value, offset, mask)
+    _, ho, wo, _ = offset.shape
+    logits = pack_logits(offset, mask, geom, value.dtype)
+    return core_fwd(value.contiguous(), logits, ho, wo, geometry_list(geom), float(geom.offset_scale))
+
+
+def dcnv3_fused_cuda(
+    value: torch.Tensor, x1: torch.Tensor, params: FusedParams, geom: DCNGeometry
+) -> torch.Tensor:
+    """`dcnv3_fused` on the CUDA kernels; unsupported shapes fall back to the reference with a warning."""
+    reason = unavailable_reason(value) or unsupported_reason(value, geom, x1)
+    if reason is not None:
+        _fallback(reason)
+        return dcnv3_fused_reference(value, x1, params, geom)
+    return _fused_call(value, x1, params, geom)
+
+
+def dcnv3_core_cuda(
+    value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geom: DCNGeometry
+) -> torch.Tensor:
+    """`dcnv3_core` on the CUDA kernel; unsupported shapes fall back to the reference with a warning."""
+    reason = unavailable_reason(value) or unsupported_reason(value, geom)
+    if reason is not None:
+        _fallback(reason)
+        return dcnv3_core_reference(value, offset, mask, geom)
+    return _core_call(value, offset, mask, geom)
+
+
+register_backend(
+    Backend(
+        name="cuda",
+        core=dcnv3_core_cuda,
+        fused=dcnv3_fused_cuda,
+        unavailable_reason=unavailable_reason,
+        priority=10,
+    )
+)
