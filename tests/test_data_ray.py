@@ -13,12 +13,25 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """One local Ray per run. A moto S3 server starts first so Ray's workers inherit its endpoint (env)."""
+    import contextlib
+
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+    with contextlib.ExitStack() as stack:
+        s3 = None
+        if started:
+            try:
+                from test_data_s3 import moto_server
+
+                s3 = stack.enter_context(moto_server())
+            except ImportError:
+                pass
+            ray.init(
+                num_cpus=4, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False
+            )
+        yield s3
+        if started:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +96,21 @@ def test_read_corpus_column_pruning(ray_session, corpus):
     ds = read_corpus(corpus, columns=["key", "label"])
     rows = ds.take_all()
     assert len(rows) == 300 and set(rows[0]) == {"key", "label"}
+
+
+def test_ray_reader_on_s3(ray_session, tmp_path):
+    if ray_session is None:
+        pytest.skip("Ray was started elsewhere without the moto endpoint in its workers' environment")
+    import s3fs
+
+    s3fs.S3FileSystem().mkdir("raycorpus")
+    url = make_sample_corpus(
+        "s3://raycorpus/c", num=50, size=32, seed=5, num_val=0, shard_rows=20, row_group_rows=10
+    )
+    keys = [
+        k for b in build_stream(_cfg(url, "ray", views=1), rank=0, world_size=1, seed=0) for k in b["key"]
+    ]
+    assert len([k for k in keys if k]) == 50 == len({k for k in keys if k})
+    from pretrain.data.ray_reader import read_corpus
+
+    assert read_corpus(url, columns=["key"]).count() == 50

@@ -181,13 +181,15 @@ def to_torch(raw: dict, views: int, normalize) -> dict:
     batch = {"image": normalize(images[:, 0])}
     if views == 2:
         batch["image2"] = normalize(images[:, 1])
-    batch["view_boxes"] = torch.from_numpy(np.ascontiguousarray(raw["view_boxes"], np.float32))
-    batch["label"] = torch.from_numpy(np.asarray(raw["label"], np.int64))
+    batch["view_boxes"] = torch.tensor(
+        np.asarray(raw["view_boxes"], np.float32)
+    )  # small: copy (Ray: read-only)
+    batch["label"] = torch.tensor(np.asarray(raw["label"], np.int64))
     batch["caption"] = [str(c) for c in raw["caption"]]
-    batch["has_caption"] = torch.from_numpy(np.asarray(raw["has_caption"], bool))
-    batch["source"] = torch.from_numpy(np.asarray(raw["source"], np.int64))
+    batch["has_caption"] = torch.tensor(np.asarray(raw["has_caption"], bool))
+    batch["source"] = torch.tensor(np.asarray(raw["source"], np.int64))
     batch["key"] = [str(k) for k in raw["key"]]
-    batch["valid"] = torch.from_numpy(np.asarray(raw["valid"], bool))
+    batch["valid"] = torch.tensor(np.asarray(raw["valid"], bool))
     return batch
 
 
