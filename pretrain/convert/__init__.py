@@ -7,6 +7,7 @@ the HF port's layout, safetensors, and DeepSpeed universal checkpoints (reshardi
 from .api import FORMATS, LoadReport, Report, backbone_tensors, convert, infer_format, load_pretrained
 from .sources import Source, open_source
 from .tensors import ConvertError
+from .zero import restore_buffers
 
 __all__ = [
     "FORMATS",
@@ -19,4 +20,5 @@ __all__ = [
     "infer_format",
     "load_pretrained",
     "open_source",
+    "restore_buffers",
 ]

@@ -49,12 +49,16 @@ def backbone_tensors(source: Source, prefix: str | None) -> tuple[dict[str, Lazy
         if not key.startswith(chosen):
             continue
         rest = key[len(chosen) :]
-        official = hf_to_official("model." + rest) if rest.endswith((".layer_scale1", ".layer_scale2")) else rest
+        official = (
+            hf_to_official("model." + rest) if rest.endswith((".layer_scale1", ".layer_scale2")) else rest
+        )
         out[official] = lazy
     return out, chosen, len(source.tensors) - len(out)
 
 
-def _claimed_record(source: Source, model: str | None, model_kwargs: dict | None, num_classes: int | None) -> dict | None:
+def _claimed_record(
+    source: Source, model: str | None, model_kwargs: dict | None, num_classes: int | None
+) -> dict | None:
     if model is not None:
         return record_from_variant(model, num_classes, model_kwargs)
     if source.record is not None:
@@ -87,7 +91,9 @@ class Report:
             lines.append(f"  model: {self.variant or 'custom'} {json.dumps(self.kwargs, sort_keys=True)}")
         if self.prefix is not None:
             lines.append(f"  backbone prefix: {self.prefix!r}")
-        lines.append(f"  {self.tensors} tensors, {self.bytes / 2**20:.1f} MiB, dtype {self.dtype or 'as stored'}")
+        lines.append(
+            f"  {self.tensors} tensors, {self.bytes / 2**20:.1f} MiB, dtype {self.dtype or 'as stored'}"
+        )
         for key, value in self.info.items():
             lines.append(f"  {key}: {value}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -136,7 +142,9 @@ def convert(
 
     if to == "universal":
         if dtype:
-            raise ConvertError("a universal checkpoint keeps the fp32 optimizer state: --dtype does not apply")
+            raise ConvertError(
+                "a universal checkpoint keeps the fp32 optimizer state: --dtype does not apply"
+            )
         report = Report(str(src), "deepspeed", str(dst), "universal")
         with atomic_output(dst, overwrite=overwrite) as tmp:
             info = to_universal(src, tmp, tag)
@@ -146,14 +154,20 @@ def convert(
         return report
 
     source = open_source(src, tag=tag, allow_pickle=allow_pickle)
-    report = Report(str(src), source.format, str(dst), to, dtype=dtype, info=dict(source.info), notes=list(source.notes))
+    report = Report(
+        str(src), source.format, str(dst), to, dtype=dtype, info=dict(source.info), notes=list(source.notes)
+    )
 
     if to == "consolidated" and prefix is None:
         tensors = source.tensors
         if model is not None:  # validate the backbone inside, if asked to say what it is
             bb, used, _ = backbone_tensors(source, "auto")
-            record = resolve_and_validate(bb, claimed=_claimed_record(source, model, model_kwargs, None),
-                                          headless_ok=False, what=f"the backbone under {used!r} of {src}")
+            record = resolve_and_validate(
+                bb,
+                claimed=_claimed_record(source, model, model_kwargs, None),
+                headless_ok=False,
+                what=f"the backbone under {used!r} of {src}",
+            )
             report.variant, report.kwargs, report.prefix = record["variant"], record["kwargs"], used
     else:
         tensors, used, left_out = backbone_tensors(source, prefix)
@@ -166,26 +180,38 @@ def convert(
         report.variant, report.kwargs = record["variant"], record["kwargs"]
         report.notes.append(head_summary({k: v.shape for k, v in tensors.items()}))
         if to == "official" and headless and not any(is_head_key(k) for k in tensors):
-            report.notes.append("the source has no head modules: load the .pth with strict=False (backbone only)")
+            report.notes.append(
+                "the source has no head modules: load the .pth with strict=False (backbone only)"
+            )
         if to == "hf":
             dropped = [k for k in tensors if is_head_key(k)]
             if dropped:
-                report.notes.append(f"HF layout carries no head modules: {len(dropped)} head tensors left out")
+                report.notes.append(
+                    f"HF layout carries no head modules: {len(dropped)} head tensors left out"
+                )
             tensors = {official_to_hf(k): v for k, v in tensors.items() if not is_head_key(k)}
 
     total = sum(LazyTensor(v.shape, _out_dtype(v.dtype, target), v.loader).nbytes for v in tensors.values())
     report.tensors, report.bytes = len(tensors), total
-    record = {"variant": report.variant, "kwargs": report.kwargs, "format_version": FORMAT_VERSION,
-              "dtype": dtype or "as stored"}
-    with _progress_bar(total, progress, f"convert -> {to}") as bar, atomic_output(dst, overwrite=overwrite) as tmp:
+    record = {
+        "variant": report.variant,
+        "kwargs": report.kwargs,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype or "as stored",
+    }
+    with (
+        _progress_bar(total, progress, f"convert -> {to}") as bar,
+        atomic_output(dst, overwrite=overwrite) as tmp,
+    ):
         if to in ("official", "consolidated"):
             _write_torch(tmp, tensors, target, bar.update, official=to == "official", record=record)
         elif to == "safetensors" and str(dst).endswith(".safetensors"):
             write_safetensors(tmp, tensors, dtype=target, metadata=_st_metadata(record), progress=bar.update)
         else:
             tmp.mkdir()
-            write_safetensors(tmp / ST_WEIGHTS, tensors, dtype=target, metadata=_st_metadata(record),
-                              progress=bar.update)
+            write_safetensors(
+                tmp / ST_WEIGHTS, tensors, dtype=target, metadata=_st_metadata(record), progress=bar.update
+            )
             config = _hf_config(record, target) if to == "hf" else {RECORD_KEY: record}
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return report
@@ -212,8 +238,15 @@ def _hf_config(record: dict, target: torch.dtype | None) -> dict:
     return config
 
 
-def _write_torch(path: Path, tensors: dict[str, LazyTensor], target, update: Callable[[int], None], *,
-                 official: bool, record: dict) -> None:
+def _write_torch(
+    path: Path,
+    tensors: dict[str, LazyTensor],
+    target,
+    update: Callable[[int], None],
+    *,
+    official: bool,
+    record: dict,
+) -> None:
     state = {}
     for key, lazy in tensors.items():
         tensor = materialize(lazy, target)
@@ -285,8 +318,9 @@ def load_pretrained(
         tensors = {k: v for k, v in tensors.items() if not is_classifier_key(k)}
     source_headless = not any(is_head_key(k) for k in tensors)
     expected = {k: tuple(v.shape) for k, v in own.items()}
-    diff = diff_shapes({k: v.shape for k, v in tensors.items()}, expected,
-                       headless_ok=source_headless or drop_head)
+    diff = diff_shapes(
+        {k: v.shape for k, v in tensors.items()}, expected, headless_ok=source_headless or drop_head
+    )
     report.unexpected, report.mismatched = diff.unexpected, diff.mismatched
     report.missing = [k for k in expected if k not in tensors]
     if drop_head:
@@ -307,4 +341,3 @@ def load_pretrained(
             dest.copy_(lazy.load().to(dtype=dest.dtype))
             report.loaded.append(key)
     return report
-

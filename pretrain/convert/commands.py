@@ -24,20 +24,37 @@ def register(subparsers, name: str) -> None:
     )
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
-    p.add_argument("--to", choices=("official", "hf", "safetensors", "consolidated", "universal"), help=FORMAT_HELP)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="cast floating tensors (default: as stored)")
-    p.add_argument("--model", metavar="VARIANT",
-                   help="the variant the checkpoint must be (e.g. internimage_h); default: the file's own "
-                   "record, else detected among the registered variants")
-    p.add_argument("--model-kwargs", metavar="JSON", type=json.loads,
-                   help='overrides of the variant\'s options, e.g. \'{"channels": 16, "depths": [1, 1, 2, 1]}\'')
-    p.add_argument("--prefix", metavar="P",
-                   help="key prefix of the backbone inside a DeepSpeed/consolidated checkpoint (default: auto, "
-                   "'backbone.' for our Objective); with --to consolidated, extract only that backbone")
+    p.add_argument(
+        "--to", choices=("official", "hf", "safetensors", "consolidated", "universal"), help=FORMAT_HELP
+    )
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), help="cast floating tensors (default: as stored)"
+    )
+    p.add_argument(
+        "--model",
+        metavar="VARIANT",
+        help="the variant the checkpoint must be (e.g. internimage_h); default: the file's own "
+        "record, else detected among the registered variants",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        metavar="JSON",
+        type=json.loads,
+        help='overrides of the variant\'s options, e.g. \'{"channels": 16, "depths": [1, 1, 2, 1]}\'',
+    )
+    p.add_argument(
+        "--prefix",
+        metavar="P",
+        help="key prefix of the backbone inside a DeepSpeed/consolidated checkpoint (default: auto, "
+        "'backbone.' for our Objective); with --to consolidated, extract only that backbone",
+    )
     p.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the 'latest' file, else the newest)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="unpickle non-tensor objects in torch files (only for files you trust)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="unpickle non-tensor objects in torch files (only for files you trust)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=run)
 

@@ -69,7 +69,9 @@ def choose_prefix(keys: Iterable[str], prefix: str | None) -> str:
             prefix += "."
         if prefix + ANCHOR_KEY not in set(keys):
             have = ", ".join(repr(c) for c in candidates) or "none"
-            raise ValueError(f"no InternImage backbone under prefix {prefix!r} (backbones found under: {have})")
+            raise ValueError(
+                f"no InternImage backbone under prefix {prefix!r} (backbones found under: {have})"
+            )
         return prefix
     if not candidates:
         sample = ", ".join(keys[:5])

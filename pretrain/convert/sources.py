@@ -85,7 +85,9 @@ def read_torch_file(path: Path, allow_pickle: bool = False) -> Source:
         extra = sorted(k for k in obj if k not in ("model", RECORD_KEY))
         if extra:
             notes.append(f"official-format file also holds {extra}: ignored (weights only)")
-        return Source(path, "official", _tensors_of(obj["model"], path, notes), obj.get(RECORD_KEY), notes=notes)
+        return Source(
+            path, "official", _tensors_of(obj["model"], path, notes), obj.get(RECORD_KEY), notes=notes
+        )
     for key in ("module", "state_dict"):
         if isinstance(obj.get(key), dict):
             notes.append(f"weights taken from the file's {key!r} entry")

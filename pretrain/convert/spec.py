@@ -95,20 +95,29 @@ class Diff:
     def describe(self, limit: int = 5) -> str:
         parts = []
         if self.mismatched:
-            items = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched[:limit])
+            items = "; ".join(
+                f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched[:limit]
+            )
             parts.append(f"{len(self.mismatched)} shape mismatch(es), first: {items}")
         if self.missing:
             parts.append(f"{len(self.missing)} missing key(s), first: {', '.join(self.missing[:limit])}")
         if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected key(s), first: {', '.join(self.unexpected[:limit])}")
+            parts.append(
+                f"{len(self.unexpected)} unexpected key(s), first: {', '.join(self.unexpected[:limit])}"
+            )
         return "; ".join(parts)
 
 
-def diff_shapes(actual: Mapping[str, tuple], expected: Mapping[str, tuple], *, headless_ok: bool = False) -> Diff:
+def diff_shapes(
+    actual: Mapping[str, tuple], expected: Mapping[str, tuple], *, headless_ok: bool = False
+) -> Diff:
     missing = [k for k in expected if k not in actual and not (headless_ok and is_head_key(k))]
     unexpected = [k for k in actual if k not in expected]
-    mismatched = [(k, tuple(actual[k]), tuple(expected[k])) for k in actual if k in expected and
-                  tuple(actual[k]) != tuple(expected[k])]
+    mismatched = [
+        (k, tuple(actual[k]), tuple(expected[k]))
+        for k in actual
+        if k in expected and tuple(actual[k]) != tuple(expected[k])
+    ]
     return Diff(missing, unexpected, mismatched, sum(1 for k in actual if k in expected) - len(mismatched))
 
 
@@ -181,7 +190,9 @@ def head_summary(shapes: Mapping[str, tuple]) -> str:
     if not heads:
         return "no head modules"
     nc = infer_num_classes(shapes)
-    cls = f", {nc}-class classifier" if nc and any(top_module(k) in CLASSIFIER_MODULES for k in shapes) else ""
+    cls = (
+        f", {nc}-class classifier" if nc and any(top_module(k) in CLASSIFIER_MODULES for k in shapes) else ""
+    )
     return f"heads {heads}{cls}"
 
 

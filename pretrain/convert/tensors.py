@@ -81,7 +81,10 @@ def materialize(lazy: LazyTensor, target: torch.dtype | None) -> torch.Tensor:
     out_dtype = cast_dtype(tensor.dtype, target)
     if out_dtype != tensor.dtype:
         return tensor.to(out_dtype).contiguous()
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+    if (
+        not tensor.is_contiguous()
+        or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()
+    ):
         return tensor.clone(memory_format=torch.contiguous_format)
     return tensor
 
@@ -106,7 +109,11 @@ def write_safetensors(
         if out not in ST_DTYPES:
             raise ConvertError(f"{name}: dtype {out} has no safetensors equivalent")
         size = LazyTensor(lazy.shape, out, lazy.loader).nbytes
-        header[name] = {"dtype": ST_DTYPES[out], "shape": list(lazy.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": ST_DTYPES[out],
+            "shape": list(lazy.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -121,7 +128,9 @@ def write_safetensors(
             expected = header[name]["data_offsets"]  # type: ignore[index]
             data = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
             if len(memoryview(data).cast("B")) != expected[1] - expected[0]:
-                raise ConvertError(f"{name}: wrote {len(data)} bytes, header promised {expected[1] - expected[0]}")
+                raise ConvertError(
+                    f"{name}: wrote {len(data)} bytes, header promised {expected[1] - expected[0]}"
+                )
             f.write(data)
             if progress is not None:
                 progress(expected[1] - expected[0])

@@ -85,8 +85,16 @@ def _zero_info(optim_file: Path) -> tuple[int, int]:
     return int(osd.get("zero_stage", 1)), world
 
 
-_LOAD_ERRORS = (ValueError, RuntimeError, FileNotFoundError, EOFError, KeyError, pickle.UnpicklingError,
-                zipfile.BadZipFile, AssertionError)
+_LOAD_ERRORS = (
+    ValueError,
+    RuntimeError,
+    FileNotFoundError,
+    EOFError,
+    KeyError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    AssertionError,
+)
 
 
 def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, LazyTensor], dict]:
@@ -138,6 +146,21 @@ def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, 
             out[name] = LazyTensor.of(value)
         else:  # deepspeed's GatheredTensor (ZeRO-3): gathered from every rank's partition on demand
             out[name] = LazyTensor(tuple(value.shape), value.dtype, value.contiguous)
+
+    # ZeRO-1 saves no fragments of frozen parameters (an EMA teacher): they exist only in the module
+    # weights of mp_rank_00, in the training dtype. ZeRO-3 leaves empty placeholders there (and saves
+    # the fragments, which DeepSpeed already merged above).
+    module = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False).get("module") or {}
+    extra = {
+        k: v for k, v in module.items() if k not in out and isinstance(v, torch.Tensor) and v.numel() > 0
+    }
+    if extra:
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in extra.values()})
+        info["notes"].append(
+            f"{len(extra)} tensors without fp32 master (frozen parameters, e.g. {next(iter(extra))!r}) taken "
+            f"from the module weights of {model_files[0].name} ({'/'.join(dtypes)})"
+        )
+        out.update({k: LazyTensor.of(v) for k, v in extra.items()})
     return out, info
 
 
@@ -153,7 +176,9 @@ def to_universal(src: str | Path, dst_tmp: Path, tag: str | None = None, workers
     found = resolve_tag(src, tag)
     optim_files = sorted(found.dir.glob(OPTIM_STATES))
     if not optim_files:
-        raise ConvertError(f"{found.dir} has no ZeRO optimizer shards: a universal checkpoint needs ZeRO 1/2/3")
+        raise ConvertError(
+            f"{found.dir} has no ZeRO optimizer shards: a universal checkpoint needs ZeRO 1/2/3"
+        )
     stage, world = _zero_info(optim_files[0])
     if world != len(optim_files):
         raise ConvertError(f"{found.dir}: {len(optim_files)} of {world} ranks' optimizer shards present")
@@ -175,3 +200,24 @@ def to_universal(src: str | Path, dst_tmp: Path, tag: str | None = None, workers
     (dst_tmp / "latest").write_text(found.tag)
     (dst_tmp / "latest_universal").write_text(found.tag)
     return {"tag": found.tag, "zero_stage": stage, "world_size": world, "notes": found.notes}
+
+
+def restore_buffers(module: torch.nn.Module, path: str | Path, tag: str | None = None) -> list[str]:
+    """Copy the module buffers (BatchNorm running statistics) saved in a DeepSpeed checkpoint into `module`.
+
+    DeepSpeed 0.19's universal-checkpoint load restores parameters and optimizer state but leaves module
+    buffers at their initial values; call this after `engine.load_checkpoint(...)` on a universal
+    checkpoint (with `engine.module`). Returns the names of the buffers restored.
+    """
+    found = resolve_tag(path, tag)
+    model_files = sorted(found.dir.glob(MODEL_STATES), key=lambda p: _natural(p.name))
+    state = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
+    saved = state.get("module") or {}
+    restored = []
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            value = saved.get(name)
+            if isinstance(value, torch.Tensor) and value.shape == buf.shape:
+                buf.copy_(value.to(buf.dtype))
+                restored.append(name)
+    return restored
