@@ -1,0 +1,252 @@
+"""What each Ray Train worker runs: the engine's Trainer, fed by this rank's Ray Data stream.
+
+    train_loop_per_worker(job)      # job: the plain dict built by pretrain.launch.ray_job.JobPlan.worker_config()
+
+Per worker, in order:
+1. Ray Train has already created the torch process group (gloo on CPU, nccl on GPU) and set RANK, LOCAL_RANK,
+   WORLD_SIZE, MASTER_*; the Trainer only joins it (`pretrain.engine.dist.ensure_process_group`).
+2. The resume point is the newer of Ray Train's latest reported checkpoint (`ray.train.get_checkpoint()`, set
+   after a worker-group restart or when a job is resubmitted with the same name and storage path) and the
+   engine's own `latest` pointer in the run's checkpoint root (a crash between the engine's save and the report
+   to Ray loses nothing). Before the first checkpoint an optional `--resume-from` path seeds the run.
+3. `RayTrainer` is the engine Trainer plus one thing: after every (collective) checkpoint save each rank
+   reports the step directory to Ray Train (`CheckpointUploadMode.NO_UPLOAD`: the engine already wrote every
+   rank's DeepSpeed shard and data cursor into `<storage>/<name>/checkpoints/step_*`, the layout `pretrain
+   convert` and the other launchers read), then rank 0 copies TensorBoard/metrics to remote storage.
+4. A watcher thread turns a stop request of the driver (`ray job stop` -> SIGTERM to the driver) into the
+   Trainer's own stop-on-signal path: finish the step on every rank, save, report, return.
+
+The stream wrapper also loops epochs (the corpus stream ends after one epoch) and carries two test/audit
+hooks: a per-step log of the sample keys each rank consumed, and a one-time injected worker crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+from pretrain.config import config_from_yaml_text
+from pretrain.engine.checkpoint import CheckpointManager
+from pretrain.engine.trainer import Trainer
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def _step_of(tag: str | None) -> int:
+    m = _STEP_RE.match(tag or "")
+    return int(m.group(1)) if m else -1
+
+
+def _join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+# ------------------------------------------------------------------------------------------ stream wrapper
+class RankStream:
+    """This rank's stream, looped over epochs, with the optional key log and injected crash.
+
+    Delegates the Stream contract (state_dict/load_state_dict/counters/close) to the wrapped stream, so the
+    checkpointed cursor is exactly the data engineer's cursor.
+    """
+
+    def __init__(self, inner, rank: int, record_dir: str | None = None, fail_once: dict | None = None):
+        self.inner = inner
+        self.rank = rank
+        self.record_dir = record_dir
+        self.fail_once = fail_once
+        self.trainer: Trainer | None = None  # set by RayTrainer: the step a batch is fetched for
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, counters, close, info, label_names, ...
+        return getattr(self.inner, name)
+
+    def __iter__(self):
+        empty_epochs = 0
+        while True:
+            got = False
+            for batch in self.inner:  # one epoch; the inner cursor advances the epoch at its end
+                got = True
+                self._before_yield(batch)
+                yield batch
+            empty_epochs = 0 if got else empty_epochs + 1
+            if empty_epochs > 1:  # a resumed cursor at an epoch's end yields one empty epoch, never two
+                raise RuntimeError("the data stream yields no batches: is the corpus empty?")
+
+    def _before_yield(self, batch: dict) -> None:
+        step = self.trainer.step if self.trainer is not None else -1
+        if self.fail_once and self.rank == self.fail_once["rank"] and step == self.fail_once["step"]:
+            _maybe_crash(self.fail_once["marker"], self.rank, step)
+        if self.record_dir:
+            keys = batch.get("key")
+            valid = batch.get("valid")
+            if keys is not None:
+                flags = valid.tolist() if valid is not None else [True] * len(keys)
+                rec = {"step": step, "rank": self.rank, "pid": os.getpid(), "time": time.time()}
+                rec["keys"] = [k for k, v in zip(keys, flags) if v]
+                os.makedirs(self.record_dir, exist_ok=True)
+                with open(os.path.join(self.record_dir, f"keys_rank{self.rank:05d}.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+def _maybe_crash(marker: str, rank: int, step: int) -> None:
+    """Kill this worker process once (a marker file on the run's storage records that it happened)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(marker)
+    if fs.exists(path):
+        return
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fs.pipe_file(path, f"rank {rank} crashed at step {step}\n".encode())
+    print(f"[fault injection] rank {rank}: os._exit(1) before step {step + 1}", flush=True)
+    os._exit(1)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class RayTrainer(Trainer):
+    """The engine Trainer; every checkpoint it saves is also reported to Ray Train."""
+
+    def __init__(self, config, *, job: dict, resume: str | None, stream_factory):
+        super().__init__(config, stream_factory=stream_factory, resume=resume)
+        self.job = job
+
+    def save_checkpoint(self) -> str:
+        path = super().save_checkpoint()
+        self.sync_outputs()
+        self._report(path)
+        return path
+
+    def _report(self, path: str) -> None:
+        import ray.train
+
+        tag = path.rstrip("/").rsplit("/", 1)[-1]
+        storage = ray.train.get_context().get_storage()
+        checkpoint = ray.train.Checkpoint(
+            path=f"{storage.experiment_fs_path.rstrip('/')}/checkpoints/{tag}",
+            filesystem=storage.storage_filesystem,
+        )
+        metrics = {"step": self.step}
+        if self.history:
+            metrics.update(
+                {k: float(v) for k, v in self.history[-1].items() if isinstance(v, (int, float)) and k != "step"}
+            )
+        # Every rank reports the same directory (each wrote its own shard and cursor into it).
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"checkpoints/{tag}",
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
+
+    def sync_outputs(self) -> None:
+        """Remote storage: rank 0 copies config.yaml, metrics.jsonl and tb/ next to the checkpoints."""
+        remote_dir = self.job.get("sync_outputs_to")
+        if not remote_dir or getattr(self, "rank", 0) != 0:
+            return
+        import fsspec
+
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.flush()
+            if monitor.metrics is not None:
+                monitor.metrics.flush()
+        fs, root = fsspec.core.url_to_fs(remote_dir)
+        local = self.cfg.output_dir
+        for dirpath, _, files in os.walk(local):
+            rel = os.path.relpath(dirpath, local)
+            if rel.split(os.sep)[0] == "checkpoints":
+                continue
+            for name in files:
+                dest = _join(root, rel, name) if rel != "." else _join(root, name)
+                fs.put_file(os.path.join(dirpath, name), dest)
+
+    def request_stop(self) -> None:
+        """Ask for the Trainer's stop-on-signal path (finish the step on every rank, save, return).
+
+        The engine installs its SIGTERM handler only in the main thread; Ray Train runs this loop in another
+        thread, so the watcher sets the same flag the handler would.
+        """
+        self._stop_signal = signal.SIGTERM
+
+
+class StopWatcher(threading.Thread):
+    """Polls the driver's stop flag (an actor) and forwards a stop request to the trainer."""
+
+    def __init__(self, flag, trainer: RayTrainer, interval_s: float = 1.0):
+        super().__init__(name="pretrain-stop-watcher", daemon=True)
+        self.flag, self.trainer, self.interval_s = flag, trainer, interval_s
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        while not self._done.wait(self.interval_s):
+            try:
+                if ray.get(self.flag.is_set.remote(), timeout=30):
+                    self.trainer.request_stop()
+                    return
+            except Exception:  # the driver is going away: the job is ending anyway
+                continue
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def resume_target(checkpoint_root: str, ray_checkpoint, resume_from: str | None) -> str | None:
+    """The step directory to resume from (see the module docstring), or None to start fresh."""
+    tags = []
+    if ray_checkpoint is not None:
+        tags.append(ray_checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    latest = CheckpointManager(checkpoint_root).latest()
+    if latest:
+        tags.append(latest)
+    tags = [t for t in tags if _step_of(t) >= 0]
+    if tags:
+        return _join(checkpoint_root, max(tags, key=_step_of))
+    return resume_from
+
+
+def train_loop_per_worker(job: dict) -> None:
+    import ray.train
+
+    from pretrain.engine.streams import build_default_stream
+
+    cfg = config_from_yaml_text(job["config_yaml"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    resume = resume_target(job["checkpoint_root"], ray.train.get_checkpoint(), job.get("resume_from"))
+    if rank == 0:
+        print(
+            f"[{cfg.name}] Ray Train worker group of {ctx.get_world_size()}: "
+            + (f"resuming from {resume}" if resume else "starting fresh"),
+            flush=True,
+        )
+    trainer: RayTrainer | None = None
+
+    def stream_factory(c, r, w):  # called inside trainer.setup(), after `trainer` is bound below
+        s = RankStream(build_default_stream(c, r, w), r, job.get("record_keys"), job.get("fail_once"))
+        s.trainer = trainer
+        return s
+
+    trainer = RayTrainer(cfg, job=job, resume=resume, stream_factory=stream_factory)
+    watcher = StopWatcher(job["stop_flag"], trainer) if job.get("stop_flag") is not None else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        summary = trainer.fit()
+    finally:
+        if watcher is not None:
+            watcher.stop()
+    trainer.sync_outputs()
+    if rank == 0:
+        print(
+            f"[{cfg.name}] worker group done at step {summary['step']} ({summary['reason']}); "
+            f"last checkpoint {summary['checkpoint']}",
+            flush=True,
+        )
