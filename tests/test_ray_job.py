@@ -60,7 +60,9 @@ def _base_env() -> dict:
         RAY_USAGE_STATS_ENABLED="0",
         OMP_NUM_THREADS="1",
         DS_ACCELERATOR="cpu",
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")
+        ),
         PYTHONUNBUFFERED="1",
     )
     env.pop("RAY_ADDRESS", None)
@@ -273,7 +275,13 @@ def clean_run(head, corpus, tmp_path_factory):
     cfg = write_config(tmp / "cfg.yaml", corpus)
     t0 = time.time()
     status, logs = submit(head, job_args(cfg, tmp / "storage", "clean", "--record-keys", str(tmp / "keys")))
-    return {"status": status, "logs": logs, "dir": tmp, "run": tmp / "storage" / "clean", "secs": time.time() - t0}
+    return {
+        "status": status,
+        "logs": logs,
+        "dir": tmp,
+        "run": tmp / "storage" / "clean",
+        "secs": time.time() - t0,
+    }
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -287,7 +295,10 @@ def test_clean_job_checkpoints_tensorboard_progress(clean_run):
     assert tags == [f"step_{s:08d}" for s in range(2, TOTAL_STEPS + 1, 2)]
     final = ckpts / f"step_{TOTAL_STEPS:08d}"
     # every rank's DeepSpeed shard and data cursor, in the engine's layout
-    assert sorted(p.name for p in final.glob("trainer_rank*.pt")) == ["trainer_rank00000.pt", "trainer_rank00001.pt"]
+    assert sorted(p.name for p in final.glob("trainer_rank*.pt")) == [
+        "trainer_rank00000.pt",
+        "trainer_rank00001.pt",
+    ]
     assert len(list(final.glob("*optim_states.pt"))) == 2 and list(final.glob("*model_states.pt"))
     meta = json.loads((final / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == TOTAL_STEPS

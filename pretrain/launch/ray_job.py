@@ -261,7 +261,12 @@ def plan_job(args) -> JobPlan:
     remote = _is_url(storage_path)
     # Rank 0 writes TensorBoard/metrics locally; on remote storage they are copied to the run dir.
     output_dir = os.path.join("/tmp", f"pretrain_ray_{os.getuid()}", name) if remote else run_dir
-    overrides = [*args.overrides, f"name={name}", f"output_dir={output_dir}", f"checkpoint.dir={checkpoint_root}"]
+    overrides = [
+        *args.overrides,
+        f"name={name}",
+        f"output_dir={output_dir}",
+        f"checkpoint.dir={checkpoint_root}",
+    ]
     if not base.synthetic.enabled:
         overrides.append(f"data.reader={args.reader}")
     try:
@@ -270,7 +275,9 @@ def plan_job(args) -> JobPlan:
         raise PreflightError(f"config error: {err}") from err
     notes = []
     if base.checkpoint.dir and base.checkpoint.dir.rstrip("/") != checkpoint_root:
-        notes.append(f"checkpoint.dir {base.checkpoint.dir} replaced by {checkpoint_root} (the Ray run's storage)")
+        notes.append(
+            f"checkpoint.dir {base.checkpoint.dir} replaced by {checkpoint_root} (the Ray run's storage)"
+        )
     if cfg.checkpoint.every_steps == 0:
         notes.append("checkpoint.every_steps is 0: a failure restarts the run from its beginning")
     if cfg.schedule.total_steps < 1:
@@ -294,7 +301,11 @@ def plan_job(args) -> JobPlan:
             rank, step = (int(v) for v in args.fail_once.split(":"))
         except ValueError as err:
             raise PreflightError(f"--fail-once expects RANK:STEP, got {args.fail_once!r}") from err
-        fail_once = {"rank": rank, "step": step, "marker": _join(run_dir, f".fail_once_rank{rank}_step{step}")}
+        fail_once = {
+            "rank": rank,
+            "step": step,
+            "marker": _join(run_dir, f".fail_once_rank{rank}_step{step}"),
+        }
     use_gpu = {"auto": None, "gpu": True, "cpu": False}[args.device]
     return JobPlan(
         cfg=cfg,
@@ -329,7 +340,9 @@ def check_cluster(plan: JobPlan, skip: bool = False) -> None:
     need_cpus = plan.cpus_per_worker * plan.num_workers + data_cpus
     problems = []
     if plan.use_gpu and gpus < plan.num_workers:
-        problems.append(f"{plan.num_workers} GPU workers need {plan.num_workers} GPUs, the cluster has {gpus:g}")
+        problems.append(
+            f"{plan.num_workers} GPU workers need {plan.num_workers} GPUs, the cluster has {gpus:g}"
+        )
     if cpus < need_cpus:
         problems.append(
             f"{plan.num_workers} workers x {plan.cpus_per_worker:g} CPUs + {data_cpus:g} CPUs of Ray Data "

@@ -133,7 +133,11 @@ class RayTrainer(Trainer):
         metrics = {"step": self.step}
         if self.history:
             metrics.update(
-                {k: float(v) for k, v in self.history[-1].items() if isinstance(v, (int, float)) and k != "step"}
+                {
+                    k: float(v)
+                    for k, v in self.history[-1].items()
+                    if isinstance(v, (int, float)) and k != "step"
+                }
             )
         # Every rank reports the same directory (each wrote its own shard and cursor into it).
         ray.train.report(
