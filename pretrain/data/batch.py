@@ -114,7 +114,7 @@ class RowFetcher:
 
 def empty_batch(n: int, views: int, size: int) -> dict:
     return {
-        "images": np.zeros((n, views, size, size, 3), np.uint8),
+        "images": np.zeros((n, views, 3, size, size), np.uint8),
         "view_boxes": np.zeros((n, views, 5), np.float32),
         "label": np.full(n, -1, np.int64),
         "caption": [""] * n,

@@ -81,7 +81,7 @@ def rank_dataset(cfg: DataConfig, plan: Plan, cursor: Cursor, *, order_seed: int
             epoch=cursor.epoch,
             start=cursor.consumed,
         ),
-        concurrency=max(1, cfg.num_workers),
+        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.num_workers)),
         num_cpus=cfg.ray_num_cpus,
     )
 

@@ -49,7 +49,8 @@ def center_box(w: int, h: int, ratio: tuple[float, float] = (1.0, 1.0)) -> tuple
 def decode_views(
     data: bytes, size: int, views: int, aug: AugmentConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded image -> (views, size, size, 3) uint8 and (views, 5) float32 boxes.
+    """Encoded image -> (views, 3, size, size) uint8 (CHW: the batch is then normalised in one contiguous
+    pass) and (views, 5) float32 boxes.
 
     Box row: x0, y0, x1, y1 as fractions of the original image, then 1.0 if the view was flipped horizontally.
     Raises on undecodable or truncated data (the reader counts and skips those).
@@ -67,29 +68,33 @@ def decode_views(
         img.draft("RGB", (math.ceil(w * size / min_cw), math.ceil(h * size / min_ch)))
     img = img.convert("RGB")  # forces the full decode: truncated files raise here
     sx, sy = img.size[0] / w, img.size[1] / h
-    out = np.empty((views, size, size, 3), np.uint8)
+    out = np.empty((views, 3, size, size), np.uint8)
     box_arr = np.empty((views, 5), np.float32)
     for v, ((x0, y0, x1, y1), flip) in enumerate(zip(boxes, flips)):
         crop = img.resize(
             (size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy), reducing_gap=None
         )
         arr = np.asarray(crop)
-        out[v] = arr[:, ::-1] if flip else arr
+        out[v] = (arr[:, ::-1] if flip else arr).transpose(2, 0, 1)
         box_arr[v] = (x0 / w, y0 / h, x1 / w, y1 / h, float(flip))
     return out, box_arr
 
 
 def normalizer(aug: AugmentConfig):
-    """uint8 (B, S, S, 3) tensor -> float32 (B, 3, S, S) normalised; one vectorised op per batch."""
+    """uint8 (B, 3, S, S) array -> float32 (B, 3, S, S) torch tensor, (x/255 - mean) / std.
+
+    numpy's uint8 -> float32 multiply with `out=` is one pass (about 4x faster than the same in torch here).
+    """
     import torch
 
-    mean = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+    scale = (1.0 / (np.asarray(aug.std, np.float32) * 255.0)).reshape(1, 3, 1, 1)
+    shift = (np.asarray(aug.mean, np.float32) / np.asarray(aug.std, np.float32)).reshape(1, 3, 1, 1)
 
     def apply(x):
-        x = (
-            torch.from_numpy(np.require(x, requirements="W")).permute(0, 3, 1, 2).float()
-        )  # Ray gives read-only
-        return (x - mean).mul_(inv_std).contiguous()
+        x = np.asarray(x)
+        y = np.empty(x.shape, np.float32)
+        np.multiply(x, scale, out=y, casting="unsafe")
+        y -= shift
+        return torch.from_numpy(y)
 
     return apply
