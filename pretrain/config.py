@@ -71,16 +71,27 @@ except ImportError:  # pragma: no cover
 class ModelConfig:
     """Which backbone to build (`pretrain.models.create_model`) and how to initialise it."""
 
-    variant: str = _f("internimage_t", "Registered variant: internimage_t|s|b|l|xl|h|g (see `pretrain models`).")
+    variant: str = _f(
+        "internimage_t", "Registered variant: internimage_t|s|b|l|xl|h|g (see `pretrain models`)."
+    )
     num_classes: int = _f(1000, "Classifier classes (0 = no classifier head).")
     dcn_backend: str = _f("auto", "DCNv3 op backend: auto (fastest available), reference, or a fused kernel.")
-    with_cp: bool = _f(False, "Activation checkpointing of every block (the official `with_cp`): ~30% slower, "
-                       "a fraction of the activation memory.")
+    with_cp: bool = _f(
+        False,
+        "Activation checkpointing of every block (the official `with_cp`): ~30% slower, "
+        "a fraction of the activation memory.",
+    )
     drop_path_rate: float | None = _f(None, "Stochastic depth rate; null keeps the variant's default.")
-    overrides: dict[str, Any] = _f({}, "Extra constructor arguments (channels, depths, groups, ...) for custom "
-                                   "sizes; passed to create_model as keywords.")
-    init_from: str | None = _f(None, "Initial weights: an official .pth, an HF directory or a .safetensors "
-                               "file (loaded through pretrain.convert.load_pretrained); null = random init.")
+    overrides: dict[str, Any] = _f(
+        {},
+        "Extra constructor arguments (channels, depths, groups, ...) for custom "
+        "sizes; passed to create_model as keywords.",
+    )
+    init_from: str | None = _f(
+        None,
+        "Initial weights: an official .pth, an HF directory or a .safetensors "
+        "file (loaded through pretrain.convert.load_pretrained); null = random init.",
+    )
     init_drop_head: bool = _f(False, "Do not load the classifier from init_from (another label set).")
 
 
@@ -91,7 +102,7 @@ class SyntheticConfig:
     enabled: bool = _f(False, "Use the synthetic stream instead of `data`.")
     batch_size: int = _f(8, "Images per rank per micro-step.")
     image_size: int = _f(224, "Square input resolution in pixels.")
-    num_classes: int = _f(10, "Labels are drawn from [0, num_classes).")
+    num_classes: int | None = _f(None, "Labels are drawn from [0, num_classes); null = model.num_classes.")
 
 
 @dataclass(frozen=True)
@@ -100,13 +111,18 @@ class OptimConfig:
 
     name: Literal["adamw"] = _f("adamw", "Optimizer (AdamW only).")
     lr: float = _f(5e-4, "Peak learning rate for a global batch of `lr_ref_batch` (linear scaling rule).")
-    lr_ref_batch: int | None = _f(512, "Global batch `lr` refers to: effective lr = lr * global_batch / "
-                                  "lr_ref_batch (official: 512). null = `lr` is absolute.")
+    lr_ref_batch: int | None = _f(
+        512,
+        "Global batch `lr` refers to: effective lr = lr * global_batch / "
+        "lr_ref_batch (official: 512). null = `lr` is absolute.",
+    )
     weight_decay: float = _f(0.05, "Decoupled weight decay; not applied to 1-D params, biases and norms.")
     betas: tuple[float, float] = _f((0.9, 0.999), "Adam betas.")
     eps: float = _f(1e-8, "Adam epsilon.")
-    layer_decay: float = _f(1.0, "Layer-wise lr decay ratio with the official semantics "
-                            "(pretrain.models.lr_decay_ratios); 1.0 = off.")
+    layer_decay: float = _f(
+        1.0,
+        "Layer-wise lr decay ratio with the official semantics (pretrain.models.lr_decay_ratios); 1.0 = off.",
+    )
     dcn_lr_mul: float = _f(1.0, "lr multiplier of the DCN offset/mask projections (official DCN_LR_MUL).")
 
 
@@ -118,8 +134,11 @@ class ScheduleConfig:
     warmup_steps: int = _f(0, "Linear warmup steps.")
     warmup_init_ratio: float = _f(0.0, "Warmup starts at lr * this (official: WARMUP_LR / BASE_LR = 1e-3).")
     min_lr_ratio: float = _f(0.0, "Cosine ends at lr * this (official: MIN_LR / BASE_LR = 1e-2).")
-    stop_at_step: int | None = _f(None, "Stop this job at this step (saving a checkpoint) while the schedule "
-                                  "still spans total_steps: for runs split over time-limited jobs.")
+    stop_at_step: int | None = _f(
+        None,
+        "Stop this job at this step (saving a checkpoint) while the schedule "
+        "still spans total_steps: for runs split over time-limited jobs.",
+    )
 
 
 @dataclass(frozen=True)
@@ -128,16 +147,25 @@ class EngineConfig:
 
     precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Training precision (master weights stay fp32).")
     zero_stage: int = _f(1, "ZeRO stage 0-3: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
-    offload_optimizer: bool = _f(False, "ZeRO-Offload of optimizer state to CPU (stage >= 1; builds CPUAdam).")
+    offload_optimizer: bool = _f(
+        False, "ZeRO-Offload of optimizer state to CPU (stage >= 1; builds CPUAdam)."
+    )
     offload_param: bool = _f(False, "Offload parameters to CPU (stage 3 only).")
     grad_accum: int = _f(1, "Micro-steps accumulated per optimizer step.")
     clip_grad: float | None = _f(5.0, "Global gradient-norm clip (official CLIP_GRAD 5.0); null = off.")
-    max_nonfinite: int = _f(10, "Stop with an error (after saving) once this many micro-steps in a row had "
-                            "a NaN/inf loss; each such micro-step is skipped (no backward) and counted.")
-    dist_backend: Literal["auto", "nccl", "gloo"] = _f("auto", "Process-group backend: auto = nccl on CUDA, "
-                                                       "gloo on CPU.")
-    deepspeed_config: str | None = _f(None, "A raw DeepSpeed JSON whose keys are merged over the generated "
-                                      "config (recursively): the escape hatch for tuning knobs.")
+    max_nonfinite: int = _f(
+        10,
+        "Stop with an error (after saving) once this many micro-steps in a row had "
+        "a NaN/inf loss; each such micro-step is skipped (no backward) and counted.",
+    )
+    dist_backend: Literal["auto", "nccl", "gloo"] = _f(
+        "auto", "Process-group backend: auto = nccl on CUDA, gloo on CPU."
+    )
+    deepspeed_config: str | None = _f(
+        None,
+        "A raw DeepSpeed JSON whose keys are merged over the generated "
+        "config (recursively): the escape hatch for tuning knobs.",
+    )
 
 
 @dataclass(frozen=True)
@@ -167,10 +195,14 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events under <output_dir>/tb (rank 0).")
     console: bool = _f(True, "Print the progress line (rank 0).")
     image_grid: bool = _f(True, "Log an image grid of the first batch.")
-    dcn_points_every: int = _f(1000, "Draw learned DCN sampling points over an input image every N steps "
-                               "(0 = never).")
-    peak_tflops: float | None = _f(None, "Peak dense TFLOP/s per device for MFU; null = look the device up in "
-                                   "pretrain.monitor.throughput.PEAK_TFLOPS.")
+    dcn_points_every: int = _f(
+        1000, "Draw learned DCN sampling points over an input image every N steps (0 = never)."
+    )
+    peak_tflops: float | None = _f(
+        None,
+        "Peak dense TFLOP/s per device for MFU; null = look the device up in "
+        "pretrain.monitor.throughput.PEAK_TFLOPS.",
+    )
 
 
 @dataclass(frozen=True)

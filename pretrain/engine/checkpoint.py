@@ -44,7 +44,7 @@ def _is_remote(root: str) -> bool:
 
 
 def _local_path(root: str) -> str:
-    return root[len("file://"):] if root.startswith("file://") else root
+    return root[len("file://") :] if root.startswith("file://") else root
 
 
 def rng_state() -> dict:
@@ -73,7 +73,9 @@ class CheckpointManager:
             import fsspec
 
             self.fs, self.fs_root = fsspec.core.url_to_fs(root)
-            self.stage = Path(tempfile.gettempdir()) / f"pretrain_ckpt_stage_{os.getuid()}" / re.sub(r"\W", "_", root)
+            self.stage = (
+                Path(tempfile.gettempdir()) / f"pretrain_ckpt_stage_{os.getuid()}" / re.sub(r"\W", "_", root)
+            )
         else:
             self.fs, self.fs_root = None, _local_path(root)
             self.stage = Path(self.fs_root)
@@ -86,8 +88,11 @@ class CheckpointManager:
 
     def tags(self) -> list[str]:
         if self.remote:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.fs_root, detail=False)] if \
-                self.fs.exists(self.fs_root) else []
+            names = (
+                [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.fs_root, detail=False)]
+                if self.fs.exists(self.fs_root)
+                else []
+            )
         else:
             root = Path(self.fs_root)
             names = [p.name for p in root.iterdir() if p.is_dir()] if root.exists() else []
@@ -123,8 +128,12 @@ class CheckpointManager:
         torch.save(trainer_state, local_dir / f"trainer_rank{rank:05d}.pt")
         if rank == 0:
             (local_dir / "config.yaml").write_text(config_yaml)
-            meta = {"step": step, "world_size": dist.world_size(), "time": time.time(),
-                    "zero_stage": engine.zero_optimization_stage()}
+            meta = {
+                "step": step,
+                "world_size": dist.world_size(),
+                "time": time.time(),
+                "zero_stage": engine.zero_optimization_stage(),
+            }
             (local_dir / "meta.json").write_text(json.dumps(meta, indent=1))
         dist.barrier()
         if self.remote and dist.local_rank() == 0:
@@ -176,7 +185,9 @@ class CheckpointManager:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root}/{tag}")
-        state = torch.load(self.stage / tag / f"trainer_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+        state = torch.load(
+            self.stage / tag / f"trainer_rank{rank:05d}.pt", map_location="cpu", weights_only=False
+        )
         dist.barrier()
         if self.remote and dist.local_rank() == 0:
             shutil.rmtree(self.stage / tag, ignore_errors=True)
@@ -200,5 +211,7 @@ def resolve_resume(resume: str | None, default_root: str) -> tuple[str, str] | N
         return path[: -len(name) - 1] or ".", name
     tag = CheckpointManager(path).latest()
     if tag is None:
-        raise FileNotFoundError(f"--resume {resume}: neither a step_* directory nor a root with a '{LATEST}' file")
+        raise FileNotFoundError(
+            f"--resume {resume}: neither a step_* directory nor a root with a '{LATEST}' file"
+        )
     return path, tag

@@ -12,16 +12,31 @@ import sys
 
 
 def register(subparsers, name: str) -> None:
-    p = subparsers.add_parser(name, help="train a model from a YAML config (one process or under deepspeed)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        name,
+        help="train a model from a YAML config (one process or under deepspeed)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", "-c", help="YAML run config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set optim.lr=1e-3 --set engine.zero_stage=3 (repeatable)")
-    p.add_argument("--resume", default=None,
-                   help="'auto' (the run's latest checkpoint, if any) or a checkpoint path (step dir or root)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set optim.lr=1e-3 --set engine.zero_stage=3 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (the run's latest checkpoint, if any) or a checkpoint path (step dir or root)",
+    )
     p.add_argument("--output-dir", default=None, help="overrides output_dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--describe-config", action="store_true", help="print every config key with its doc and exit")
+    p.add_argument(
+        "--describe-config", action="store_true", help="print every config key with its doc and exit"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 

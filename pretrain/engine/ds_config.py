@@ -59,8 +59,14 @@ def build_ds_config(cfg: RunConfig, micro_batch: int, world_size: int, lr: float
         "wall_clock_breakdown": False,
         "zero_optimization": zero,
         "bf16": {"enabled": e.precision == "bf16"},
-        "fp16": {"enabled": e.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": e.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "optimizer": {"type": "AdamW", "params": adam},
     }
     if e.deepspeed_config:

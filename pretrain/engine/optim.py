@@ -31,7 +31,9 @@ def param_groups(objective: nn.Module, cfg: OptimConfig, backbone_prefix: str = 
     from pretrain.models import DCN_LR_KEYWORDS, lr_decay_ratios, lr_scale
 
     backbone = getattr(objective, "backbone", None)
-    ratios = lr_decay_ratios(backbone, cfg.layer_decay) if backbone is not None and cfg.layer_decay != 1.0 else {}
+    ratios = (
+        lr_decay_ratios(backbone, cfg.layer_decay) if backbone is not None and cfg.layer_decay != 1.0 else {}
+    )
     frozen = frozen_parameter_ids(objective)
     groups: dict[tuple[float, float], dict] = {}
     for name, param in objective.named_parameters():
@@ -40,7 +42,7 @@ def param_groups(objective: nn.Module, cfg: OptimConfig, backbone_prefix: str = 
         no_decay = param.ndim <= 1 or name.endswith(".bias")
         scale = 1.0
         if name.startswith(backbone_prefix):
-            inner = name[len(backbone_prefix):]
+            inner = name[len(backbone_prefix) :]
             scale = lr_scale(inner, ratios) if ratios else 1.0
             if cfg.dcn_lr_mul != 1.0 and any(k in inner for k in DCN_LR_KEYWORDS):
                 scale *= cfg.dcn_lr_mul

@@ -54,14 +54,18 @@ class SyntheticStream:
         return {}
 
     def info(self) -> dict:
-        return {"num_classes": self.num_classes, "label_names": [f"pattern {k}" for k in range(self.num_classes)]}
+        return {
+            "num_classes": self.num_classes,
+            "label_names": [f"pattern {k}" for k in range(self.num_classes)],
+        }
 
 
 def build_default_stream(cfg: RunConfig, rank: int, world_size: int):
     """The stream named by the config: synthetic when `synthetic.enabled`, else `pretrain.data.build_stream`."""
     if cfg.synthetic.enabled:
         s = cfg.synthetic
-        return SyntheticStream(s.batch_size, s.image_size, s.num_classes, seed=cfg.seed, rank=rank)
+        classes = s.num_classes or cfg.model.num_classes or 10
+        return SyntheticStream(s.batch_size, s.image_size, classes, seed=cfg.seed, rank=rank)
     try:
         from pretrain.data import build_stream
     except ImportError as err:
@@ -73,19 +77,41 @@ def build_default_stream(cfg: RunConfig, rank: int, world_size: int):
 
 
 def stream_info(stream, cfg: RunConfig) -> dict:
-    """`data_info` for build_objective: what the stream knows about labels and captions."""
+    """`data_info` for build_objective: what the stream knows about labels (and a caption sampler)."""
     info: dict = {}
-    for attr in ("info", "data_info"):
-        fn = getattr(stream, attr, None)
-        if callable(fn):
-            info.update(fn())
-            break
-        if isinstance(fn, dict):
-            info.update(fn)
-            break
-    if "num_classes" not in info and cfg.model.num_classes > 0:
-        info["num_classes"] = cfg.model.num_classes
+    fn = getattr(stream, "info", None)
+    if callable(fn):
+        info.update(fn())
+    names = getattr(stream, "label_names", None)
+    if "label_names" not in info and isinstance(names, list) and names:
+        # one list per source (None for unlabelled sources): label ids index the first labelled source's names
+        first = next((n for n in names if n), None) if isinstance(names[0], (list, type(None))) else names
+        if first:
+            info["label_names"] = list(first)
+    if "num_classes" not in info:
+        if info.get("label_names"):
+            info["num_classes"] = len(info["label_names"])
+        elif cfg.model.num_classes > 0:
+            info["num_classes"] = cfg.model.num_classes
+    if not cfg.synthetic.enabled:
+        info.setdefault("captions_iter", lambda: _captions(cfg))
     return info
+
+
+def _captions(cfg: RunConfig, max_batches: int = 50):
+    """Captions of the first batches of a fresh single-rank stream (tokenizer training on small corpora)."""
+    from pretrain.data import build_stream
+
+    stream = build_stream(cfg.data, rank=0, world_size=1, seed=cfg.seed)
+    try:
+        for i, batch in enumerate(stream):
+            if i >= max_batches:
+                break
+            yield from (c for c in batch.get("caption", ()) if c)
+    finally:
+        close = getattr(stream, "close", None)
+        if callable(close):
+            close()
 
 
 def micro_batch_size(cfg: RunConfig) -> int:

@@ -83,7 +83,9 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 class Trainer:
     """See the module docstring. Attributes after `setup()`: engine, stream, monitor, step."""
 
-    def __init__(self, config: RunConfig, stream_factory: StreamFactory | None = None, resume: str | None = None):
+    def __init__(
+        self, config: RunConfig, stream_factory: StreamFactory | None = None, resume: str | None = None
+    ):
         self.cfg = config
         self.stream_factory = stream_factory or build_default_stream
         self.resume = resume
@@ -106,7 +108,9 @@ class Trainer:
         dist.ensure_process_group(cfg.engine.dist_backend)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.device = dist.device()
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.engine.precision]
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            cfg.engine.precision
+        ]
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
@@ -124,16 +128,29 @@ class Trainer:
         self.global_batch = self.micro_batch * cfg.engine.grad_accum * self.world
         self.peak_lr = peak_lr(cfg.optim, self.global_batch)
         self.ds_config = build_ds_config(cfg, self.micro_batch, self.world, self.peak_lr)
+        if self.dtype != torch.float32:
+            # DeepSpeed casts parameters, not buffers: BatchNorm running stats must match the compute dtype.
+            for buf in objective.buffers():
+                if buf.is_floating_point():
+                    buf.data = buf.data.to(self.dtype)
         import deepspeed
 
-        self.engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=groups, config=self.ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=objective, model_parameters=groups, config=self.ds_config
+        )
         self.zero3 = self.engine.zero_optimization_stage() == 3
         seed_everything(cfg.seed * 1000 + self.rank)  # dropout/drop-path streams differ per rank
 
         self.ema = WeightEMA(self.engine.module, cfg.ema.decay) if cfg.ema.enabled else None
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir(), keep=cfg.checkpoint.keep)
-        self.monitor = Monitor(cfg.output_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard,
-                               console=cfg.logging.console, total_steps=cfg.schedule.total_steps, run_name=cfg.name)
+        self.monitor = Monitor(
+            cfg.output_dir,
+            enabled=self.rank == 0,
+            tensorboard=cfg.logging.tensorboard,
+            console=cfg.logging.console,
+            total_steps=cfg.schedule.total_steps,
+            run_name=cfg.name,
+        )
         self.probe = DCNProbe(model) if cfg.logging.dcn_points_every > 0 else None
         self.peak = cfg.logging.peak_tflops or peak_tflops(precision=cfg.engine.precision)
 
@@ -147,13 +164,16 @@ class Trainer:
         self.monitor.log(
             f"world {self.world} | ZeRO-{self.engine.zero_optimization_stage()} | {cfg.engine.precision} | "
             f"micro-batch {self.micro_batch} x accum {cfg.engine.grad_accum} x {self.world} = {self.global_batch} | "
-            f"peak lr {self.peak_lr:.3e} | params {sum(p.numel() for p in objective.parameters()):,} | "
+            f"peak lr {self.peak_lr:.3e} | params {sum(getattr(p, 'ds_numel', p.numel()) for p in objective.parameters()):,} | "
             f"starting at step {self.step}"
         )
 
     def _restore(self, root: str, tag: str) -> None:
-        manager = self.checkpoints if root.rstrip("/") == self.cfg.checkpoint_dir().rstrip("/") else \
-            CheckpointManager(root)
+        manager = (
+            self.checkpoints
+            if root.rstrip("/") == self.cfg.checkpoint_dir().rstrip("/")
+            else CheckpointManager(root)
+        )
         state = manager.load(self.engine, tag)
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
@@ -175,8 +195,8 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old_handlers[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. a Ray Train worker thread): the launcher handles it
-                return
+            except ValueError:
+                return  # not the main thread (e.g. a Ray Train worker): the launcher handles signals
 
     def _restore_signal_handlers(self) -> None:
         for sig, old in self._old_handlers.items():
@@ -194,8 +214,13 @@ class Trainer:
             ok = True
         finally:
             self.teardown(clean=ok)
-        return {"step": self.step, "reason": reason, "checkpoint": self.last_checkpoint, "history": self.history,
-                "skipped": self.skipped}
+        return {
+            "step": self.step,
+            "reason": reason,
+            "checkpoint": self.last_checkpoint,
+            "history": self.history,
+            "skipped": self.skipped,
+        }
 
     def train(self) -> str:
         cfg = self.cfg
@@ -218,7 +243,7 @@ class Trainer:
             step_image = None
             while done < cfg.engine.grad_accum:
                 timer.data_begin()
-                batch = next(it)
+                batch, it = self._next_batch(it)
                 timer.data_end()
                 if first and cfg.logging.image_grid:
                     self.monitor.image("inputs/first_batch", image_grid(batch["image"]), self.step)
@@ -235,8 +260,10 @@ class Trainer:
                 if nonfinite:
                     self.skipped += 1
                     self.consecutive_nonfinite += 1
-                    self.monitor.log(f"step {self.step}: non-finite loss on some rank, micro-batch skipped "
-                                     f"({self.consecutive_nonfinite} in a row)")
+                    self.monitor.log(
+                        f"step {self.step}: non-finite loss on some rank, micro-batch skipped "
+                        f"({self.consecutive_nonfinite} in a row)"
+                    )
                     if self.consecutive_nonfinite >= cfg.engine.max_nonfinite:
                         path = self.save_checkpoint()
                         raise NonFiniteLossError(
@@ -260,7 +287,7 @@ class Trainer:
             if on_end is not None:
                 on_end(self.step, cfg.schedule.total_steps)
             if draw_dcn:
-                panel = self.probe.render(step_image, zero3=self.zero3)
+                panel = self.probe.render(step_image)
                 self.monitor.image("dcn/sampling_points", panel, self.step)
             if self.step % cfg.logging.every_steps == 0 or self.step == end:
                 self._log(sums, count, lr, timer)
@@ -277,6 +304,17 @@ class Trainer:
         self.monitor.log(f"stopped at step {self.step} ({reason}); checkpoint {self.last_checkpoint}")
         return reason
 
+    def _next_batch(self, it):
+        """The next batch; a finite stream (one epoch per iteration) is iterated again for the next epoch."""
+        try:
+            return next(it), it
+        except StopIteration:
+            it = iter(self.stream)
+            try:
+                return next(it), it
+            except StopIteration:
+                raise RuntimeError("the data stream is empty (a fresh epoch yielded no batch)") from None
+
     def _log(self, sums: dict, count: int, lr: float, timer: StepTimer) -> None:
         keys = sorted(sums)
         means = dist.all_reduce_mean([sums[k] / max(count, 1) for k in keys]) if keys else []
@@ -288,16 +326,20 @@ class Trainer:
         loss_scale = getattr(self.engine.optimizer, "cur_scale", None)
         if loss_scale is None:
             loss_scale = getattr(self.engine.optimizer, "loss_scale", 1.0)
-        values.update({
-            "opt/lr": lr,
-            "opt/grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-            "opt/loss_scale": float(loss_scale) if isinstance(loss_scale, (int, float, torch.Tensor)) else 1.0,
-            "perf/step_time_s": win["step_time_s"],
-            "perf/samples_per_s_per_device": win["samples_per_s"],
-            "perf/samples_per_s": win["samples_per_s"] * self.world,
-            "perf/data_wait_frac": win["data_wait_frac"],
-            "train/skipped_steps": float(self.skipped),
-        })
+        values.update(
+            {
+                "opt/lr": lr,
+                "opt/grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                "opt/loss_scale": float(loss_scale)
+                if isinstance(loss_scale, (int, float, torch.Tensor))
+                else 1.0,
+                "perf/step_time_s": win["step_time_s"],
+                "perf/samples_per_s_per_device": win["samples_per_s"],
+                "perf/samples_per_s": win["samples_per_s"] * self.world,
+                "perf/data_wait_frac": win["data_wait_frac"],
+                "train/skipped_steps": float(self.skipped),
+            }
+        )
         if self.flops_per_sample:
             tflops = self.flops_per_sample * win["samples_per_s"] / 1e12
             values["perf/tflops_per_device"] = tflops

@@ -34,11 +34,15 @@ def image_grid(images: torch.Tensor, max_images: int = 16, pad: int = 2) -> torc
     grid = torch.zeros(3, rows * (h + pad) + pad, cols * (w + pad) + pad, dtype=torch.uint8)
     for i in range(b):
         r, c = divmod(i, cols)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i]
+        grid[
+            :, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w
+        ] = x[i]
     return grid
 
 
-def draw_points(image: torch.Tensor, queries: list[tuple[float, float]], points: list[torch.Tensor]) -> torch.Tensor:
+def draw_points(
+    image: torch.Tensor, queries: list[tuple[float, float]], points: list[torch.Tensor]
+) -> torch.Tensor:
     """Draw each query (x, y) as a square and its sampling points (P, 2) as dots, in pixels of `image`.
 
     image: uint8 (3, H, W). Returns a new uint8 (3, H, W).
@@ -56,12 +60,13 @@ def draw_points(image: torch.Tensor, queries: list[tuple[float, float]], points:
 
 
 class DCNProbe:
-    """Captures the input of one DCNv3 module during a training forward and draws its sampling points.
+    """Records the learned offsets of one DCNv3 module during a training forward and draws its sampling points.
 
-    A forward *pre*-hook keeps the first sample's input (N=1, H, W, C) while armed. `render` recomputes the
-    offsets from that input (`offset(GELU(LN(dwconv(x))))`, exactly the module's own branch) and maps them
-    to pixel locations with `pretrain.ops.sampling_locations`; under ZeRO-3 the module's parameters are
-    gathered for that (a collective: call `render` on every rank).
+    A forward hook on the module's depthwise branch (`dw_conv`, whose output x1 feeds the offset projection)
+    computes `offset = x1 W_off^T + b_off` for the first sample while armed: exactly the module's own offsets,
+    computed inside the forward where the parameters are present even under ZeRO-3 (calling submodules
+    outside the forward would disturb ZeRO-3's prefetch trace). `render` maps them to pixel locations with
+    `pretrain.ops.sampling_locations`.
     """
 
     def __init__(self, backbone: nn.Module):
@@ -74,45 +79,28 @@ class DCNProbe:
         stage16 = [(n, m) for n, m in dcns if n.startswith("levels.2.")]
         self.name, self.module = (stage16 or dcns)[-1]
         self.armed = False
-        self.captured: torch.Tensor | None = None
-        self._handle = self.module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        if self.armed and self.captured is None:
-            self.captured = args[0][:1].detach().clone()
-
-    def arm(self) -> None:
-        self.armed, self.captured = True, None
-
-    def disarm(self) -> None:
-        self.armed = False
+        self.offset: torch.Tensor | None = None
+        self._handle = self.module.dw_conv.register_forward_hook(self._hook)
 
     @torch.no_grad()
-    def render(self, image: torch.Tensor, zero3: bool = False, queries: int = 4,
-               min_size: int = 256) -> torch.Tensor | None:
-        """image: normalised (3, S, S), the sample whose features were captured -> uint8 panel or None."""
+    def _hook(self, module, args, x1):
+        if self.armed and self.offset is None:
+            w = self.module.offset.weight
+            self.offset = F.linear(x1[:1].to(w.dtype), w, self.module.offset.bias).float()
+
+    def arm(self) -> None:
+        self.armed, self.offset = True, None
+
+    @torch.no_grad()
+    def render(self, image: torch.Tensor, queries: int = 4, min_size: int = 256) -> torch.Tensor | None:
+        """image: normalised (3, S, S), the sample whose offsets were recorded -> uint8 panel, or None."""
         from pretrain.ops import sampling_locations
 
-        x = self.captured
-        self.disarm()
-        if x is None:
+        offset, self.offset, self.armed = self.offset, None, False
+        if offset is None or offset.numel() == 0:
             return None
-        m = self.module
-        params = list(m.dw_conv.parameters()) + list(m.offset.parameters())
-        if zero3:
-            import deepspeed
-
-            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        else:
-            import contextlib
-
-            ctx = contextlib.nullcontext()
-        with ctx:
-            w = m.offset.weight
-            x1 = m.dw_conv(x.to(w.dtype).permute(0, 3, 1, 2))
-            offset = F.linear(x1, w, m.offset.bias).float()
-        _, h, wd, _ = x.shape
-        xs, ys = sampling_locations(m.geom, offset, h, wd)  # (1, Ho, Wo, G, P) in feature-map pixels
+        _, h, wd, _ = offset.shape
+        xs, ys = sampling_locations(self.module.geom, offset, h, wd)  # (1, Ho, Wo, G, P) feature pixels
         ho, wo = xs.shape[1:3]
         canvas = to_uint8(image)
         if canvas.shape[-1] < min_size:  # small inputs are enlarged so the points stay visible
@@ -120,8 +108,13 @@ class DCNProbe:
             canvas = canvas.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
         size = canvas.shape[-1]
         scale = size / wd  # feature pixel -> image pixel (centres: (p + 0.5) * scale)
-        picks = [(ho // 4, wo // 4), (ho // 4, 3 * wo // 4), (3 * ho // 4, wo // 4), (3 * ho // 4, 3 * wo // 4),
-                 (ho // 2, wo // 2)][:queries]
+        picks = [
+            (ho // 4, wo // 4),
+            (ho // 4, 3 * wo // 4),
+            (3 * ho // 4, wo // 4),
+            (3 * ho // 4, 3 * wo // 4),
+            (ho // 2, wo // 2),
+        ][:queries]
         qs, pts = [], []
         for r, c in picks:
             qs.append(((c + 0.5) * scale, (r + 0.5) * scale))

@@ -31,8 +31,15 @@ def _fmt_eta(seconds: float) -> str:
 class Monitor:
     """Does nothing on ranks other than 0; on rank 0 writes TensorBoard, metrics.jsonl and the console."""
 
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True, console: bool = True,
-                 total_steps: int = 0, run_name: str = "run"):
+    def __init__(
+        self,
+        output_dir: str,
+        enabled: bool,
+        tensorboard: bool = True,
+        console: bool = True,
+        total_steps: int = 0,
+        run_name: str = "run",
+    ):
         self.enabled = enabled
         self.console = console and enabled
         self.total_steps = total_steps
@@ -58,8 +65,9 @@ class Monitor:
             for tag, value in values.items():
                 if value is not None:
                     self.writer.add_scalar(tag, float(value), step)
-        self.metrics.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items() if v is not None}})
-                           + "\n")
+        self.metrics.write(
+            json.dumps({"step": step, **{k: float(v) for k, v in values.items() if v is not None}}) + "\n"
+        )
         self.metrics.flush()
 
     def image(self, tag: str, image: torch.Tensor | None, step: int) -> None:

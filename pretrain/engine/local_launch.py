@@ -1,0 +1,100 @@
+"""Start N local ranks of `pretrain train` with the launcher environment set (tests, debugging on one host).
+
+    python -m pretrain.engine.local_launch --nproc 2 -- --config configs/tiny_cpu.yaml
+
+Equivalent to `deepspeed --num_gpus N --no_local_rank --module pretrain.cli train ...` without the launcher:
+each rank gets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and OMP_NUM_THREADS=1 (unless set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .dist import _free_port
+
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int
+    output: str
+
+
+def spawn(nproc: int, train_args: list[str], env: dict | None = None) -> list[subprocess.Popen]:
+    """Start the ranks; each one's output (stderr merged) goes to a temporary file (pipes could fill up and
+    block a rank while we wait on another)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(nproc):
+        e = dict(os.environ)
+        e.update(env or {})
+        e.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        e.setdefault("OMP_NUM_THREADS", "1")
+        log = tempfile.TemporaryFile(mode="w+")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "pretrain.cli", "train", *train_args],
+            env=e,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        p.log = log  # type: ignore[attr-defined]
+        procs.append(p)
+    return procs
+
+
+def _output(p: subprocess.Popen) -> str:
+    p.log.seek(0)
+    text = p.log.read()
+    p.log.close()
+    return text
+
+
+def wait(procs: list[subprocess.Popen], timeout: float | None = None) -> list[RankResult]:
+    """Wait for every rank; on timeout kill them all (by pid) and report what they printed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    return [RankResult(r, p.returncode, _output(p)) for r, p in enumerate(procs)]
+
+
+def run_local(nproc: int, train_args: list[str], env: dict | None = None, timeout: float | None = None):
+    return wait(spawn(nproc, train_args, env), timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `pretrain train` after --")
+    args = parser.parse_args(argv)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    results = run_local(args.nproc, train_args)
+    for r in results:
+        print(f"===== rank {r.rank} (exit {r.returncode}) =====\n{r.output}")
+    return max((abs(r.returncode) for r in results), default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

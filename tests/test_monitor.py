@@ -1,0 +1,108 @@
+"""Monitor: peak table, panels, DCN probe; TensorBoard event files of a real run hold the expected tags."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.monitor.panels import DCNProbe, image_grid
+from pretrain.monitor.throughput import StepTimer, peak_tflops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_peak_table_lookup():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4)
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0)
+    assert peak_tflops("NVIDIA H200", "bf16") == pytest.approx(989.4)
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp16") == pytest.approx(312.0)
+    assert peak_tflops("NVIDIA L40S", "bf16") == pytest.approx(362.05)
+    assert peak_tflops("NVIDIA L4", "bf16") == pytest.approx(121.0)
+    assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 on Volta
+    assert peak_tflops("Some CPU", "bf16") is None
+
+
+def test_step_timer_fractions():
+    t = StepTimer()
+    t.data_begin()
+    t.data_end()
+    t.step_done(16)
+    w = t.window()
+    assert 0.0 <= w["data_wait_frac"] <= 1.0 and w["samples_per_s"] > 0
+
+
+def test_image_grid_shape():
+    grid = image_grid(torch.randn(5, 3, 8, 8), pad=2)
+    assert grid.dtype == torch.uint8 and grid.shape == (3, 2 * 10 + 2, 3 * 10 + 2)
+
+
+def test_dcn_probe_draws_learned_points():
+    from pretrain.models import create_model
+
+    model = create_model(
+        "internimage_t", channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_classes=10
+    )
+    probe = DCNProbe(model)
+    assert probe.name.startswith("levels.2.")
+    x = torch.randn(2, 3, 64, 64)
+    probe.arm()
+    with torch.no_grad():
+        model(x)
+    panel = probe.render(x[0])
+    assert panel is not None and panel.dtype == torch.uint8 and panel.shape == (3, 256, 256)
+    assert probe.render(x[0]) is None  # one panel per arm()
+    probe.remove()
+
+
+@pytest.mark.slow
+def test_tensorboard_event_files_hold_the_expected_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb_run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(
+        TORCH_EXTENSIONS_DIR=str(REPO / ".cache/torch_extensions"), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"
+    )
+    sets = [
+        "synthetic.enabled=true", "synthetic.image_size=32", "synthetic.batch_size=8", "schedule.total_steps=4",
+        "logging.every_steps=1", "logging.dcn_points_every=2", "logging.peak_tflops=1.0", "checkpoint.every_steps=0",
+    ]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "pretrain.cli",
+        "train",
+        "-c",
+        str(REPO / "configs/tiny_cpu.yaml"),
+        "--output-dir",
+        str(out),
+    ]
+    for s in sets:
+        args += ["--set", s]
+    proc = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 4/4 | loss" in proc.stdout and "ETA" in proc.stdout  # the console progress line
+
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    expected = {
+        "loss/loss", "loss/ce", "loss/top1", "opt/lr", "opt/grad_norm", "opt/loss_scale", "perf/samples_per_s",
+        "perf/samples_per_s_per_device", "perf/step_time_s", "perf/data_wait_frac", "perf/tflops_per_device",
+        "perf/mfu", "memory/host_max_rss_gib", "train/skipped_steps",
+    }  # fmt: skip
+    assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
+    assert {"inputs/first_batch", "dcn/sampling_points"} <= set(tags["images"])
+    assert [e.step for e in acc.Images("dcn/sampling_points")] == [1, 3]  # armed at steps 0 and 2
+    # the scalars read back are the values the run logged
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in acc.Scalars("loss/loss")] == [1, 2, 3, 4]
+    for event, row in zip(acc.Scalars("loss/loss"), rows):
+        assert event.value == pytest.approx(row["loss/loss"], rel=1e-6)
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "latest").read_text() == "step_00000004"
