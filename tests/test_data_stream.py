@@ -134,3 +134,11 @@ def test_drop_last(corpus):
     s = build_stream(cfg, rank=0, world_size=2, seed=0)
     assert len(s) == 9
     assert len(_keys(s)) == 9 * 32 and s.counters()["padding"] == 0
+
+
+def test_memory_is_bounded_by_the_row_group_cache(corpus):
+    cfg = _cfg(corpus[0], shuffle_window=2, batch_size=50)
+    s = build_stream(cfg, rank=0, world_size=1, seed=0)
+    for _ in s:
+        assert len(s.fetcher._tables.data) <= len(cfg.sources) * (cfg.shuffle_window + 2)
+    assert s.counters()["samples"] == 600

@@ -1,0 +1,45 @@
+"""`pretrain data sample|build|inspect|tokenizer` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+from pretrain.cli import main
+from pretrain.data import DataConfig, SourceConfig, build_stream
+
+
+def test_sample_build_inspect(tmp_path, capsys):
+    out = tmp_path / "corpus"
+    assert main(["data", "sample", str(out), "--num", "40", "--num-val", "8", "--size", "32", "48"]) == 0
+    assert (out / "train" / "manifest.json").exists() and (out / "val" / "manifest.json").exists()
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out / "val"), "--rows", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    head = json.loads("\n".join(lines[:-2]))
+    assert head["rows"] == 8 and head["label_names"][:2] == ["circle", "square"]
+    assert json.loads(lines[-1])["key"] == "sample-val-0000001"
+
+    csv = tmp_path / "list.csv"
+    shard = out / "train" / "shard-00000.parquet"
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(shard, columns=["image", "caption"]).slice(0, 5).to_pylist()
+    rows = ["image,caption"]
+    for i, r in enumerate(t):
+        (tmp_path / f"{i}.jpg").write_bytes(r["image"])
+        rows.append(f'{i}.jpg,"{r["caption"]}"')
+    csv.write_text("\n".join(rows) + "\n")
+    built = tmp_path / "built"
+    assert main(["data", "build", "csv", str(csv), str(built), "--no-progress"]) == 0
+    cfg = DataConfig(sources=[SourceConfig("b", str(built / "manifest.json"))], image_size=16, batch_size=5)
+    batch = next(iter(build_stream(cfg, rank=0, world_size=1, seed=0)))
+    assert sorted(batch["caption"]) == sorted(r["caption"] for r in t)
+
+
+def test_tokenizer_subcommand_is_registered(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "tokenizer", "--help"])
+    assert exc.value.code == 0
+    assert "tokenizer" in capsys.readouterr().out
