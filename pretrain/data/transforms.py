@@ -66,7 +66,9 @@ def decode_views(
     min_ch = min(b[3] - b[1] for b in boxes)
     if img.format == "JPEG":
         img.draft("RGB", (math.ceil(w * size / min_cw), math.ceil(h * size / min_ch)))
-    img = img.convert("RGB")  # forces the full decode: truncated files raise here
+    if img.mode != "RGB":  # convert() always copies: skip it for the common RGB JPEG
+        img = img.convert("RGB")
+    img.load()  # the full decode: truncated files raise here
     sx, sy = img.size[0] / w, img.size[1] / h
     out = np.empty((views, 3, size, size), np.uint8)
     box_arr = np.empty((views, 5), np.float32)
