@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .keys import choose_prefix, hf_to_official, is_classifier_key, is_head_key, official_to_hf
-from .sources import HF_MODEL_TYPE, RECORD_KEY, ST_WEIGHTS, Source, open_source
+from .sources import HF_MODEL_TYPE, RECORD_KEY, ST_WEIGHTS, Source, open_source, read_safetensors
 from .spec import head_summary, record_from_variant, resolve_and_validate
 from .tensors import DTYPES, ConvertError, LazyTensor, atomic_output, materialize, write_safetensors
 from .zero import to_universal
@@ -199,21 +200,47 @@ def convert(
         "format_version": FORMAT_VERSION,
         "dtype": dtype or "as stored",
     }
-    with (
-        _progress_bar(total, progress, f"convert -> {to}") as bar,
-        atomic_output(dst, overwrite=overwrite) as tmp,
-    ):
-        if to in ("official", "consolidated"):
-            _write_torch(tmp, tensors, target, bar.update, official=to == "official", record=record)
-        elif to == "safetensors" and str(dst).endswith(".safetensors"):
-            write_safetensors(tmp, tensors, dtype=target, metadata=_st_metadata(record), progress=bar.update)
-        else:
-            tmp.mkdir()
-            write_safetensors(
-                tmp / ST_WEIGHTS, tensors, dtype=target, metadata=_st_metadata(record), progress=bar.update
-            )
-            config = _hf_config(record, target) if to == "hf" else {RECORD_KEY: record}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    torch_out = to in ("official", "consolidated")
+    # torch.save needs every tensor in memory at once. Cast tensors and ZeRO gathers would be new
+    # allocations on top of the memory-mapped source, so they are first streamed to a temporary
+    # safetensors file and the source is released: the .pth is then written from that file's mmap.
+    spill = torch_out and (target is not None or source.format == "deepspeed")
+    dst_path = Path(dst)
+    spill_path = dst_path.with_name(f".{dst_path.name}.spill-{os.getpid()}.safetensors")
+    try:
+        with _progress_bar(total * (2 if spill else 1), progress, f"convert -> {to}") as bar:
+            if spill:
+                if dst_path.exists() and not overwrite:
+                    raise ConvertError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
+                write_safetensors(spill_path, tensors, dtype=target, progress=bar.update)
+                del tensors, source
+                gc.collect()
+                tensors, target = read_safetensors(spill_path).tensors, None
+            with atomic_output(dst, overwrite=overwrite) as tmp:
+                if torch_out:
+                    _write_torch(tmp, tensors, target, bar.update, official=to == "official", record=record)
+                elif to == "safetensors" and str(dst).endswith(".safetensors"):
+                    write_safetensors(
+                        tmp, tensors, dtype=target, metadata=_st_metadata(record), progress=bar.update
+                    )
+                else:
+                    tmp.mkdir()
+                    write_safetensors(
+                        tmp / ST_WEIGHTS,
+                        tensors,
+                        dtype=target,
+                        metadata=_st_metadata(record),
+                        progress=bar.update,
+                    )
+                    config = (
+                        _hf_config(record, target or DTYPES.get(dtype or ""))
+                        if to == "hf"
+                        else {RECORD_KEY: record}
+                    )
+                    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    finally:
+        tensors = None
+        spill_path.unlink(missing_ok=True)
     return report
 
 

@@ -150,7 +150,8 @@ def open_source(path: str | Path, *, tag: str | None = None, allow_pickle: bool 
             return src
         if is_deepspeed_dir(path):
             tensors, info = read_deepspeed(path, tag)
-            return Source(path, "deepspeed", tensors, None, info=info, notes=info.pop("notes"))
+            record = run_config_record(Path(info["dir"]))
+            return Source(path, "deepspeed", tensors, record, info=info, notes=info.pop("notes"))
         raise ConvertError(
             f"{path} is a directory but neither a DeepSpeed checkpoint (no 'latest', no global_step*/ with "
             "*model_states.pt) nor an HF/safetensors directory (no config.json)"
@@ -158,6 +159,24 @@ def open_source(path: str | Path, *, tag: str | None = None, allow_pickle: bool 
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     return read_torch_file(path, allow_pickle)
+
+
+def run_config_record(tag_dir: Path) -> dict | None:
+    """The model record from the resolved run config our engine saves next to DeepSpeed's files."""
+    path = tag_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    from .spec import record_from_variant
+
+    try:
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    except yaml.YAMLError:
+        return None
+    if not isinstance(model, dict) or not model.get("variant"):
+        return None
+    return record_from_variant(model["variant"], None, dict(model.get("overrides") or {}))
 
 
 def _hf_kwargs(config: dict) -> dict:

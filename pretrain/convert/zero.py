@@ -8,9 +8,12 @@ number of partitions are read from the shard files themselves, never passed in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import math
 import pickle
 import re
+import shutil
 import zipfile
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -97,6 +100,63 @@ _LOAD_ERRORS = (
 )
 
 
+def _gather(parts: list[torch.Tensor], starts: list[int], offset: int, numel: int, shape) -> torch.Tensor:
+    """Elements [offset, offset + numel) of the concatenation of `parts` (partition r begins at starts[r])."""
+    pieces = []
+    for part, start in zip(parts, starts):
+        lo, hi = max(offset, start), min(offset + numel, start + part.numel())
+        if lo < hi:
+            pieces.append(part[lo - start : hi - start])
+    flat = pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+    return flat.view(shape)
+
+
+def _zero12_lazy(tag_dir: Path) -> dict | None:
+    """ZeRO-1/2 consolidation without DeepSpeed's concatenation of whole flat groups (which holds a second
+    fp32 copy of the model): each parameter is sliced out of the memory-mapped rank partitions when it is
+    loaded. Same layout protocol as `zero_to_fp32._zero2_merge_trainable_params` (parameters back to back
+    in each group's rank-concatenated flat buffer, plus per-parameter alignment paddings when recorded).
+    Returns None (use DeepSpeed's own path) if this DeepSpeed version's helpers differ."""
+    try:
+        from deepspeed.utils import zero_to_fp32 as z
+
+        states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
+        stage, world, flat_groups, paddings = z.parse_optim_states(
+            z.get_optim_files(str(tag_dir)), str(tag_dir)
+        )
+        merge_frozen = z._zero2_merge_frozen_params
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    if stage > 2:
+        return None
+    state: dict = dict(states[0].buffers)
+    merge_frozen(state, states)
+    align = 2 * world
+    for g, shapes in enumerate(states[0].param_shapes):
+        parts = [flat_groups[r][g] for r in range(world)]
+        starts = [sum(p.numel() for p in parts[:r]) for r in range(world)]
+        total = sum(p.numel() for p in parts)
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            if offset + numel > total:
+                raise ConvertError(
+                    f"{tag_dir}: {name} lies beyond the saved partitions: the checkpoint is corrupt"
+                )
+            state[name] = LazyTensor(
+                tuple(shape),
+                parts[0].dtype,
+                functools.partial(_gather, parts, starts, offset, numel, tuple(shape)),
+            )
+            offset += numel + (paddings[g][i] if paddings is not None else 0)
+        if align * math.ceil(offset / align) != align * math.ceil(total / align):
+            raise ConvertError(f"{tag_dir}: group {g} holds {total} elements, its parameters {offset}")
+    for alias, target in states[0].shared_params:
+        if target in state:
+            state[alias] = state[target]
+    return state
+
+
 def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, LazyTensor], dict]:
     """The consolidated fp32 state dict of the DeepSpeed-wrapped module, as lazy tensors.
 
@@ -134,7 +194,13 @@ def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, 
                 f"file(s) found ({', '.join(p.name for p in optim_files)}): a rank's shard is missing"
             )
         with contextlib.redirect_stdout(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(found.root), tag=found.tag, lazy_mode=True)
+            state = _zero12_lazy(tag_dir) if stage <= 2 else None
+            info["gather"] = "per parameter, from memory-mapped partitions"
+            if state is None:
+                info["gather"] = "deepspeed zero_to_fp32 (lazy mode)"
+                state = get_fp32_state_dict_from_zero_checkpoint(
+                    str(found.root), tag=found.tag, lazy_mode=True
+                )
     except ConvertError:
         raise
     except _LOAD_ERRORS as err:
@@ -142,7 +208,9 @@ def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, 
 
     out: dict[str, LazyTensor] = {}
     for name, value in state.items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, LazyTensor):
+            out[name] = value
+        elif isinstance(value, torch.Tensor):
             out[name] = LazyTensor.of(value)
         else:  # deepspeed's GatheredTensor (ZeRO-3): gathered from every rank's partition on demand
             out[name] = LazyTensor(tuple(value.shape), value.dtype, value.contiguous)
@@ -199,7 +267,21 @@ def to_universal(src: str | Path, dst_tmp: Path, tag: str | None = None, workers
         raise ConvertError(f"universal conversion of {found.dir} failed: {err}") from err
     (dst_tmp / "latest").write_text(found.tag)
     (dst_tmp / "latest_universal").write_text(found.tag)
-    return {"tag": found.tag, "zero_stage": stage, "world_size": world, "notes": found.notes}
+    # our own per-step files (trainer state, resolved config, meta) travel with the checkpoint
+    copied = []
+    for f in sorted(found.dir.iterdir()):
+        if (
+            f.is_file()
+            and not f.match(MODEL_STATES)
+            and not f.match(OPTIM_STATES)
+            and f.name != "zero_to_fp32.py"
+        ):
+            shutil.copy2(f, dst_tmp / found.tag / f.name)
+            copied.append(f.name)
+    notes = list(found.notes)
+    if copied:
+        notes.append(f"copied alongside: {', '.join(copied)}")
+    return {"tag": found.tag, "zero_stage": stage, "world_size": world, "notes": notes}
 
 
 def restore_buffers(module: torch.nn.Module, path: str | Path, tag: str | None = None) -> list[str]:
