@@ -62,7 +62,7 @@ __device__ __forceinline__ void load_f32(const float* ptr, float (&out)[N]) {
 // element overflows only after 2^23 full-magnitude terms, and each term is rounded to at most
 // max|grad_y| * 2^-41 absolute error.
 __device__ __forceinline__ float fixed_point_scale(const float* absmax) {
-  float m = fmaxf(*absmax, 1e-30f);
+  float m = fminf(fmaxf(*absmax, 1e-30f), 1e30f);  // +inf (non-finite grad_y) still gives a usable scale
   int e = 40 - static_cast<int>(ceilf(log2f(m)));
   e = max(min(e, 126), -126);
   return ldexpf(1.0f, e);

@@ -58,23 +58,29 @@ __global__ void __launch_bounds__(256) colsum_partial_kernel(const T* x, int M, 
   partial[int64_t(blockIdx.y) * N + n] = v;
 }
 
-// max |x| over x (count) fp32 -> *out (which must start at 0). Max is order-independent: atomicMax on the
-// bit pattern of non-negative floats is exact and deterministic.
+// max |x| over x (count) fp32 -> *out (which must start at 0); +inf when x holds a non-finite value, so the
+// fixed-point finalisation can hand NaN on (loss-scaling overflow checks must still see it). Max is
+// order-independent: atomicMax on the bit pattern of non-negative floats is exact and deterministic.
 __global__ void __launch_bounds__(256) absmax_kernel(const float* x, int64_t count, float* out) {
   float m = 0.f;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
-    m = fmaxf(m, fabsf(x[i]));
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    const float a = fabsf(x[i]);
+    m = (a <= 3.402823466e38f) ? fmaxf(m, a) : INFINITY;  // NaN and inf both become +inf
+  }
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   if ((threadIdx.x & 31) == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
 }
 
-// grad_value (T) = fixed-point accumulator / scale.
+// grad_value (T) = fixed-point accumulator / scale (NaN everywhere when grad_y was not finite).
 template <class T>
 __global__ void __launch_bounds__(256) fixed_point_finalize_kernel(const unsigned long long* acc, int64_t count,
                                                                    const float* absmax, T* out) {
+  const bool finite = isfinite(*absmax);
   const float inv = 1.0f / fixed_point_scale(absmax);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = from_float<T>(static_cast<float>(static_cast<double>(static_cast<long long>(acc[i])) * inv));
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    const float v = static_cast<float>(static_cast<double>(static_cast<long long>(acc[i])) * inv);
+    out[i] = from_float<T>(finite ? v : NAN);
+  }
 }
 
 template <class T>

@@ -128,6 +128,17 @@ def nvcc() -> str | None:
     )
 
 
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include dir (cuda_runtime.h), for host-only compile checks of the binding."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc() is not None:
+        roots.append(str(Path(nvcc()).resolve().parents[1]))
+    for root in filter(None, roots):
+        if (Path(root) / "include" / "cuda_runtime.h").exists():
+            return Path(root) / "include"
+    return None
+
+
 def compile_only_command(source: Path, archs, output: Path) -> list[str]:
     """The nvcc command that compile-checks one kernel TU (device code for every arch, no linking)."""
     return [
