@@ -177,6 +177,11 @@ def sample_reference(
 _LIB = "internimage_dcnv3"
 
 
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor shaped like `t` (the kernels' outputs are always contiguous)."""
+    return t.new_empty(t.shape)
+
+
 @torch.library.custom_op(f"{_LIB}::fused_fwd", mutates_args=())
 def fused_fwd(
     value: torch.Tensor,
@@ -193,7 +198,7 @@ def fused_fwd(
     g = _geom_from_list(geom, offset_scale)
     logits = F.linear(x1, wpack, bpack)
     y = sample_reference(value, logits, g, True, has_cfs)
-    return F.linear(y, wout, bout), y
+    return F.linear(y, wout, bout).contiguous(), y.contiguous()
 
 
 @fused_fwd.register_kernel("cuda")
@@ -206,7 +211,7 @@ def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has
 
 @fused_fwd.register_fake
 def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs):
-    return value.new_empty((*value.shape[:3], wout.shape[0])), torch.empty_like(value)
+    return value.new_empty((*value.shape[:3], wout.shape[0])), _like(value)
 
 
 @torch.library.custom_op(f"{_LIB}::fused_bwd", mutates_args=())
@@ -234,7 +239,8 @@ def fused_bwd(
     )
     grads = vjp(F.linear(grad_out, wout.t()))
     flat = grad_out.reshape(-1, grad_out.shape[-1])
-    return (*grads, flat.t() @ y.reshape(-1, y.shape[-1]), flat.sum(0))
+    grads = tuple(g.contiguous() for g in grads)
+    return (*grads, (flat.t() @ y.reshape(-1, y.shape[-1])).contiguous(), flat.sum(0))
 
 
 @fused_bwd.register_kernel("cuda")
@@ -254,11 +260,11 @@ def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_sca
 @fused_bwd.register_fake
 def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs):
     return (
-        torch.empty_like(value),
-        torch.empty_like(x1),
-        torch.empty_like(wpack),
-        torch.empty_like(bpack),
-        torch.empty_like(wout),
+        _like(value),
+        _like(x1),
+        _like(wpack),
+        _like(bpack),
+        _like(wout),
         wout.new_empty(wout.shape[0]),
     )
 
@@ -286,7 +292,7 @@ def core_fwd(
     value: torch.Tensor, logits: torch.Tensor, ho: int, wo: int, geom: list[int], offset_scale: float
 ) -> torch.Tensor:
     """DCNv3 aggregation from packed (offset, normalised mask) logits -> (N, Ho, Wo, C)."""
-    return sample_reference(value, logits, _geom_from_list(geom, offset_scale), False, False)
+    return sample_reference(value, logits, _geom_from_list(geom, offset_scale), False, False).contiguous()
 
 
 @core_fwd.register_kernel("cuda")
@@ -312,7 +318,7 @@ def core_bwd(
     """-> (grad_value, grad_logits); grad_y is float32."""
     g = _geom_from_list(geom, offset_scale)
     y, vjp = torch.func.vjp(lambda v, lg: sample_reference(v, lg, g, False, False), value, logits)
-    return vjp(grad_y.to(y.dtype))
+    return tuple(g.contiguous() for g in vjp(grad_y.to(y.dtype)))
 
 
 @core_bwd.register_kernel("cuda")
@@ -325,7 +331,7 @@ def _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale):
 
 @core_bwd.register_fake
 def _core_bwd_fake(grad_y, value, logits, ho, wo, geom, offset_scale):
-    return torch.empty_like(value), torch.empty_like(logits)
+    return _like(value), _like(logits)
 
 
 def _core_setup(ctx, inputs, output):
