@@ -355,6 +355,14 @@ core_fwd.register_autograd(_core_backward, setup_context=_core_setup)
 # Backend entry points (the dispatch contract of pretrain/ops/dispatch.py).
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernels use 16-byte vector loads); views at odd offsets are copied."""
+    t = t.contiguous()
+    if not torch.compiler.is_compiling() and t.device.type == "cuda" and t.data_ptr() % 16:
+        t = t.clone()
+    return t
+
+
 def _fused_call(
     value: torch.Tensor, x1: torch.Tensor, params: FusedParams, geom: DCNGeometry
 ) -> torch.Tensor:
@@ -362,8 +370,8 @@ def _fused_call(
     dtype = value.dtype
     wpack, bpack = pack_projection(params, geom, dtype)
     out, _ = fused_fwd(
-        value.contiguous(),
-        x1.to(dtype).contiguous(),
+        _aligned(value),
+        _aligned(x1.to(dtype)),
         wpack,
         bpack,
         params.output_weight.to(dtype).contiguous(),
@@ -381,7 +389,7 @@ def _core_call(
     geom.check(value, offset, mask)
     _, ho, wo, _ = offset.shape
     logits = pack_logits(offset, mask, geom, value.dtype)
-    return core_fwd(value.contiguous(), logits, ho, wo, geometry_list(geom), float(geom.offset_scale))
+    return core_fwd(_aligned(value), logits, ho, wo, geometry_list(geom), float(geom.offset_scale))
 
 
 def dcnv3_fused_cuda(
