@@ -101,6 +101,10 @@ class DenseConfig:
     """Weight of the inter-view term (every token of B's other view; B's same view when data.views == 1)."""
     intra_on_masked_only: bool = True
     """Intra-view loss only where A is hidden (MAE/SiameseIM convention: visible tokens are nearly free)."""
+    corr_weight: float = 0.02
+    """Weight of UniGrad's correlation term (SiameseIM's loss, arXiv 2112.05141): mean over tokens of
+    p̂ᵀ F p̂ with F = E[t̂ t̂ᵀ] over the batch's targets; its gradient pushes predictions away from the
+    directions every target shares, which keeps the online/EMA pair from collapsing to a constant. 0: off."""
     projector_dim: int = 256
     """Width of the online/teacher projector output = target width (SiameseIM's projector: 256)."""
     decoder_depth: int = 4

@@ -170,6 +170,7 @@ class M3IObjective(Objective):
                 loss = loss + self.inter_weight * inter
                 out["inter"] = inter.detach()
             out["ema_momentum"] = torch.tensor(self.ema_momentum)
+            out.update(self._stats)
         out["loss"] = loss
         return out
 
@@ -275,6 +276,7 @@ class M3IObjective(Objective):
         )
         zero = tokens.new_zeros((), dtype=torch.float32)
         intra = inter = zero
+        self._stats = {}
         if self.intra_weight > 0:
             target = self.targets(image)
             pred = self.predictor(context, ctx_geo, from_b, ctx_geo, Predictor.INTRA)
@@ -284,7 +286,7 @@ class M3IObjective(Objective):
                 else torch.ones_like(from_b)
             )
             where = where & valid[:, None, None]
-            intra = self.token_loss(pred, target, where)
+            intra = self.token_loss(pred, target, where, "intra")
         if self.inter_weight > 0:
             other = batch.get("image2")
             boxes = batch.get("view_boxes")
@@ -300,18 +302,34 @@ class M3IObjective(Objective):
                 query_geo = relative_geometry(boxes[:, 0], boxes[:, 1], h, w, th, tw)
             pred = self.predictor(context, ctx_geo, from_b, query_geo, Predictor.INTER)
             where = valid[partner][:, None, None].expand(-1, *pred.shape[1:3])
-            inter = self.token_loss(pred, target, where)
+            inter = self.token_loss(pred, target, where, "inter")
         return intra, inter
 
-    def token_loss(self, pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """Mean over the selected tokens of normalised L2 (2 − 2 cos) or smooth-L1; pred/target (n, h, w, P)."""
-        pred = pred.float()
+    def token_loss(
+        self, pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor, name: str
+    ) -> torch.Tensor:
+        """Mean over the selected tokens of normalised L2 (2 − 2 cos) or smooth-L1, plus the UniGrad
+        correlation term; pred/target (n, h, w, P), where (n, h, w) bool.
+
+        Also records `<name>_spread` (not a loss): the mean squared cosine between targets of different
+        tokens, 1 when the teacher has collapsed to one vector, ≈1/P when its features are spread out.
+        """
+        pred, weight = pred.float(), where.to(torch.float32)
         if self.cfg.dense.loss == "cosine":
             per_token = 2.0 - 2.0 * F.cosine_similarity(pred, target, dim=-1)
         else:
             per_token = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
-        weight = where.to(per_token.dtype)
-        return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
+        count = weight.sum().clamp_min(1.0)
+        loss = (per_token * weight).sum() / count
+        sel = where.reshape(-1)
+        t_hat = F.normalize(target.reshape(-1, target.shape[-1])[sel], dim=-1)
+        if t_hat.shape[0] > 0:
+            corr = t_hat.T @ t_hat / t_hat.shape[0]  # F = E[t̂ t̂ᵀ] (P, P), no gradient (targets)
+            self._stats[f"{name}_spread"] = (corr.square().sum()).detach()
+            if self.cfg.dense.corr_weight > 0:
+                p_hat = F.normalize(pred.reshape(-1, pred.shape[-1])[sel], dim=-1)
+                loss = loss + self.cfg.dense.corr_weight * ((p_hat @ corr) * p_hat).sum(-1).mean()
+        return loss
 
     # ------------------------------------------------------------------------------------------ zero-shot
     def prompts_for_training(self) -> list[str]:
