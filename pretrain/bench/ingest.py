@@ -4,9 +4,13 @@ Modes, each in its own fresh process so peak memory is its own:
   bare   one process, a plain loop: read the shard rows, decode_views + batch normalise (the floor cost);
   arrow  the plain reader (`Stream`, num_workers threads) on the same cores;
   ray    the Ray Data reader (`RayStream`, num_workers decode actors of 1 CPU) on a local Ray instance.
-Per mode: wall-clock samples/s (and per core = / workers), and samples per CPU-second of the process and
-all its descendants (Ray's raylet, GCS and workers included): on a shared machine the CPU-time figure is the
-per-core rate the code would reach on a free core, the wall figure what this machine gave.
+Per mode: wall-clock samples/s (and per core = / workers), and samples per CPU-second of the pipeline's
+processes (the consumer + its decode threads, or the consumer + the Ray decode actors): on a shared machine
+the CPU-time figure is the per-core rate the code would reach on a free core, the wall figure is what this
+machine gave. Ray's own daemons (raylet, GCS, agents, idle workers) are reported separately as "Ray infra"
+(a per-node cost, amortised over a node's cores at scale). The first --warmup batches are not timed (Ray
+starts its workers then); each mode runs --repeat times, alternating, and the best run is kept (the usual
+defence against load from other processes: interference only ever slows a run down).
 Images come from a generated corpus of JPEGs at --image-px (img2dataset-like sizes), so the numbers do not
 depend on a download. Prints a Markdown table for BENCHMARKS.md and a JSON line.
 """
@@ -34,6 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", type=int, default=224, help="output crop size")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="cores (threads / Ray actors) per pipeline")
+    parser.add_argument("--warmup", type=int, default=5, help="batches not timed at the start")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per mode; the best is reported")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--modes", nargs="+", default=["bare", "arrow", "ray"], choices=["bare", "arrow", "ray"]
@@ -80,21 +86,24 @@ def _make_corpus(workdir: str, num: int, px: int) -> str:
     return Manifest(name="bench", shards=shards, label_names=["x"]).save(url)
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and all its live descendants (Ray's raylet and workers)."""
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) of this process, the Ray decode actors and the other descendants."""
     import psutil
 
-    total = 0.0
-    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    me = psutil.Process()
+    out = {"consumer": 0.0, "decode": 0.0, "infra": 0.0}
+    for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            cmd = " ".join(p.cmdline())
         except psutil.Error:
-            pass
-    return total
+            continue
+        role = "consumer" if p.pid == me.pid else "decode" if "MapBatches(_DecodeStep)" in cmd else "infra"
+        out[role] += t.user + t.system
+    return out
 
 
-def _peak_rss_mib(children: bool) -> float:
+def _rss_mib(children: bool) -> float:
     import psutil
 
     procs = [psutil.Process()]
@@ -110,9 +119,9 @@ def _peak_rss_mib(children: bool) -> float:
 
 
 def _measure(
-    mode: str, manifest: str, size: int, views: int, batch: int, samples: int, workers: int, q
+    mode: str, manifest: str, size: int, views: int, batch: int, workers: int, warmup: int, q
 ) -> None:
-    """One mode in a fresh process: time one epoch from the first delivered batch (warm-up excluded)."""
+    """One mode in a fresh process: time one epoch after `warmup` delivered batches."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import numpy as np
     import torch
@@ -134,7 +143,7 @@ def _measure(
 
     def sample_memory():
         while not stop.is_set():
-            peak[0] = max(peak[0], _peak_rss_mib(children=mode == "ray"))
+            peak[0] = max(peak[0], _rss_mib(children=mode == "ray"))
             time.sleep(0.2)
 
     threading.Thread(target=sample_memory, daemon=True).start()
@@ -151,19 +160,14 @@ def _measure(
             data += pq.read_table(m.shard_url(i), columns=["image"]).column("image").to_pylist()
         rng = np.random.default_rng(0)
         out = np.empty((batch, views, 3, size, size), np.uint8)
-        done, t0 = 0, None
-        idx = 0
-        while done < samples:
-            for v_out in range(batch):
-                out[v_out], _ = decode_views(data[idx % len(data)], size, views, cfg.augment, rng)
-                idx += 1
-            for v in range(views):
-                norm(out[:, v])
-            if t0 is None:
-                t0, c0 = time.perf_counter(), _cpu_seconds()  # first batch is the warm-up
-            else:
-                done += batch
-        elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+
+        def batches():
+            for start in range(0, len(data) - batch + 1, batch):
+                for j in range(batch):
+                    out[j], _ = decode_views(data[start + j], size, views, cfg.augment, rng)
+                yield [norm(out[:, v]) for v in range(views)]
+
+        stream = batches()
     else:
         if mode == "ray":
             import ray
@@ -175,18 +179,37 @@ def _measure(
                 log_to_driver=False,
             )
         stream = build_stream(cfg, rank=0, world_size=1, seed=0)
-        done, t0 = 0, None
-        for b in stream:  # exactly one epoch: everything the pipeline decodes is consumed and counted
-            if t0 is None:
-                t0, c0 = time.perf_counter(), _cpu_seconds()
-            else:
-                done += int(b["valid"].sum())
-        elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        if mode == "ray":
-            peak[0] = max(peak[0], _peak_rss_mib(children=True))
-            ray.shutdown()
+    reader = None if mode == "bare" else stream
+    done, t0 = 0, None
+
+    def snapshot():
+        """(wall, consumer CPU, decode CPU of delivered batches, infra CPU).
+
+        Decode CPU comes from the reader's own per-batch thread-time counter, so work a reader did ahead of
+        the consumer (Ray Data runs far ahead) is counted with the batch it belongs to, not when it ran.
+        """
+        roles = _cpu_by_role()
+        if mode == "arrow":
+            consumer = time.thread_time()  # the decode threads are counted through the reader's counter
+        else:
+            consumer = roles["consumer"]
+        decode = reader.counters()["decode_cpu_ms"] / 1000.0 if reader is not None else 0.0
+        return time.perf_counter(), consumer, decode, roles["infra"]
+
+    for i, _ in enumerate(stream):  # exactly one epoch: everything decoded is consumed and counted
+        if i + 1 == warmup:
+            t0 = snapshot()
+        elif t0 is not None:
+            done += batch
+    t1 = snapshot()
+    elapsed = t1[0] - t0[0]
+    cpu = {"consumer": t1[1] - t0[1], "decode": t1[2] - t0[2], "infra": t1[3] - t0[3]}
+    if mode == "ray":
+        peak[0] = max(peak[0], _rss_mib(children=True))
+        ray.shutdown()
     stop.set()
     peak[0] = max(peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    pipeline = cpu["consumer"] + cpu["decode"]
     q.put(
         {
             "mode": mode,
@@ -196,7 +219,8 @@ def _measure(
             "cpu_seconds": cpu,
             "per_s": done / elapsed,
             "per_core_s": done / elapsed / workers,
-            "per_cpu_s": done / cpu,
+            "per_cpu_s": done / pipeline,
+            "infra_share": cpu["infra"] / (pipeline + cpu["infra"]),
             "peak_rss_mib": peak[0],
         }
     )
@@ -204,42 +228,46 @@ def _measure(
 
 def run(args) -> int:
     manifest = args.corpus or _make_corpus(args.workdir, args.num, args.image_px)
-    from pretrain.data.schema import Manifest
-
-    samples = (
-        Manifest.load(manifest).num_rows - args.batch_size
-    )  # what a stream delivers after its first batch
     ctx = mp.get_context("spawn")
-    results = []
-    for views in args.views:
-        for mode in args.modes:
-            q = ctx.Queue()
-            p = ctx.Process(
-                target=_measure,
-                args=(mode, manifest, args.size, views, args.batch_size, samples, args.workers, q),
-            )
-            p.start()
-            res = q.get()
-            p.join()
-            results.append(res)
-            print(json.dumps(res), flush=True)
+    runs = []
+    for rep in range(args.repeat):
+        for views in args.views:
+            for mode in args.modes:
+                q = ctx.Queue()
+                p = ctx.Process(
+                    target=_measure,
+                    args=(mode, manifest, args.size, views, args.batch_size, args.workers, args.warmup, q),
+                )
+                p.start()
+                res = q.get()
+                p.join()
+                res["repeat"] = rep
+                runs.append(res)
+                print(json.dumps(res), flush=True)
+    best = {}
+    for r in runs:
+        k = (r["views"], r["mode"])
+        if k not in best or r["per_cpu_s"] > best[k]["per_cpu_s"]:
+            best[k] = {**r, "per_s": max(r["per_s"], best.get(k, r)["per_s"])}
     load = os.getloadavg()
     print(
-        f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores visible, load average {load[0]:.1f} at the end; workers={args.workers}, "
-        f"{args.image_px}px JPEG -> {args.size}px, batch {args.batch_size}\n"
+        f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.machine()}, {os.cpu_count()} cores "
+        f"visible, load average {load[0]:.1f}/{load[1]:.1f} (1/5 min) at the end; workers={args.workers}, "
+        f"{args.image_px}px JPEG -> {args.size}px, batch {args.batch_size}, best of {args.repeat}\n"
     )
     print(
-        "| views | mode | samples/s (wall) | per core (wall) | per CPU-second | vs bare (wall / CPU) | peak RSS MiB |"
+        "| views | mode | samples/s (wall) | per core (wall) | per CPU-second | vs bare (wall / CPU) "
+        "| Ray infra CPU | peak RSS MiB |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        bare = next((b for b in results if b["mode"] == "bare" and b["views"] == r["views"]), None)
+    print("|---|---|---|---|---|---|---|---|")
+    for (views, mode), r in best.items():
+        bare = best.get((views, "bare"))
         rel = (
             f"{r['per_s'] / bare['per_s']:.0%} / {r['per_cpu_s'] / bare['per_cpu_s']:.0%}" if bare else "n/a"
         )
+        infra = f"{r['infra_share']:.0%}" if mode == "ray" else "-"
         print(
-            f"| {r['views']} | {r['mode']} | {r['per_s']:.0f} | {r['per_core_s']:.0f} | {r['per_cpu_s']:.0f} "
-            f"| {rel} | {r['peak_rss_mib']:.0f} |"
+            f"| {views} | {mode} | {r['per_s']:.0f} | {r['per_core_s']:.0f} | {r['per_cpu_s']:.0f} | {rel} "
+            f"| {infra} | {r['peak_rss_mib']:.0f} |"
         )
     return 0

@@ -8,6 +8,7 @@ row (valid=False), its reason is returned for the counters, and a warning names 
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -123,12 +124,14 @@ def empty_batch(n: int, views: int, size: int) -> dict:
         "key": [""] * n,
         "valid": np.zeros(n, bool),
         "reason": [""] * n,  # why a row is invalid: "" (valid), "padding", or one of REASONS
+        "cpu": np.zeros(n, np.float64),  # decode CPU seconds per row (thread time; for the counters)
     }
 
 
 def assemble(fetcher: RowFetcher, cfg: DataConfig, epoch: int, positions: np.ndarray, aug_seed: int) -> dict:
     """Batch for the given positions of `epoch` (positions >= epoch length become padding rows)."""
     plan = fetcher.plan
+    t0 = time.thread_time()
     n = len(positions)
     out = empty_batch(n, cfg.views, cfg.image_size)
     live = positions < plan.epoch_len
@@ -136,7 +139,7 @@ def assemble(fetcher: RowFetcher, cfg: DataConfig, epoch: int, positions: np.nda
         out["reason"][i] = "padding"
     idx = np.nonzero(live)[0]
     if idx.size == 0:
-        return out
+        return out  # all padding: no decode cost
     src, shard, rg, row = plan.locate(epoch, positions[idx])
     for j, i in enumerate(idx):
         s, sh, g, r = int(src[j]), int(shard[j]), int(rg[j]), int(row[j])
@@ -169,7 +172,22 @@ def assemble(fetcher: RowFetcher, cfg: DataConfig, epoch: int, positions: np.nda
         out["source"][i] = s
         out["key"][i] = key
         out["valid"][i] = True
+    out["cpu"][:] = (time.thread_time() - t0) / n
     return out
+
+
+def new_counters() -> dict:
+    return {"samples": 0, "batches": 0, "padding": 0, **{r: 0 for r in REASONS}, "decode_cpu_ms": 0.0}
+
+
+def count(counters: dict, raw: dict) -> None:
+    """Add one delivered batch to the counters (readers count on delivery, not on prefetch)."""
+    counters["batches"] += 1
+    counters["samples"] += int(np.asarray(raw["valid"]).sum())
+    counters["decode_cpu_ms"] += float(np.asarray(raw["cpu"]).sum()) * 1000.0
+    for r in raw["reason"]:
+        if r:
+            counters[r] += 1
 
 
 def to_torch(raw: dict, views: int, normalize) -> dict:
@@ -193,4 +211,14 @@ def to_torch(raw: dict, views: int, normalize) -> dict:
     return batch
 
 
-__all__ = ["BadDataWarning", "RowFetcher", "assemble", "empty_batch", "to_torch", "normalizer", "REASONS"]
+__all__ = [
+    "BadDataWarning",
+    "RowFetcher",
+    "assemble",
+    "count",
+    "empty_batch",
+    "new_counters",
+    "to_torch",
+    "normalizer",
+    "REASONS",
+]

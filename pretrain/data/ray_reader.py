@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import REASONS, RowFetcher, assemble, normalizer, to_torch
+from .batch import RowFetcher, assemble, count, new_counters, normalizer, to_torch
 from .config import DataConfig
 from .order import Plan
 from .schema import Manifest
@@ -53,7 +53,7 @@ class _DecodeStep:
         ]
         out = {
             k: np.concatenate([p[k] for p in parts])
-            for k in ("images", "view_boxes", "label", "has_caption", "source", "valid")
+            for k in ("images", "view_boxes", "label", "has_caption", "source", "valid", "cpu")
         }
         for k in ("caption", "key", "reason"):
             out[k] = np.asarray([s for p in parts for s in p[k]], dtype=object)
@@ -95,7 +95,7 @@ class RayStream:
         self.plan = make_plan(cfg, self.order_seed)
         self.cursor = Cursor(self.plan, cfg, rank, world_size)
         self.normalize = normalizer(cfg.augment)
-        self._counters = {"samples": 0, "batches": 0, "padding": 0, **{r: 0 for r in REASONS}}
+        self._counters = new_counters()
 
     @property
     def epoch(self) -> int:
@@ -111,7 +111,7 @@ class RayStream:
         self.cursor.load_state_dict(state)
 
     def counters(self) -> dict[str, int]:
-        return dict(self._counters)
+        return {k: int(v) for k, v in self._counters.items()}
 
     def __len__(self) -> int:
         return self.cursor.steps_left()
@@ -131,11 +131,7 @@ class RayStream:
             )
             for t, raw in enumerate(batches):
                 batch = to_torch(raw, self.cfg.views, self.normalize)
-                self._counters["batches"] += 1
-                self._counters["samples"] += int(raw["valid"].sum())
-                for r in raw["reason"]:
-                    if r:
-                        self._counters[r] += 1
+                count(self._counters, raw)
                 c.consumed = min(start + (t + 1) * c.global_batch, max(self.plan.epoch_len, start))
                 yield batch
         c.epoch, c.consumed = epoch + 1, 0

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .batch import REASONS, RowFetcher, assemble, normalizer, to_torch
+from .batch import RowFetcher, assemble, count, new_counters, normalizer, to_torch
 from .config import DataConfig
 from .order import Plan
 from .schema import Manifest
@@ -107,7 +107,7 @@ class Stream:
         self.cursor = Cursor(self.plan, cfg, rank, world_size)
         self.fetcher = RowFetcher(self.plan, cfg.shuffle_window)
         self.normalize = normalizer(cfg.augment)
-        self._counters = {"samples": 0, "batches": 0, "padding": 0, **{r: 0 for r in REASONS}}
+        self._counters = new_counters()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -126,9 +126,10 @@ class Stream:
         self.cursor.load_state_dict(state)
 
     def counters(self) -> dict[str, int]:
-        """Delivered samples/batches, padding rows, and skipped samples per reason (this process, since start)."""
+        """Delivered samples/batches, padding rows, skipped samples per reason, and the decode CPU time of the
+        delivered batches in ms (this process, since start)."""
         with self._lock:
-            return dict(self._counters)
+            return {k: int(v) for k, v in self._counters.items()}
 
     def __len__(self) -> int:
         """Batches left in the current epoch."""
@@ -169,11 +170,7 @@ class Stream:
 
     def _count(self, raw: dict) -> None:
         with self._lock:
-            self._counters["batches"] += 1
-            self._counters["samples"] += int(raw["valid"].sum())
-            for r in raw["reason"]:
-                if r:
-                    self._counters[r] += 1
+            count(self._counters, raw)
 
     def close(self) -> None:
         if self._pool is not None:
