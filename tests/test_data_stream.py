@@ -42,6 +42,10 @@ def test_sample_corpus_manifests(corpus):
     assert m.num_rows == 600 and len(m.shards) == 3 and m.label_names[0] == "circle"
     v = Manifest.load(val)
     assert v.num_rows == 50 and v.stats["with_label"] == 50
+    info = build_stream(_cfg(train), rank=0, world_size=1, seed=0).info()
+    assert (
+        info["num_classes"] == 6 and info["label_names"] == m.label_names and info["samples_per_epoch"] == 600
+    )
     raw = json.loads(open(train).read())
     assert raw["schema_version"] == 1 and raw["num_rows"] == 600
 

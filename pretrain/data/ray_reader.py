@@ -22,7 +22,7 @@ from .batch import RowFetcher, assemble, count, new_counters, normalizer, to_tor
 from .config import DataConfig
 from .order import Plan
 from .schema import Manifest
-from .stream import Cursor, make_plan
+from .stream import Cursor, make_plan, stream_info
 
 
 class _DecodeStep:
@@ -115,6 +115,13 @@ class RayStream:
 
     def __len__(self) -> int:
         return self.cursor.steps_left()
+
+    @property
+    def label_names(self) -> list[list[str] | None]:
+        return [m.label_names for m in self.plan.manifests]
+
+    def info(self) -> dict:
+        return stream_info(self.plan)
 
     def dataset(self):
         """The Ray Dataset of this rank's remaining batches (a new one per call: it starts at the cursor)."""

@@ -42,6 +42,22 @@ def make_plan(cfg: DataConfig, order_seed: int, manifests: list[Manifest] | None
     )
 
 
+def stream_info(plan: Plan) -> dict:
+    """What a consumer needs to know about the corpus: class names (labels index the labelled sources'
+    shared list), source names, epoch length."""
+    labelled = [m.label_names for m in plan.manifests if m.label_names]
+    if any(names != labelled[0] for names in labelled[1:]):
+        raise ValueError(
+            "labelled sources disagree on label_names: a label id would mean different classes; "
+            "rebuild them with one class list or mix only one labelled source"
+        )
+    info = {"source_names": [m.name for m in plan.manifests], "samples_per_epoch": plan.epoch_len}
+    if labelled:
+        info["label_names"] = list(labelled[0])
+        info["num_classes"] = len(labelled[0])
+    return info
+
+
 class Cursor:
     """Where the stream is: epoch and samples of that epoch consumed by all ranks together."""
 
@@ -137,7 +153,11 @@ class Stream:
 
     @property
     def label_names(self) -> list[list[str] | None]:
+        """Per source (index = batch `source`): its manifest's class names, None when it has no labels."""
         return [m.label_names for m in self.plan.manifests]
+
+    def info(self) -> dict:
+        return stream_info(self.plan)
 
     # --- iteration ------------------------------------------------------------------------------------------
     def _make(self, epoch: int, start: int, step: int) -> dict:
