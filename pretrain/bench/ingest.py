@@ -196,11 +196,11 @@ def _measure(
         decode = reader.counters()["decode_cpu_ms"] / 1000.0 if reader is not None else 0.0
         return time.perf_counter(), consumer, decode, roles["infra"]
 
-    for i, _ in enumerate(stream):  # exactly one epoch: everything decoded is consumed and counted
+    for i, b in enumerate(stream):  # exactly one epoch: everything decoded is consumed and counted
         if i + 1 == warmup:
             t0 = snapshot()
         elif t0 is not None:
-            done += batch
+            done += batch if reader is None else int(b["valid"].sum())  # padding rows are not samples
     t1 = snapshot()
     elapsed = t1[0] - t0[0]
     cpu = {"consumer": t1[1] - t0[1], "decode": t1[2] - t0[2], "infra": t1[3] - t0[3]}
