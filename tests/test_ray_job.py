@@ -4,12 +4,15 @@ The head is started by this module (`ray start --head --block` on 127.0.0.1, its
 RAY_AUTH_MODE=disabled) and stopped by killing exactly the processes it started. Jobs go through the real
 `ray job submit` CLI with the repository as working dir.
 
-* a clean run finishes with every step, checkpoints in the engine's layout, TensorBoard events and
-  progress lines in `ray job logs`;
-* a fault run kills training worker 1 (`--fail-once 1:5`: os._exit(1) when fetching the batch after step 5,
-  one step past the checkpoint of step 4); Ray Train restarts the worker group, which resumes from that
-  checkpoint: same final step count, and per (rank, step) exactly the samples of the clean run;
-* bad input (missing manifest, unwritable storage, config error) fails at preflight, before any worker.
+* a clean run (12 steps, crossing an epoch boundary) finishes with every step, checkpoints in the engine's
+  layout (usable by `pretrain convert`), TensorBoard events in the run's storage and progress lines in
+  `ray job logs`; each rank records the sample keys it consumed per step;
+* the same run interrupted twice: `ray job stop` (the workers save on the stop), a resubmission with the same
+  name (resumes), and worker 1 killed mid-run (`--fail-once 1:11`: os._exit(1) one step past the checkpoint
+  of step 10); Ray Train restarts the worker group from that checkpoint. The step count is exact and every
+  (rank, step) trained on exactly the clean run's samples;
+* bad input (missing manifest, unwritable storage, config error, world-size change) fails at preflight,
+  before any worker starts.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
-TOTAL_STEPS = 8
-FAIL_AT = 5  # rank 1 dies when fetching the batch after step 5; the last checkpoint is step 4
+CORPUS = 80  # samples: one epoch is 10 steps of 2 ranks x 4, so a 12-step run crosses into epoch 2
+STEPS_PER_EPOCH = CORPUS // 8
+TOTAL_STEPS = 12
+FAIL_AT = 11  # rank 1 dies fetching the batch after step 11; the last checkpoint is step 10 (epoch end)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -48,6 +53,32 @@ def _free_ports(n: int) -> list[int]:
             s.bind(("127.0.0.1", 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _free_range(width: int, avoid: set[int]) -> int:
+    """First port of `width` consecutive free ports, none of them in `avoid` (Ray's worker ports)."""
+    for _ in range(100):
+        first = _free_ports(1)[0]
+        if first + width > 65535 or avoid & set(range(first, first + width)):
+            continue
+        try:
+            _free_ports_at(range(first, first + width))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {width} consecutive free ports")
+
+
+def _free_ports_at(ports) -> None:
+    socks = []
+    try:
+        for port in ports:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", port))
     finally:
         for s in socks:
             s.close()
@@ -75,7 +106,9 @@ class RayHead:
     def __init__(self, num_cpus: int = 6):
         self.num_cpus = num_cpus
         self.tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-        (gcs, dash, client, nm, om, metrics, agent_http, agent_grpc, rte, wmin) = _free_ports(10)
+        ports = _free_ports(9)
+        (gcs, dash, client, nm, om, metrics, agent_http, agent_grpc, rte) = ports
+        wmin = _free_range(60, set(ports))
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dash}"
         self.cmd = [
@@ -85,7 +118,7 @@ class RayHead:
             "--object-manager-port", str(om), "--metrics-export-port", str(metrics),
             "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
             "--runtime-env-agent-port", str(rte), "--min-worker-port", str(wmin),
-            "--max-worker-port", str(wmin + 200), "--num-cpus", str(num_cpus), "--num-gpus", "0",
+            "--max-worker-port", str(wmin + 59), "--num-cpus", str(num_cpus), "--num-gpus", "0",
             "--object-store-memory", str(256 * 1024**2), "--temp-dir", self.tmp, "--disable-usage-stats",
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
@@ -155,10 +188,8 @@ class RayHead:
 RUNTIME_ENV_EXCLUDES = [".venv", ".git", ".cache", "runs", "data/sample", "*.so", "csrc/build"]
 
 
-def submit(head: RayHead, job_args: list[str], timeout: float = 600) -> tuple[str, str]:
-    """`ray job submit` (the CLI), wait for the end; returns (status, logs)."""
-    from ray.job_submission import JobSubmissionClient
-
+def submit_nowait(head: RayHead, job_args: list[str]) -> str:
+    """`ray job submit --no-wait` (the CLI); returns the submission id."""
     sid = f"pretrain-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {
         "env_vars": {
@@ -166,7 +197,7 @@ def submit(head: RayHead, job_args: list[str], timeout: float = 600) -> tuple[st
             "DS_ACCELERATOR": "cpu",
             "RAY_USAGE_STATS_ENABLED": "0",
             "TORCH_EXTENSIONS_DIR": _base_env()["TORCH_EXTENSIONS_DIR"],
-            "RAY_JOB_STOP_WAIT_TIME_S": "120",
+            "RAY_JOB_STOP_WAIT_TIME_S": "120",  # time for the checkpoint a stop triggers
         },
         "excludes": RUNTIME_ENV_EXCLUDES,
     }
@@ -177,6 +208,13 @@ def submit(head: RayHead, job_args: list[str], timeout: float = 600) -> tuple[st
     ]  # fmt: skip
     out = subprocess.run(cmd, env=_base_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
+    return sid
+
+
+def wait_job(head: RayHead, sid: str, timeout: float = 600) -> tuple[str, str]:
+    """Wait for a terminal status (stopping the job on timeout); returns (status, logs)."""
+    from ray.job_submission import JobSubmissionClient
+
     client = JobSubmissionClient(head.dashboard)
     deadline = time.monotonic() + timeout
     status = None
@@ -188,6 +226,10 @@ def submit(head: RayHead, job_args: list[str], timeout: float = 600) -> tuple[st
     else:
         subprocess.run([RAY_CLI, "job", "stop", "--address", head.dashboard, sid], env=_base_env())
     return str(status.value if status is not None else None), client.get_job_logs(sid)
+
+
+def submit(head: RayHead, job_args: list[str], timeout: float = 600) -> tuple[str, str]:
+    return wait_job(head, submit_nowait(head, job_args), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +247,12 @@ def corpus(tmp_path_factory):
     from pretrain.data import make_sample_corpus
 
     out = tmp_path_factory.mktemp("raycorpus")
-    return make_sample_corpus(str(out), num=96, size=40, seed=5, num_val=0, shard_rows=48, row_group_rows=12)
+    return make_sample_corpus(
+        str(out), num=CORPUS, size=40, seed=5, num_val=0, shard_rows=40, row_group_rows=10
+    )
 
 
-def write_config(path: Path, manifest: str, **extra) -> str:
+def write_config(path: Path, manifest: str, total_steps: int = TOTAL_STEPS, every_steps: int = 2) -> str:
     text = f"""
 name: raytest
 seed: 0
@@ -231,14 +275,14 @@ optim:
   lr: 1.0e-3
   lr_ref_batch: null
 schedule:
-  total_steps: {TOTAL_STEPS}
+  total_steps: {total_steps}
   warmup_steps: 1
 engine:
   precision: fp32
   zero_stage: 1
   dist_backend: gloo
 checkpoint:
-  every_steps: 2
+  every_steps: {every_steps}
   keep: 0
 logging:
   every_steps: 2
@@ -306,7 +350,8 @@ def test_clean_job_checkpoints_tensorboard_progress(clean_run):
 
     for rank in (0, 1):
         state = torch.load(final / f"trainer_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
-        assert state["step"] == TOTAL_STEPS and state["stream"]["consumed"] == TOTAL_STEPS * 4 * 2
+        assert state["step"] == TOTAL_STEPS and state["stream"]["epoch"] == 1
+        assert state["stream"]["consumed"] == (TOTAL_STEPS - STEPS_PER_EPOCH) * 8
     # TensorBoard in the run's storage, with the loss of every logged step
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -321,8 +366,10 @@ def test_clean_job_checkpoints_tensorboard_progress(clean_run):
     # the consumed samples: every rank's batch of every step once, disjoint across ranks
     keys = effective_keys(clean_run["dir"] / "keys")
     assert sorted(keys) == [(r, s) for r in (0, 1) for s in range(TOTAL_STEPS)]
-    flat = [k for v in keys.values() for k in v]
-    assert len(flat) == len(set(flat)) == TOTAL_STEPS * 4 * 2
+    epoch1 = [k for (_, step), v in keys.items() if step < STEPS_PER_EPOCH for k in v]
+    epoch2 = [k for (_, step), v in keys.items() if step >= STEPS_PER_EPOCH for k in v]
+    assert len(epoch1) == len(set(epoch1)) == CORPUS  # every sample once per epoch
+    assert len(epoch2) == len(set(epoch2)) == (TOTAL_STEPS - STEPS_PER_EPOCH) * 8
 
 
 def test_clean_checkpoint_is_usable_by_convert(clean_run, tmp_path):
@@ -332,7 +379,7 @@ def test_clean_checkpoint_is_usable_by_convert(clean_run, tmp_path):
     cmd = [sys.executable, "-m", "pretrain.cli", "convert", str(clean_run["run"] / "checkpoints"), str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_base_env())
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "step_00000008" in res.stdout and "world_size: 2" in res.stdout
+    assert f"step_{TOTAL_STEPS:08d}" in res.stdout and "world_size: 2" in res.stdout
     from safetensors.torch import load_file
 
     weights = load_file(str(out))
@@ -341,49 +388,83 @@ def test_clean_checkpoint_is_usable_by_convert(clean_run, tmp_path):
     )
 
 
-def test_worker_killed_mid_run_resumes_exactly(head, corpus, clean_run, tmp_path):
+def test_stop_resubmit_and_worker_crash_resume_exactly(head, corpus, clean_run, tmp_path):
+    """One run, interrupted twice, must train on exactly the clean run's samples, step by step.
+
+    1. `ray job stop` right after the worker group starts: the driver gets SIGTERM, the workers finish the
+       step, save (step s) and return; the job is STOPPED.
+    2. The same job (same --name and storage) submitted again resumes from step s (Ray Train V2 semantics),
+       and worker 1 is killed (os._exit) fetching the batch after step 11, one step past the checkpoint of
+       step 10, which is also the end of the first epoch. Ray Train restarts the worker group, which resumes
+       from step 10 and finishes.
+    """
     assert clean_run["status"] == "SUCCEEDED"
+    from ray.job_submission import JobSubmissionClient
+
     cfg = write_config(tmp_path / "cfg.yaml", corpus)
-    status, logs = submit(
-        head,
-        job_args(cfg, tmp_path / "storage", "fault", "--record-keys", str(tmp_path / "keys"),
-                 "--fail-once", f"1:{FAIL_AT}"),
+    keys_dir = tmp_path / "keys"
+    args = job_args(cfg, tmp_path / "storage", "faulty", "--record-keys", str(keys_dir))
+    run = tmp_path / "storage" / "faulty"
+    root = run / "checkpoints"
+
+    # 1. stop
+    sid = submit_nowait(head, args)
+    client = JobSubmissionClient(head.dashboard)
+    deadline = time.monotonic() + 300
+    while "starting fresh" not in client.get_job_logs(sid):
+        assert time.monotonic() < deadline, client.get_job_logs(sid)[-4000:]
+        assert not client.get_job_status(sid).is_terminal(), client.get_job_logs(sid)[-4000:]
+        time.sleep(0.5)
+    res = subprocess.run(
+        [RAY_CLI, "job", "stop", "--address", head.dashboard, sid],
+        env=_base_env(), capture_output=True, text=True, timeout=200,
     )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    status, logs = wait_job(head, sid, timeout=200)
+    assert status == "STOPPED", logs[-4000:]
+    assert "SIGTERM received" in logs and "(signal SIGTERM)" in logs
+    stopped_at = int((root / "latest").read_text().strip().split("_")[1])
+    assert 1 <= stopped_at < FAIL_AT - 1, f"the stop landed too late (step {stopped_at})"
+    assert json.loads((root / f"step_{stopped_at:08d}" / "meta.json").read_text())["world_size"] == 2
+
+    # 2. resubmit (same name): resume, then lose a worker
+    status, logs = submit(head, [*args, "--fail-once", f"1:{FAIL_AT}"])
     assert status == "SUCCEEDED", logs[-6000:]
-    run = tmp_path / "storage" / "fault"
-    assert (run / f".fail_once_rank1_step{FAIL_AT}").exists(), "the fault was not injected"
-    assert "[fault injection] rank 1" in logs
-    assert "resuming from" in logs and "step_00000004" in logs
-    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{TOTAL_STEPS:08d}"
-    # the step count is exact ...
+    assert f"resuming from checkpoints/step_{stopped_at:08d}" in logs  # the driver's preflight note
+    assert f"resuming from {root}/step_{stopped_at:08d}" in logs  # the first worker group
+    assert (run / f".fail_once_rank1_step{FAIL_AT}").exists() and "[fault injection] rank 1" in logs
+    assert f"resuming from {root}/step_{FAIL_AT - 1:08d}" in logs  # the restarted worker group
+    assert (root / "latest").read_text().strip() == f"step_{TOTAL_STEPS:08d}"
     import torch
 
     for rank in (0, 1):
         state = torch.load(
-            run / "checkpoints" / f"step_{TOTAL_STEPS:08d}" / f"trainer_rank{rank:05d}.pt",
+            root / f"step_{TOTAL_STEPS:08d}" / f"trainer_rank{rank:05d}.pt",
             map_location="cpu",
             weights_only=False,
         )
-        assert state["step"] == TOTAL_STEPS and state["stream"]["consumed"] == TOTAL_STEPS * 4 * 2
-    # ... and so are the samples: the second worker group re-read step 4 (after the step-4 checkpoint) on
-    # both ranks with the same keys, and every (rank, step) trained on the clean run's batch
-    recs = records(tmp_path / "keys")
-    pids = {r["pid"] for r in recs}
-    assert len(pids) == 4, "expected two worker groups of two workers"
+        assert state["step"] == TOTAL_STEPS and state["stream"]["epoch"] == 1
+        assert state["stream"]["consumed"] == (TOTAL_STEPS - STEPS_PER_EPOCH) * 8
+
+    # the samples are exact: three worker groups (stopped, resubmitted, restarted after the crash) ...
+    recs = records(keys_dir)
+    assert len({r["pid"] for r in recs}) == 6
     seen: dict[tuple[int, int], list[list[str]]] = {}
     for r in recs:
         seen.setdefault((r["rank"], r["step"]), []).append(r["keys"])
+    # ... where only step 10, trained after the last checkpoint before the crash, was read twice (with the
+    # same samples both times; rank 0 may also have fetched step 11's batch before its peer died), nothing
+    # was skipped, and each (rank, step) got the clean run's batch
     replayed = {k for k, v in seen.items() if len(v) > 1}
-    assert replayed == {(0, 4), (1, 4)} or replayed == {(0, 4), (1, 4), (0, 5)}, sorted(replayed)
-    for v in seen.values():
-        assert all(x == v[0] for x in v)  # a replay delivers the very same samples
-    assert effective_keys(tmp_path / "keys") == effective_keys(clean_run["dir"] / "keys")
-    # training continued where it stopped: TensorBoard has every logged step
+    assert replayed - {(0, FAIL_AT)} == {(0, FAIL_AT - 1), (1, FAIL_AT - 1)}, sorted(replayed)
+    assert all(x == v[0] for v in seen.values() for x in v)
+    assert effective_keys(keys_dir) == effective_keys(clean_run["dir"] / "keys")
+    # TensorBoard continued across the three worker groups
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
-    assert sorted({e.step for e in acc.Scalars("loss/loss")}) == list(range(2, TOTAL_STEPS + 1, 2))
+    assert {e.step for e in acc.Scalars("loss/loss")} == set(range(2, TOTAL_STEPS + 1, 2))
 
 
 def test_bad_input_fails_at_preflight_through_ray_job(head, tmp_path):
