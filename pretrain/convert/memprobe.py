@@ -81,10 +81,59 @@ def _fake(variant: str, path: Path) -> int:
     return write_safetensors(path, lazy, metadata=meta)
 
 
+def _ds_worker(rank: int, world: int, port: int, variant: str, stage: int, out: str) -> None:
+    """One rank of a real ZeRO checkpoint of `variant`: one AdamW step on a cheap loss, then save."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+    )
+    import deepspeed
+
+    from pretrain.models import create_model
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = create_model(variant)
+    config = {
+        "train_batch_size": world,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    loss = sum((p.float() ** 2).sum() for p in engine.module.parameters()) * 1e-12  # no forward needed
+    engine.backward(loss)
+    engine.step()
+    engine.save_checkpoint(out)
+
+
+def _make_deepspeed(variant: str, stage: int, out: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ds_worker, args=(2, port, variant, stage, str(out)), nprocs=2, start_method="spawn")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--variant", default="internimage_h")
     p.add_argument("--workdir", default="/tmp/memprobe")
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        default=0,
+        help="instead: a real 2-rank ZeRO checkpoint of the variant (use L or smaller on a 24 GB host)",
+    )
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.job:
@@ -95,31 +144,47 @@ def main(argv: list[str] | None = None) -> int:
     fake = work / "fake.safetensors"
     size = _fake(args.variant, fake)
     print(f"fake {args.variant}: {size / 2**30:.2f} GiB fp32")
-    jobs = [
-        (
-            "safetensors -> official .pth",
-            {"op": "convert", "src": fake, "dst": work / "a.pth", "to": "official"},
-        ),
-        (
-            "official .pth -> safetensors",
-            {"op": "convert", "src": work / "a.pth", "dst": work / "b", "to": "safetensors"},
-        ),
-        (
-            "official .pth -> hf (bf16)",
-            {"op": "convert", "src": work / "a.pth", "dst": work / "c", "to": "hf", "dtype": "bf16"},
-        ),
-        (
-            "official .pth -> official .pth (bf16)",
-            {
-                "op": "convert",
-                "src": work / "a.pth",
-                "dst": work / "d.pth",
-                "to": "official",
-                "dtype": "bf16",
-            },
-        ),
-        ("load_pretrained(official .pth)", {"op": "load", "src": work / "a.pth", "variant": args.variant}),
-    ]
+    if args.zero_stage:
+        _make_deepspeed(args.variant, args.zero_stage, work / "ds")
+        jobs = [
+            (
+                f"ZeRO-{args.zero_stage} (2 ranks) -> official .pth",
+                {"op": "convert", "src": work / "ds", "dst": work / "z.pth", "to": "official"},
+            ),
+            (
+                f"ZeRO-{args.zero_stage} (2 ranks) -> safetensors",
+                {"op": "convert", "src": work / "ds", "dst": work / "z", "to": "safetensors"},
+            ),
+        ]
+    else:
+        jobs = [
+            (
+                "safetensors -> official .pth",
+                {"op": "convert", "src": fake, "dst": work / "a.pth", "to": "official"},
+            ),
+            (
+                "official .pth -> safetensors",
+                {"op": "convert", "src": work / "a.pth", "dst": work / "b", "to": "safetensors"},
+            ),
+            (
+                "official .pth -> hf (bf16)",
+                {"op": "convert", "src": work / "a.pth", "dst": work / "c", "to": "hf", "dtype": "bf16"},
+            ),
+            (
+                "official .pth -> official .pth (bf16)",
+                {
+                    "op": "convert",
+                    "src": work / "a.pth",
+                    "dst": work / "d.pth",
+                    "to": "official",
+                    "dtype": "bf16",
+                },
+            ),
+            (
+                "load_pretrained(official .pth)",
+                {"op": "load", "src": work / "a.pth", "variant": args.variant},
+            ),
+        ]
     print("| conversion | peak RssAnon | peak RSS (VmHWM, incl. mmap page cache) | time |\n|---|---|---|---|")
     for label, job in jobs:
         job = {k: str(v) for k, v in job.items()}

@@ -120,19 +120,25 @@ def _zero12_lazy(tag_dir: Path) -> dict | None:
     try:
         from deepspeed.utils import zero_to_fp32 as z
 
-        states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
         stage, world, flat_groups, paddings = z.parse_optim_states(
             z.get_optim_files(str(tag_dir)), str(tag_dir)
         )
-        merge_frozen = z._zero2_merge_frozen_params
     except (ImportError, AttributeError, TypeError, ValueError):
         return None
     if stage > 2:
         return None
-    state: dict = dict(states[0].buffers)
-    merge_frozen(state, states)
+    # rank 0's model states, memory-mapped (DeepSpeed's parser reads the whole file, full module
+    # weights included: a second copy of the model in memory)
+    model_file = sorted(tag_dir.glob(MODEL_STATES), key=lambda p: _natural(p.name))[0]
+    ms = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
+    module = ms.get("module") or {}
+    state: dict = {k: module[k] for k in ms.get("buffer_names", []) if k in module}
+    frozen = ms.get("frozen_param_fragments") or {}
+    for name in ms.get("frozen_param_shapes") or {}:
+        if name in frozen:
+            state[name] = frozen[name]
     align = 2 * world
-    for g, shapes in enumerate(states[0].param_shapes):
+    for g, shapes in enumerate(ms["param_shapes"]):
         parts = [flat_groups[r][g] for r in range(world)]
         starts = [sum(p.numel() for p in parts[:r]) for r in range(world)]
         total = sum(p.numel() for p in parts)
@@ -151,7 +157,7 @@ def _zero12_lazy(tag_dir: Path) -> dict | None:
             offset += numel + (paddings[g][i] if paddings is not None else 0)
         if align * math.ceil(offset / align) != align * math.ceil(total / align):
             raise ConvertError(f"{tag_dir}: group {g} holds {total} elements, its parameters {offset}")
-    for alias, target in states[0].shared_params:
+    for alias, target in (ms.get("shared_params") or {}).items():
         if target in state:
             state[alias] = state[target]
     return state
