@@ -105,6 +105,12 @@ class DenseConfig:
     """Weight of UniGrad's correlation term (SiameseIM's loss, arXiv 2112.05141): mean over tokens of
     p̂ᵀ F p̂ with F = E[t̂ t̂ᵀ] over the batch's targets; its gradient pushes predictions away from the
     directions every target shares, which keeps the online/EMA pair from collapsing to a constant. 0: off."""
+    center_targets: bool = True
+    """Subtract the batch mean (all ranks) of the teacher projector output before the LayerNorm (ours, as
+    DINO's centering). The LayerNorm alone normalises each token over channels, so a teacher mapping every
+    token to the same vector still gives a perfect, useless target; centred targets carry only what differs
+    between tokens, so the constant solution scores 2 (cos 0) instead of 0. Without it our CPU runs collapsed
+    (teacher_spread → 1) within ~100 steps."""
     projector_dim: int = 256
     """Width of the online/teacher projector output = target width (SiameseIM's projector: 256)."""
     decoder_depth: int = 4

@@ -256,8 +256,16 @@ class M3IObjective(Objective):
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher targets: LayerNorm (no affine) of the EMA projector on the EMA tokens16: (n, h, w, P)."""
         tokens = self.teacher["backbone"].forward_features(images)["tokens16"]
-        z = self.teacher["projector"](tokens)
-        return F.layer_norm(z.float(), z.shape[-1:])
+        z = self.teacher["projector"](tokens).float()
+        flat = F.normalize(F.layer_norm(z, z.shape[-1:]).reshape(-1, z.shape[-1]), dim=-1)
+        # collapse monitor: mean squared cosine between teacher tokens (1 = one vector for everything)
+        self._stats["teacher_spread"] = (flat.T @ flat / flat.shape[0]).square().sum()
+        if self.cfg.dense.center_targets:
+            center = all_reduce_sum(z.reshape(-1, z.shape[-1]).sum(0)) / all_reduce_sum(
+                torch.tensor(float(flat.shape[0]), device=z.device)
+            )
+            z = z - center
+        return F.layer_norm(z, z.shape[-1:])
 
     def dense_loss(
         self,
@@ -286,7 +294,7 @@ class M3IObjective(Objective):
                 else torch.ones_like(from_b)
             )
             where = where & valid[:, None, None]
-            intra = self.token_loss(pred, target, where, "intra")
+            intra = self.token_loss(pred, target, where)
         if self.inter_weight > 0:
             other = batch.get("image2")
             boxes = batch.get("view_boxes")
@@ -302,18 +310,12 @@ class M3IObjective(Objective):
                 query_geo = relative_geometry(boxes[:, 0], boxes[:, 1], h, w, th, tw)
             pred = self.predictor(context, ctx_geo, from_b, query_geo, Predictor.INTER)
             where = valid[partner][:, None, None].expand(-1, *pred.shape[1:3])
-            inter = self.token_loss(pred, target, where, "inter")
+            inter = self.token_loss(pred, target, where)
         return intra, inter
 
-    def token_loss(
-        self, pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor, name: str
-    ) -> torch.Tensor:
+    def token_loss(self, pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Mean over the selected tokens of normalised L2 (2 − 2 cos) or smooth-L1, plus the UniGrad
-        correlation term; pred/target (n, h, w, P), where (n, h, w) bool.
-
-        Also records `<name>_spread` (not a loss): the mean squared cosine between targets of different
-        tokens, 1 when the teacher has collapsed to one vector, ≈1/P when its features are spread out.
-        """
+        correlation term; pred/target (n, h, w, P), where (n, h, w) bool."""
         pred, weight = pred.float(), where.to(torch.float32)
         if self.cfg.dense.loss == "cosine":
             per_token = 2.0 - 2.0 * F.cosine_similarity(pred, target, dim=-1)
@@ -323,12 +325,10 @@ class M3IObjective(Objective):
         loss = (per_token * weight).sum() / count
         sel = where.reshape(-1)
         t_hat = F.normalize(target.reshape(-1, target.shape[-1])[sel], dim=-1)
-        if t_hat.shape[0] > 0:
+        if t_hat.shape[0] > 0 and self.cfg.dense.corr_weight > 0:
             corr = t_hat.T @ t_hat / t_hat.shape[0]  # F = E[t̂ t̂ᵀ] (P, P), no gradient (targets)
-            self._stats[f"{name}_spread"] = (corr.square().sum()).detach()
-            if self.cfg.dense.corr_weight > 0:
-                p_hat = F.normalize(pred.reshape(-1, pred.shape[-1])[sel], dim=-1)
-                loss = loss + self.cfg.dense.corr_weight * ((p_hat @ corr) * p_hat).sum(-1).mean()
+            p_hat = F.normalize(pred.reshape(-1, pred.shape[-1])[sel], dim=-1)
+            loss = loss + self.cfg.dense.corr_weight * ((p_hat @ corr) * p_hat).sum(-1).mean()
         return loss
 
     # ------------------------------------------------------------------------------------------ zero-shot
