@@ -257,15 +257,16 @@ class M3IObjective(Objective):
         """Teacher targets: LayerNorm (no affine) of the EMA projector on the EMA tokens16: (n, h, w, P)."""
         tokens = self.teacher["backbone"].forward_features(images)["tokens16"]
         z = self.teacher["projector"](tokens).float()
-        flat = F.normalize(F.layer_norm(z, z.shape[-1:]).reshape(-1, z.shape[-1]), dim=-1)
-        # collapse monitor: mean squared cosine between teacher tokens (1 = one vector for everything)
-        self._stats["teacher_spread"] = (flat.T @ flat / flat.shape[0]).square().sum()
         if self.cfg.dense.center_targets:
-            center = all_reduce_sum(z.reshape(-1, z.shape[-1]).sum(0)) / all_reduce_sum(
-                torch.tensor(float(flat.shape[0]), device=z.device)
-            )
-            z = z - center
-        return F.layer_norm(z, z.shape[-1:])
+            rows = z.reshape(-1, z.shape[-1])
+            count = all_reduce_sum(torch.tensor(float(rows.shape[0]), device=z.device))
+            z = z - all_reduce_sum(rows.sum(0)) / count
+        target = F.layer_norm(z, z.shape[-1:])
+        # collapse monitor: mean squared cosine between target tokens, 1 when every token has the same
+        # (or the opposite) direction, about 1/P when the targets use all P dimensions
+        flat = F.normalize(target.reshape(-1, z.shape[-1]), dim=-1)
+        self._stats["target_spread"] = (flat.T @ flat / flat.shape[0]).square().sum()
+        return target
 
     def dense_loss(
         self,

@@ -57,8 +57,12 @@ class SupervisedObjective(Objective):
         return {"loss": loss, "ce": loss.detach(), "top1": top1.detach()}
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[dict], max_batches: int = 0) -> dict[str, float]:
-        """Closed-set accuracy of the classifier: {"eval/top1", "eval/top5", "eval/n"} (all ranks reduced)."""
+    def evaluate(
+        self, batches: Iterable[dict], label_names: list[str] | None = None, max_batches: int = 0
+    ) -> dict[str, float]:
+        """Closed-set accuracy of the classifier: {"eval/top1", "eval/top5", "eval/n"} (all ranks reduced).
+
+        `label_names` is accepted for the common hook signature and unused (labels are class indices)."""
         was_training = self.training
         self.eval()
         meter = TopK(self.cfg.zero_shot.topk)
