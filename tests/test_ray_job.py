@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -185,7 +186,7 @@ class RayHead:
 
 
 # ------------------------------------------------------------------------------------------ jobs
-RUNTIME_ENV_EXCLUDES = [".venv", ".git", ".cache", "runs", "data/sample", "*.so", "csrc/build"]
+RUNTIME_ENV_EXCLUDES = ["/.venv/", "/.git/", "/.cache/", "/runs/", "/data/", "*.so", "/csrc/build/"]
 
 
 def submit_nowait(head: RayHead, job_args: list[str]) -> str:
@@ -467,12 +468,22 @@ def test_stop_resubmit_and_worker_crash_resume_exactly(head, corpus, clean_run, 
     assert {e.step for e in acc.Scalars("loss/loss")} == set(range(2, TOTAL_STEPS + 1, 2))
 
 
-def test_bad_input_fails_at_preflight_through_ray_job(head, tmp_path):
+def test_submit_example_script_bad_manifest_fails_at_preflight(head, tmp_path):
+    """launch/submit_example.sh as a user runs it (WAIT=1) with a config naming a missing manifest: the job
+    FAILS at the driver's preflight with a clear line, and no training worker ever starts."""
     cfg = write_config(tmp_path / "cfg.yaml", str(tmp_path / "nowhere" / "manifest.json"))
-    status, logs = submit(head, job_args(cfg, tmp_path / "storage", "bad"))
-    assert status == "FAILED"
-    assert "preflight failed: data.sources[0] (sample)" in logs and "does not exist" in logs
-    assert "RayTrainWorker" not in logs and not (tmp_path / "storage" / "bad" / "checkpoints").exists()
+    path = f"{Path(RAY_CLI).parent}:{os.environ['PATH']}"
+    env = {**_base_env(), "RAY_ADDRESS": head.dashboard, "WAIT": "1", "PATH": path}
+    script = str(REPO / "launch" / "submit_example.sh")
+    res = subprocess.run(
+        ["bash", script, *job_args(cfg, tmp_path / "storage", "bad")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-4000:]
+    assert "preflight failed: data.sources[0] (sample)" in out and "does not exist" in out
+    assert re.search(r"Job '[^']+' failed", out), out[-2000:]
+    assert "RayTrainWorker" not in out and not (tmp_path / "storage" / "bad" / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------------------------------ preflight only
