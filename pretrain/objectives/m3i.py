@@ -86,8 +86,10 @@ class M3IObjective(Objective):
             )
             if isinstance(self.image_proj, nn.Linear):
                 nn.init.trunc_normal_(self.image_proj.weight, std=image_dim**-0.5)
+            # shape (1,), not a 0-d tensor: DeepSpeed's initial parameter broadcast views every parameter as
+            # bytes, which fails for 0-d tensors
             self.logit_scale = nn.Parameter(
-                torch.tensor(math.log(1.0 / cfg.semantic.temperature_init)),
+                torch.full((1,), math.log(1.0 / cfg.semantic.temperature_init)),
                 requires_grad=cfg.semantic.learnable_temperature,
             )
 
@@ -160,7 +162,7 @@ class M3IObjective(Objective):
             sem = self.semantic_loss(batch, tokens, a_mask, valid)
             loss = loss + self.sem_weight * sem
             out["semantic"] = sem.detach()
-            out["temperature"] = (-self.logit_scale.detach()).exp()
+            out["temperature"] = (-self.logit_scale.detach()).exp().squeeze(0)
         if self.intra_weight > 0 or self.inter_weight > 0:
             intra, inter = self.dense_loss(batch, tokens, a_mask, partner, valid)
             if self.intra_weight > 0:
@@ -236,7 +238,7 @@ class M3IObjective(Objective):
     ) -> torch.Tensor:
         texts, keys, has_text = self.choose_texts(batch, valid)
         txt = F.normalize(self.encode_text(texts).float(), dim=-1)
-        scale = self.logit_scale.exp()
+        scale = self.logit_scale.exp().squeeze(0)
         if a_mask is None:
             img = F.normalize(self.image_embedding(tokens).float(), dim=-1)
             return contrastive_loss(img, txt, keys, has_text, scale, self.cfg.semantic.gather_with_grad)
