@@ -2,11 +2,15 @@
 torch binding against torch's headers. No GPU needed; skipped with the reason when nvcc or CUTLASS is missing.
 
 The 9 TUs compile two at a time, both archs in one nvcc call per TU (sharing the host pass): about 205 s of
-CPU time in all, so about 1.8 minutes on 2 otherwise idle cores (measured 2026-11-25, nvcc 13.0, CUTLASS 4.2).
+CPU time in all, so about 1.8 minutes on 2 otherwise idle cores (measured 2026-11-25, nvcc 13.0, CUTLASS 4.2;
+on the shared, heavily loaded 2-core box it took up to 14 minutes of wall time). Clean results are cached by
+content hash (see CACHE), so later runs with unchanged kernels skip the compile; the binding check (~30 s
+CPU) always runs.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +22,12 @@ import pytest
 from pretrain.ops import build
 
 ARCHS = ("80", "90a")
+# Clean-compile stamps keyed by a hash of every kernel source, flag, arch, nvcc and CUTLASS version: an
+# unchanged kernel is not recompiled on every run (PRETRAIN_KERNEL_CHECK_CACHE=off forces a full compile).
+_cache_env = os.environ.get(
+    "PRETRAIN_KERNEL_CHECK_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "kernel-check")
+)
+CACHE = None if _cache_env.lower() in ("off", "0", "") else Path(_cache_env)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +45,8 @@ def compiled():
     reason = _missing()
     if reason:
         pytest.skip(reason)
-    return {name: (secs, err) for name, secs, err in build.compile_check(ARCHS, jobs=2)}
+    results = build.compile_check(ARCHS, jobs=2, cache_dir=CACHE)
+    return {name: (secs, err) for name, secs, err in results}
 
 
 def test_every_dtype_and_pass_has_a_unit():
@@ -97,6 +108,18 @@ def test_gencode_flags_name_the_arch_specific_target():
     assert "-gencode=arch=compute_80,code=sm_80" in flags
     cmd = build.compile_only_command(Path("x.cu"), ARCHS, Path("x.o"))
     assert "-c" in cmd and "-std=c++17" in cmd and "--expt-relaxed-constexpr" in cmd
+
+
+def test_clean_compile_stamp_skips_recompiling(tmp_path):
+    if _missing():
+        pytest.skip(_missing())
+    src = build.kernel_sources()[0]
+    stamp = tmp_path / f"{src.stem}-{build._check_key(src, ARCHS)}.ok"
+    stamp.write_text("nvcc ...\n")
+    [(name, secs, err)] = build.compile_check(ARCHS, sources=[src], cache_dir=tmp_path)
+    assert (name, secs, err) == (src.name, 0.0, None)
+    # Any change of inputs (here: the arch list) is a different key.
+    assert build._check_key(src, ("80",)) != build._check_key(src, ARCHS)
 
 
 if __name__ == "__main__":

@@ -154,16 +154,45 @@ def compile_only_command(source: Path, archs, output: Path) -> list[str]:
     ]
 
 
-def compile_check(archs=DEFAULT_ARCHS, jobs: int = 2, sources=None) -> list[tuple[str, float, str | None]]:
-    """Compile every kernel TU for `archs` with nvcc -c, `jobs` at a time: [(name, seconds, error or None)]."""
+def _check_key(src: Path, archs) -> str:
+    """Hash of everything a compile-only result depends on: all kernel sources and headers, the TU, the
+    flags and archs, the nvcc version and the CUTLASS headers' version."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(csrc_dir().rglob("*")):
+        if f.suffix in (".h", ".cuh", ".cu", ".cpp"):
+            h.update(f.relative_to(csrc_dir()).as_posix().encode() + f.read_bytes())
+    version = subprocess.run([nvcc() or "nvcc", "--version"], capture_output=True, text=True).stdout
+    cutlass_version = (cutlass_include() / "cutlass" / "version.h").read_bytes()
+    h.update(repr((src.name, tuple(archs), NVCC_FLAGS, version)).encode() + cutlass_version)
+    return h.hexdigest()[:32]
+
+
+def compile_check(
+    archs=DEFAULT_ARCHS, jobs: int = 2, sources=None, cache_dir: Path | None = None
+) -> list[tuple[str, float, str | None]]:
+    """Compile every kernel TU for `archs` with nvcc -c, `jobs` at a time: [(name, seconds, error or None)].
+
+    With `cache_dir`, a TU whose exact inputs (see `_check_key`) already compiled cleanly is not compiled
+    again (seconds reported as 0): like ccache, the result is a pure function of those inputs.
+    """
     sources = list(sources or kernel_sources())
     with tempfile.TemporaryDirectory() as tmp:
 
         def one(src: Path):
             t0 = time.monotonic()
+            stamp = None
+            if cache_dir is not None:
+                stamp = Path(cache_dir) / f"{src.stem}-{_check_key(src, archs)}.ok"
+                if stamp.exists():
+                    return src.name, 0.0, None
             cmd = compile_only_command(src, archs, Path(tmp) / f"{src.stem}.o")
             res = subprocess.run(cmd, capture_output=True, text=True)
             err = None if res.returncode == 0 else (res.stderr or res.stdout)[-4000:]
+            if err is None and stamp is not None:
+                stamp.parent.mkdir(parents=True, exist_ok=True)
+                stamp.write_text(" ".join(cmd) + "\n")
             return src.name, time.monotonic() - t0, err
 
         with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
