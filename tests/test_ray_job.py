@@ -4,9 +4,10 @@ The head is started by this module (`ray start --head --block` on 127.0.0.1, its
 RAY_AUTH_MODE=disabled) and stopped by killing exactly the processes it started. Jobs go through the real
 `ray job submit` CLI with the repository as working dir.
 
-* a clean run (12 steps, crossing an epoch boundary) finishes with every step, checkpoints in the engine's
-  layout (usable by `pretrain convert`), TensorBoard events in the run's storage and progress lines in
-  `ray job logs`; each rank records the sample keys it consumed per step;
+* a clean run (12 steps, crossing an epoch boundary; storage on s3:// served by moto on 127.0.0.1 when
+  moto/s3fs are installed) finishes with every step, checkpoints in the engine's layout (usable by
+  `pretrain convert`), TensorBoard events in the run's storage and progress lines in `ray job logs`; each
+  rank records the sample keys it consumed per step;
 * the same run interrupted twice: `ray job stop` (the workers save on the stop), a resubmission with the same
   name (resumes), and worker 1 killed mid-run (`--fail-once 1:11`: os._exit(1) one step past the checkpoint
   of step 10); Ray Train restarts the worker group from that checkpoint. The step count is exact and every
@@ -234,7 +235,23 @@ def submit(head: RayHead, job_args: list[str], timeout: float = 600) -> tuple[st
 
 
 @pytest.fixture(scope="module")
-def head():
+def s3():
+    """A moto S3 server on 127.0.0.1 (AWS_* env set before the head starts, so every Ray worker inherits
+    it), or None without moto/s3fs: the clean run then uses local storage."""
+    try:
+        from test_data_s3 import moto_server
+    except (ImportError, pytest.skip.Exception):
+        yield None
+        return
+    with moto_server() as endpoint:
+        import s3fs
+
+        s3fs.S3FileSystem().mkdir("pretrain-ray-test")
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def head(s3):
     h = RayHead()
     h.start()
     try:
@@ -293,7 +310,7 @@ logging:
     return str(path)
 
 
-def job_args(cfg: str, storage: Path, name: str, *extra: str) -> list[str]:
+def job_args(cfg: str, storage: Path | str, name: str, *extra: str) -> list[str]:
     return [
         "--config", cfg, "--num-workers", "2", "--device", "cpu", "--storage-path", str(storage),
         "--name", name, "--max-failures", "2", *extra,
@@ -315,18 +332,23 @@ def records(record_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def clean_run(head, corpus, tmp_path_factory):
+def clean_run(head, s3, corpus, tmp_path_factory):
+    """The uninterrupted reference run; its storage is s3:// (moto) when available, else a local path.
+    The run directory is copied back so that the tests read it locally."""
     tmp = tmp_path_factory.mktemp("clean")
     cfg = write_config(tmp / "cfg.yaml", corpus)
+    storage = "s3://pretrain-ray-test/runs" if s3 else str(tmp / "storage")
     t0 = time.time()
-    status, logs = submit(head, job_args(cfg, tmp / "storage", "clean", "--record-keys", str(tmp / "keys")))
-    return {
-        "status": status,
-        "logs": logs,
-        "dir": tmp,
-        "run": tmp / "storage" / "clean",
-        "secs": time.time() - t0,
-    }
+    status, logs = submit(head, job_args(cfg, storage, "clean", "--record-keys", str(tmp / "keys")))
+    (tmp / "job.log").write_text(logs)  # for a person debugging a failure
+    run = tmp / "storage" / "clean"
+    if s3:
+        import s3fs
+
+        remote = s3fs.S3FileSystem()
+        if remote.exists("pretrain-ray-test/runs/clean"):
+            remote.get("pretrain-ray-test/runs/clean/", str(run) + "/", recursive=True)
+    return {"status": status, "logs": logs, "dir": tmp, "run": run, "secs": time.time() - t0, "s3": bool(s3)}
 
 
 # ------------------------------------------------------------------------------------------ tests
