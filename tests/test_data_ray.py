@@ -90,6 +90,14 @@ def test_ray_matches_arrow_and_resumes(ray_session, corpus):
     assert r2.counters()["samples"] == 204
 
 
+def test_ray_dataset_is_pre_split(ray_session, corpus):
+    from pretrain.data.ray_reader import ray_dataset
+
+    cfg = _cfg(corpus, "ray", views=1)
+    counts = [ray_dataset(cfg, rank=r, world_size=2, seed=0).count() for r in range(2)]
+    assert counts == [160, 160]  # 10 global steps of 2 x 16 rows, the last one padded
+
+
 def test_read_corpus_column_pruning(ray_session, corpus):
     from pretrain.data.ray_reader import read_corpus
 

@@ -86,6 +86,18 @@ def rank_dataset(cfg: DataConfig, plan: Plan, cursor: Cursor, *, order_seed: int
     )
 
 
+def ray_dataset(cfg: DataConfig, *, rank: int, world_size: int, seed: int, state: dict | None = None):
+    """The pre-split Ray Dataset of one rank: its remaining batches of the epoch in `state` (a cursor from
+    `state_dict()`; None: the start). Rows carry uint8 `images` (V, 3, S, S) and the batch fields; to get the
+    batch dict with the cursor kept for you, iterate `RayStream` (build_stream with reader="ray") instead."""
+    order_seed = cfg.shuffle_seed if cfg.shuffle_seed is not None else seed
+    plan = make_plan(cfg, order_seed)
+    cursor = Cursor(plan, cfg, rank, world_size)
+    if state is not None:
+        cursor.load_state_dict(state)
+    return rank_dataset(cfg, plan, cursor, order_seed=order_seed, aug_seed=seed)
+
+
 class RayStream:
     """Same interface and cursor as `pretrain.data.stream.Stream`; the decoding runs in Ray actors."""
 
