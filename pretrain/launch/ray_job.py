@@ -386,7 +386,12 @@ def build_trainer(plan: JobPlan, stop_flag=None):
     from .ray_worker import train_loop_per_worker
 
     backend = plan.cfg.engine.dist_backend
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        # Ray Train's print patch tees every print of a worker through logging: each progress line showed
+        # up twice in `ray job logs`.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
+    }
     if not plan.use_gpu:
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     for key in ("TORCH_EXTENSIONS_DIR", "RAY_USAGE_STATS_ENABLED"):
@@ -485,9 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     checkpoint = getattr(result, "checkpoint", None)
     metrics = getattr(result, "metrics", None) or {}
+    last = _join(plan.checkpoint_root, checkpoint.path.rstrip("/").rsplit("/", 1)[-1]) if checkpoint else None
     print(
-        f"{prog}: run {plan.name} finished in {time.time() - t0:.0f}s at step {metrics.get('step', '?')}; "
-        f"checkpoint {checkpoint.path if checkpoint else None}; TensorBoard: tensorboard --logdir "
+        f"{prog}: run {plan.name} {'stopped' if stopping else 'finished'} after {time.time() - t0:.0f}s at "
+        f"step {metrics.get('step', '?')}; checkpoint {last}; TensorBoard: tensorboard --logdir "
         f"{_join(plan.run_dir, 'tb')}",
         flush=True,
     )

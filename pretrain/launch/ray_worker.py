@@ -222,6 +222,11 @@ def train_loop_per_worker(job: dict) -> None:
     from pretrain.engine.streams import build_default_stream
 
     cfg = config_from_yaml_text(job["config_yaml"])
+    import ray.data
+
+    # Ray Data's per-dataset progress bars (one set per rank) drown the trainer's progress lines in
+    # `ray job logs`; the trainer reports data wait time and throughput itself.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     resume = resume_target(job["checkpoint_root"], ray.train.get_checkpoint(), job.get("resume_from"))
