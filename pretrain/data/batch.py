@@ -41,6 +41,19 @@ class _Warner:
             warnings.warn(msg + tail, BadDataWarning, stacklevel=3)
 
 
+def _retry(fn, tries: int = 3, delay: float = 0.5):
+    """Retry transient storage errors (object stores drop connections); a missing file is not transient."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(delay * 2**attempt)
+
+
 class RowFetcher:
     """Reads row groups of the planned shards, checking each shard against its manifest entry once.
 
@@ -69,7 +82,7 @@ class RowFetcher:
         info = m.shards[shard]
         fs, path = storage.url_to_fs(url)
         try:
-            pf = pq.ParquetFile(fs.open(path, "rb"))
+            pf = _retry(lambda: pq.ParquetFile(fs.open(path, "rb")))
         except FileNotFoundError:
             return None, "missing_shard", f"shard {url} is missing"
         except Exception as err:  # not parquet, truncated footer...
@@ -100,7 +113,7 @@ class RowFetcher:
             pf, lock = handle
             try:
                 with lock:  # one parquet file object is not safe for concurrent reads
-                    t = pf.read_row_group(rg, columns=READ_COLUMNS)
+                    t = _retry(lambda: pf.read_row_group(rg, columns=READ_COLUMNS))
             except Exception as err:
                 url = self.plan.manifests[src].shard_url(shard)
                 return (
