@@ -354,6 +354,10 @@ def check_cluster(plan: JobPlan, skip: bool = False) -> None:
             "the cluster cannot hold this job: " + "; ".join(problems) + " (lower --num-workers, "
             "--cpus-per-worker or data.ray_num_cpus; on an autoscaling cluster pass --skip-resource-check)"
         )
+    if not plan.use_gpu and plan.cfg.engine.dist_backend == "nccl":
+        raise PreflightError(
+            "config error: engine.dist_backend is nccl but the workers are CPU-only (use gloo)"
+        )
     if plan.use_gpu and plan.cfg.engine.dist_backend == "gloo":
         plan.notes.append("engine.dist_backend is gloo on GPU workers: nccl is much faster")
 

@@ -16,8 +16,8 @@ Per worker, in order:
 4. A watcher thread turns a stop request of the driver (`ray job stop` -> SIGTERM to the driver) into the
    Trainer's own stop-on-signal path: finish the step on every rank, save, report, return.
 
-The stream wrapper also loops epochs (the corpus stream ends after one epoch) and carries two test/audit
-hooks: a per-step log of the sample keys each rank consumed, and a one-time injected worker crash.
+A thin stream wrapper carries two test/audit hooks: a per-step log of the sample keys each rank consumed,
+and a one-time injected worker crash.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _join(base: str, *parts: str) -> str:
 
 # ------------------------------------------------------------------------------------------ stream wrapper
 class RankStream:
-    """This rank's stream, looped over epochs, with the optional key log and injected crash.
+    """This rank's stream with the optional key log and injected crash.
 
     Delegates the Stream contract (state_dict/load_state_dict/counters/close) to the wrapped stream, so the
     checkpointed cursor is exactly the data engineer's cursor.
@@ -64,19 +64,14 @@ class RankStream:
         self.trainer: Trainer | None = None  # set by RayTrainer: the step a batch is fetched for
 
     def __getattr__(self, name):  # state_dict, load_state_dict, counters, close, info, label_names, ...
+        if name == "inner":  # not set yet (e.g. during unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def __iter__(self):
-        empty_epochs = 0
-        while True:
-            got = False
-            for batch in self.inner:  # one epoch; the inner cursor advances the epoch at its end
-                got = True
-                self._before_yield(batch)
-                yield batch
-            empty_epochs = 0 if got else empty_epochs + 1
-            if empty_epochs > 1:  # a resumed cursor at an epoch's end yields one empty epoch, never two
-                raise RuntimeError("the data stream yields no batches: is the corpus empty?")
+    def __iter__(self):  # one epoch; the engine's Trainer starts the next one
+        for batch in self.inner:
+            self._before_yield(batch)
+            yield batch
 
     def _before_yield(self, batch: dict) -> None:
         step = self.trainer.step if self.trainer is not None else -1
