@@ -120,14 +120,27 @@ def test_zero3_partitioned_with_ema(tmp_path):
     assert any(p.name.startswith("zero_pp_rank_1") for p in step_dir.iterdir())
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_resume_reproduces_losses(tmp_path, stage):
+@pytest.mark.parametrize("data, stage", [("corpus", 1), ("synthetic", 3)])
+def test_resume_reproduces_losses(tmp_path, data, stage):
     """Uninterrupted 8 steps == 4 steps, stop, `--resume auto`, 4 more: identical losses and grad norms.
 
-    Drop-path is on, so the resumed run also needs the RNG states back; the synthetic stream's cursor and
-    DeepSpeed's optimizer state (ZeRO shards) must round-trip exactly too.
+    Drop-path is on, so the resumed run also needs the RNG states back; DeepSpeed's optimizer state (ZeRO
+    shards) and each rank's data cursor must round-trip exactly too. The corpus case reads a generated sample
+    corpus of 96 images through pretrain.data (6 steps per epoch at 2 x 8): the runs cross an epoch boundary
+    after the resume point.
     """
     common = ["--set", f"engine.zero_stage={stage}", "--set", "model.drop_path_rate=0.2"]
+    if data == "corpus":
+        from pretrain.data import make_sample_corpus
+
+        manifest = make_sample_corpus(
+            str(tmp_path / "corpus"), num=96, size=32, shard_rows=48, row_group_rows=16
+        )
+        common += [
+            "--set", "synthetic.enabled=false",
+            "--set", f"data.sources=[{{name: sample, uri: '{manifest}', weight: 1.0}}]",
+            "--set", "data.image_size=32", "--set", "data.batch_size=8", "--set", "data.num_workers=1",
+        ]  # fmt: skip
     full, split = tmp_path / "full", tmp_path / "split"
     run2(tiny_args(full, 8, *common))
     run2(tiny_args(split, 8, *common, "--set", "schedule.stop_at_step=4"))
@@ -142,6 +155,8 @@ def test_resume_reproduces_losses(tmp_path, stage):
     assert [r["step"] for r in b] == list(range(1, 9))
     for key in ("loss/loss", "opt/grad_norm", "opt/lr"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+    if data == "corpus":  # the stream's counters reach TensorBoard: 8 steps x 2 ranks x 8 samples
+        assert a[-1]["data/samples"] == 128
 
 
 def _port() -> int:

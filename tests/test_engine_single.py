@@ -132,3 +132,36 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_after_saving(tmp_path):
     state = torch.load(out / "checkpoints" / "step_00000004" / "trainer_rank00000.pt", weights_only=False)
     assert state["skipped"] == 4 and state["consecutive_nonfinite"] == 3
     assert state["stream"] == {"index": 8}
+
+
+REMOTE = """
+import json, fsspec
+from pretrain.config import load_config
+from pretrain.engine import dist
+from pretrain.engine.trainer import Trainer
+
+dist.ensure_process_group()  # one group for both trainers of this process
+sets = {sets!r}
+first = Trainer(load_config("configs/tiny_cpu.yaml", sets + ["schedule.stop_at_step=2"])).fit()
+fs = fsspec.filesystem("memory")
+print("LATEST", fs.cat_file("/ckpt/latest").decode())
+print("FILES", sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/ckpt/step_00000002", detail=False)))
+second = Trainer(load_config("configs/tiny_cpu.yaml", sets), resume="auto").fit()
+print("RESUMED", json.dumps([r["step"] for r in second["history"]]), second["checkpoint"])
+print("LATEST", fs.cat_file("/ckpt/latest").decode())
+"""
+
+
+def test_checkpoints_on_an_fsspec_url(tmp_path):
+    """checkpoint.dir may be any fsspec URL: shards are staged locally, uploaded, then `latest` is written."""
+    sets = [*TINY, f"output_dir={tmp_path / 'out'}", "checkpoint.dir=memory://ckpt", "schedule.total_steps=4"]
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REMOTE.format(sets=sets))],
+        env=env(), cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("LATEST", "FILES", "RESUMED"))]
+    assert lines[0] == "LATEST step_00000002"
+    assert "trainer_rank00000.pt" in lines[1] and "mp_rank_00_model_states.pt" in lines[1]
+    assert lines[2] == "RESUMED [3, 4] memory://ckpt/step_00000004"
+    assert lines[3] == "LATEST step_00000004"

@@ -105,4 +105,7 @@ def test_tensorboard_event_files_hold_the_expected_tags(tmp_path):
     assert [e.step for e in acc.Scalars("loss/loss")] == [1, 2, 3, 4]
     for event, row in zip(acc.Scalars("loss/loss"), rows):
         assert event.value == pytest.approx(row["loss/loss"], rel=1e-6)
+    # opt/lr is read back from the optimizer's param groups: the schedule really reaches DeepSpeed's AdamW
+    # (tiny_cpu: peak 2e-3, 5 warmup steps from 0; the lr of step k is logged at step k + 1)
+    assert [e.value for e in acc.Scalars("opt/lr")] == pytest.approx([0.0, 4e-4, 8e-4, 1.2e-3])
     assert (out / "config.yaml").exists() and (out / "checkpoints" / "latest").read_text() == "step_00000004"

@@ -84,9 +84,17 @@ class Trainer:
     """See the module docstring. Attributes after `setup()`: engine, stream, monitor, step."""
 
     def __init__(
-        self, config: RunConfig, stream_factory: StreamFactory | None = None, resume: str | None = None
+        self,
+        config: RunConfig,
+        stream_factory: StreamFactory | None = None,
+        resume: str | None = None,
+        on_checkpoint: Callable[[str, int], None] | None = None,
     ):
+        """`stream_factory(config, rank, world_size)` replaces the config's stream (a launcher's data);
+        `resume` is "auto", a checkpoint path or None; `on_checkpoint(path, step)` runs on every rank after
+        each complete save (e.g. Ray Train's report)."""
         self.cfg = config
+        self.on_checkpoint = on_checkpoint
         self.stream_factory = stream_factory or build_default_stream
         self.resume = resume
         self.step = 0
@@ -326,6 +334,8 @@ class Trainer:
         loss_scale = getattr(self.engine.optimizer, "cur_scale", None)
         if loss_scale is None:
             loss_scale = getattr(self.engine.optimizer, "loss_scale", 1.0)
+        group = self.engine.optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_scale", 1.0)  # what the optimizer really used (base, before scaling)
         values.update(
             {
                 "opt/lr": lr,
@@ -374,6 +384,8 @@ class Trainer:
         path = self.checkpoints.save(self.engine, self.step, self.trainer_state(), dump_config(self.cfg))
         self.last_checkpoint, self.saved_step = path, self.step
         self.monitor.log(f"saved {path} in {time.perf_counter() - t0:.1f}s")
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, self.step)
         return path
 
     def teardown(self, clean: bool = True) -> None:
