@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.data import DataConfig, Manifest, SourceConfig, build_stream, make_sample_corpus
-from pretrain.data.order import quotas
+from pretrain.data.order import Mixer, quotas
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,8 @@ def test_mixing_proportions(corpus, tmp_path):
     first = np.bincount(src[:100].numpy(), minlength=2)
     assert abs(first[0] - 75) < 4 * np.sqrt(100 * 0.75 * 0.25)
     assert quotas([1, 1, 1], 1000).tolist() == [334, 333, 333]
+    with pytest.raises(ValueError, match="raise data.mix_block"):
+        Mixer([1000.0, 1.0], 100, seed=0)
 
 
 def test_drop_last(corpus):

@@ -141,6 +141,11 @@ class Mixer:
     def __init__(self, weights: list[float], block: int, seed: int):
         self.block, self.seed = block, seed
         self.quota = quotas(weights, block) if len(weights) > 1 else np.asarray([block], np.int64)
+        if (self.quota == 0).any():
+            raise ValueError(
+                f"mixing weights {weights} give some source 0 of every {block} samples: raise data.mix_block "
+                f"(to at least {int(np.ceil(sum(weights) / min(weights)))}) or that source's weight"
+            )
         self._blocks = _LRU(8)
 
     def _block(self, b: int):
