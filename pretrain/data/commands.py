@@ -34,7 +34,7 @@ def register(subparsers, name: str) -> None:
     p.set_defaults(func=_lazy_run("pretrain.data.builders"))
 
     p = sub.add_parser(
-        "inspect", help="summarise a manifest (rows, shards, stats) and optionally decode rows"
+        "inspect", help="summarise a manifest (rows, shards, stats, labels) and print its first rows"
     )
     p.add_argument("manifest", help="manifest URL or the corpus folder")
     p.add_argument("--rows", type=int, default=0, help="also print the first N rows' key/label/caption")
