@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 import sys
@@ -260,7 +261,8 @@ def plan_job(args) -> JobPlan:
     checkpoint_root = _join(run_dir, "checkpoints")
     remote = _is_url(storage_path)
     # Rank 0 writes TensorBoard/metrics locally; on remote storage they are copied to the run dir.
-    output_dir = os.path.join("/tmp", f"pretrain_ray_{os.getuid()}", name) if remote else run_dir
+    tag = hashlib.sha1(run_dir.encode()).hexdigest()[:8]
+    output_dir = os.path.join("/tmp", f"pretrain_ray_{os.getuid()}", f"{name}-{tag}") if remote else run_dir
     overrides = [
         *args.overrides,
         f"name={name}",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -142,6 +143,22 @@ class RayTrainer(Trainer):
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
 
+    def prepare_outputs(self) -> None:
+        """Remote storage, rank 0, before the Monitor opens its files: a clean local output dir (nothing
+        stale from another run of this name on this node) holding the run's metrics.jsonl so far, which the
+        Monitor then appends to. TensorBoard event files need no seeding: every writer makes a new one."""
+        remote_dir = self.job.get("sync_outputs_to")
+        if not remote_dir:
+            return
+        import fsspec
+
+        local = self.cfg.output_dir
+        shutil.rmtree(local, ignore_errors=True)
+        os.makedirs(local, exist_ok=True)
+        fs, root = fsspec.core.url_to_fs(remote_dir)
+        if fs.exists(_join(root, "metrics.jsonl")):
+            fs.get_file(_join(root, "metrics.jsonl"), os.path.join(local, "metrics.jsonl"))
+
     def sync_outputs(self) -> None:
         """Remote storage: rank 0 copies config.yaml, metrics.jsonl and tb/ next to the checkpoints."""
         remote_dir = self.job.get("sync_outputs_to")
@@ -239,6 +256,8 @@ def train_loop_per_worker(job: dict) -> None:
         return s
 
     trainer = RayTrainer(cfg, job=job, resume=resume, stream_factory=stream_factory)
+    if rank == 0:
+        trainer.prepare_outputs()
     watcher = StopWatcher(job["stop_flag"], trainer) if job.get("stop_flag") is not None else None
     if watcher is not None:
         watcher.start()
