@@ -63,7 +63,7 @@ def bench_one(model: str, backend: str, args) -> dict:
     precision = "fp32" if args.tiny else args.precision
     sets = [
         f"model.variant={model}", f"model.dcn_backend={backend}", f"model.with_cp={str(args.with_cp).lower()}",
-        "model.num_classes=1000", "synthetic.enabled=true", f"synthetic.image_size={size}",
+        "model.num_classes=1000", "objective.name=supervised", "synthetic.enabled=true", f"synthetic.image_size={size}",
         f"synthetic.batch_size={batch}", f"engine.precision={precision}", f"engine.zero_stage={args.zero_stage}",
         f"schedule.total_steps={args.warmup + args.steps}", "schedule.warmup_steps=0", "optim.lr_ref_batch=null",
         "logging.every_steps=1", "logging.tensorboard=false", "logging.console=false", "logging.image_grid=false",
@@ -131,13 +131,13 @@ def run(args) -> int:
             results.append(bench_one(model, backend, args))
             print(table(results[-1:]).splitlines()[-1], flush=True)
     print()
-    print(f"{time.strftime('%Y-%m-%d')}: pretrain bench train {' '.join(_argv(args))}")
+    print(f"{time.strftime('%Y-%m-%d')}: pretrain bench train {' '.join(_argv(args, models))}")
     print(table(results))
     return 0
 
 
-def _argv(args) -> list[str]:
-    out = ["--models", *args.models, "--img-size", str(args.img_size), "--precision", args.precision,
+def _argv(args, models: list[str]) -> list[str]:
+    out = ["--models", *models, "--img-size", str(args.img_size), "--precision", args.precision,
            "--zero-stage", str(args.zero_stage), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     if args.batch_size:
         out += ["--batch-size", str(args.batch_size)]
