@@ -100,6 +100,12 @@ _LOAD_ERRORS = (
 )
 
 
+def _as_fp32(tensor: torch.Tensor) -> LazyTensor:
+    if not tensor.is_floating_point() or tensor.dtype == torch.float32:
+        return LazyTensor.of(tensor)
+    return LazyTensor(tuple(tensor.shape), torch.float32, tensor.float)
+
+
 def _gather(parts: list[torch.Tensor], starts: list[int], offset: int, numel: int, shape) -> torch.Tensor:
     """Elements [offset, offset + numel) of the concatenation of `parts` (partition r begins at starts[r])."""
     pieces = []
@@ -132,7 +138,8 @@ def _zero12_lazy(tag_dir: Path) -> dict | None:
     model_file = sorted(tag_dir.glob(MODEL_STATES), key=lambda p: _natural(p.name))[0]
     ms = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
     module = ms.get("module") or {}
-    state: dict = {k: module[k] for k in ms.get("buffer_names", []) if k in module}
+    # buffers in fp32 like DeepSpeed's consolidation (bf16/fp16 training saves them in the module dtype)
+    state: dict = {k: _as_fp32(module[k]) for k in ms.get("buffer_names", []) if k in module}
     frozen = ms.get("frozen_param_fragments") or {}
     for name in ms.get("frozen_param_shapes") or {}:
         if name in frozen:
@@ -232,9 +239,9 @@ def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, 
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in extra.values()})
         info["notes"].append(
             f"{len(extra)} tensors without fp32 master (frozen parameters, e.g. {next(iter(extra))!r}) taken "
-            f"from the module weights of {model_files[0].name} ({'/'.join(dtypes)})"
+            f"from the module weights of {model_files[0].name} ({'/'.join(dtypes)}, given as fp32)"
         )
-        out.update({k: LazyTensor.of(v) for k, v in extra.items()})
+        out.update({k: _as_fp32(v) for k, v in extra.items()})
     return out, info
 
 
