@@ -557,3 +557,20 @@ def test_preflight_rejects_world_size_change(corpus, tmp_path, capsys):
     plan = plan_job(build_parser().parse_args([*args[:3], "4", *args[4:]]))
     assert any("resuming from checkpoints/step_00000002" in n for n in plan.notes)
     assert plan.cfg.checkpoint.dir == str(root) and plan.cfg.data.reader == "ray"
+
+
+def test_resume_target_prefers_the_newest_complete_checkpoint(tmp_path):
+    """Ray's reported checkpoint vs the engine's `latest` (newer after a crash between save and report)."""
+    from types import SimpleNamespace
+
+    from pretrain.launch.ray_worker import resume_target
+
+    root = str(tmp_path / "ckpt")
+    assert resume_target(root, None, None) is None
+    assert resume_target(root, None, "/seed/step_00000007") == "/seed/step_00000007"
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest").write_text("step_00000006")
+    reported = SimpleNamespace(path=f"{root}/step_00000004")
+    assert resume_target(root, reported, "/seed/step_00000007") == f"{root}/step_00000006"
+    (tmp_path / "ckpt" / "latest").write_text("step_00000002")
+    assert resume_target(root, reported, None) == f"{root}/step_00000004"

@@ -214,26 +214,34 @@ def check_data(cfg) -> None:
             raise PreflightError(f"data.sources[{i}] ({source.name}): {err}{hint}") from err
 
 
-def check_existing_checkpoint(checkpoint_root: str, num_workers: int) -> str | None:
-    """The tag of an existing checkpoint of this run (it will be resumed), after checking its world size."""
+def check_world_size(root: str, tag: str, num_workers: int, fix: str) -> None:
+    """A ZeRO checkpoint resumes only on the world size that wrote it: fail now, not in every restart."""
     import json
 
     import fsspec
 
-    from pretrain.engine.checkpoint import CheckpointManager
-
-    tag = CheckpointManager(checkpoint_root).latest()
-    if tag is None:
-        return None
-    fs, path = fsspec.core.url_to_fs(_join(checkpoint_root, tag, "meta.json"))
+    fs, path = fsspec.core.url_to_fs(_join(root, tag, "meta.json"))
     if fs.exists(path):
         meta = json.loads(fs.cat_file(path))
         if meta.get("world_size", num_workers) != num_workers:
             raise PreflightError(
-                f"{checkpoint_root}/{tag} was written by {meta['world_size']} ranks and this job asks for "
-                f"--num-workers {num_workers}: ZeRO shards cannot be re-split. Use --num-workers "
-                f"{meta['world_size']}, or a new --name (optionally --resume-from after `pretrain convert`)"
+                f"{root}/{tag} was written by {meta['world_size']} ranks and this job asks for "
+                f"--num-workers {num_workers}: ZeRO shards cannot be re-split. {fix}"
             )
+
+
+def check_existing_checkpoint(checkpoint_root: str, num_workers: int) -> str | None:
+    """The tag of an existing checkpoint of this run (it will be resumed), after checking its world size."""
+    from pretrain.engine.checkpoint import CheckpointManager
+
+    tag = CheckpointManager(checkpoint_root).latest()
+    if tag is not None:
+        check_world_size(
+            checkpoint_root,
+            tag,
+            num_workers,
+            "Use the run's world size, or a new --name (optionally --resume-from after `pretrain convert`)",
+        )
     return tag
 
 
@@ -294,9 +302,13 @@ def plan_job(args) -> JobPlan:
         from pretrain.engine.checkpoint import resolve_resume
 
         try:
-            resolve_resume(resume_from, checkpoint_root)
+            target = resolve_resume(resume_from, checkpoint_root)
         except Exception as err:
             raise PreflightError(f"--resume-from {resume_from}: {err}") from err
+        if target is not None and not existing:
+            check_world_size(
+                *target, args.num_workers, "Consolidate it with `pretrain convert` and init_from it"
+            )
     fail_once = None
     if args.fail_once:
         try:
