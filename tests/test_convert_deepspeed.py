@@ -97,14 +97,15 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
         engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=_ds_config(stage, world, universal=job.get("resume") is not None),
+            config=_ds_config(stage, world, universal=bool(job.get("resume"))),
         )
         start = 0
         if job.get("resume"):
-            engine.load_checkpoint(job["resume"])
-            restore_buffers(engine.module, job["resume"])
+            resume = job["resume"].format(stage=stage)
+            engine.load_checkpoint(resume)
+            restore_buffers(engine.module, resume)
             start = engine.global_steps
-            held = torch.load(job["held"], weights_only=True)
+            held = torch.load(job["held"].format(stage=stage), weights_only=True)
             for key, value in engine.module.state_dict().items():  # resumed weights == the 2-rank run's
                 assert torch.equal(value, held[key]), key
         losses = []
@@ -195,25 +196,25 @@ def test_missing_rank_shard_is_refused(zero_run, tmp_path):
     assert not dst.exists() and not list(tmp_path.glob(".out.pth*"))
 
 
-@pytest.mark.parametrize("stage", [2])
-def test_reshard_two_ranks_to_one_resumes(zero_run, stage, tmp_path):
-    reference = json.loads((zero_run / f"losses{stage}_2.json").read_text())["losses"]
-    universal = tmp_path / "universal"
-    report = convert(zero_run / f"zero{stage}", universal, to="universal")
-    assert report.info["world_size"] == 2
-    assert (universal / "latest_universal").read_text() == "global_step2"
+def test_reshard_two_ranks_to_one_resumes(zero_run, tmp_path):
+    """ZeRO-1/2/3 checkpoints of 2 ranks -> universal -> resumed by 1 rank (one process for all three)."""
+    stages = [1, 2, 3]
+    for stage in stages:
+        report = convert(zero_run / f"zero{stage}", tmp_path / f"universal{stage}", to="universal")
+        assert report.info["world_size"] == 2 and report.info["zero_stage"] == stage
+        assert (tmp_path / f"universal{stage}" / "latest_universal").read_text() == "global_step2"
 
-    _run(
-        1,
-        {
-            "stages": [stage],
-            "steps": 4,
-            "resume": str(universal),
-            "out": str(tmp_path),
-            "held": str(zero_run / f"held{stage}.pt"),
-        },
-    )
-    resumed = json.loads((tmp_path / f"losses{stage}_1.json").read_text())
-    assert resumed["start"] == 2
-    # steps 3 and 4 on one rank continue the two-rank run (same global batch; only reduction order differs)
-    assert resumed["losses"] == pytest.approx(reference[2:], rel=1e-5, abs=1e-6)
+    job = {
+        "stages": stages,
+        "steps": 4,
+        "resume": str(tmp_path / "universal{stage}"),
+        "out": str(tmp_path),
+        "held": str(zero_run / "held{stage}.pt"),
+    }
+    _run(1, job)  # asserts in the worker: the resumed weights equal the ones the 2-rank engine held
+    for stage in stages:
+        reference = json.loads((zero_run / f"losses{stage}_2.json").read_text())["losses"]
+        resumed = json.loads((tmp_path / f"losses{stage}_1.json").read_text())
+        assert resumed["start"] == 2
+        # steps 3 and 4 on one rank continue the 2-rank run (same global batch; only reduction order differs)
+        assert resumed["losses"] == pytest.approx(reference[2:], rel=1e-5, abs=1e-6), stage
