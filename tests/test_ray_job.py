@@ -556,6 +556,8 @@ def test_preflight_rejects_world_size_change(corpus, tmp_path, capsys):
     assert "written by 4 ranks" in capsys.readouterr().err
     plan = plan_job(build_parser().parse_args([*args[:3], "4", *args[4:]]))
     assert any("resuming from checkpoints/step_00000002" in n for n in plan.notes)
+    assert _main(*args[:3], "4", *args[4:], "--set", "schedule.total_steps=2", "--check") == 2
+    assert "already at step 2" in capsys.readouterr().err
     assert plan.cfg.checkpoint.dir == str(root) and plan.cfg.data.reader == "ray"
 
 

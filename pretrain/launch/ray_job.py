@@ -296,6 +296,13 @@ def plan_job(args) -> JobPlan:
     probe_storage(run_dir)
     existing = check_existing_checkpoint(checkpoint_root, args.num_workers)
     if existing:
+        done = int(existing.rsplit("_", 1)[-1])
+        end = min(cfg.schedule.total_steps, cfg.schedule.stop_at_step or cfg.schedule.total_steps)
+        if done >= end:
+            raise PreflightError(
+                f"run {run_dir} is already at step {done} (this job would stop at step {end}): raise "
+                "schedule.total_steps (or schedule.stop_at_step) to continue it, or pick a new --name"
+            )
         notes.append(f"run {run_dir} exists: resuming from checkpoints/{existing}")
     resume_from = args.resume_from
     if resume_from:

@@ -229,13 +229,12 @@ def resume_target(checkpoint_root: str, ray_checkpoint, resume_from: str | None)
 
 
 def train_loop_per_worker(job: dict) -> None:
+    import ray.data
     import ray.train
 
     from pretrain.engine.streams import build_default_stream
 
     cfg = config_from_yaml_text(job["config_yaml"])
-    import ray.data
-
     # Ray Data's per-dataset progress bars (one set per rank) drown the trainer's progress lines in
     # `ray job logs`; the trainer reports data wait time and throughput itself.
     ray.data.DataContext.get_current().enable_progress_bars = False
