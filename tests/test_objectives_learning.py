@@ -2,7 +2,7 @@
 the semantic term and zero-shot evaluation run end to end on the held-out split.
 
 Measured on this corpus (48 px, batch 16, tiny InternImage, lr 1e-3): the intra/inter terms fall from ~2.0
-(cos ≈ 0) to ~0.8 within 100 steps; the semantic term and zero-shot accuracy move only after several hundred
+(cos ≈ 0) to ~1.2 within 40 steps and ~0.8 within 100; the semantic term and zero-shot accuracy move only after several hundred
 steps (the label is a 5-10 px shape among distractors), beyond a CPU test's budget; see the report/README.
 """
 
@@ -18,7 +18,7 @@ from pretrain.objectives import build_objective
 from pretrain.objectives.evaluation import eval_data_config
 from pretrain.text.corpus import iter_captions
 
-STEPS, BATCH, SIZE = 100, 16, 48
+STEPS, BATCH, SIZE = 40, 16, 48
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_short_cpu_run_lowers_dense_terms_and_evaluates_zero_shot(tmp_path):
     from pretrain.data.config import AugmentConfig, DataConfig, SourceConfig
 
     root = str(tmp_path / "corpus")
-    make_sample_corpus(root, num=STEPS * BATCH // 2, size=SIZE, seed=0, num_val=96)
+    make_sample_corpus(root, num=320, size=SIZE, seed=0, num_val=48)
     train = DataConfig(
         sources=[SourceConfig(uri=f"{root}/train/manifest.json")],
         image_size=SIZE,
@@ -68,14 +68,19 @@ def test_short_cpu_run_lowers_dense_terms_and_evaluates_zero_shot(tmp_path):
     def mean(key, part):
         return sum(h[key] for h in part) / len(part)
 
-    first, last = history[:10], history[-20:]
+    first, last = history[:5], history[-10:]
     for term in ("intra", "inter"):
-        assert mean(term, last) < 0.6 * mean(term, first), (term, mean(term, first), mean(term, last))
+        assert mean(term, last) < 0.8 * mean(term, first), (term, mean(term, first), mean(term, last))
     assert mean("target_spread", last) < 0.95  # the teacher has not collapsed to one direction
     assert all(math.isfinite(h["semantic"]) for h in history)
-    assert history[-1]["ema_momentum"] == pytest.approx(1.0)
+    assert obj.ema_momentum == pytest.approx(1.0)  # the cosine schedule reached its end
 
     evaluation = eval_data_config(train, f"{root}/val/manifest.json", batch_size=48)
     result = obj.evaluate(build_stream(evaluation, rank=0, world_size=1, seed=0))
-    assert result["zeroshot/n"] == 96
+    assert result["zeroshot/n"] == 48
     assert 0.0 <= result["zeroshot/top1"] <= result["zeroshot/top5"] <= 1.0
+    summary = {
+        k: (round(mean(k, first), 3), round(mean(k, last), 3))
+        for k in ("semantic", "intra", "inter", "target_spread")
+    }
+    print(f"first-5 vs last-10 step means: {summary}; zero-shot: {result}")
