@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -13,6 +14,7 @@ from pretrain.engine.ds_config import build_ds_config, merge
 from pretrain.engine.optim import lr_factor, param_groups, peak_lr
 from pretrain.models import create_model, lr_decay_ratios
 
+REPO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
 TINY = dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_classes=10)
 
 
@@ -98,3 +100,17 @@ def test_ds_config_from_ours_and_raw_override(tmp_path):
 def test_offload_param_needs_stage3():
     with pytest.raises(ValueError, match="zero_stage=3"):
         build_ds_config(load_config(overrides=["engine.offload_param=true"]), 8, 1, 1e-3)
+
+
+def test_model_init_from_goes_through_pretrain_convert(tmp_path):
+    import torch
+
+    from pretrain.engine.trainer import build_model
+
+    torch.manual_seed(1)
+    src = build_model(load_config(REPO_CONFIG))
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pth")  # the official .pth layout
+    torch.manual_seed(2)
+    dst = build_model(load_config(REPO_CONFIG, [f"model.init_from={tmp_path / 'w.pth'}"]))
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), name

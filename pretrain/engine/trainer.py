@@ -159,7 +159,12 @@ class Trainer:
             total_steps=cfg.schedule.total_steps,
             run_name=cfg.name,
         )
-        self.probe = DCNProbe(model) if cfg.logging.dcn_points_every > 0 else None
+        self.probe = None
+        if cfg.logging.dcn_points_every > 0:
+            try:
+                self.probe = DCNProbe(model)
+            except ValueError as err:  # a backbone without DCNv3 modules: nothing to draw
+                self.monitor.log(f"no DCN sampling-point panels: {err}")
         self.peak = cfg.logging.peak_tflops or peak_tflops(precision=cfg.engine.precision)
 
         target = resolve_resume(self.resume, cfg.checkpoint_dir())
@@ -244,7 +249,10 @@ class Trainer:
         while self.step < end:
             lr = self.peak_lr * lr_factor(self.step, cfg.schedule)
             set_lr(self.engine.optimizer, lr)
-            draw_dcn = self.probe is not None and self.step % cfg.logging.dcn_points_every == 0
+            # rank 0 draws (the offsets are computed inside the forward, so no other rank takes part)
+            draw_dcn = (
+                self.probe is not None and self.rank == 0 and self.step % cfg.logging.dcn_points_every == 0
+            )
             if draw_dcn:
                 self.probe.arm()
             done = 0
@@ -285,7 +293,8 @@ class Trainer:
                 self.engine.step()
                 done += 1
                 for key, value in out.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach().float())
+                    value = value.detach().float() if isinstance(value, torch.Tensor) else value
+                    sums[key] = sums.get(key, 0.0) + float(value)
                 count += 1
             self.step += 1
             timer.step_done(self.micro_batch * cfg.engine.grad_accum)
@@ -295,8 +304,7 @@ class Trainer:
             if on_end is not None:
                 on_end(self.step, cfg.schedule.total_steps)
             if draw_dcn:
-                panel = self.probe.render(step_image)
-                self.monitor.image("dcn/sampling_points", panel, self.step)
+                self.monitor.image("dcn/sampling_points", self.probe.render(step_image), self.step)
             if self.step % cfg.logging.every_steps == 0 or self.step == end:
                 self._log(sums, count, lr, timer)
                 sums, count = {}, 0

@@ -91,6 +91,9 @@ class DCNProbe:
     def arm(self) -> None:
         self.armed, self.offset = True, None
 
+    def disarm(self) -> None:
+        self.armed, self.offset = False, None
+
     @torch.no_grad()
     def render(self, image: torch.Tensor, queries: int = 4, min_size: int = 256) -> torch.Tensor | None:
         """image: normalised (3, S, S), the sample whose offsets were recorded -> uint8 panel, or None."""
