@@ -102,3 +102,15 @@ def test_config_rejects_bad_values():
         ObjectiveConfig(name="clip")
     with pytest.raises(ValueError):
         tiny_cfg(mix=dict(ratio=1.0))
+
+
+def test_bf16_module_and_inputs():
+    """DeepSpeed bf16 casts the whole objective (teacher included) and the engine sends bf16 images."""
+    obj = tiny_m3i().to(torch.bfloat16)
+    batch = fake_batch()
+    batch["image"], batch["image2"] = batch["image"].bfloat16(), batch["image2"].bfloat16()
+    out = obj(batch)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    obj.on_step_end(1, 10)
+    assert obj.evaluate([batch])["zeroshot/n"] == 4
