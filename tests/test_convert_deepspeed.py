@@ -162,7 +162,7 @@ def test_zero_checkpoint_consolidates_to_held_weights(zero_run, stage, tmp_path)
     if stage < 3:  # our per-parameter gather, not DeepSpeed's whole-group concatenation
         assert report.info["gather"].startswith("per parameter")
     got = torch.load(full, weights_only=True)
-    assert set(got) == set(held)
+    assert list(got) == list(held)  # every tensor, in the module's order
     for key, value in held.items():
         assert torch.equal(got[key], value), key
 
@@ -203,6 +203,13 @@ def test_reshard_two_ranks_to_one_resumes(zero_run, tmp_path):
         report = convert(zero_run / f"zero{stage}", tmp_path / f"universal{stage}", to="universal")
         assert report.info["world_size"] == 2 and report.info["zero_stage"] == stage
         assert (tmp_path / f"universal{stage}" / "latest_universal").read_text() == "global_step2"
+        # a universal checkpoint is itself a source: it consolidates to the same weights
+        convert(tmp_path / f"universal{stage}", tmp_path / f"u{stage}.pt", to="consolidated")
+        got, held = (
+            torch.load(p, weights_only=True)
+            for p in (tmp_path / f"u{stage}.pt", zero_run / f"held{stage}.pt")
+        )
+        assert list(got) == list(held) and all(torch.equal(got[k], held[k]) for k in held)
 
     job = {
         "stages": stages,

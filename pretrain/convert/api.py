@@ -213,9 +213,11 @@ def convert(
                 if dst_path.exists() and not overwrite:
                     raise ConvertError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
                 write_safetensors(spill_path, tensors, dtype=target, progress=bar.update)
+                order = list(tensors)
                 del tensors, source
                 gc.collect()
-                tensors, target = read_safetensors(spill_path).tensors, None
+                spilled = read_safetensors(spill_path).tensors  # (safetensors lists keys sorted)
+                tensors, target = {k: spilled[k] for k in order}, None
             with atomic_output(dst, overwrite=overwrite) as tmp:
                 if torch_out:
                     _write_torch(tmp, tensors, target, bar.update, official=to == "official", record=record)

@@ -185,7 +185,12 @@ def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, 
     optim_files = sorted(tag_dir.glob(OPTIM_STATES), key=lambda p: _natural(p.name))
     model_files = sorted(tag_dir.glob(MODEL_STATES), key=lambda p: _natural(p.name))
     try:
-        if not optim_files:
+        if (
+            not optim_files and (tag_dir / "zero").is_dir()
+        ):  # a universal checkpoint (ours or ds_to_universal's)
+            state = _universal_lazy(tag_dir / "zero", model_files[0])
+            info.update(zero_stage="universal", world_size=None, gather="one fp32 file per parameter")
+        elif not optim_files:
             state = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
             module = state.get("module")
             if not isinstance(module, dict) or not module:
@@ -197,28 +202,83 @@ def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, 
             info["notes"].append("no ZeRO optimizer shards: module weights taken from " + model_files[0].name)
             return {k: LazyTensor.of(v) for k, v in module.items() if isinstance(v, torch.Tensor)}, info
 
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        stage, world = _zero_info(optim_files[0])
-        info.update(zero_stage=stage, world_size=world)
-        if world != len(optim_files):
-            raise ConvertError(
-                f"{tag_dir}: ZeRO-{stage} checkpoint of {world} ranks but {len(optim_files)} optimizer shard "
-                f"file(s) found ({', '.join(p.name for p in optim_files)}): a rank's shard is missing"
-            )
-        with contextlib.redirect_stdout(io.StringIO()):
-            state = _zero12_lazy(tag_dir) if stage <= 2 else None
-            info["gather"] = "per parameter, from memory-mapped partitions"
-            if state is None:
-                info["gather"] = "deepspeed zero_to_fp32 (lazy mode)"
-                state = get_fp32_state_dict_from_zero_checkpoint(
-                    str(found.root), tag=found.tag, lazy_mode=True
-                )
+        else:
+            state = _zero_lazy(found, optim_files, info)
     except ConvertError:
         raise
     except _LOAD_ERRORS as err:
         raise ConvertError(f"DeepSpeed checkpoint {tag_dir} is incomplete or corrupt: {err}") from err
+    return _complete(state, model_files, info), info
 
+
+def _zero_lazy(found: DeepSpeedTag, optim_files: list[Path], info: dict) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = found.dir
+    stage, world = _zero_info(optim_files[0])
+    info.update(zero_stage=stage, world_size=world)
+    if world != len(optim_files):
+        raise ConvertError(
+            f"{tag_dir}: ZeRO-{stage} checkpoint of {world} ranks but {len(optim_files)} optimizer shard "
+            f"file(s) found ({', '.join(p.name for p in optim_files)}): a rank's shard is missing"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        state = _zero12_lazy(tag_dir) if stage <= 2 else None
+        info["gather"] = "per parameter, from memory-mapped partitions"
+        if state is None:
+            info["gather"] = "deepspeed zero_to_fp32 (lazy mode)"
+            state = get_fp32_state_dict_from_zero_checkpoint(str(found.root), tag=found.tag, lazy_mode=True)
+    return state
+
+
+def _universal_lazy(zero_dir: Path, model_file: Path) -> dict:
+    """Parameters of a universal checkpoint: `zero/<name>/fp32.pt` holds the full fp32 tensor (ZeRO-1/2:
+    {'param': tensor, ...}; ZeRO-3: the flat tensor, shaped by the model states' `param_shapes`)."""
+    ms = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
+    groups = ms.get("param_shapes") or []
+    shapes = {k: tuple(v) for g in (groups if isinstance(groups, list) else [groups]) for k, v in g.items()}
+    state = {}
+    for d in sorted(zero_dir.iterdir()):
+        f = d / "fp32.pt"
+        if f.is_file():
+            obj = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            tensor = obj["param"] if isinstance(obj, dict) else obj
+            shape = shapes.get(d.name)
+            if shape is not None and tuple(tensor.shape) != shape:
+                numel = math.prod(shape)
+                if tensor.numel() < numel:
+                    raise ConvertError(
+                        f"{f}: {tensor.numel()} elements, the parameter has shape {list(shape)}"
+                    )
+                tensor = tensor.reshape(-1)[:numel].view(shape)
+            state[d.name] = tensor
+    if not state:
+        raise ConvertError(f"{zero_dir} holds no <param>/fp32.pt files")
+    return state
+
+
+def _frozen_zero3(model_files: list[Path], missing: set[str]) -> dict[str, LazyTensor]:
+    """Frozen parameters of a ZeRO-3 checkpoint that nothing else provides (a universal copy keeps only the
+    trained ones): each rank's model states hold a padded 1/world slice of each, concatenated in rank order."""
+    states = [torch.load(f, map_location="cpu", mmap=True, weights_only=False) for f in model_files]
+    shapes = states[0].get("frozen_param_shapes") or {}
+    out = {}
+    for name, shape in shapes.items():
+        frags = [st.get("frozen_param_fragments", {}).get(name) for st in states]
+        if name not in missing or any(f is None for f in frags):
+            continue
+        numel = math.prod(shape)
+
+        def load(frags=frags, numel=numel, shape=tuple(shape)):
+            return torch.cat([f.reshape(-1) for f in frags])[:numel].view(shape).float()
+
+        out[name] = LazyTensor(tuple(shape), torch.float32, load)
+    return out
+
+
+def _complete(state: dict, model_files: list[Path], info: dict) -> dict[str, LazyTensor]:
+    """Lazy tensors of `state`, completed from the module weights of mp_rank_00 and in the module's order."""
+    model_file = model_files[0]
     out: dict[str, LazyTensor] = {}
     for name, value in state.items():
         if isinstance(value, LazyTensor):
@@ -231,18 +291,22 @@ def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, 
     # ZeRO-1 saves no fragments of frozen parameters (an EMA teacher): they exist only in the module
     # weights of mp_rank_00, in the training dtype. ZeRO-3 leaves empty placeholders there (and saves
     # the fragments, which DeepSpeed already merged above).
-    module = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False).get("module") or {}
+    module = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False).get("module") or {}
     extra = {
         k: v for k, v in module.items() if k not in out and isinstance(v, torch.Tensor) and v.numel() > 0
     }
     if extra:
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in extra.values()})
         info["notes"].append(
-            f"{len(extra)} tensors without fp32 master (frozen parameters, e.g. {next(iter(extra))!r}) taken "
-            f"from the module weights of {model_files[0].name} ({'/'.join(dtypes)}, given as fp32)"
+            f"{len(extra)} tensors without fp32 master (buffers or frozen parameters, e.g. {next(iter(extra))!r}) "
+            f"taken from the module weights of {model_file.name} ({'/'.join(dtypes)}, given as fp32)"
         )
         out.update({k: _as_fp32(v) for k, v in extra.items()})
-    return out, info
+    missing = {k for k, v in module.items() if k not in out and isinstance(v, torch.Tensor)}
+    if missing:
+        out.update(_frozen_zero3(model_files, missing))
+    order = [k for k in module if k in out]
+    return {**{k: out[k] for k in order}, **{k: v for k, v in out.items() if k not in module}}
 
 
 def to_universal(src: str | Path, dst_tmp: Path, tag: str | None = None, workers: int = 1) -> dict:
