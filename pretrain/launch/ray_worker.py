@@ -9,10 +9,11 @@ Per worker, in order:
    after a worker-group restart or when a job is resubmitted with the same name and storage path) and the
    engine's own `latest` pointer in the run's checkpoint root (a crash between the engine's save and the report
    to Ray loses nothing). Before the first checkpoint an optional `--resume-from` path seeds the run.
-3. `RayTrainer` is the engine Trainer plus one thing: after every (collective) checkpoint save each rank
-   reports the step directory to Ray Train (`CheckpointUploadMode.NO_UPLOAD`: the engine already wrote every
-   rank's DeepSpeed shard and data cursor into `<storage>/<name>/checkpoints/step_*`, the layout `pretrain
-   convert` and the other launchers read), then rank 0 copies TensorBoard/metrics to remote storage.
+3. `RayTrainer` is the engine Trainer. Its `on_checkpoint` hook runs on every rank after each complete
+   (collective) save: rank 0 copies TensorBoard/metrics to remote storage, then each rank reports the step
+   directory to Ray Train (`CheckpointUploadMode.NO_UPLOAD`: the engine already wrote every rank's DeepSpeed
+   shard and data cursor into `<storage>/<name>/checkpoints/step_*`, the layout `pretrain convert` and the
+   other launchers read).
 4. A watcher thread turns a stop request of the driver (`ray job stop` -> SIGTERM to the driver) into the
    Trainer's own stop-on-signal path: finish the step on every rank, save, report, return.
 
@@ -105,17 +106,18 @@ def _maybe_crash(marker: str, rank: int, step: int) -> None:
 
 # ------------------------------------------------------------------------------------------ trainer
 class RayTrainer(Trainer):
-    """The engine Trainer; every checkpoint it saves is also reported to Ray Train."""
+    """The engine Trainer; its `on_checkpoint` hook reports every checkpoint to Ray Train."""
 
     def __init__(self, config, *, job: dict, resume: str | None, stream_factory):
-        super().__init__(config, stream_factory=stream_factory, resume=resume)
+        super().__init__(
+            config, stream_factory=stream_factory, resume=resume, on_checkpoint=self._on_checkpoint
+        )
         self.job = job
 
-    def save_checkpoint(self) -> str:
-        path = super().save_checkpoint()
+    def _on_checkpoint(self, path: str, step: int) -> None:
+        """The engine's hook, on every rank after each complete (collective) save."""
         self.sync_outputs()
         self._report(path)
-        return path
 
     def _report(self, path: str) -> None:
         import ray.train
