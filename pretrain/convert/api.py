@@ -137,9 +137,9 @@ def convert(
     to = to or infer_format(dst)
     if to not in FORMATS:
         raise ConvertError(f"unknown output format {to!r} (choose from {', '.join(FORMATS)})")
-    target = DTYPES[dtype] if dtype else None
     if dtype and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    target = DTYPES[dtype] if dtype else None
 
     if to == "universal":
         if dtype:

@@ -18,8 +18,9 @@ def register(subparsers, name: str) -> None:
         name,
         help="convert checkpoints between ZeRO, consolidated, official, HF, safetensors, universal",
         description="Convert a checkpoint. SRC: a DeepSpeed checkpoint directory (any ZeRO stage and world "
-        "size: the run root with 'latest', a global_stepN/ directory, or our per-step directory), an "
-        "official .pth, an HF directory, safetensors (file or directory) or a consolidated .pt. Every key "
+        "size: the run root with 'latest', a global_stepN/ directory, our step directory, or a universal "
+        "checkpoint), an official .pth, an HF directory, safetensors (file or directory) or a consolidated "
+        ".pt. Every key "
         "and shape is checked against the model; DST is written under a temporary name and renamed at the end.",
     )
     p.add_argument("src", metavar="SRC")

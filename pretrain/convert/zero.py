@@ -173,11 +173,12 @@ def _zero12_lazy(tag_dir: Path) -> dict | None:
 def read_deepspeed(path: str | Path, tag: str | None = None) -> tuple[dict[str, LazyTensor], dict]:
     """The consolidated fp32 state dict of the DeepSpeed-wrapped module, as lazy tensors.
 
-    ZeRO 1/2/3 go through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`: the
-    optimizer shards are memory-mapped and only the fp32 master partitions are touched (Adam moments are
-    never read); a ZeRO-3 parameter is gathered from its partitions when it is loaded. A checkpoint
-    without ZeRO optimizer shards (ZeRO disabled, or saved without optimizer) is read from the module
-    weights of `mp_rank_00`.
+    The optimizer shards are memory-mapped and only the fp32 master partitions are touched (Adam moments
+    are never read); each parameter is gathered from its rank partitions when it is loaded: ZeRO-1/2 by
+    `_zero12_lazy`, ZeRO-3 by DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`.
+    Buffers and frozen parameters (no fp32 master) come from the module states, as fp32. A universal
+    checkpoint (`<tag>/zero/<param>/fp32.pt`) is read per parameter. A checkpoint without ZeRO optimizer
+    shards (ZeRO disabled, or saved without optimizer) is read from the module weights of `mp_rank_00`.
     """
     found = resolve_tag(path, tag)
     tag_dir = found.dir
