@@ -274,3 +274,23 @@ def test_cli(tmp_path, capsys):
     assert not (tmp_path / "b.pth").exists()
     assert cli_main(["convert", str(src), str(tmp_path / "noext"), *claim]) == 2
     assert "--to" in capsys.readouterr().err
+
+
+def test_released_hf_port_directory_without_our_record(tmp_path):
+    """An HF-port directory as released (config.json with the constructor keywords, weights in
+    pytorch_model.bin, no record of ours) converts to the official format with no flags."""
+    name, kwargs = TINY_S
+    model = _model("s")
+    convert(_official(tmp_path / "a.pth", model), tmp_path / "hf", to="hf", model=name, model_kwargs=kwargs)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["internimage_pretrain"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    weights = {k: v.load() for k, v in open_source(tmp_path / "hf").tensors.items()}
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "hf" / "pytorch_model.bin")
+
+    report = convert(tmp_path / "hf", tmp_path / "back.pth")
+    assert report.src_format == "hf" and report.kwargs["channels"] == kwargs["channels"]
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    for key, value in back.items():
+        assert torch.equal(value, model.state_dict()[key]), key
