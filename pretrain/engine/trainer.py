@@ -211,6 +211,14 @@ class Trainer:
             except ValueError:
                 return  # not the main thread (e.g. a Ray Train worker): the launcher handles signals
 
+    def request_stop(self) -> None:
+        """Take the stop-on-signal path (finish the step on every rank, save, return) from any thread.
+
+        The SIGTERM handler is installed only in the main thread; launchers that run this loop elsewhere
+        (a Ray Train worker) call this instead when their own stop signal arrives.
+        """
+        self._stop_signal = signal.SIGTERM
+
     def _restore_signal_handlers(self) -> None:
         for sig, old in self._old_handlers.items():
             with contextlib.suppress(ValueError):

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 
@@ -182,14 +181,6 @@ class RayTrainer(Trainer):
             for name in files:
                 dest = _join(root, rel, name) if rel != "." else _join(root, name)
                 fs.put_file(os.path.join(dirpath, name), dest)
-
-    def request_stop(self) -> None:
-        """Ask for the Trainer's stop-on-signal path (finish the step on every rank, save, return).
-
-        The engine installs its SIGTERM handler only in the main thread; Ray Train runs this loop in another
-        thread, so the watcher sets the same flag the handler would.
-        """
-        self._stop_signal = signal.SIGTERM
 
 
 class StopWatcher(threading.Thread):
