@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,10 @@ def _global_loss(loss: torch.Tensor, world: int) -> float:
 
 
 def _worker(rank: int, world: int, port: int, job: dict) -> None:
+    # the shared-memory comm op is JIT-built once into the repo's cache (as the engine tests do)
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions")
+    )
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
