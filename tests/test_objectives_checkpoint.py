@@ -24,6 +24,7 @@ def _train_step(obj, opt, step: int) -> float:
     return float(out["loss"].detach())
 
 
+@pytest.mark.slow
 def test_state_dict_holds_teacher_predictor_text_and_resumes_exactly():
     obj = tiny_m3i()
     keys = obj.state_dict().keys()

@@ -104,6 +104,7 @@ def test_config_rejects_bad_values():
         tiny_cfg(mix=dict(ratio=1.0))
 
 
+@pytest.mark.slow
 def test_bf16_module_and_inputs():
     """DeepSpeed bf16 casts the whole objective (teacher included) and the engine sends bf16 images."""
     obj = tiny_m3i().to(torch.bfloat16)
