@@ -47,8 +47,13 @@ def eval_data_config(data_cfg, split: str, batch_size: int | None = None):
     )
 
 
-def zero_shot(objective, run_cfg, *, rank: int = 0, world_size: int = 1, split: str | None = None) -> dict:
-    """Run `objective.evaluate` on the held-out split (every rank must call it: the counts are all-reduced)."""
+def zero_shot(
+    objective, run_cfg, *, rank: int = 0, world_size: int = 1, split: str | None = None, prepare=None
+) -> dict:
+    """Run `objective.evaluate` on the held-out split (every rank must call it: the counts are all-reduced).
+
+    `prepare(batch) -> batch` moves each batch where the model lives (the trainer passes its device and
+    compute-dtype mapping); without it batches stay as the reader made them (CPU, float32)."""
     from ..data import build_stream
     from ..data.schema import Manifest
 
@@ -58,8 +63,9 @@ def zero_shot(objective, run_cfg, *, rank: int = 0, world_size: int = 1, split: 
         eval_data_config(run_cfg.data, split), rank=rank, world_size=world_size, seed=run_cfg.seed
     )
     try:
+        batches = stream if prepare is None else (prepare(batch) for batch in stream)
         return objective.evaluate(
-            stream, label_names=names, max_batches=run_cfg.objective.zero_shot.max_batches
+            batches, label_names=names, max_batches=run_cfg.objective.zero_shot.max_batches
         )
     finally:
         close = getattr(stream, "close", None)
