@@ -394,6 +394,22 @@ def _deep_copy(d: Any) -> Any:
     return d
 
 
+def add_config_arguments(
+    parser, *, required: bool = True, config_help: str = "YAML run config (see configs/)"
+) -> None:
+    """`--config/-c PATH` and repeatable `--set KEY=VALUE` (parsed as YAML), shared by every command that loads
+    a run config (`pretrain train`, `pretrain eval`, the Ray job): `load_config(args.config, args.overrides)`."""
+    parser.add_argument("--config", "-c", required=required, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set optim.lr=1e-3 --set engine.zero_stage=3 (repeatable)",
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """YAML file (optional) + `--set` overrides -> a validated, frozen RunConfig."""
     raw: dict = {}

@@ -12,21 +12,15 @@ import sys
 
 
 def register(subparsers, name: str) -> None:
+    from pretrain.config import add_config_arguments
+
     p = subparsers.add_parser(
         name,
         help="train a model from a YAML config (one process or under deepspeed)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", help="YAML run config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set optim.lr=1e-3 --set engine.zero_stage=3 (repeatable)",
-    )
+    add_config_arguments(p, required=False)
     p.add_argument(
         "--resume",
         default=None,

@@ -78,20 +78,14 @@ class JobPlan:
 
 # ------------------------------------------------------------------------------------------ arguments
 def build_parser() -> argparse.ArgumentParser:
+    from pretrain.config import add_config_arguments
+
     p = argparse.ArgumentParser(
         prog="python -m pretrain.launch.ray_job",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", required=True, help="YAML run config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key (repeatable), as in `pretrain train`",
-    )
+    add_config_arguments(p)
     p.add_argument("--num-workers", type=int, default=1, help="training workers (ranks); default 1")
     p.add_argument(
         "--device",

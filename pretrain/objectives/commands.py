@@ -14,6 +14,8 @@ import json
 
 
 def register(subparsers, name: str) -> None:
+    from pretrain.config import add_config_arguments
+
     parser = subparsers.add_parser(
         name,
         help="evaluate a checkpoint (zero-shot)",
@@ -22,19 +24,11 @@ def register(subparsers, name: str) -> None:
     )
     sub = parser.add_subparsers(dest="eval_command", metavar="EVAL")
     p = sub.add_parser("zero-shot", help="zero-shot classification with class-name prompts")
-    p.add_argument("--config", "-c", required=True, help="the run's YAML config (model, data, objective)")
+    add_config_arguments(p, config_help="the run's YAML config (model, data, objective)")
     p.add_argument("--checkpoint", required=True, help="checkpoint root, step directory or consolidated file")
     p.add_argument("--tag", default=None, help="checkpoint tag inside a root (default: latest)")
     p.add_argument(
         "--split", default=None, help="held-out manifest (default: objective.zero_shot.split or val/)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, as for `pretrain train`",
     )
     p.add_argument("--max-batches", type=int, default=None)
     p.set_defaults(func=run_zero_shot)
