@@ -16,13 +16,15 @@ Ray is imported only here.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .batch import RowFetcher, assemble, count, new_counters, normalizer, to_torch
 from .config import DataConfig
 from .order import Plan
 from .schema import Manifest
-from .stream import Cursor, make_plan, stream_info
+from .stream import Cursor, CursorStream, make_plan
 
 
 class _DecodeStep:
@@ -98,7 +100,7 @@ def ray_dataset(cfg: DataConfig, *, rank: int, world_size: int, seed: int, state
     return rank_dataset(cfg, plan, cursor, order_seed=order_seed, aug_seed=seed)
 
 
-class RayStream:
+class RayStream(CursorStream):
     """Same interface and cursor as `pretrain.data.stream.Stream`; the decoding runs in Ray actors."""
 
     def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int):
@@ -108,32 +110,7 @@ class RayStream:
         self.cursor = Cursor(self.plan, cfg, rank, world_size)
         self.normalize = normalizer(cfg.augment)
         self._counters = new_counters()
-
-    @property
-    def epoch(self) -> int:
-        return self.cursor.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.cursor.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return self.cursor.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cursor.load_state_dict(state)
-
-    def counters(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self._counters.items()}
-
-    def __len__(self) -> int:
-        return self.cursor.steps_left()
-
-    @property
-    def label_names(self) -> list[list[str] | None]:
-        return [m.label_names for m in self.plan.manifests]
-
-    def info(self) -> dict:
-        return stream_info(self.plan)
+        self._lock = threading.Lock()
 
     def dataset(self):
         """The Ray Dataset of this rank's remaining batches (a new one per call: it starts at the cursor)."""

@@ -109,25 +109,15 @@ class Cursor:
             self.epoch, self.consumed = int(epoch), 0
 
 
-class Stream:
-    """Batches of one rank, in the global order; iterate once per epoch (it advances the epoch at the end).
+class CursorStream:
+    """The contract both readers share (the engine relies on it): the resumable cursor, counters, label names.
 
-    `state_dict()` after a delivered batch includes that batch; save it with the checkpoint of the step that
-    trained on it.
+    Subclasses set `plan`, `cursor`, `_counters` and `_lock`, and implement `__iter__` (one epoch per call).
     """
 
-    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, plan: Plan | None = None):
-        self.cfg = cfg
-        self.seed = seed
-        self.plan = plan or make_plan(cfg, cfg.shuffle_seed if cfg.shuffle_seed is not None else seed)
-        self.cursor = Cursor(self.plan, cfg, rank, world_size)
-        self.fetcher = RowFetcher(self.plan, cfg.shuffle_window)
-        self.normalize = normalizer(cfg.augment)
-        self._counters = new_counters()
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+    plan: Plan
+    cursor: Cursor
 
-    # --- the contract -------------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
         return self.cursor.epoch
@@ -158,6 +148,25 @@ class Stream:
 
     def info(self) -> dict:
         return stream_info(self.plan)
+
+
+class Stream(CursorStream):
+    """Batches of one rank, in the global order; iterate once per epoch (it advances the epoch at the end).
+
+    `state_dict()` after a delivered batch includes that batch; save it with the checkpoint of the step that
+    trained on it.
+    """
+
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, plan: Plan | None = None):
+        self.cfg = cfg
+        self.seed = seed
+        self.plan = plan or make_plan(cfg, cfg.shuffle_seed if cfg.shuffle_seed is not None else seed)
+        self.cursor = Cursor(self.plan, cfg, rank, world_size)
+        self.fetcher = RowFetcher(self.plan, cfg.shuffle_window)
+        self.normalize = normalizer(cfg.augment)
+        self._counters = new_counters()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     # --- iteration ------------------------------------------------------------------------------------------
     def _make(self, epoch: int, start: int, step: int) -> dict:
