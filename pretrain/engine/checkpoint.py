@@ -13,6 +13,14 @@ Layout under the checkpoint root (a local path or any fsspec URL):
 `latest` is switched (write-then-rename) by rank 0 only after a barrier that every rank reaches once its
 files are written, so a crash mid-save leaves the previous checkpoint as `latest`. Remote roots are written
 through a local staging directory that each node's local rank 0 uploads (then the barrier, then `latest`).
+
+Resharding: a checkpoint loads only on the world size that wrote it, unless it is a DeepSpeed *universal*
+checkpoint (`pretrain convert CKPT OUT --to universal`: `<tag>/zero/<param>/fp32.pt`... plus `latest` and
+`latest_universal`), which any world size resumes (the trainer sets DeepSpeed's `checkpoint.load_universal`).
+The data cursor is global, so a rank without its own `trainer_rank*.pt` takes rank 0's: the resharded run sees
+exactly the samples the original would have, but its RNG streams (drop-path, augmentation order) come from
+rank 0's file, so it is sample-exact, not bit-identical, to an unresharded resume. A ZeRO-3 EMA is kept per
+rank on that rank's parameter slices and cannot be re-split: such a checkpoint resumes on its own world size.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from . import dist
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
+LATEST_UNIVERSAL = "latest_universal"
 
 
 def tag_for(step: int) -> str:
@@ -97,6 +106,14 @@ class CheckpointManager:
             root = Path(self.fs_root)
             names = [p.name for p in root.iterdir() if p.is_dir()] if root.exists() else []
         return sorted((n for n in names if _STEP_RE.match(n)), key=lambda n: int(_STEP_RE.match(n).group(1)))
+
+    def is_universal(self, tag: str) -> bool:
+        """Whether step `tag` is a DeepSpeed universal checkpoint: `<tag>/zero/` exists or `latest_universal` names it."""
+        if (self._read_text(LATEST_UNIVERSAL) or "").strip() == tag:
+            return True
+        if self.remote:
+            return self.fs.isdir(f"{self.fs_root}/{tag}/zero")
+        return (Path(self.fs_root) / tag / "zero").is_dir()
 
     def _read_text(self, name: str) -> str | None:
         if self.remote:
@@ -172,22 +189,46 @@ class CheckpointManager:
                 self.stage.mkdir(parents=True, exist_ok=True)
                 self.fs.get(f"{self.fs_root}/{tag}", str(self.stage / tag), recursive=True)
             dist.barrier()
-        meta_path = self.stage / tag / "meta.json"
+        step_dir = self.stage / tag
+        meta_path = step_dir / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if meta.get("world_size", dist.world_size()) != dist.world_size():
+        world = dist.world_size()
+        saved_world = meta.get("world_size", world)
+        universal = self.is_universal(tag)
+        if saved_world != world and not universal:
             raise RuntimeError(
-                f"checkpoint {self.root}/{tag} was written by {meta['world_size']} ranks, this run has "
-                f"{dist.world_size()}: the per-rank data cursors and ZeRO shards cannot be re-split. Resume "
-                "with the same world size (or consolidate the weights with pretrain convert and init_from them)."
+                f"checkpoint {self.root}/{tag} was written by {saved_world} ranks, this run has {world}: its "
+                "ZeRO shards cannot be re-split. Resume with the same world size, or convert it to a universal "
+                f"checkpoint (pretrain convert {self.root}/{tag} OUT --to universal) and --resume OUT."
+            )
+        if universal and not engine.load_universal_checkpoint():
+            raise RuntimeError(
+                f"checkpoint {self.root}/{tag} is a universal checkpoint: the DeepSpeed config needs "
+                '"checkpoint": {"load_universal": true} (the trainer sets it when it resolves --resume)'
+            )
+        own = step_dir / f"trainer_rank{rank:05d}.pt"
+        # the data cursor is global (identical on every rank), so rank 0's serves a rank the old run lacked
+        state = torch.load(
+            own if own.exists() or not universal else step_dir / "trainer_rank00000.pt",
+            map_location="cpu",
+            weights_only=False,
+        )
+        zero3 = 3 in (meta.get("zero_stage"), engine.zero_optimization_stage())
+        if saved_world != world and zero3 and state.get("ema") is not None:
+            raise RuntimeError(
+                f"checkpoint {self.root}/{tag} holds a weight EMA and was written by {saved_world} ranks, this "
+                f"run has {world}: under ZeRO-3 each rank keeps the EMA of its own parameter slices, which "
+                "cannot be re-split. Resume on the same world size (or with ema.enabled=false)."
             )
         load_path, _ = engine.load_checkpoint(
             str(self.stage), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root}/{tag}")
-        state = torch.load(
-            self.stage / tag / f"trainer_rank{rank:05d}.pt", map_location="cpu", weights_only=False
-        )
+        if universal:  # DeepSpeed 0.19's universal load leaves buffers (BatchNorm statistics) at init
+            from pretrain.convert import restore_buffers
+
+            restore_buffers(engine.module, self.stage, tag)
         dist.barrier()
         if self.remote and dist.local_rank() == 0:
             shutil.rmtree(self.stage / tag, ignore_errors=True)
@@ -198,7 +239,7 @@ def resolve_resume(resume: str | None, default_root: str) -> tuple[str, str] | N
     """`--resume auto|PATH` -> (checkpoint root, tag), or None to start fresh.
 
     auto: the `latest` of the run's own checkpoint root (fresh start when there is none). PATH: a step
-    directory (`.../step_00001000`) or a checkpoint root with a `latest` file.
+    directory (`.../step_00001000`) or a checkpoint root with a `latest` (or `latest_universal`) file.
     """
     if not resume:
         return None
@@ -209,7 +250,8 @@ def resolve_resume(resume: str | None, default_root: str) -> tuple[str, str] | N
     name = path.rsplit("/", 1)[-1]
     if _STEP_RE.match(name):
         return path[: -len(name) - 1] or ".", name
-    tag = CheckpointManager(path).latest()
+    manager = CheckpointManager(path)
+    tag = manager.latest() or (manager._read_text(LATEST_UNIVERSAL) or "").strip() or None
     if tag is None:
         raise FileNotFoundError(
             f"--resume {resume}: neither a step_* directory nor a root with a '{LATEST}' file"

@@ -21,11 +21,14 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_ds_config(cfg: RunConfig, micro_batch: int, world_size: int, lr: float) -> dict:
+def build_ds_config(
+    cfg: RunConfig, micro_batch: int, world_size: int, lr: float, load_universal: bool = False
+) -> dict:
     """DeepSpeed config for `deepspeed.initialize` (the optimizer too: DeepSpeed builds it from our groups).
 
     On CPU the AdamW is torch's (`torch_adam`): DeepSpeed's FusedAdam needs a CUDA build. With optimizer
-    offload DeepSpeed uses its CPUAdam (built on first use).
+    offload DeepSpeed uses its CPUAdam (built on first use). `load_universal`: the run resumes from a universal
+    checkpoint (DeepSpeed reads that flag at initialize time, so the resume target is resolved before).
     """
     e = cfg.engine
     if e.zero_stage not in (0, 1, 2, 3):
@@ -69,6 +72,8 @@ def build_ds_config(cfg: RunConfig, micro_batch: int, world_size: int, lr: float
         },
         "optimizer": {"type": "AdamW", "params": adam},
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if e.deepspeed_config:
         ds = merge(ds, json.loads(Path(e.deepspeed_config).read_text()))
     return ds

@@ -135,7 +135,12 @@ class Trainer:
         self.micro_batch = micro_batch_size(cfg)
         self.global_batch = self.micro_batch * cfg.engine.grad_accum * self.world
         self.peak_lr = peak_lr(cfg.optim, self.global_batch)
-        self.ds_config = build_ds_config(cfg, self.micro_batch, self.world, self.peak_lr)
+        # the resume target first: a universal checkpoint needs DeepSpeed's load_universal at initialize time
+        target = self.resume_target = resolve_resume(self.resume, cfg.checkpoint_dir())
+        universal = target is not None and CheckpointManager(target[0]).is_universal(target[1])
+        self.ds_config = build_ds_config(
+            cfg, self.micro_batch, self.world, self.peak_lr, load_universal=universal
+        )
         if self.dtype != torch.float32:
             # DeepSpeed casts parameters, not buffers: BatchNorm running stats must match the compute dtype.
             for buf in objective.buffers():
@@ -167,9 +172,8 @@ class Trainer:
                 self.monitor.log(f"no DCN sampling-point panels: {err}")
         self.peak = cfg.logging.peak_tflops or peak_tflops(precision=cfg.engine.precision)
 
-        target = resolve_resume(self.resume, cfg.checkpoint_dir())
-        if target is not None:
-            self._restore(*target)
+        if self.resume_target is not None:
+            self._restore(*self.resume_target)
         if self.rank == 0:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml")
             self.monitor.text("config", "```\n" + dump_config(cfg) + "\n```", self.step)
@@ -318,6 +322,9 @@ class Trainer:
                 sums, count = {}, 0
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
+            zero_shot_every = cfg.objective.zero_shot.every_steps
+            if zero_shot_every and (self.step % zero_shot_every == 0 or self.step == end):
+                self._zero_shot()
             if self._stop_signal is not None:
                 reason = f"signal {signal.Signals(self._stop_signal).name}"
                 break
@@ -338,6 +345,27 @@ class Trainer:
                 return next(it), it
             except StopIteration:
                 raise RuntimeError("the data stream is empty (a fresh epoch yielded no batch)") from None
+
+    def _zero_shot(self) -> None:
+        """Zero-shot evaluation on the held-out split (every rank takes part; rank 0 logs and prints)."""
+        from ..objectives.evaluation import zero_shot
+
+        if not hasattr(self.engine.module, "evaluate"):
+            return
+        with torch.no_grad():
+            metrics = zero_shot(
+                self.engine.module,
+                self.cfg,
+                rank=self.rank,
+                world_size=self.world,
+                prepare=lambda batch: _to_device(batch, self.device, self.dtype),
+            )
+        if metrics:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            self.monitor.scalars(self.step, metrics)
+            self.monitor.log(
+                f"step {self.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+            )
 
     def _log(self, sums: dict, count: int, lr: float, timer: StepTimer) -> None:
         keys = sorted(sums)
