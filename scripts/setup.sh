@@ -20,7 +20,7 @@ PY=.venv/bin/python
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[setup] installing $TORCH_SPEC"
   # shellcheck disable=SC2086
-  "$PY" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "is ignored" || true
+  "$PY" -m pip install -q $TORCH_SPEC numpy 2>&1 | grep -v "is ignored" || true
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 echo "[setup] torch $TORCH_VERSION; installing internimage-pretrain[test]"
