@@ -61,7 +61,13 @@ def test_engine_checkpoint_to_official_without_flags(engine_run, tmp_path):
     backbone = {k[len("backbone.") :]: v for k, v in reference.items() if k.startswith("backbone.")}
     assert set(weights) == set(backbone)
     for key, value in backbone.items():
-        assert weights[key].dtype == value.dtype and torch.equal(weights[key], value), key
+        if value.is_floating_point() and weights[key].is_floating_point():
+            assert weights[key].dtype == value.dtype and torch.equal(weights[key], value), key
+        else:
+            # integer buffers (BatchNorm's num_batches_tracked) keep the module's int64; DeepSpeed <= 0.19.7's
+            # own consolidation hands them back as float32, so compare the values only.
+            assert not weights[key].is_floating_point(), key
+            assert torch.equal(weights[key], value.to(weights[key].dtype)), key
 
     kwargs = {k: report.kwargs[k] for k in ("num_classes", "channels", "depths", "groups")}
     model = create_model("internimage_t", **kwargs)
