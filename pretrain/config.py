@@ -25,6 +25,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+# The data and objective sections are owned by their packages; each component receives only its own section.
+from pretrain.data.config import DataConfig
+from pretrain.objectives.config import ObjectiveConfig
+
 
 class ConfigError(ValueError):
     """A config key or value that does not fit the schema; the message names the dotted key."""
@@ -37,33 +41,6 @@ def _f(default: Any, doc: str) -> Any:
     if dataclasses.is_dataclass(default):  # a section: a fresh copy per instance (it may not be frozen)
         return field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
-
-
-# ---------------------------------------------------------------------------------------------- fallbacks
-# The data and objective sections belong to other packages. Until those land, small stand-ins keep the
-# schema loadable (the engine then uses its synthetic stream and a plain supervised objective).
-try:  # pragma: no cover - depends on what is installed in the checkout
-    from pretrain.data.config import DataConfig
-except ImportError:  # pragma: no cover
-
-    @dataclass(frozen=True)
-    class DataConfig:  # type: ignore[no-redef]
-        """Stand-in for `pretrain.data.config.DataConfig` (not importable in this checkout)."""
-
-        batch_size: int = _f(8, "Images per rank per micro-step.")
-        image_size: int = _f(224, "Square input resolution in pixels.")
-
-
-try:  # pragma: no cover
-    from pretrain.objectives.config import ObjectiveConfig
-except ImportError:  # pragma: no cover
-
-    @dataclass(frozen=True)
-    class ObjectiveConfig:  # type: ignore[no-redef]
-        """Stand-in for `pretrain.objectives.config.ObjectiveConfig` (not importable in this checkout)."""
-
-        name: str = _f("supervised", "Objective name; only 'supervised' without pretrain.objectives.")
-        label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy.")
 
 
 # ---------------------------------------------------------------------------------------------- sections

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
+# Subprocesses that run `python`, `ray` or `deepspeed` by name (a Ray job's entrypoint, the launcher) must get
+# this interpreter's environment even when the venv is not activated (CI runs `.venv/bin/python -m pytest`).
+_bin = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed JIT-compiles a shared-memory comm op on first use (~45 s): cache it inside the checkout.
 os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions")
+    "TORCH_EXTENSIONS_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions"),
 )
 
 
