@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pretrain.convert import ConvertError, convert, load_pretrained, restore_buffers
+from pretrain.engine.dist import local_world_env
 from pretrain.models import create_model
 from pretrain.objectives.base import Objective
 
@@ -83,15 +84,7 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions")
     )
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-    )
+    os.environ.update(local_world_env(rank, world, port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     import deepspeed
 

@@ -12,6 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from test_objectives_helpers import fake_batch, tiny_m3i
 
+from pretrain.engine.dist import local_world_env
+
 STEPS_BEFORE, STEPS_TOTAL = 2, 3
 
 
@@ -64,14 +66,7 @@ def test_state_dict_holds_teacher_predictor_text_and_resumes_exactly():
 
 # ------------------------------------------------------------------------------------------- DeepSpeed
 def _ds_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        DS_ACCELERATOR="cpu",
-    )
+    os.environ.update(local_world_env(0, 1, port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     import deepspeed
 

@@ -85,15 +85,9 @@ def _ds_worker(rank: int, world: int, port: int, variant: str, stage: int, out: 
     """One rank of a real ZeRO checkpoint of `variant`: one AdamW step on a 32-px input, then save."""
     import os
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-    )
+    from pretrain.engine.dist import local_world_env
+
+    os.environ.update(local_world_env(rank, world, port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     import deepspeed
     import torch
 

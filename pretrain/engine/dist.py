@@ -20,14 +20,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_world_env(rank: int, world: int, port: int | str) -> dict[str, str]:
+    """The launcher variables of rank `rank` in a single-node world of `world` ranks on 127.0.0.1:`port`."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
 def set_single_process_env() -> None:
     """RANK=0, WORLD_SIZE=1, ... for a run without a launcher (values already set are kept)."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for key, value in local_world_env(0, 1, _free_port()).items():
+        os.environ.setdefault(key, value)
 
 
 def backend_for(choice: str = "auto") -> str:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .dist import _free_port
+from .dist import _free_port, local_world_env
 
 
 @dataclass
@@ -35,14 +35,7 @@ def spawn(nproc: int, train_args: list[str], env: dict | None = None) -> list[su
     for rank in range(nproc):
         e = dict(os.environ)
         e.update(env or {})
-        e.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-        )
+        e.update(local_world_env(rank, nproc, port))
         e.setdefault("OMP_NUM_THREADS", "1")
         log = tempfile.TemporaryFile(mode="w+")
         p = subprocess.Popen(
