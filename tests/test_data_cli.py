@@ -16,7 +16,7 @@ def test_sample_build_inspect(tmp_path, capsys):
     assert main(["data", "inspect", str(out / "val"), "--rows", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     head = json.loads("\n".join(lines[:-2]))
-    assert head["rows"] == 8 and head["label_names"][:2] == ["circle", "square"]
+    assert head["rows"] == 8 and head["label_names"][:2] == ["red", "green"]  # colour labels by default
     assert json.loads(lines[-1])["key"] == "sample-val-0000001"
 
     csv = tmp_path / "list.csv"
@@ -34,6 +34,20 @@ def test_sample_build_inspect(tmp_path, capsys):
     cfg = DataConfig(sources=[SourceConfig("b", str(built / "manifest.json"))], image_size=16, batch_size=5)
     batch = next(iter(build_stream(cfg, rank=0, world_size=1, seed=0)))
     assert sorted(batch["caption"]) == sorted(r["caption"] for r in t)
+
+
+def test_sample_label_by_shape(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pretrain.data import Manifest
+
+    out = tmp_path / "corpus"
+    args = ["data", "sample", str(out), "--num", "30", "--num-val", "0", "--size", "32", "--label-by", "shape"]
+    assert main(args) == 0
+    m = Manifest.load(str(out / "train" / "manifest.json"))
+    assert m.label_names[0] == "circle" and m.meta["label_by"] == "shape"
+    rows = pq.read_table(out / "train" / "shard-00000.parquet", columns=["label", "meta"]).to_pylist()
+    assert all(m.label_names[r["label"]] == json.loads(r["meta"])["shape"] for r in rows)
 
 
 def test_tokenizer_subcommand_is_registered(capsys):

@@ -39,12 +39,12 @@ def _keys(stream, limit=None):
 def test_sample_corpus_manifests(corpus):
     train, val = corpus
     m = Manifest.load(train)
-    assert m.num_rows == 600 and len(m.shards) == 3 and m.label_names[0] == "circle"
+    assert m.num_rows == 600 and len(m.shards) == 3 and m.label_names[0] == "red"
     v = Manifest.load(val)
     assert v.num_rows == 50 and v.stats["with_label"] == 50
     info = build_stream(_cfg(train), rank=0, world_size=1, seed=0).info()
     assert (
-        info["num_classes"] == 6 and info["label_names"] == m.label_names and info["samples_per_epoch"] == 600
+        info["num_classes"] == 8 and info["label_names"] == m.label_names and info["samples_per_epoch"] == 600
     )
     raw = json.loads(open(train).read())
     assert raw["schema_version"] == 1 and raw["num_rows"] == 600
@@ -58,7 +58,7 @@ def test_batch_contract_two_views(corpus):
     boxes = b["view_boxes"]
     assert ((boxes[..., :4] >= 0) & (boxes[..., :4] <= 1)).all()
     assert (boxes[..., 2] > boxes[..., 0]).all() and set(boxes[..., 4].unique().tolist()) <= {0.0, 1.0}
-    assert b["label"].dtype == torch.int64 and ((b["label"] >= 0) & (b["label"] < 6)).all()
+    assert b["label"].dtype == torch.int64 and ((b["label"] >= 0) & (b["label"] < 8)).all()
     assert all(isinstance(c, str) and c for c in b["caption"]) and b["has_caption"].all()
     assert b["source"].tolist() == [0] * 8 and b["valid"].all() and len(set(b["key"])) == 8
     # views differ (independent crops) but come from the same image

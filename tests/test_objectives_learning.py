@@ -1,9 +1,9 @@
-"""A short CPU run of the full M3I objective on the sample corpus: the dense terms learn without collapsing,
-the semantic term and zero-shot evaluation run end to end on the held-out split.
+"""A short CPU run of the full M3I objective on the sample corpus: every loss term learns (the dense terms
+without collapsing the teacher) and zero-shot accuracy on the held-out split rises far above chance.
 
-Measured on this corpus (48 px, batch 16, tiny InternImage, lr 1e-3): the intra/inter terms fall from ~2.0
-(cos ≈ 0) to ~1.2 within 40 steps and ~0.8 within 100; the semantic term and zero-shot accuracy move only after several hundred
-steps (the label is a 5-10 px shape among distractors), beyond a CPU test's budget; see the report/README.
+The sample corpus is labelled by colour (8 classes, chance 12.5%); captions name colour, shape, texture and
+count. Measured with the tiny config (300 steps, `pretrain train --config configs/tiny_cpu_m3i.yaml`):
+semantic 2.87 -> 1.95, intra 1.94 -> 0.99, inter 2.00 -> 1.09, zero-shot top-1 46% at step 100, 51% at 300.
 """
 
 from __future__ import annotations
@@ -12,22 +12,25 @@ import math
 
 import pytest
 import torch
-from test_objectives_helpers import NAMES, tiny_backbone, tiny_cfg
+from test_objectives_helpers import tiny_backbone, tiny_cfg
 
 from pretrain.objectives import build_objective
 from pretrain.objectives.evaluation import eval_data_config
 from pretrain.text.corpus import iter_captions
 
-STEPS, BATCH, SIZE = 40, 16, 48
+STEPS, BATCH, SIZE = 120, 16, 48
+CHANCE = 1 / 8  # colour labels
 
 
 @pytest.mark.slow
-def test_short_cpu_run_lowers_dense_terms_and_evaluates_zero_shot(tmp_path):
-    from pretrain.data import build_stream, make_sample_corpus
+def test_short_cpu_run_lowers_every_term_and_lifts_zero_shot(tmp_path):
+    from pretrain.data import Manifest, build_stream, make_sample_corpus
     from pretrain.data.config import AugmentConfig, DataConfig, SourceConfig
 
     root = str(tmp_path / "corpus")
-    make_sample_corpus(root, num=320, size=SIZE, seed=0, num_val=48)
+    make_sample_corpus(root, num=960, size=SIZE, seed=0, num_val=96)
+    names = Manifest.load(f"{root}/train/manifest.json").label_names
+    assert len(names) == 8
     train = DataConfig(
         sources=[SourceConfig(uri=f"{root}/train/manifest.json")],
         image_size=SIZE,
@@ -43,8 +46,14 @@ def test_short_cpu_run_lowers_dense_terms_and_evaluates_zero_shot(tmp_path):
     obj = build_objective(
         cfg,
         tiny_backbone(),
-        {"label_names": NAMES, "captions_iter": lambda: iter_captions([f"{root}/train"])},
+        {"label_names": names, "captions_iter": lambda: iter_captions([f"{root}/train"])},
     )
+    evaluation = eval_data_config(train, f"{root}/val/manifest.json", batch_size=48)
+
+    def zero_shot() -> dict:
+        return obj.evaluate(build_stream(evaluation, rank=0, world_size=1, seed=0))
+
+    before = zero_shot()
     assert (tmp_path / "tok.json").exists()  # trained on the captions at build time, saved by rank 0
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
@@ -72,15 +81,17 @@ def test_short_cpu_run_lowers_dense_terms_and_evaluates_zero_shot(tmp_path):
     for term in ("intra", "inter"):
         assert mean(term, last) < 0.8 * mean(term, first), (term, mean(term, first), mean(term, last))
     assert mean("target_spread", last) < 0.95  # the teacher has not collapsed to one direction
-    assert all(math.isfinite(h["semantic"]) for h in history)
+    assert mean("semantic", last) < 0.9 * mean("semantic", first)
     assert obj.ema_momentum == pytest.approx(1.0)  # the cosine schedule reached its end
 
-    evaluation = eval_data_config(train, f"{root}/val/manifest.json", batch_size=48)
-    result = obj.evaluate(build_stream(evaluation, rank=0, world_size=1, seed=0))
-    assert result["zeroshot/n"] == 48
-    assert 0.0 <= result["zeroshot/top1"] <= result["zeroshot/top5"] <= 1.0
+    after = zero_shot()
     summary = {
         k: (round(mean(k, first), 3), round(mean(k, last), 3))
         for k in ("semantic", "intra", "inter", "target_spread")
     }
-    print(f"first-5 vs last-10 step means: {summary}; zero-shot: {result}")
+    print(f"first-5 vs last-10 step means: {summary}; zero-shot before {before}, after {after}")
+    assert after["zeroshot/n"] == 96
+    assert 0.0 <= after["zeroshot/top1"] <= after["zeroshot/top5"] <= 1.0
+    # A clear margin: at least twice chance, and well above the untrained model.
+    assert after["zeroshot/top1"] >= 2 * CHANCE, (before, after)
+    assert after["zeroshot/top1"] >= before["zeroshot/top1"] + 0.1, (before, after)

@@ -27,6 +27,12 @@ def register(subparsers, name: str) -> None:
     p.add_argument("--row-group-rows", type=int, default=100)
     p.add_argument("--caption-prob", type=float, default=1.0, help="fraction of train samples with a caption")
     p.add_argument("--label-prob", type=float, default=1.0, help="fraction of train samples with a label")
+    p.add_argument(
+        "--label-by",
+        choices=["color", "shape", "texture", "count"],
+        default="color",
+        help="the attribute that is the label (default color: learnable by tiny models in minutes on CPU)",
+    )
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("build", help="convert an image folder, img2dataset output or a CSV/TSV into shards")
@@ -81,6 +87,7 @@ def _sample(args) -> int:
         row_group_rows=args.row_group_rows,
         caption_prob=args.caption_prob,
         label_prob=args.label_prob,
+        label_by=args.label_by,
     )
     print(f"wrote {train} (+ val split next to it) in {time.perf_counter() - t0:.1f}s")
     return 0

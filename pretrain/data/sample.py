@@ -1,9 +1,16 @@
 """A small synthetic corpus with real, learnable signal: `pretrain data sample OUT_DIR`.
 
-Each image shows 1-4 copies of one shape in one colour and one texture on a noisy background. The label is
-the shape; the caption names count, colour, texture and shape in one of several natural-language templates,
-so both a classifier and an image-text model have something true to learn, and zero-shot evaluation with
-class-name prompts ("a photo of a star") is meaningful. Writes `OUT/train/manifest.json` and a held-out,
+Each image shows 1-4 copies of one shape in one colour and one texture on a grey, noisy background. The
+caption names count, colour, texture and shape in one of several natural-language templates, so both a
+classifier and an image-text model have something true to learn, and zero-shot evaluation with class-name
+prompts ("a photo of a red.") is meaningful. The label is one attribute, the colour by default (`label_by`):
+a ~0.4M-parameter InternImage reaches 99% on it after 200 CPU steps at batch 32, and 40% of the 6 shapes after
+300 (--label-by shape makes that harder task); every attribute is kept in the `meta` column.
+
+Why grey backgrounds: InternImage normalises every pixel's channel vector (LayerNorm), so a pixel of a
+saturated background weighs as much as a pixel of the object in the pooled features. With backgrounds of
+random hue a small model stays at chance on colour for hundreds of steps (measured: 17% of 8 classes after
+200 steps, where a BatchNorm CNN reaches 95%); neutral grey backgrounds carry no colour to confuse it. Writes `OUT/train/manifest.json` and a held-out,
 labelled `OUT/val/manifest.json` (different seed stream, same distribution), in the shard format of
 `pretrain data build`. Fast: a few thousand 64-96 px images take seconds on one core.
 """
@@ -34,6 +41,13 @@ COLORS = {
 }
 TEXTURES = {"solid": "plain", "striped": "striped", "dotted": "polka-dot", "checkered": "checkered"}
 COUNT_WORDS = ["one", "two", "three", "four"]
+ATTRIBUTES = {
+    "shape": SHAPES,
+    "color": list(COLORS),
+    "texture": list(TEXTURES),
+    "count": COUNT_WORDS,
+}
+"""Label vocabularies per attribute (the label of a sample is the index of its value here)."""
 TEMPLATES = [
     "a photo of {count} {color} {texture} {shapes}.",
     "{Count} {texture} {shapes} in {color}.",
@@ -107,8 +121,8 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict]:
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
     texture = list(TEXTURES)[int(rng.integers(len(TEXTURES)))]
     count = int(rng.integers(1, 5))
-    base = rng.uniform(60, 200, size=3)
-    img = np.clip(base + rng.normal(0, 18, size=(size, size, 3)), 0, 255)
+    grey = rng.uniform(70, 190)
+    img = np.clip(grey + rng.normal(0, 10, size=(size, size, 3)), 0, 255)
     mask_img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask_img)
     r = size * (0.22 if count == 1 else 0.15 if count == 2 else 0.12) * rng.uniform(0.8, 1.15)
@@ -155,6 +169,16 @@ def caption_for(attrs: dict, rng: np.random.Generator) -> str:
     )
 
 
+def label_of(attrs: dict, label_by: str) -> int:
+    value = COUNT_WORDS[attrs["count"] - 1] if label_by == "count" else attrs[label_by]
+    return ATTRIBUTES[label_by].index(value)
+
+
+def _check_label_by(label_by: str) -> None:
+    if label_by not in ATTRIBUTES:
+        raise ValueError(f"label_by must be one of {sorted(ATTRIBUTES)}, got {label_by!r}")
+
+
 def write_split(
     out_url: str,
     name: str,
@@ -166,8 +190,11 @@ def write_split(
     caption_prob: float = 1.0,
     label_prob: float = 1.0,
     quality: int = 90,
+    label_by: str = "color",
 ) -> str:
-    """Generate `num` samples into `out_url/` (shards + manifest). Returns the manifest URL."""
+    """Generate `num` samples into `out_url/` (shards + manifest), labelled by the attribute `label_by`.
+    Returns the manifest URL."""
+    _check_label_by(label_by)
     lo, hi = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng([seed, 0x5A3])
     storage.makedirs(out_url)
@@ -183,7 +210,7 @@ def write_split(
         cols["key"].append(f"{name}-{i:07d}")
         cols["image"].append(buf.getvalue())
         cols["caption"].append(caption_for(attrs, rng) if has_caption else None)
-        cols["label"].append(SHAPES.index(attrs["shape"]) if has_label else None)
+        cols["label"].append(label_of(attrs, label_by) if has_label else None)
         cols["source"].append(name)
         cols["width"].append(px)
         cols["height"].append(px)
@@ -197,18 +224,14 @@ def write_split(
     manifest = Manifest(
         name=name,
         shards=shards,
-        label_names=list(SHAPES),
+        label_names=list(ATTRIBUTES[label_by]),
         stats={**counts, "sources": {name: num}},
         meta={
             "generator": "pretrain.data.sample",
             "seed": seed,
             "size": [lo, hi],
-            "attributes": {
-                "shape": SHAPES,
-                "color": list(COLORS),
-                "texture": list(TEXTURES),
-                "count": [1, 2, 3, 4],
-            },
+            "label_by": label_by,
+            "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
             "prompt_template": "a photo of a {}.",
         },
     )
@@ -225,9 +248,12 @@ def make_sample_corpus(
     row_group_rows: int = 100,
     caption_prob: float = 1.0,
     label_prob: float = 1.0,
+    label_by: str = "color",
 ) -> str:
     """Write the sample corpus: `out_dir/train` (num samples) and `out_dir/val` (num_val, default num // 5,
-    always labelled and captioned). Returns the train manifest URL; the val one is its sibling."""
+    always labelled and captioned), labelled by the attribute `label_by`. Returns the train manifest URL;
+    the val one is its sibling."""
+    _check_label_by(label_by)
     num_val = max(1, num // 5) if num_val is None else num_val
     train = write_split(
         storage.join(out_dir, "train"),
@@ -239,6 +265,7 @@ def make_sample_corpus(
         row_group_rows,
         caption_prob,
         label_prob,
+        label_by=label_by,
     )
     if num_val:
         write_split(
@@ -249,5 +276,6 @@ def make_sample_corpus(
             seed + 1_000_003,
             shard_rows,
             row_group_rows,
+            label_by=label_by,
         )
     return train
