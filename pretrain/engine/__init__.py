@@ -8,13 +8,14 @@
 """
 
 from .checkpoint import CheckpointManager, resolve_resume
-from .ema import WeightEMA, ema_update_, local_shard
+from .ema import TeacherEMA, WeightEMA, ema_update_, local_shard
 from .trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "CheckpointManager",
     "NonFiniteLossError",
     "Trainer",
+    "TeacherEMA",
     "WeightEMA",
     "ema_update_",
     "local_shard",

@@ -198,6 +198,11 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        load_objective_state = getattr(self.engine.module, "load_rank_state", None)
+        if load_objective_state is not None:
+            warning = load_objective_state(state.get("objective", {}))
+            if warning:
+                self.monitor.log(f"warning: {warning}")
         set_rng_state(state["rng"])
         self.monitor.log(f"resumed from {root}/{tag} at step {self.step}")
 
@@ -418,6 +423,7 @@ class Trainer:
             "stream": self.stream.state_dict(),
             "rng": rng_state(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "objective": getattr(self.engine.module, "rank_state", dict)(),
             "skipped": self.skipped,
             "consecutive_nonfinite": self.consecutive_nonfinite,
         }

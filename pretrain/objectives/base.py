@@ -35,3 +35,12 @@ class Objective(nn.Module):
     def frozen_module_names(self) -> tuple[str, ...]:
         """Names of submodules excluded from the optimizer (e.g. an EMA teacher)."""
         return ()
+
+    def rank_state(self) -> dict:
+        """This rank's state that is not in the module's parameters (e.g. an fp32 EMA master); the engine saves
+        it with the rank's trainer state and hands it back to `load_rank_state` on resume."""
+        return {}
+
+    def load_rank_state(self, state: dict) -> str | None:
+        """Restore `rank_state()`; may return a warning for the log (e.g. state that no longer fits)."""
+        return None

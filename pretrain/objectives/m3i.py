@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.ema import TeacherEMA, local_shard
 from ..text import TextTokenizer, TextTransformer
 from .base import Objective
 from .config import ObjectiveConfig
@@ -105,6 +106,7 @@ class M3IObjective(Objective):
             )
             self.teacher.requires_grad_(False)
             self.teacher.eval()
+            self.teacher_ema = TeacherEMA()  # fp32 master when DeepSpeed stores the teacher in bf16/fp16
         self.ema_momentum = cfg.dense.ema_momentum
 
     # ------------------------------------------------------------------------------------------ contract
@@ -124,10 +126,30 @@ class M3IObjective(Objective):
             self.ema_momentum = ema_momentum(
                 step, total_steps, self.cfg.dense.ema_momentum, self.cfg.dense.ema_momentum_end
             )
-            ema_update(self.teacher["backbone"], self.backbone, self.ema_momentum)
-            ema_update(self.teacher["projector"], self.projector, self.ema_momentum)
+            self.teacher_ema.update(self._teacher_params(), self._student_params(), self.ema_momentum)
+            for t, s in zip(self.teacher.buffers(), self._student_buffers(), strict=True):
+                t.copy_(s)
         if hasattr(self, "logit_scale"):
-            _data(self.logit_scale).clamp_(0.0, math.log(1.0 / self.cfg.semantic.temperature_min))
+            local_shard(self.logit_scale).clamp_(0.0, math.log(1.0 / self.cfg.semantic.temperature_min))
+
+    def _teacher_params(self) -> list[torch.Tensor]:
+        return [*self.teacher["backbone"].parameters(), *self.teacher["projector"].parameters()]
+
+    def _student_params(self) -> list[torch.Tensor]:
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def _student_buffers(self) -> list[torch.Tensor]:
+        return [*self.backbone.buffers(), *self.projector.buffers()]
+
+    def rank_state(self) -> dict:
+        """Per-rank state beyond the module's parameters (saved with the trainer state): the teacher's fp32
+        master when the teacher is stored in low precision."""
+        return {"teacher_ema": self.teacher_ema.state_dict()} if hasattr(self, "teacher") else {}
+
+    def load_rank_state(self, state: dict) -> str | None:
+        if hasattr(self, "teacher") and "teacher_ema" in state:
+            return self.teacher_ema.load_state_dict(state["teacher_ema"], self._teacher_params())
+        return None
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -426,21 +448,6 @@ def ema_momentum(step: int, total_steps: int, start: float, end: float = 1.0) ->
     """Cosine schedule from `start` (step 0) to `end` (step total_steps) (BYOL)."""
     progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
     return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-
-def _data(p: torch.Tensor) -> torch.Tensor:
-    """The tensor holding this rank's values (the ZeRO-3 partition when the parameter is partitioned)."""
-    return getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p.data
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher ← m·teacher + (1−m)·student for parameters (shard-wise under ZeRO-3); buffers are copied."""
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        td, sd = _data(t), _data(s)
-        td.mul_(momentum).add_(sd.to(td.dtype), alpha=1.0 - momentum)
-    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
-        t.copy_(s)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
