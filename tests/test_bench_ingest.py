@@ -11,7 +11,19 @@ from pretrain.cli import main
 @pytest.mark.slow
 def test_bench_ingest_smoke(tmp_path, capsys):
     args = ["bench", "ingest", "--workdir", str(tmp_path), "--num", "48", "--image-px", "96", "--size", "64"]
-    args += ["--batch-size", "8", "--warmup", "1", "--repeat", "1", "--views", "2", "--modes", "bare", "arrow"]
+    args += [
+        "--batch-size",
+        "8",
+        "--warmup",
+        "1",
+        "--repeat",
+        "1",
+        "--views",
+        "2",
+        "--modes",
+        "bare",
+        "arrow",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| 2 | bare |" in out and "| 2 | arrow |" in out

@@ -42,7 +42,19 @@ def test_sample_label_by_shape(tmp_path):
     from pretrain.data import Manifest
 
     out = tmp_path / "corpus"
-    args = ["data", "sample", str(out), "--num", "30", "--num-val", "0", "--size", "32", "--label-by", "shape"]
+    args = [
+        "data",
+        "sample",
+        str(out),
+        "--num",
+        "30",
+        "--num-val",
+        "0",
+        "--size",
+        "32",
+        "--label-by",
+        "shape",
+    ]
     assert main(args) == 0
     m = Manifest.load(str(out / "train" / "manifest.json"))
     assert m.label_names[0] == "circle" and m.meta["label_by"] == "shape"

@@ -28,7 +28,9 @@ def _expected(img: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
     return out[:, ::-1] if box[4] else out
 
 
-@pytest.mark.parametrize("fmt,w,h,size", [("PNG", 300, 200, 64), ("PNG", 2000, 1500, 96), ("JPEG", 640, 480, 64)])
+@pytest.mark.parametrize(
+    "fmt,w,h,size", [("PNG", 300, 200, 64), ("PNG", 2000, 1500, 96), ("JPEG", 640, 480, 64)]
+)
 def test_views_are_the_named_crops(fmt, w, h, size):
     img = _smooth_image(w, h)
     buf = io.BytesIO()

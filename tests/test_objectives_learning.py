@@ -8,8 +8,6 @@ semantic 2.87 -> 1.95, intra 1.94 -> 0.99, inter 2.00 -> 1.09, zero-shot top-1 4
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from test_objectives_helpers import tiny_backbone, tiny_cfg
