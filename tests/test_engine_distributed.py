@@ -120,16 +120,23 @@ def test_zero3_partitioned_with_ema(tmp_path):
     assert any(p.name.startswith("zero_pp_rank_1") for p in step_dir.iterdir())
 
 
-@pytest.mark.parametrize("data, stage", [("corpus", 1), ("synthetic", 3)])
-def test_resume_reproduces_losses(tmp_path, data, stage):
+@pytest.mark.parametrize(
+    "data, stage, offload",
+    [("corpus", 1, False), ("synthetic", 3, False), ("synthetic", 2, True)],
+    ids=["zero1-corpus", "zero3-synthetic", "zero2-cpu-offload"],
+)
+def test_resume_reproduces_losses(tmp_path, data, stage, offload):
     """Uninterrupted 8 steps == 4 steps, stop, `--resume auto`, 4 more: identical losses and grad norms.
 
     Drop-path is on, so the resumed run also needs the RNG states back; DeepSpeed's optimizer state (ZeRO
     shards) and each rank's data cursor must round-trip exactly too. The corpus case reads a generated sample
     corpus of 96 images through pretrain.data (6 steps per epoch at 2 x 8): the runs cross an epoch boundary
-    after the resume point.
+    after the resume point. The offload case keeps the optimizer on the CPU (DeepSpeed's CPUAdam, JIT-built on
+    first use) and checks that it was really used.
     """
     common = ["--set", f"engine.zero_stage={stage}", "--set", "model.drop_path_rate=0.2"]
+    if offload:
+        common += ["--set", "engine.offload_optimizer=true"]
     if data == "corpus":
         from pretrain.data import make_sample_corpus
 
@@ -157,6 +164,9 @@ def test_resume_reproduces_losses(tmp_path, data, stage):
         assert [r[key] for r in a] == [r[key] for r in b], key
     if data == "corpus":  # the stream's counters reach TensorBoard: 8 steps x 2 ranks x 8 samples
         assert a[-1]["data/samples"] == 128
+    if offload:
+        meta = json.loads((split / "checkpoints" / "step_00000008" / "meta.json").read_text())
+        assert meta.get("optimizer") == "DeepSpeedCPUAdam", meta
 
 
 def _port() -> int:

@@ -114,3 +114,18 @@ def test_model_init_from_goes_through_pretrain_convert(tmp_path):
     dst = build_model(load_config(REPO_CONFIG, [f"model.init_from={tmp_path / 'w.pth'}"]))
     for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_fp16_on_a_device_without_it_is_a_config_error(tmp_path, capsys):
+    import torch
+
+    from pretrain.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU's accelerator supports fp16")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    args = ["train", "--config", str(config), "--output-dir", str(tmp_path)]
+    assert main([*args, "--set", "engine.precision=fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "engine.precision=fp16 is not supported" in err and "bf16 or fp32" in err
+    assert not (tmp_path / "checkpoints").exists()

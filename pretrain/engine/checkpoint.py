@@ -8,7 +8,7 @@ Layout under the checkpoint root (a local path or any fsspec URL):
         trainer_rank00000.pt        our state of rank 0: step, data cursor, RNG states, EMA shard, counters
         trainer_rank00001.pt        ... one per rank (cursors and RNG streams differ per rank)
         config.yaml                 the resolved run config
-        meta.json                   step, world size, ZeRO stage, wall time
+        meta.json                   step, world size, ZeRO stage, optimizer class, wall time
 
 `latest` is switched (write-then-rename) by rank 0 only after a barrier that every rank reaches once its
 files are written, so a crash mid-save leaves the previous checkpoint as `latest`. Remote roots are written
@@ -150,6 +150,8 @@ class CheckpointManager:
                 "world_size": dist.world_size(),
                 "time": time.time(),
                 "zero_stage": engine.zero_optimization_stage(),
+                # the optimizer that really ran, e.g. DeepSpeedCPUAdam under optimizer offload
+                "optimizer": type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,
             }
             (local_dir / "meta.json").write_text(json.dumps(meta, indent=1))
         dist.barrier()

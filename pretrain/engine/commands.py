@@ -60,7 +60,11 @@ def run(args) -> int:
         return 0
     from .trainer import Trainer
 
-    summary = Trainer(cfg, resume=args.resume).fit()
+    try:
+        summary = Trainer(cfg, resume=args.resume).fit()
+    except ConfigError as err:  # found at start-up, e.g. a precision the device cannot run
+        print(f"pretrain train: config error: {err}", file=sys.stderr)
+        return 2
     reason = summary["reason"]
     if reason.startswith("signal "):  # interrupted after saving: the usual 128 + signal number
         return 128 + int(getattr(signal, reason.split()[1]))

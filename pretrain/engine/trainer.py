@@ -80,6 +80,23 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
+def check_precision_supported(precision: str) -> None:
+    """Fail before any work with a config error, not deep inside deepspeed.initialize, when the device cannot
+    run the precision (DeepSpeed's CPU accelerator has bf16 and fp32 but no fp16)."""
+    if precision != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    from ..config import ConfigError
+
+    accelerator = get_accelerator()
+    if not accelerator.is_fp16_supported():
+        raise ConfigError(
+            f"engine.precision=fp16 is not supported by DeepSpeed's {accelerator.device_name()!r} accelerator "
+            "(fp16 with loss scaling needs a GPU): use engine.precision=bf16 or fp32"
+        )
+
+
 class Trainer:
     """See the module docstring. Attributes after `setup()`: engine, stream, monitor, step."""
 
@@ -111,6 +128,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         import torch.distributed as tdist
+
+        check_precision_supported(cfg.engine.precision)
 
         self._owns_process_group = not (tdist.is_available() and tdist.is_initialized())
         dist.ensure_process_group(cfg.engine.dist_backend)
