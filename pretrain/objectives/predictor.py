@@ -11,30 +11,10 @@ frame: sine-cosine of its (x, y) and a linear embedding of (log scale x, log sca
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..models.transformer import TransformerBlock
 from .geometry import sincos_2d
-
-
-class _Block(nn.Module):
-    """Pre-LN bidirectional transformer block."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.norm2(x))
 
 
 class Predictor(nn.Module):
@@ -51,7 +31,7 @@ class Predictor(nn.Module):
         self.source_embed = nn.Parameter(torch.zeros(2, width))  # 0: token shows A, 1: shows B
         self.mask_token = nn.Parameter(torch.zeros(2, width))  # 0: intra-view query, 1: inter-view query
         self.geo_embed = nn.Linear(3, width)  # (log sx, log sy, rel flip)
-        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, dim)
         for m in self.modules():

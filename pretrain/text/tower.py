@@ -3,30 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"text width {width} not divisible by heads {heads}")
-        self.heads = heads
-        self.ln_1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.ln_2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        # Causal: each token sees only its prefix, so padding after the end token never leaks into it.
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.ln_2(x))
+from ..models.transformer import TransformerBlock
 
 
 class TextTransformer(nn.Module):
@@ -50,7 +29,11 @@ class TextTransformer(nn.Module):
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
-        self.blocks = nn.ModuleList(_Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            # Causal: each token sees only its prefix, so padding after the end token never leaks into it.
+            TransformerBlock(width, heads, mlp_ratio, causal=True)
+            for _ in range(depth)
+        )
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Linear(width, embed_dim, bias=False)
         self.init_weights()
