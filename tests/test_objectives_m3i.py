@@ -89,6 +89,11 @@ def test_supervised_cross_entropy_ignores_unlabelled_and_invalid_rows():
         ObjectiveConfig(name="supervised"), tiny_backbone_with_head(6), {"num_classes": 6}
     )
     assert with_head.classifier is None
+    with pytest.warns(UserWarning, match="head has 8 classes but the data has 6"):
+        other = build_objective(
+            ObjectiveConfig(name="supervised"), tiny_backbone_with_head(8), {"num_classes": 6}
+        )
+    assert other.classifier.out_features == 6
 
 
 def tiny_backbone_with_head(num_classes: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -32,6 +33,13 @@ class SupervisedObjective(Objective):
         if isinstance(head, nn.Linear) and head.out_features == num_classes:
             self.classifier = None
         else:
+            if isinstance(head, nn.Linear):  # a head of the wrong size would silently stay untrained
+                warnings.warn(
+                    f"the model's head has {head.out_features} classes but the data has {num_classes}: training "
+                    f"a separate {num_classes}-way classifier (set model.num_classes={num_classes} to train the "
+                    "model's own head)",
+                    stacklevel=2,
+                )
             self.classifier = nn.Linear(_pooled_dim(model), num_classes)
             nn.init.trunc_normal_(self.classifier.weight, std=0.02)
             nn.init.zeros_(self.classifier.bias)
