@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine_distributed import ENV
 
 from pretrain.convert import convert, load_pretrained
 from pretrain.models import create_model
@@ -15,12 +16,6 @@ from pretrain.models import create_model
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-    "DS_ACCELERATOR": "cpu",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONWARNINGS": "ignore::FutureWarning",
-}
 
 
 @pytest.fixture(scope="module")

@@ -4,32 +4,19 @@ of it in the rank's trainer state, and a resumed run continues exactly (losses e
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_engine_zero_shot import train_m3i_process
 
 from pretrain.data.sample import make_sample_corpus
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _train(out: Path, sets: list[str], resume: str | None = None) -> list[dict]:
-    args = [sys.executable, "-m", "pretrain.cli", "train", "-c", str(REPO / "configs/tiny_cpu_m3i.yaml")]
-    args += ["--output-dir", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    if resume:
-        args += ["--resume", resume]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_m3i_process(out, sets, *(["--resume", resume] if resume else []))
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss/loss" in r]
 
