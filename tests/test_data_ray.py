@@ -90,6 +90,33 @@ def test_ray_matches_arrow_and_resumes(ray_session, corpus):
     assert r2.counters()["samples"] == 204
 
 
+def test_ray_blocks_of_several_steps_keep_the_order(ray_session, corpus, monkeypatch):
+    """Several steps per Ray block, the last block short: the same batches, in order, as the arrow reader."""
+    from pretrain.data import ray_reader
+
+    monkeypatch.setattr(ray_reader, "ROWS_PER_BLOCK", 48)  # 3 steps of 16 per block; 10 steps -> 3, 3, 3, 1
+    cfg = dict(views=1, batch_size=16)
+    assert ray_reader.steps_per_block(_cfg(corpus, "ray", **cfg)) == 3
+    arrow = list(build_stream(_cfg(corpus, "arrow", **cfg), rank=0, world_size=2, seed=1))
+    got = list(build_stream(_cfg(corpus, "ray", **cfg), rank=0, world_size=2, seed=1))
+    assert len(got) == len(arrow) == 10
+    for a, b in zip(arrow, got):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["valid"], b["valid"])
+
+
+def test_steps_per_block_bounds_block_bytes():
+    from pretrain.data.ray_reader import MAX_BLOCK_BYTES, steps_per_block
+
+    small = DataConfig(sources=[SourceConfig("s", "x")], image_size=224, batch_size=64, views=2)
+    assert steps_per_block(small) == 4  # 256 rows, 77 MB
+    big = DataConfig(sources=[SourceConfig("s", "x")], image_size=512, batch_size=64, views=2)
+    assert steps_per_block(big) == 1  # one step is already 100 MB: never fewer than one
+    mid = DataConfig(sources=[SourceConfig("s", "x")], image_size=384, batch_size=32, views=2)
+    k = steps_per_block(mid)
+    assert 1 <= k < 8 and k * 32 * 2 * 3 * 384**2 <= MAX_BLOCK_BYTES
+
+
 def test_ray_dataset_is_pre_split(ray_session, corpus):
     from pretrain.data.ray_reader import ray_dataset
 
