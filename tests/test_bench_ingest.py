@@ -10,7 +10,20 @@ from pretrain.cli import main
 
 @pytest.mark.slow
 def test_bench_ingest_smoke(tmp_path, capsys):
-    args = ["bench", "ingest", "--workdir", str(tmp_path), "--num", "48", "--samples", "48", "--image-px", "96", "--size", "64"]
+    args = [
+        "bench",
+        "ingest",
+        "--workdir",
+        str(tmp_path),
+        "--num",
+        "48",
+        "--samples",
+        "48",
+        "--image-px",
+        "96",
+        "--size",
+        "64",
+    ]
     args += [
         "--batch-size",
         "8",

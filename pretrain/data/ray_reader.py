@@ -32,7 +32,6 @@ from .order import Plan
 from .schema import Manifest
 from .stream import Cursor, CursorStream, make_plan
 
-
 # A block holds about this many rows (several steps when batches are small) and at most this many image bytes.
 ROWS_PER_BLOCK = 256
 MAX_BLOCK_BYTES = 96 * 2**20
