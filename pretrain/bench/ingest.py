@@ -200,8 +200,9 @@ def _measure(
     def snapshot():
         """(wall, consumer CPU, decode CPU of delivered batches, infra CPU).
 
-        Decode CPU comes from the reader's own per-batch thread-time counter, so work a reader did ahead of
-        the consumer (Ray Data runs far ahead) is counted with the batch it belongs to, not when it ran.
+        Decode CPU comes from the reader's own per-batch counter (arrow: its decode threads' thread time; Ray:
+        the decode actors' whole process CPU, Ray's own storing and task work included), so work a reader did
+        ahead of the consumer (Ray Data runs far ahead) is counted with the batch it belongs to.
         """
         roles = _cpu_by_role()
         if mode == "arrow":

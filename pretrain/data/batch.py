@@ -127,8 +127,10 @@ class RowFetcher:
 
 
 def empty_batch(n: int, views: int, size: int) -> dict:
+    """Room for n rows. Images are left uninitialised (`assemble` zeroes the rows it does not decode), every
+    other field starts as a padding row."""
     return {
-        "images": np.zeros((n, views, 3, size, size), np.uint8),
+        "images": np.empty((n, views, 3, size, size), np.uint8),
         "view_boxes": np.zeros((n, views, 5), np.float32),
         "label": np.full(n, -1, np.int64),
         "caption": [""] * n,
@@ -137,28 +139,38 @@ def empty_batch(n: int, views: int, size: int) -> dict:
         "key": [""] * n,
         "valid": np.zeros(n, bool),
         "reason": [""] * n,  # why a row is invalid: "" (valid), "padding", or one of REASONS
-        "cpu": np.zeros(n, np.float64),  # decode CPU seconds per row (thread time; for the counters)
+        "cpu": np.zeros(n, np.float64),  # decode CPU seconds per row (for the counters)
     }
 
 
-def assemble(fetcher: RowFetcher, cfg: DataConfig, epoch: int, positions: np.ndarray, aug_seed: int) -> dict:
-    """Batch for the given positions of `epoch` (positions >= epoch length become padding rows)."""
+def assemble(
+    fetcher: RowFetcher,
+    cfg: DataConfig,
+    epoch: int,
+    positions: np.ndarray,
+    aug_seed: int,
+    out: dict | None = None,
+    offset: int = 0,
+) -> dict:
+    """Batch for the given positions of `epoch` (positions >= epoch length become padding rows), written to
+    rows offset.. of `out` (a fresh `empty_batch` when None: the Ray reader fills several steps into one
+    block without copying them together). Rows not decoded get zero images."""
     plan = fetcher.plan
     t0 = time.thread_time()
     n = len(positions)
-    out = empty_batch(n, cfg.views, cfg.image_size)
+    if out is None:
+        out = empty_batch(n, cfg.views, cfg.image_size)
     live = positions < plan.epoch_len
     for i in np.nonzero(~live)[0]:
-        out["reason"][i] = "padding"
+        out["reason"][offset + i] = "padding"
     idx = np.nonzero(live)[0]
-    if idx.size == 0:
-        return out  # all padding: no decode cost
-    src, shard, rg, row = plan.locate(epoch, positions[idx])
+    src, shard, rg, row = plan.locate(epoch, positions[idx]) if idx.size else ([], [], [], [])
     for j, i in enumerate(idx):
         s, sh, g, r = int(src[j]), int(shard[j]), int(rg[j]), int(row[j])
+        o = offset + i
         cols, reason, msg = fetcher.row_group(s, sh, g)
         if cols is None:  # the fetcher warned once for the whole shard / row group
-            out["reason"][i] = reason
+            out["reason"][o] = reason
             continue
         key = cols["key"][r]
         data = cols["image"][r]
@@ -166,26 +178,30 @@ def assemble(fetcher: RowFetcher, cfg: DataConfig, epoch: int, positions: np.nda
             if not data:
                 raise ValueError("empty image bytes")
             rng = np.random.default_rng([aug_seed, epoch, int(positions[i] + epoch * plan.epoch_len)])
-            images, boxes = decode_views(data, cfg.image_size, cfg.views, cfg.augment, rng)
+            out["images"][o], out["view_boxes"][o] = decode_views(
+                data, cfg.image_size, cfg.views, cfg.augment, rng
+            )
         except Exception as err:
-            out["reason"][i] = "bad_image"
+            out["reason"][o] = "bad_image"
             url = plan.manifests[s].shard_url(sh)
             fetcher.warn(
                 "bad_image",
                 f"skipping sample {key!r} in shard {url}: undecodable image ({type(err).__name__}: {err})",
             )
             continue
-        out["images"][i] = images
-        out["view_boxes"][i] = boxes
         label = cols["label"][r]
         caption = cols["caption"][r]
-        out["label"][i] = -1 if label is None else label
-        out["caption"][i] = caption or ""
-        out["has_caption"][i] = bool(caption)
-        out["source"][i] = s
-        out["key"][i] = key
-        out["valid"][i] = True
-    out["cpu"][:] = (time.thread_time() - t0) / n
+        out["label"][o] = -1 if label is None else label
+        out["caption"][o] = caption or ""
+        out["has_caption"][o] = bool(caption)
+        out["source"][o] = s
+        out["key"][o] = key
+        out["valid"][o] = True
+    rows = slice(offset, offset + n)
+    bad = offset + np.nonzero(~out["valid"][rows])[0]
+    out["images"][bad] = 0
+    out["view_boxes"][bad] = 0
+    out["cpu"][rows] = (time.thread_time() - t0) / n
     return out
 
 
