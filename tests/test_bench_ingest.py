@@ -35,8 +35,10 @@ def test_bench_ingest_smoke(tmp_path, capsys):
         "2",
         "--modes",
         "bare",
+        "bare_busy",
         "arrow",
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| 2 | bare |" in out and "| 2 | arrow |" in out
+    assert "| 2 | bare_busy (2 at once) |" in out  # two bare loops at once, merged into one row
