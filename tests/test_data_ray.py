@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -91,10 +93,12 @@ def test_ray_matches_arrow_and_resumes(ray_session, corpus):
 
 
 def test_ray_blocks_of_several_steps_keep_the_order(ray_session, corpus, monkeypatch):
-    """Several steps per Ray block, the last block short: the same batches, in order, as the arrow reader."""
+    """Several steps per Ray block, the last block short, the epoch read as several datasets: the same
+    batches, in order, as the arrow reader."""
     from pretrain.data import ray_reader
 
     monkeypatch.setattr(ray_reader, "ROWS_PER_BLOCK", 48)  # 3 steps of 16 per block; 10 steps -> 3, 3, 3, 1
+    monkeypatch.setattr(ray_reader, "BLOCKS_PER_DATASET", 2)  # the epoch as two datasets of two blocks
     cfg = dict(views=1, batch_size=16)
     assert ray_reader.steps_per_block(_cfg(corpus, "ray", **cfg)) == 3
     arrow = list(build_stream(_cfg(corpus, "arrow", **cfg), rank=0, world_size=2, seed=1))
@@ -103,6 +107,20 @@ def test_ray_blocks_of_several_steps_keep_the_order(ray_session, corpus, monkeyp
     for a, b in zip(arrow, got):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
         assert torch.equal(a["valid"], b["valid"])
+
+
+def test_every_block_is_its_own_ray_task(ray_session, corpus, monkeypatch):
+    """One Ray task per block, also with many blocks: tasks that decoded several blocks each would make the
+    decode actors take turns (the output keeps task order)."""
+    from pretrain.data import ray_reader
+    from pretrain.data.ray_reader import ray_dataset
+
+    monkeypatch.setattr(ray_reader, "ROWS_PER_BLOCK", 16)  # one step per block
+    cfg = _cfg(corpus, "ray", views=1, samples_per_epoch=2 * 16 * 200, num_workers=2)
+    ds = ray_dataset(cfg, rank=0, world_size=2, seed=0).materialize()
+    tasks = re.search(r"MapBatches\(_DecodeSteps\): (\d+) tasks executed", ds.stats())
+    assert tasks, f"Ray Data's stats no longer name the tasks executed:\n{ds.stats()}"
+    assert int(tasks.group(1)) == 200
 
 
 def test_steps_per_block_bounds_block_bytes():

@@ -22,6 +22,7 @@ Ray is imported only here.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -36,6 +37,8 @@ from .stream import Cursor, CursorStream, make_plan
 # A block holds about this many rows (several steps when batches are small) and at most this many image bytes.
 ROWS_PER_BLOCK = 256
 MAX_BLOCK_BYTES = 96 * 2**20
+# RayStream reads an epoch as consecutive datasets of at most this many blocks (~20 min of one actor's work).
+BLOCKS_PER_DATASET = 4096
 
 
 def steps_per_block(cfg: DataConfig) -> int:
@@ -87,9 +90,23 @@ class _DecodeSteps:
         return out
 
 
-def rank_dataset(cfg: DataConfig, plan: Plan, cursor: Cursor, *, order_seed: int, aug_seed: int):
+def rank_dataset(
+    cfg: DataConfig,
+    plan: Plan,
+    cursor: Cursor,
+    *,
+    order_seed: int,
+    aug_seed: int,
+    first_block: int = 0,
+    max_blocks: int | None = None,
+):
     """Ray Dataset of one rank's remaining batches of the cursor's epoch, in order, B rows per step
-    (`steps_per_block` steps per block)."""
+    (`steps_per_block` steps per block); with `first_block`/`max_blocks`, only that window of blocks.
+
+    The block ids are the dataset's input rows, one per input block (`from_items`), so every Ray task decodes
+    exactly one block. With fewer, larger input blocks (as `ray.data.range` makes) one task would decode many
+    blocks in a row, and since the output keeps task order a second actor's finished blocks would wait for
+    the first actor's whole task: the actors would take turns instead of working side by side."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -97,7 +114,9 @@ def rank_dataset(cfg: DataConfig, plan: Plan, cursor: Cursor, *, order_seed: int
     steps = cursor.steps_left()
     per_block = min(steps_per_block(cfg), max(steps, 1))
     blocks = -(-steps // per_block)
-    ds = ray.data.range(blocks, override_num_blocks=max(1, min(blocks, 64)))
+    last = blocks if max_blocks is None else min(blocks, first_block + max_blocks)
+    ids = [{"id": i} for i in range(first_block, last)]
+    ds = ray.data.from_items(ids, override_num_blocks=max(1, len(ids)))
     return ds.map_batches(
         _DecodeSteps,
         batch_size=1,
@@ -142,23 +161,41 @@ class RayStream(CursorStream):
         self._counters = new_counters()
         self._lock = threading.Lock()
 
-    def dataset(self):
-        """The Ray Dataset of this rank's remaining batches (a new one per call: it starts at the cursor)."""
-        return rank_dataset(self.cfg, self.plan, self.cursor, order_seed=self.order_seed, aug_seed=self.seed)
+    def datasets(self):
+        """Ray Datasets of this rank's remaining batches from the cursor, in windows of at most
+        BLOCKS_PER_DATASET blocks: the block ids of a window are created up front (`from_items`), so a
+        window bounds that cost; each window starts its own decode actors (seconds, per many minutes)."""
+        at_start = copy.copy(
+            self.cursor
+        )  # the windows count blocks from here, while iterating moves the cursor
+        steps = at_start.steps_left()
+        blocks = -(-steps // min(steps_per_block(self.cfg), max(steps, 1)))
+        for first in range(0, blocks, BLOCKS_PER_DATASET):
+            yield rank_dataset(
+                self.cfg,
+                self.plan,
+                at_start,
+                order_seed=self.order_seed,
+                aug_seed=self.seed,
+                first_block=first,
+                max_blocks=BLOCKS_PER_DATASET,
+            )
 
     def __iter__(self):
         c = self.cursor
-        epoch, start, steps = c.epoch, c.consumed, c.steps_left()
-        if steps:
-            batches = self.dataset().iter_batches(
+        epoch, start = c.epoch, c.consumed
+        t = 0
+        for ds in self.datasets():
+            batches = ds.iter_batches(
                 batch_size=self.cfg.batch_size,
                 batch_format="numpy",
                 prefetch_batches=max(1, self.cfg.prefetch),
             )
-            for t, raw in enumerate(batches):
+            for raw in batches:
                 batch = to_torch(raw, self.cfg.views, self.normalize)
                 count(self._counters, raw)
-                c.consumed = min(start + (t + 1) * c.global_batch, max(self.plan.epoch_len, start))
+                t += 1
+                c.consumed = min(start + t * c.global_batch, max(self.plan.epoch_len, start))
                 yield batch
         c.epoch, c.consumed = epoch + 1, 0
 
