@@ -155,11 +155,12 @@ def _measure(
 
     def sample_memory():
         """The peak-RSS sampler; its own CPU (scanning Ray's processes) is instrumentation, kept out of the
-        consumer's CPU below."""
+        consumer's CPU below. Once a second: the scan runs on the cores being measured, and memory here moves
+        slowly (bounded caches, a preallocated object store)."""
         while not stop.is_set():
             peak[0] = max(peak[0], _rss_mib(children=mode == "ray"))
             sampler_cpu[0] = time.thread_time()
-            time.sleep(0.2)
+            stop.wait(1.0)
 
     threading.Thread(target=sample_memory, daemon=True).start()
     if mode.startswith("bare"):
