@@ -47,6 +47,12 @@ def steps_per_block(cfg: DataConfig) -> int:
     return max(1, min(-(-ROWS_PER_BLOCK // cfg.batch_size), MAX_BLOCK_BYTES // step_bytes))
 
 
+def block_layout(cfg: DataConfig, steps: int) -> tuple[int, int]:
+    """(steps per block, blocks) for `steps` remaining steps; the last block may be short."""
+    per_block = min(steps_per_block(cfg), max(steps, 1))
+    return per_block, -(-steps // per_block)
+
+
 class _DecodeSteps:
     """map_batches actor: block ids -> this rank's rows of `per_block` consecutive steps (uint8 views, boxes,
     targets, reasons), B rows per step.
@@ -112,8 +118,7 @@ def rank_dataset(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the cursor counts delivered steps in order
     steps = cursor.steps_left()
-    per_block = min(steps_per_block(cfg), max(steps, 1))
-    blocks = -(-steps // per_block)
+    per_block, blocks = block_layout(cfg, steps)
     last = blocks if max_blocks is None else min(blocks, first_block + max_blocks)
     ids = [{"id": i} for i in range(first_block, last)]
     ds = ray.data.from_items(ids, override_num_blocks=max(1, len(ids)))
@@ -165,11 +170,9 @@ class RayStream(CursorStream):
         """Ray Datasets of this rank's remaining batches from the cursor, in windows of at most
         BLOCKS_PER_DATASET blocks: the block ids of a window are created up front (`from_items`), so a
         window bounds that cost; each window starts its own decode actors (seconds, per many minutes)."""
-        at_start = copy.copy(
-            self.cursor
-        )  # the windows count blocks from here, while iterating moves the cursor
-        steps = at_start.steps_left()
-        blocks = -(-steps // min(steps_per_block(self.cfg), max(steps, 1)))
+        # the windows count blocks from the cursor as it is now; iterating them moves the cursor
+        at_start = copy.copy(self.cursor)
+        _, blocks = block_layout(self.cfg, at_start.steps_left())
         for first in range(0, blocks, BLOCKS_PER_DATASET):
             yield rank_dataset(
                 self.cfg,
