@@ -69,3 +69,27 @@ def test_tokenizer_subcommand_is_registered(capsys):
         main(["data", "tokenizer", "--help"])
     assert exc.value.code == 0
     assert "tokenizer" in capsys.readouterr().out
+
+
+def test_data_commands_never_import_torch(tmp_path):
+    """torch + a pyarrow read could abort at interpreter exit (exit 134 after a successful inspect): the data
+    commands that do not need torch must not import it, and the process must exit 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "corpus"
+    assert main(["data", "sample", str(out), "--num", "12", "--num-val", "0", "--size", "16"]) == 0
+    probe = (
+        "import sys; from pretrain.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    for args in (["data", "inspect", str(out / "train"), "--rows", "3"], ["data", "tokenizer", "--help"]):
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
+    r = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", "data", "inspect", str(out / "train"), "--rows", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and '"rows": 12' in r.stdout, r.stderr[-2000:]
