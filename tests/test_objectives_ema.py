@@ -10,8 +10,8 @@ import torch
 from test_objectives_helpers import NAMES, tiny_m3i
 from torch import nn
 
-from pretrain.engine.ema import TeacherEMA
 from pretrain.objectives.m3i import ema_momentum
+from pretrain.parallel import TeacherEMA
 
 
 def test_cosine_momentum_schedule():

@@ -85,9 +85,17 @@ def _ds_worker(rank: int, world: int, port: int, variant: str, stage: int, out: 
     """One rank of a real ZeRO checkpoint of `variant`: one AdamW step on a 32-px input, then save."""
     import os
 
-    from pretrain.engine.dist import local_world_env
-
-    os.environ.update(local_world_env(rank, world, port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # the launcher variables of a one-node world (written out: convert sits below the engine)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+    )
     import deepspeed
     import torch
 

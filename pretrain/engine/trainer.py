@@ -25,10 +25,10 @@ from ..config import RunConfig, dump_config, save_config
 from ..monitor.panels import DCNProbe, image_grid
 from ..monitor.throughput import StepTimer, memory_stats, peak_tflops, train_flops_per_sample
 from ..monitor.writer import Monitor
+from ..parallel import WeightEMA
 from . import dist
 from .checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from .ds_config import build_ds_config
-from .ema import WeightEMA
 from .optim import frozen_parameter_ids, lr_factor, param_groups, peak_lr, set_lr
 from .streams import build_default_stream, image_size, micro_batch_size, stream_info
 
@@ -142,7 +142,9 @@ class Trainer:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         self.stream = self.stream_factory(cfg, self.rank, self.world)
-        objective = build_objective(cfg, model, {**stream_info(self.stream, cfg), "rank": self.rank})
+        objective = self.objective = build_objective(
+            cfg, model, {**stream_info(self.stream, cfg), "rank": self.rank}
+        )
         frozen = frozen_parameter_ids(objective)
         for param in objective.parameters():
             if id(param) in frozen:  # EMA teachers: never seen by the optimizer
@@ -217,11 +219,9 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        load_objective_state = getattr(self.engine.module, "load_rank_state", None)
-        if load_objective_state is not None:
-            warning = load_objective_state(state.get("objective", {}))
-            if warning:
-                self.monitor.log(f"warning: {warning}")
+        warning = self.objective.load_rank_state(state.get("objective", {}))
+        if warning:
+            self.monitor.log(f"warning: {warning}")
         set_rng_state(state["rng"])
         self.monitor.log(f"resumed from {root}/{tag} at step {self.step}")
 
@@ -336,9 +336,7 @@ class Trainer:
             timer.step_done(self.micro_batch * cfg.engine.grad_accum)
             if self.ema is not None:
                 self.ema.update(self.engine.module)
-            on_end = getattr(self.engine.module, "on_step_end", None)
-            if on_end is not None:
-                on_end(self.step, cfg.schedule.total_steps)
+            self.objective.on_step_end(self.step, cfg.schedule.total_steps)
             if draw_dcn:
                 self.monitor.image("dcn/sampling_points", self.probe.render(step_image), self.step)
             if self.step % cfg.logging.every_steps == 0 or self.step == end:
@@ -374,11 +372,9 @@ class Trainer:
         """Zero-shot evaluation on the held-out split (every rank takes part; rank 0 logs and prints)."""
         from ..objectives.evaluation import zero_shot
 
-        if not hasattr(self.engine.module, "evaluate"):
-            return
         with torch.no_grad():
             metrics = zero_shot(
-                self.engine.module,
+                self.objective,
                 self.cfg,
                 rank=self.rank,
                 world_size=self.world,
@@ -442,7 +438,7 @@ class Trainer:
             "stream": self.stream.state_dict(),
             "rng": rng_state(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "objective": getattr(self.engine.module, "rank_state", dict)(),
+            "objective": self.objective.rank_state(),
             "skipped": self.skipped,
             "consecutive_nonfinite": self.consecutive_nonfinite,
         }

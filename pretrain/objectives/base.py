@@ -3,31 +3,42 @@
 An `Objective` owns every trainable module of a run (backbone, heads, text tower, predictor) so that the
 engine hands exactly one `nn.Module` to DeepSpeed. Modules that are *not* trained by the optimizer (EMA
 target encoders) are registered by the objective in `frozen_module_names()` and updated in `on_step_end`.
+The trainer calls every method below directly: a subclass implements `forward` and overrides only the
+hooks it needs; the defaults do nothing.
 """
 
 from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, abc.ABC):
     """Base class. Subclasses set `self.backbone` (an InternImage) and implement `forward`.
 
     `forward(batch) -> dict[str, Tensor]`: must contain `"loss"` (a scalar that backward is called on); every
     other entry is a detached scalar logged as `loss/<name>` (one per loss term, plus accuracies etc.).
 
-    Batch layout (produced by `pretrain.data`): `image` float (B, 3, S, S) normalised, view 0;
-    `image2` (B, 3, S, S) a second augmented view when the data config asks for two views;
-    `view_boxes` float (B, V, 5): each view's crop box (x0, y0, x1, y1) in [0, 1] coordinates of the
-    original image and a horizontal-flip flag; `label` long (B,), -1 when the sample has no label;
-    `caption` list[str] ("" when none) and `has_caption` bool (B,); `source` long (B,); `valid` bool (B,).
+    Batch layout: see `pretrain.data.cursor.Stream` (the schema every stream delivers).
+    Parameters and buffers are saved by DeepSpeed with the module (`state_dict()`); per-rank extras go
+    through `rank_state` / `load_rank_state`.
     """
 
     backbone: nn.Module
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The losses dict of one micro-batch (see the class docstring)."""
+
+    def evaluate(
+        self, batches: Iterable[dict], label_names: list[str] | None = None, max_batches: int = 0
+    ) -> dict[str, float]:
+        """Held-out metrics over `batches` (every rank calls it; counts are reduced across ranks), named
+        `<group>/<metric>`. The default has no evaluation and returns {} (nothing is logged)."""
+        return {}
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (EMA updates, temperature clamps)."""

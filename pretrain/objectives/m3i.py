@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.ema import TeacherEMA, local_shard
+from ..parallel import TeacherEMA, local_shard
 from ..text import TextTokenizer, TextTransformer
 from .base import Objective
 from .config import ObjectiveConfig

@@ -1,4 +1,7 @@
-"""EMA of weights that works under every ZeRO stage, and the helpers EMA teachers need.
+"""ZeRO-aware parameter helpers below both the engine and the objectives: local shards and weight EMAs.
+
+The engine keeps a `WeightEMA` of the trained weights; objectives keep EMA teachers (`TeacherEMA`). Both need
+to know how DeepSpeed lays a parameter out, and neither may import the other, so the helpers live here.
 
 Under ZeRO-3 a module's parameters are partitioned: between forward passes `p.data` is an empty placeholder and
 each rank holds `p.ds_tensor`, its 1/world slice of the flattened parameter. That holds for *every* parameter
