@@ -80,3 +80,53 @@ def test_empty_shard_file_is_skipped(tmp_path):
     with pytest.warns(BadDataWarning, match="unreadable"):
         n = sum(int(b["valid"].sum()) for b in stream)
     assert n == 80 and stream.counters()["shard_mismatch"] == 40
+
+
+def _retype(path, column, values, type_):
+    """Rewrite a shard with one read column replaced by `values` of arrow type `type_` (row groups kept)."""
+    import pyarrow as pa
+
+    t = pq.read_table(path)
+    t = t.set_column(t.schema.get_field_index(column), pa.field(column, type_), pa.array(values, type_))
+    pq.write_table(t, path, row_group_size=20)
+
+
+@pytest.mark.parametrize(
+    "column,make,type_name",
+    [
+        ("label", lambda n: [f"class{i % 3}" for i in range(n)], "string"),  # class names, not indices
+        ("label", lambda n: [float("nan") if i % 2 else 1.0 for i in range(n)], "double"),
+        ("key", lambda n: list(range(n)), "int64"),
+        ("caption", lambda n: [b"a caption"] * n, "binary"),
+    ],
+)
+def test_wrong_column_type_makes_the_shard_padding(tmp_path, column, make, type_name):
+    import pyarrow as pa
+
+    url, shards = _corpus(tmp_path)
+    _retype(shards[1], column, make(40), pa.type_for_alias(type_name))
+    stream = build_stream(_cfg(url, shuffle=False), rank=0, world_size=1, seed=0)
+    with pytest.warns(BadDataWarning) as caught:
+        batches = list(stream)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "shard-00001.parquet" in msgs[0] and f"{column}: {type_name}" in msgs[0], msgs
+    c = stream.counters()
+    assert c["shard_mismatch"] == 40 and c["samples"] == 80
+    keys = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+    assert len(keys) == 80 and not any(
+        40 <= int(k.rsplit("-", 1)[1]) < 80 for k in keys
+    )  # none of shard 1's rows delivered
+
+
+def test_unreadable_row_group_is_warned_and_counted(tmp_path):
+    url, shards = _corpus(tmp_path)
+    md = pq.ParquetFile(shards[0]).metadata
+    col = md.row_group(1).column(md.schema.to_arrow_schema().get_field_index("key"))
+    start = col.dictionary_page_offset or col.data_page_offset
+    with open(shards[0], "r+b") as f:  # garbage over row group 1's first page header: the footer stays valid
+        f.seek(start)
+        f.write(b"\xff" * 16)
+    stream = build_stream(_cfg(url, shuffle=False), rank=0, world_size=1, seed=0)
+    with pytest.warns(BadDataWarning, match=r"shard-00000\.parquet row group 1 unreadable"):
+        n = sum(int(b["valid"].sum()) for b in stream)
+    assert n == 100 and stream.counters()["shard_mismatch"] == 20

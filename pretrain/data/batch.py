@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .config import DataConfig
 from .order import _LRU, Plan
-from .schema import READ_COLUMNS
+from .schema import READ_COLUMNS, read_column_problems
 from .transforms import decode_views, normalizer
 
 REASONS = ("bad_image", "missing_shard", "shard_mismatch")
@@ -88,18 +88,19 @@ class RowFetcher:
         except Exception as err:  # not parquet, truncated footer...
             return None, "shard_mismatch", f"shard {url} is unreadable ({type(err).__name__}: {err})"
         md = pf.metadata
-        names = set(pf.schema_arrow.names)
-        lacking = [c for c in READ_COLUMNS if c not in names]
+        problems = read_column_problems(pf.schema_arrow)
+        if problems:
+            return (
+                None,
+                "shard_mismatch",
+                f"shard {url} has wrong columns ({'; '.join(problems)}); rebuild it with `pretrain data build`",
+            )
         sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         expected = [
             min(info.row_group_rows, info.rows - g * info.row_group_rows) for g in range(info.row_groups)
         ]
-        if lacking or sizes != expected:
-            why = (
-                f"lacks columns {lacking}"
-                if lacking
-                else f"has row groups {sizes[:4]}.. ({md.num_rows} rows), manifest says {info.rows} rows in groups of {info.row_group_rows}"
-            )
+        if sizes != expected:
+            why = f"has row groups {sizes[:4]}.. ({md.num_rows} rows), manifest says {info.rows} rows in groups of {info.row_group_rows}"
             return None, "shard_mismatch", f"shard {url} does not match its manifest: it {why}"
         return (pf, threading.Lock()), None, None
 
@@ -116,11 +117,9 @@ class RowFetcher:
                     t = _retry(lambda: pf.read_row_group(rg, columns=READ_COLUMNS))
             except Exception as err:
                 url = self.plan.manifests[src].shard_url(shard)
-                return (
-                    None,
-                    "shard_mismatch",
-                    f"shard {url} row group {rg} unreadable ({type(err).__name__}: {err})",
-                )
+                msg = f"shard {url} row group {rg} unreadable ({type(err).__name__}: {err})"
+                self.warn("shard_mismatch", f"skipping the samples of {msg}")  # once per row group (cached)
+                return None, "shard_mismatch", msg
             return {c: t.column(c).to_pylist() for c in READ_COLUMNS}, None, None
 
         return self._tables.get((src, shard, rg), make)

@@ -36,6 +36,47 @@ SHARD_SCHEMA = pa.schema(
 READ_COLUMNS = ["key", "image", "caption", "label"]
 
 
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
+# what a reader accepts per read column (SHARD_SCHEMA's type, or one that converts to it without a guess);
+# an all-null caption/label column may be stored with the null type
+_READ_TYPES = {
+    "key": ("string", _is_text),
+    "image": ("binary", _is_bytes),
+    "caption": ("string", lambda t: _is_text(t) or pa.types.is_null(t)),
+    "label": (
+        "int64",
+        lambda t: (pa.types.is_integer(t) and not pa.types.is_uint64(t)) or pa.types.is_null(t),
+    ),
+}
+
+
+def read_column_problems(schema: pa.Schema) -> list[str]:
+    """Why a shard's read columns cannot be taken as they are: missing columns and wrong types, one
+    `column: found, expected` phrase each (empty when the shard is fine).
+
+    Checked when a shard is opened: a class-name string or a float `label`, an int `key` or a binary
+    `caption` would otherwise crash the batch assembly or be silently converted row by row.
+    """
+    problems = []
+    for name in READ_COLUMNS:
+        expected, ok = _READ_TYPES[name]
+        index = schema.get_field_index(name)
+        if index < 0:
+            problems.append(f"{name}: missing")
+        elif not ok(schema.field(index).type):
+            problems.append(f"{name}: {schema.field(index).type}, expected {expected}")
+    return problems
+
+
 @dataclass
 class ShardInfo:
     uri: str
