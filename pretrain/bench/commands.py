@@ -11,6 +11,10 @@ BENCHES = {
     ),
     "ingest": ("pretrain.bench.ingest", "decode + augment throughput per core, Ray pipeline vs bare loop"),
     "train": ("pretrain.bench.train", "train step time, samples/s and MFU"),
+    "model": (
+        "pretrain.bench.model_check",
+        "a DCN backend inside whole models vs the reference: fwd/bwd errors against float64",
+    ),
 }
 
 
