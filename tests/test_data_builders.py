@@ -92,7 +92,7 @@ def test_folder_build_is_resumable_and_parallel(tmp_path):
     assert redone == [parts[1].name]
 
 
-def _i2d_parquet_table(samples, failed, shard):
+def _i2d_parquet_table(samples, failed, shard, failed_status="failed_to_download"):
     rows = []
     for i, (data, caption, _) in enumerate(samples):
         rows.append(
@@ -118,7 +118,7 @@ def _i2d_parquet_table(samples, failed, shard):
                 jpg=None,
                 caption="lost",
                 url=f"http://x/f{j}.jpg",
-                status="failed_to_download",
+                status=failed_status,
                 error_message="HTTP 404",
                 width=None,
                 height=None,
@@ -152,11 +152,19 @@ def test_img2dataset_parquet(tmp_path):
     inp.mkdir()
     samples = _images(9, seed=2)
     pq.write_table(_i2d_parquet_table(samples[:5], failed=2, shard=0), inp / "00000.parquet")
-    pq.write_table(_i2d_parquet_table(samples[5:], failed=1, shard=1), inp / "00001.parquet")
+    pq.write_table(
+        _i2d_parquet_table(samples[5:], failed=1, shard=1, failed_status="failed_to_resize"),
+        inp / "00001.parquet",
+    )
     (inp / "00000_stats.json").write_text("{}")
-    url = build("img2dataset", str(inp), str(tmp_path / "out"), row_group_rows=4, progress=False)
+    out = tmp_path / "out"
+    url = build("img2dataset", str(inp), str(out), row_group_rows=4, progress=False)
     m = Manifest.load(url)
-    assert m.num_rows == 9 and m.stats["skipped"] == {"failed_download": 3} and m.label_names is None
+    # img2dataset's own status categories are kept (a decode failure is not a failed download)
+    assert m.stats["skipped"] == {"failed_to_download": 2, "failed_to_resize": 1}
+    assert m.num_rows == 9 and m.label_names is None
+    record = json.loads((out / "_parts" / "p00001.json").read_text())
+    assert record["skipped_keys"] == {"failed_to_resize": ["000010004"]}
     rows = _read_all(url)
     assert len(rows) == 9 and all(label == -1 and has for _, label, has in rows.values())
     assert {c for c, _, _ in rows.values()} == {c for _, c, _ in samples}
@@ -190,7 +198,7 @@ def test_img2dataset_webdataset(tmp_path):
         )
     url = build("webdataset", str(inp), str(tmp_path / "out"), shard_rows=3, row_group_rows=2, progress=False)
     m = Manifest.load(url)
-    assert m.num_rows == 7 and m.stats["skipped"] == {"failed_download": 3, "missing_image": 1}
+    assert m.num_rows == 7 and m.stats["skipped"] == {"failed_to_download": 3, "missing_image": 1}
     rows = _read_all(url)
     assert rows["000000002"][0] == samples[2][1] and rows["000010001"][0] == samples[5][1]
 
@@ -212,3 +220,83 @@ def test_csv_tsv(tmp_path):
     for i, (_, caption, shape) in enumerate(samples):
         got, label, _ = rows[f"img/{i}.jpg"]
         assert got == caption and m.label_names[label] == shape and shape in SHAPES
+
+
+def _write_tar(path, samples, prefix):
+    """img2dataset webdataset layout (jpg, txt, json per sample, in that order) + its side parquet."""
+    keys = []
+    with tarfile.open(path, "w") as tar:
+        for i, (data, caption, _) in enumerate(samples):
+            key = f"{prefix}{i:04d}"
+            keys.append(key)
+            meta = {"key": key, "caption": caption, "status": "success"}
+            for ext, payload in (
+                ("jpg", data),
+                ("txt", caption.encode()),
+                ("json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    pq.write_table(pa.table({"key": keys, "status": ["success"] * len(keys)}), str(path)[:-4] + ".parquet")
+    return keys
+
+
+def test_truncated_tar_counts_every_lost_sample_and_keeps_no_half_sample(tmp_path):
+    inp = tmp_path / "wds"
+    inp.mkdir()
+    samples = _images(14, seed=5)
+    keys = _write_tar(inp / "00000.tar", samples, "0000")
+    raw = (inp / "00000.tar").read_bytes()
+    # cut inside sample 3's txt member: samples 0-2 complete, sample 3 has only its jpg, 10 after it are gone
+    with tarfile.open(inp / "00000.tar") as tar:
+        txt3 = next(m for m in tar.getmembers() if m.name == f"{keys[3]}.txt")
+    (inp / "00000.tar").write_bytes(raw[: txt3.offset_data + 2])
+    url = build("webdataset", str(inp), str(tmp_path / "out"), progress=False)
+    m = Manifest.load(url)
+    assert m.num_rows == 3 and m.stats["skipped"] == {"truncated_tar": 11}
+    rows = _read_all(url)
+    assert sorted(rows) == keys[:3] and all(has for _, _, has in rows.values())
+    record = json.loads((tmp_path / "out" / "_parts" / "p00000.json").read_text())
+    assert record["skipped_keys"]["truncated_tar"] == keys[3:]
+
+
+def _folder(root, samples, start=0):
+    for i, (data, _, shape) in enumerate(samples, start):
+        (root / shape).mkdir(parents=True, exist_ok=True)
+        (root / shape / f"{i:03d}.png").write_bytes(data)
+
+
+def test_rebuild_of_a_changed_input_into_the_same_folder(tmp_path):
+    """Parts are reused only when built from the same input and options (fingerprint per part)."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    samples = _images(8, seed=6)
+    _folder(root, samples)
+    build("folder", str(root), str(out), shard_rows=3, row_group_rows=2, progress=False)
+    # a new class folder that sorts first shifts every label index; the rebuild must redo every part
+    (root / "aaa").mkdir()
+    for i, (data, _, _) in enumerate(_images(3, seed=7)):
+        (root / "aaa" / f"new{i}.png").write_bytes(data)
+    with pytest.warns(UserWarning, match="different input or options; rebuilding"):
+        url = build("folder", str(root), str(out), shard_rows=3, row_group_rows=2, progress=False)
+    m = Manifest.load(url)
+    assert m.num_rows == 11 and m.label_names[0] == "aaa"
+    rows = _read_all(url)
+    assert len(rows) == 11
+    for key, (_, label, _) in rows.items():
+        assert m.label_names[label] == key.split("/")[0], key
+
+    # another input into the same folder: only its rows, no shard of the old input left behind
+    other = tmp_path / "other"
+    _folder(other, _images(4, seed=8), start=100)
+    url = build("folder", str(other), str(out), shard_rows=3, row_group_rows=2, progress=False)
+    m = Manifest.load(url)
+    rows = _read_all(url)
+    assert m.num_rows == 4 and sorted(int(k.split("/")[1][:3]) for k in rows) == [100, 101, 102, 103]
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(s.uri for s in m.shards)
+    assert sorted(p.name for p in (out / "_parts").iterdir()) == ["p00000.json", "p00001.json"]
+
+    # other options (row-group size) with the same input: redone too
+    url = build("folder", str(other), str(out), shard_rows=3, row_group_rows=1, progress=False)
+    assert {s.row_group_rows for s in Manifest.load(url).shards} == {1}
+    assert len(_read_all(url)) == 4

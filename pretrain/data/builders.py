@@ -6,11 +6,21 @@ jpg/txt/json plus a parquet with the `status` column), and a CSV/TSV of image pa
 label). Work is cut into parts (one input file, or a chunk of files); each part writes its own shards and
 then a small `_parts/<id>.json` record, so a rerun skips finished parts (resumable) and parts run in
 parallel processes. The manifest is written last, atomically, from the part records.
+
+A record is reused only when its fingerprint matches: a hash of the part's input (file names, sizes and
+modification times, labels, captions) and of the options that shape its rows (format, source, shard and
+row-group sizes). Anything else (a class folder added, another input, other options) rebuilds the part;
+records and shards of parts the new plan no longer has are deleted. A CSV's referenced images are not
+stat'ed (one call per file): replacing an image under the same name needs a fresh output folder.
+
+img2dataset's per-sample `status` categories (`failed_to_download`, `failed_to_resize`, ...) are kept as
+the skipped reasons, and each part record lists (up to SKIPPED_KEYS_KEPT per reason) the skipped keys.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -28,6 +38,8 @@ from .schema import MANIFEST_NAME, Manifest, ShardInfo, empty_columns, write_sha
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMATS = ("folder", "img2dataset", "webdataset", "csv")
+FINGERPRINT_VERSION = 1  # bump when a builder change alters the rows a part writes from the same input
+SKIPPED_KEYS_KEPT = 1000  # per reason and part, in `_parts/<id>.json`
 
 
 def add_arguments(parser) -> None:
@@ -71,15 +83,22 @@ def run(args) -> int:
 # --- parts: (id, kind, payload); payload is picklable so parts can run in worker processes ---------------
 
 
-def _list_files(url: str) -> list[str]:
+def _list_files(url: str, stamps: dict[str, str] | None = None) -> list[str]:
+    """Every file under url (sorted URLs); `stamps` receives "size:mtime" (or ETag) per file for the part
+    fingerprints, from the same listing (no extra calls)."""
     fs, path = storage.url_to_fs(url)
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     prefix = "" if storage.is_local(fs) else f"{proto}://"
-    return sorted(prefix + p for p in fs.find(path))
+    found = fs.find(path, detail=True)
+    if stamps is not None:
+        for p, info in found.items():
+            changed = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("etag")
+            stamps[prefix + p] = f"{info.get('size')}:{changed}"
+    return sorted(prefix + p for p in found)
 
 
-def _plan_folder(url: str, shard_rows: int):
-    listing = _list_files(url)
+def _plan_folder(url: str, shard_rows: int, stamps: dict[str, str]):
+    listing = _list_files(url, stamps)
     files = [f for f in listing if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
     root = storage.url_to_fs(url)[1].rstrip("/")
     classes = sorted({_rel(f, root).split("/")[0] for f in files if "/" in _rel(f, root)})
@@ -129,8 +148,8 @@ def _plan_csv(url: str, shard_rows: int, columns: tuple[str, str, str]):
     return parts, (classes or None)
 
 
-def _plan_img2dataset(url: str, fmt: str):
-    files = _list_files(url)
+def _plan_img2dataset(url: str, fmt: str, stamps: dict[str, str]):
+    files = _list_files(url, stamps)
     if fmt == "webdataset":
         tars = [f for f in files if f.endswith(".tar")]
         return [(f"p{os.path.basename(t)[:-4]}", "tar", t) for t in tars], None
@@ -150,10 +169,18 @@ class _PartWriter:
         self.cols = empty_columns()
         self.shards: list[ShardInfo] = []
         self.stats = {"rows": 0, "with_caption": 0, "with_label": 0, "skipped": {}}
+        self.skipped_keys: dict[str, list[str]] = {}
 
-    def skip(self, reason: str, what: str) -> None:
-        self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + 1
-        warnings.warn(f"build: skipping {what}: {reason}", stacklevel=2)
+    def skip(self, reason: str, what: str, key: str | None = None, n: int = 1, warn: bool = True) -> None:
+        """Count n skipped samples under `reason`, remember the key, and warn (not for img2dataset's own
+        download failures: a web crawl loses a third of its samples, one warning each would drown the log)."""
+        self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + n
+        if key is not None:
+            keys = self.skipped_keys.setdefault(reason, [])
+            if len(keys) < SKIPPED_KEYS_KEPT:
+                keys.append(key)
+        if warn:
+            warnings.warn(f"build: skipping {what}: {reason}", stacklevel=2)
 
     def add(self, key: str, data: bytes, caption, label, meta: dict | None = None) -> None:
         try:
@@ -189,7 +216,9 @@ def _read(url: str) -> bytes:
     return storage.read_bytes(url)
 
 
-def _run_part(part, out: str, source: str, shard_rows: int, row_group_rows: int) -> dict:
+def _run_part(
+    part, out: str, source: str, shard_rows: int, row_group_rows: int, fingerprint: str = ""
+) -> dict:
     pid, kind, payload = part
     w = _PartWriter(out, pid, source, shard_rows, row_group_rows)
     with warnings.catch_warnings(record=True) as caught:
@@ -201,7 +230,7 @@ def _run_part(part, out: str, source: str, shard_rows: int, row_group_rows: int)
                     if caption_url:
                         caption = _read(caption_url).decode("utf-8").strip() or None
                 except (FileNotFoundError, OSError) as err:
-                    w.skip("missing_file", f"{rel} ({type(err).__name__})")
+                    w.skip("missing_file", f"{rel} ({type(err).__name__})", key=rel)
                     continue
                 w.add(rel, data, caption, label)
         elif kind == "i2d_parquet":
@@ -211,8 +240,10 @@ def _run_part(part, out: str, source: str, shard_rows: int, row_group_rows: int)
         w.flush()
     record = {
         "part": pid,
+        "fingerprint": fingerprint,
         "shards": [asdict(s) for s in w.shards],
         "stats": w.stats,
+        "skipped_keys": w.skipped_keys,
         "warnings": [str(c.message) for c in caught][:50],
     }
     storage.write_bytes_atomic(storage.join(out, "_parts", f"{pid}.json"), json.dumps(record).encode())
@@ -230,11 +261,14 @@ def _img2dataset_parquet(url: str, w: _PartWriter) -> None:
         w.skip("shard_mismatch", f"{url} (no image column in {names})")
         return
     for r in t.to_pylist():
-        if r.get("status", "success") != "success":
-            w.stats["skipped"]["failed_download"] = w.stats["skipped"].get("failed_download", 0) + 1
+        status = r.get("status", "success")
+        if status != "success":  # img2dataset's category: failed_to_download, failed_to_resize, ...
+            w.skip(
+                str(status or "unknown_status"), f"{r.get('key')} in {url}", key=str(r.get("key")), warn=False
+            )
             continue
         if not r.get(img_col):
-            w.skip("missing_image", f"{r.get('key')} in {url}")
+            w.skip("missing_image", f"{r.get('key')} in {url}", key=str(r.get("key")))
             continue
         meta = {
             k: r[k] for k in ("url", "original_width", "original_height", "sha256") if r.get(k) is not None
@@ -243,17 +277,33 @@ def _img2dataset_parquet(url: str, w: _PartWriter) -> None:
 
 
 def _webdataset_tar(url: str, w: _PartWriter) -> None:
-    """img2dataset `--output_format webdataset`: NNNNN.tar of key.jpg/key.txt/key.json + NNNNN.parquet."""
+    """img2dataset `--output_format webdataset`: NNNNN.tar of key.jpg/key.txt/key.json + NNNNN.parquet.
+
+    The side parquet lists every attempted sample with its status: failures are counted under their status,
+    and successful samples that the tar does not deliver (a truncated tar) are counted as `truncated_tar`
+    with their keys. After a truncation, the sample being read when the data ended is dropped unless it has
+    every file its siblings have (otherwise an image would be kept without its caption).
+    """
     side = url[:-4] + ".parquet"
-    if storage.exists(side):  # the side parquet lists every attempted sample with its status
+    expected: list[str] | None = None
+    if storage.exists(side):
         fs, path = storage.url_to_fs(side)
         with fs.open(path, "rb") as f:
-            status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
-        failed = sum(s != "success" for s in status)
-        if failed:
-            w.stats["skipped"]["failed_download"] = w.stats["skipped"].get("failed_download", 0) + failed
+            pf = pq.ParquetFile(f)
+            cols = [c for c in ("key", "status") if c in pf.schema_arrow.names]
+            t = pf.read(columns=cols)
+        status = t.column("status").to_pylist() if "status" in cols else []
+        keys = t.column("key").to_pylist() if "key" in cols else [None] * len(status)
+        expected = [] if "key" in cols else None
+        for key, st in zip(keys, status):
+            if st != "success":
+                w.skip(str(st or "unknown_status"), f"{key} in {side}", key=str(key), warn=False)
+            elif expected is not None:
+                expected.append(str(key))
     fs, path = storage.url_to_fs(url)
     samples: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    truncated = None
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
@@ -261,14 +311,40 @@ def _webdataset_tar(url: str, w: _PartWriter) -> None:
                     continue
                 base = os.path.basename(member.name)
                 key, _, ext = base.partition(".")
+                if key not in samples:
+                    order.append(key)
                 samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-    except tarfile.TarError as err:  # truncated tar: keep what was read before the damage
-        w.skip("truncated_tar", f"{url} after {len(samples)} samples ({err})")
+    except (tarfile.TarError, EOFError, OSError) as err:  # truncated tar: keep the complete samples before it
+        truncated = err
+    if truncated is not None and order:
+        last = order[-1]
+        siblings = set().union(*(samples[k].keys() for k in order[:-1])) if len(order) > 1 else {"json"}
+        if not siblings <= samples[last].keys():
+            del samples[last]
+            order.pop()
+    if truncated is not None:
+        if expected is not None:
+            # counted from the side parquet's successes; keys named where they match the tar's member names
+            lost = [k for k in expected if k not in samples]
+            n_lost = max(len(expected) - len(samples), 0)
+            for i in range(n_lost):
+                w.skip("truncated_tar", url, key=lost[i] if i < len(lost) else None, warn=False)
+            warnings.warn(
+                f"build: skipping {n_lost} sample(s) of {url}: the tar is truncated after {len(samples)} "
+                f"complete samples ({truncated}); {side} lists {len(expected)} successful ones",
+                stacklevel=2,
+            )
+        else:
+            w.skip(
+                "truncated_tar",
+                f"{url} after {len(samples)} complete samples ({truncated}; no {side} to say how many were "
+                "lost: counted as one)",
+            )
     for key in sorted(samples):
         files = samples[key]
         img = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
         if img is None:
-            w.skip("missing_image", f"{key} in {url}")
+            w.skip("missing_image", f"{key} in {url}", key=key)
             continue
         meta = json.loads(files["json"]) if "json" in files else {}
         caption = files["txt"].decode("utf-8") if "txt" in files else meta.get("caption")
@@ -278,6 +354,33 @@ def _webdataset_tar(url: str, w: _PartWriter) -> None:
             if meta.get(k) is not None
         }
         w.add(str(meta.get("key", key)), img, caption, None, keep)
+
+
+def _part_inputs(part) -> list[str]:
+    """The input URLs a part reads (for its fingerprint)."""
+    _, kind, payload = part
+    if kind == "files":
+        return [u for url, _, _, _, cap in payload for u in (url, cap) if u]
+    return [payload, payload[:-4] + ".parquet"] if kind == "tar" else [payload]
+
+
+def part_fingerprint(part, stamps: dict[str, str], options: dict) -> str:
+    """Hash of everything that decides a part's rows: its plan entry (files, labels, captions), the listed
+    size and modification time of each input file, and the build options."""
+    body = {
+        "version": FINGERPRINT_VERSION,
+        "part": list(part),
+        "stamps": [stamps.get(u) for u in _part_inputs(part)],
+        "options": options,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _drop_record(out: str, rec: dict) -> None:
+    """Delete a part record first (a crash then leaves the part to redo), then the shards it listed."""
+    storage.remove(storage.join(out, "_parts", f"{rec['part']}.json"))
+    for shard in rec.get("shards", []):
+        storage.remove(storage.resolve(out, shard["uri"]))
 
 
 # --- driver -------------------------------------------------------------------------------------------------
@@ -301,23 +404,44 @@ def build(
         raise ValueError(f"unknown input format {fmt!r}; one of {FORMATS}")
     name = name or os.path.basename(out.rstrip("/")) or "corpus"
     source = source or name
+    stamps: dict[str, str] = {}
     if fmt == "folder":
-        parts, label_names = _plan_folder(input_url, shard_rows)
+        parts, label_names = _plan_folder(input_url, shard_rows, stamps)
     elif fmt == "csv":
         parts, label_names = _plan_csv(input_url, shard_rows, csv_columns)
     else:
-        parts, label_names = _plan_img2dataset(input_url, fmt)
+        parts, label_names = _plan_img2dataset(input_url, fmt, stamps)
     if not parts:
         raise FileNotFoundError(f"no input found for format {fmt!r} under {input_url}")
+    options = {"format": fmt, "source": source, "shard_rows": shard_rows, "row_group_rows": row_group_rows}
+    fingerprints = {p[0]: part_fingerprint(p, stamps, options) for p in parts}
     storage.makedirs(out)
     records: dict[str, dict] = {}
     todo = []
+    previous = {}
+    for rec_url in storage.glob(storage.join(out, "_parts", "*.json")):
+        rec = json.loads(storage.read_bytes(rec_url))
+        previous[rec["part"]] = rec
+    for pid, rec in sorted(previous.items()):
+        if pid not in fingerprints:  # an earlier build of another input: its shards must not linger
+            warnings.warn(f"build: {out}: part {pid} is not in this input; deleting its shards", stacklevel=2)
+            _drop_record(out, rec)
+    redone = []
     for part in parts:
-        rec_url = storage.join(out, "_parts", f"{part[0]}.json")
-        if storage.exists(rec_url):  # finished in an earlier run
-            records[part[0]] = json.loads(storage.read_bytes(rec_url))
-        else:
-            todo.append(part)
+        rec = previous.get(part[0])
+        if rec is not None and rec.get("fingerprint") == fingerprints[part[0]]:
+            records[part[0]] = rec  # finished in an earlier run, from the same input and options
+            continue
+        if rec is not None:
+            redone.append(part[0])
+            _drop_record(out, rec)
+        todo.append(part)
+    if redone:
+        warnings.warn(
+            f"build: {out}: {len(redone)} part(s) ({', '.join(redone[:5])}{'...' if len(redone) > 5 else ''}) "
+            "were built from a different input or options; rebuilding them",
+            stacklevel=2,
+        )
     from tqdm import tqdm
 
     bar = tqdm(
@@ -325,14 +449,17 @@ def build(
     )
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_run_part, p, out, source, shard_rows, row_group_rows) for p in todo]
+            futures = [
+                pool.submit(_run_part, p, out, source, shard_rows, row_group_rows, fingerprints[p[0]])
+                for p in todo
+            ]
             for fut in as_completed(futures):
                 rec = fut.result()
                 records[rec["part"]] = rec
                 bar.update(1)
     else:
         for p in todo:
-            rec = _run_part(p, out, source, shard_rows, row_group_rows)
+            rec = _run_part(p, out, source, shard_rows, row_group_rows, fingerprints[p[0]])
             records[rec["part"]] = rec
             bar.update(1)
     bar.close()

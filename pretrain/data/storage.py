@@ -80,3 +80,17 @@ def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def remove(url: str) -> None:
+    """Delete a file if it exists."""
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def glob(pattern: str) -> list[str]:
+    """Sorted URLs matching a glob pattern (same scheme as the pattern)."""
+    fs, path = url_to_fs(pattern)
+    prefix = "" if is_local(fs) else f"{_protocols(fs)[0]}://"
+    return sorted(prefix + p for p in fs.glob(path))
