@@ -1,12 +1,20 @@
 // PyTorch binding of the DCNv3 kernels: validates shapes, dtypes, devices, contiguity and alignment, owns
 // all memory (outputs and workspaces come from torch's caching allocator), and dispatches per dtype. The
 // composition into the DCN block (sampling kernel + projection GEMMs) lives in pretrain/ops/cuda.py.
+//
+// Built two ways from this one file: for CUDA tensors (the extension), and with DCNV3_EMULATION for CPU
+// tensors, where the same kernels run in the CPU emulation of csrc/emu (the tests' and counters' backend).
 #include <torch/extension.h>
+#ifdef DCNV3_EMULATION
+#include "../emu/runtime.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -29,17 +37,17 @@ DT dtype_of(const at::Tensor& t) {
   }
 }
 
-void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& like, bool same_dtype = true) {
-  TORCH_CHECK(t.is_cuda(), "dcnv3 CUDA: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "dcnv3 CUDA: ", name, " is on ", t.device(), ", expected ", like.device());
-  TORCH_CHECK(t.is_contiguous(), "dcnv3 CUDA: ", name, " must be contiguous");
-  if (same_dtype)
-    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "dcnv3 CUDA: ", name, " has dtype ", t.scalar_type(),
-                ", expected ", like.scalar_type());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "dcnv3 CUDA: ", name,
-              " must be 16-byte aligned (call .clone())");
-}
-
+#ifdef DCNV3_EMULATION
+constexpr bool kOnDevice = false;  // the emulation takes CPU tensors
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device&) {}
+};
+cudaStream_t stream() { return nullptr; }
+int sm_count(const at::Tensor&) { return 132; }  // an H100/H200's: split-K layouts match the GPU's
+void check_launch() {}                           // emulation errors are C++ exceptions
+#else
+constexpr bool kOnDevice = true;
+using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 int sm_count(const at::Tensor& t) {
@@ -49,6 +57,26 @@ int sm_count(const at::Tensor& t) {
 }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+#endif
+
+// A kernel output. The emulation fills it with NaN first, so an element a kernel fails to write shows up.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if (!kOnDevice && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& like, bool same_dtype = true) {
+  TORCH_CHECK(kOnDevice ? t.is_cuda() : t.is_cpu(), "dcnv3 CUDA: ", name, " must be a ",
+              kOnDevice ? "CUDA" : "CPU (emulation)", " tensor");
+  TORCH_CHECK(t.device() == like.device(), "dcnv3 CUDA: ", name, " is on ", t.device(), ", expected ", like.device());
+  TORCH_CHECK(t.is_contiguous(), "dcnv3 CUDA: ", name, " must be contiguous");
+  if (same_dtype)
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "dcnv3 CUDA: ", name, " has dtype ", t.scalar_type(),
+                ", expected ", like.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "dcnv3 CUDA: ", name,
+              " must be 16-byte aligned (call .clone())");
+}
 
 // geom = [kh, kw, sh, sw, ph, pw, dh, dw, group, remove_center]
 DcnParams make_params(const at::Tensor& value, int64_t ho, int64_t wo, const std::vector<int64_t>& geom,
@@ -138,11 +166,11 @@ at::Tensor sample_fwd(const at::Tensor& value, const c10::optional<at::Tensor>& 
                       const c10::optional<at::Tensor>& logits, int64_t ho, int64_t wo, std::vector<int64_t> geom,
                       double offset_scale, bool apply_softmax, bool has_cfs) {
   check_tensor(value, "value", value);
-  const c10::cuda::CUDAGuard guard(value.device());
+  const DeviceGuard guard(value.device());
   DT dt = dtype_of(value);
   DcnParams p = make_params(value, ho, wo, geom, offset_scale, apply_softmax, has_cfs);
   bind_logit_source(p, value, x1, wpack, bpack, logits);
-  at::Tensor y = at::empty({p.N, ho, wo, p.C}, value.options());
+  at::Tensor y = new_output({p.N, ho, wo, p.C}, value.options());
   p.y = y.data_ptr();
   if (y.numel() == 0) return y;
   DCNV3_DISPATCH(dt, dcn_fwd, p.C / p.G, p, stream());
@@ -157,7 +185,7 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
                                    int64_t ho, int64_t wo, std::vector<int64_t> geom, double offset_scale,
                                    bool apply_softmax, bool has_cfs) {
   check_tensor(value, "value", value);
-  const c10::cuda::CUDAGuard guard(value.device());
+  const DeviceGuard guard(value.device());
   DT dt = dtype_of(value);
   DcnParams p = make_params(value, ho, wo, geom, offset_scale, apply_softmax, has_cfs);
   bind_logit_source(p, value, x1, wpack, bpack, logits);
@@ -165,12 +193,13 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   TORCH_CHECK(grad_y.scalar_type() == at::kFloat, "dcnv3 CUDA: grad_y must be float32");
   TORCH_CHECK(grad_y.numel() == int64_t(p.N) * ho * wo * p.C, "dcnv3 CUDA: grad_y must be (N, Ho, Wo, C)");
   auto f32 = value.options().dtype(at::kFloat);
-  at::Tensor absmax = at::zeros({1}, f32);
+  at::Tensor absmax = at::zeros({p.N, p.C}, f32);  // per (image, channel): the fixed-point scales
   at::Tensor acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
-  at::Tensor grad_logits = at::empty({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
-  at::Tensor grad_value = at::empty_like(value);
+  at::Tensor grad_logits = new_output({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
+  at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
-  dcnv3::absmax_f32(grad_y.data_ptr<float>(), grad_y.numel(), absmax.data_ptr<float>(), stream());
+  dcnv3::absmax_rows_f32(grad_y.data_ptr<float>(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
+                         stream());
   check_launch();
   p.grad_y = grad_y.data_ptr<float>();
   p.grad_y_absmax = absmax.data_ptr<float>();
@@ -178,8 +207,8 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   p.grad_logits = grad_logits.data_ptr();
   DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
   check_launch();
-  DCNV3_DISPATCH(dt, fixed_point_finalize, reinterpret_cast<const unsigned long long*>(acc.data_ptr<int64_t>()),
-                 acc.numel(), absmax.data_ptr<float>(), grad_value.data_ptr(), stream());
+  DCNV3_DISPATCH(dt, fixed_point_finalize, reinterpret_cast<const unsigned long long*>(acc.data_ptr<int64_t>()), p.N,
+                 int64_t(p.H) * p.W, p.C, absmax.data_ptr<float>(), grad_value.data_ptr(), stream());
   check_launch();
   return {grad_value, grad_logits};
 }
@@ -188,13 +217,13 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
 at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   check_tensor(a, "input", a);
   check_tensor(w, "weight", a);
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   DT dt = dtype_of(a);
   TORCH_CHECK(w.dim() == 2 && a.size(-1) == w.size(1), "dcnv3 CUDA: linear weight must be (N, K) with K = input's last dim");
   const int64_t K = w.size(1), N = w.size(0), M = a.numel() / std::max<int64_t>(K, 1);
   auto sizes = a.sizes().vec();
   sizes.back() = N;
-  at::Tensor out = at::empty(sizes, a.options());
+  at::Tensor out = new_output(sizes, a.options());
   if (bias.has_value()) {
     check_tensor(*bias, "bias", a);
     TORCH_CHECK(bias->numel() == N, "dcnv3 CUDA: bias must be (N,)");
@@ -216,13 +245,13 @@ at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optio
 at::Tensor linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, bool out_f32) {
   check_tensor(grad, "grad", grad);
   check_tensor(w, "weight", grad);
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const DeviceGuard guard(grad.device());
   DT dt = dtype_of(grad);
   TORCH_CHECK(w.dim() == 2 && grad.size(-1) == w.size(0), "dcnv3 CUDA: weight must be (N, K) with N = grad's last dim");
   const int64_t N = w.size(0), K = w.size(1), M = grad.numel() / std::max<int64_t>(N, 1);
   auto sizes = grad.sizes().vec();
   sizes.back() = K;
-  at::Tensor out = at::empty(sizes, out_f32 ? grad.options().dtype(at::kFloat) : grad.options());
+  at::Tensor out = new_output(sizes, out_f32 ? grad.options().dtype(at::kFloat) : grad.options());
   if (out.numel() == 0) return out;
   GemmParams p{};
   // A(m, n) = grad[m*N + n]; B(k, n) = w[n*K + k]  (w read transposed in place).
@@ -246,12 +275,12 @@ at::Tensor linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, bool ou
 std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tensor& a) {
   check_tensor(grad, "grad", grad);
   check_tensor(a, "input", grad);
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const DeviceGuard guard(grad.device());
   DT dt = dtype_of(grad);
   const int64_t N = grad.size(-1), K = a.size(-1), M = grad.numel() / std::max<int64_t>(N, 1);
   TORCH_CHECK(a.numel() == M * K, "dcnv3 CUDA: input and grad disagree on the number of rows");
-  at::Tensor gw = at::empty({N, K}, grad.options());
-  at::Tensor gb = at::empty({N}, grad.options());
+  at::Tensor gw = new_output({N, K}, grad.options());
+  at::Tensor gb = new_output({N}, grad.options());
   if (M == 0) return {gw.zero_(), gb.zero_()};
   const int sms = sm_count(grad);
   const int64_t tiles = ((N + 63) / 64) * ((K + 63) / 64);
@@ -259,7 +288,7 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   int64_t k_per_split = ((M + splits - 1) / splits + 31) / 32 * 32;
   splits = (M + k_per_split - 1) / k_per_split;
   auto f32 = grad.options().dtype(at::kFloat);
-  at::Tensor partial = at::empty({splits, N, K}, f32);
+  at::Tensor partial = new_output({splits, N, K}, f32);
   GemmParams p{};
   // A(n, m) = grad[m*N + n]; B(k, m) = a[m*K + k]: both read transposed in place.
   p.a = grad.data_ptr(); p.a_m = 1; p.a_k = N;
@@ -277,7 +306,7 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   check_launch();
 
   const int64_t bsplits = std::max<int64_t>(1, std::min<int64_t>(1024, (M + 1023) / 1024));
-  at::Tensor bpartial = at::empty({bsplits, N}, f32);
+  at::Tensor bpartial = new_output({bsplits, N}, f32);
   DCNV3_DISPATCH(dt, colsum_partial, grad.data_ptr(), static_cast<int>(M), static_cast<int>(N),
                  static_cast<int>(bsplits), bpartial.data_ptr<float>(), stream());
   check_launch();
@@ -288,6 +317,42 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   check_launch();
   return {gw, gb};
 }
+
+#ifdef DCNV3_EMULATION
+void emu_set_order(const std::string& mode, int64_t seed) {
+  if (mode == "forward") emu::set_order(emu::OrderMode::Forward, 0);
+  else if (mode == "reverse") emu::set_order(emu::OrderMode::Reverse, 0);
+  else if (mode == "shuffle") emu::set_order(emu::OrderMode::Shuffle, static_cast<uint64_t>(seed));
+  else TORCH_CHECK(false, "dcnv3 emulation: thread order must be forward, reverse or shuffle, not ", mode);
+}
+
+py::list emu_stop_counting() {
+  py::list out;
+  for (const auto& c : emu::stop_counting()) {
+    py::dict d;
+    d["kernel"] = c.name;
+    d["grid"] = c.grid;
+    d["block"] = c.block;
+    d["load_bytes"] = c.load_bytes;
+    d["store_bytes"] = c.store_bytes;
+    d["load_sectors"] = c.load_sectors;
+    d["store_sectors"] = c.store_sectors;
+    d["load_requests"] = c.load_requests;
+    d["store_requests"] = c.store_requests;
+    d["unique_load_sectors"] = c.unique_load_sectors;
+    d["unique_store_sectors"] = c.unique_store_sectors;
+    d["atomics"] = c.atomics;
+    d["atomic_sectors"] = c.atomic_sectors;
+    d["atomic_requests"] = c.atomic_requests;
+    d["unique_atomic_sectors"] = c.unique_atomic_sectors;
+    d["shared_load_bytes"] = c.shared_load_bytes;
+    d["shared_store_bytes"] = c.shared_store_bytes;
+    d["mma"] = c.mma;
+    out.append(d);
+  }
+  return out;
+}
+#endif
 
 }  // namespace
 
@@ -300,4 +365,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bwd_weight", &linear_bwd_weight, "(grad^T . a, column sums of grad), deterministic split-K");
   m.attr("kMaxPoints") = dcnv3::kMaxPoints;
   m.attr("kGroupCols") = dcnv3::kGroupCols;
+#ifdef DCNV3_EMULATION
+  m.attr("emulation") = true;
+  m.def("emu_set_order", &emu_set_order, "resume order of a CTA's threads: forward, reverse or shuffle (seeded)");
+  m.def("emu_start_counting", &emu::start_counting, "count memory traffic, atomics and mma per launch from now");
+  m.def("emu_stop_counting", &emu_stop_counting, "stop counting; -> one dict of counters per kernel launch");
+#else
+  m.attr("emulation") = false;
+#endif
 }

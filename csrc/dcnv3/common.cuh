@@ -1,8 +1,13 @@
 // Element types, conversions and vector memory helpers shared by every kernel.
 #pragma once
 
+#ifdef DCNV3_EMULATION
+#include "../emu/device.h"  // the kernels run as host C++ on CPU fibers (csrc/emu)
+#else
 #include <cuda_runtime.h>
+#endif
 #include <cstdint>
+#include <utility>
 
 #include <cutlass/numeric_types.h>
 
@@ -56,11 +61,26 @@ __device__ __forceinline__ void load_f32(const float* ptr, float (&out)[N]) {
   }
 }
 
+// Every kernel launch goes through here, so that the CPU emulation (csrc/emu) runs the same kernels: there a
+// launch is a loop over the grid, each CTA's threads run as fibers. `name` labels the emulation's counters.
+template <class... Params, class... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                   Args&&... args) {
+#ifdef DCNV3_EMULATION
+  (void)stream;
+  emu::launch(name, grid, block, [&] { kernel(args...); });
+#else
+  (void)name;
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
 // Deterministic scatter-add: grad_value is accumulated in 64-bit fixed point, where addition is associative,
-// so the result does not depend on the order in which blocks arrive. The scale maps max|grad_y| to 2^40:
-// every scattered term is bounded by max|grad_y| (softmax weights and bilinear weights are <= 1), so an
-// element overflows only after 2^23 full-magnitude terms, and each term is rounded to at most
-// max|grad_y| * 2^-41 absolute error.
+// so the result does not depend on the order in which blocks arrive. One scale per (image, channel): a term
+// scattered into grad_value[n, :, :, c] comes from grad_y[n, :, :, c] times softmax and bilinear weights <= 1,
+// so it is bounded by m = max|grad_y[n, :, :, c]|, and the scale 2^(40 - ceil(log2 m)) maps it into
+// (2^39, 2^40]: an element overflows only after 2^23 full-magnitude terms, and each term carries at most
+// m * 2^-40 absolute rounding error. A large gradient in one channel or image costs no precision elsewhere.
 __device__ __forceinline__ float fixed_point_scale(const float* absmax) {
   float m = fminf(fmaxf(*absmax, 1e-30f), 1e30f);  // +inf (non-finite grad_y) still gives a usable scale
   int e = 40 - static_cast<int>(ceilf(log2f(m)));

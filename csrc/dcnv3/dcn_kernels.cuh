@@ -189,7 +189,6 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
   const int M = p.N * p.Ho * p.Wo;
   const int m0 = blockIdx.x * kTileM, g0 = blockIdx.y * kGroupsPerCta;
   compute_logits<T>(p, sm, m0, g0, M);
-  const float scale = fixed_point_scale(p.grad_y_absmax);
   const int n_cols = p.G * kGroupCols;
 
   const T* value = static_cast<const T*>(p.value);
@@ -204,6 +203,9 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
     const int ch = gg * CG + lane * kVec;
     const float* row = logit_row(sm.logits, pix, gl);
     const float s = p.has_cfs ? row[3 * p.P] : 0.f;
+    float scale[kVec];  // fixed-point scale of each channel's grad_value in image n
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) scale[v] = fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + ch + v);
 
     float gy[kVec], gyc[kVec], ycore[kVec];
     if (valid) {
@@ -258,7 +260,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
           unsigned long long* dst = p.grad_value_acc + corner_offset(b, k, n, p.H, p.W, p.C) + ch;
           const float wk = mk * b.w[k];
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, wk * gyc[v], scale);
+          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, wk * gyc[v], scale[v]);
         }
       }
     }
@@ -279,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
       g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
       if (valid) {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) fixed_point_add(p.grad_value_acc + center + v, gy[v] * s, scale);
+        for (int v = 0; v < kVec; ++v) fixed_point_add(p.grad_value_acc + center + v, gy[v] * s, scale[v]);
       }
     }
 
@@ -315,14 +317,14 @@ template <class T, int CG>
 void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
   const int M = p.N * p.Ho * p.Wo;
   dim3 grid((M + kTileM - 1) / kTileM, (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
-  dcn_fwd_kernel<T, CG><<<grid, kThreads, 0, stream>>>(p);
+  launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG>, grid, dim3(kThreads), stream, p);
 }
 
 template <class T, int CG>
 void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const int M = p.N * p.Ho * p.Wo;
   dim3 grid((M + kTileM - 1) / kTileM, (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
-  dcn_bwd_kernel<T, CG><<<grid, kThreads, 0, stream>>>(p);
+  launch_kernel("dcn_bwd", dcn_bwd_kernel<T, CG>, grid, dim3(kThreads), stream, p);
 }
 
 }  // namespace dcnv3

@@ -3,6 +3,8 @@
 // Every reduction here has a fixed order: results are bitwise reproducible run to run.
 #pragma once
 
+#include <algorithm>
+
 #include "params.h"
 #include "tile_gemm.cuh"
 
@@ -58,56 +60,77 @@ __global__ void __launch_bounds__(256) colsum_partial_kernel(const T* x, int M, 
   partial[int64_t(blockIdx.y) * N + n] = v;
 }
 
-// max |x| over x (count) fp32 -> *out (which must start at 0); +inf when x holds a non-finite value, so the
-// fixed-point finalisation can hand NaN on (loss-scaling overflow checks must still see it). Max is
-// order-independent: atomicMax on the bit pattern of non-negative floats is exact and deterministic.
-__global__ void __launch_bounds__(256) absmax_kernel(const float* x, int64_t count, float* out) {
+// absmax (N, C) fp32 = max |x[n, r, c]| over the rows r of x (N, R, C) fp32 (absmax must start at 0): the
+// per-(image, channel) scale of the fixed-point grad_value. +inf where x holds a non-finite value, so the
+// finalisation can hand NaN on (loss-scaling overflow checks must still see it). Max is order-independent:
+// atomicMax on the bit pattern of non-negative floats is exact and deterministic.
+// grid (ceil(C/256), row splits, N); a template so that every TU including this header shares one definition.
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const float* x, int R, int C, int rows_per_split,
+                                                             float* absmax) {
+  const int c = blockIdx.x * kBlock + threadIdx.x;
+  if (c >= C) return;
+  const int n = blockIdx.z, r0 = blockIdx.y * rows_per_split, r1 = min(R, r0 + rows_per_split);
+  const float* col = x + int64_t(n) * R * C + c;
   float m = 0.f;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    const float a = fabsf(x[i]);
+  for (int r = r0; r < r1; ++r) {
+    const float a = fabsf(col[int64_t(r) * C]);
     m = (a <= 3.402823466e38f) ? fmaxf(m, a) : INFINITY;  // NaN and inf both become +inf
   }
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if ((threadIdx.x & 31) == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
+  atomicMax(reinterpret_cast<int*>(absmax + int64_t(n) * C + c), __float_as_int(m));
 }
 
-// grad_value (T) = fixed-point accumulator / scale (NaN everywhere when grad_y was not finite).
+// grad_value (N, H, W, C) T = fixed-point accumulator / its (image, channel) scale (NaN for an (image,
+// channel) whose grad_y was not finite).
 template <class T>
 __global__ void __launch_bounds__(256) fixed_point_finalize_kernel(const unsigned long long* acc, int64_t count,
+                                                                   int64_t pixels_per_image, int C,
                                                                    const float* absmax, T* out) {
-  const bool finite = isfinite(*absmax);
-  const float inv = 1.0f / fixed_point_scale(absmax);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    const float v = static_cast<float>(static_cast<double>(static_cast<long long>(acc[i])) * inv);
-    out[i] = from_float<T>(finite ? v : NAN);
+    const float* m = absmax + (i / (pixels_per_image * C)) * C + i % C;
+    const float v = static_cast<float>(static_cast<double>(static_cast<long long>(acc[i])) / fixed_point_scale(m));
+    out[i] = from_float<T>(isfinite(*m) ? v : NAN);
   }
 }
 
 template <class T>
 void launch_gemm(const GemmParams& p, int splits, cudaStream_t stream) {
   dim3 grid((p.M + kTileM - 1) / kTileM, (p.N + kTileN - 1) / kTileN, splits);
-  gemm_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  launch_kernel("gemm", gemm_kernel<T>, grid, dim3(kThreads), stream, p);
 }
 
 template <class T>
 void launch_split_reduce(const ReduceParams& p, cudaStream_t stream) {
   int64_t total = int64_t(p.M) * p.N;
   int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
-  split_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p);
+  launch_kernel("split_reduce", split_reduce_kernel<T>, dim3(blocks), dim3(256), stream, p);
 }
 
 template <class T>
 void launch_colsum_partial(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream) {
   int rows = (M + splits - 1) / splits;
   dim3 grid((N + 255) / 256, splits);
-  colsum_partial_kernel<T><<<grid, 256, 0, stream>>>(static_cast<const T*>(x), M, N, rows, partial);
+  launch_kernel("colsum_partial", colsum_partial_kernel<T>, grid, dim3(256), stream, static_cast<const T*>(x), M, N,
+                rows, partial);
 }
 
 template <class T>
-void launch_fixed_point_finalize(const unsigned long long* acc, int64_t count, const float* absmax, void* out,
-                                 cudaStream_t stream) {
+void launch_fixed_point_finalize(const unsigned long long* acc, int N, int64_t pixels_per_image, int C,
+                                 const float* absmax, void* out, cudaStream_t stream) {
+  const int64_t count = int64_t(N) * pixels_per_image * C;
   int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 65536));
-  fixed_point_finalize_kernel<T><<<blocks, 256, 0, stream>>>(acc, count, absmax, static_cast<T*>(out));
+  launch_kernel("fixed_point_finalize", fixed_point_finalize_kernel<T>, dim3(blocks), dim3(256), stream, acc, count,
+                pixels_per_image, C, absmax, static_cast<T*>(out));
+}
+
+// absmax (N, C) of x (N, R, C); about 4 row splits per SM-sized wave keep it bandwidth-bound for small N*C.
+inline void launch_absmax_rows(const float* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
+  constexpr int kBlock = 256;
+  const int col_blocks = (C + kBlock - 1) / kBlock;
+  const int splits = std::max(1, std::min((R + 63) / 64, 1024 / std::max(1, N * col_blocks)));
+  const int rows = (R + splits - 1) / splits;
+  launch_kernel("absmax_rows", absmax_rows_kernel<kBlock>, dim3(col_blocks, (R + rows - 1) / rows, N), dim3(kBlock),
+                stream, x, R, C, rows, absmax);
 }
 
 }  // namespace dcnv3

@@ -15,15 +15,16 @@ namespace dcnv3 {
   void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
   void split_reduce_##SUFFIX(const ReduceParams& p, cudaStream_t stream);                                       \
   void colsum_partial_##SUFFIX(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream);    \
-  void fixed_point_finalize_##SUFFIX(const unsigned long long* acc, int64_t count, const float* absmax, void* out, \
-                                     cudaStream_t stream);
+  void fixed_point_finalize_##SUFFIX(const unsigned long long* acc, int N, int64_t pixels_per_image, int C,      \
+                                     const float* absmax, void* out, cudaStream_t stream);
 
 DCNV3_DECLARE_LAUNCHERS(f32)
 DCNV3_DECLARE_LAUNCHERS(f16)
 DCNV3_DECLARE_LAUNCHERS(bf16)
 #undef DCNV3_DECLARE_LAUNCHERS
 
-void absmax_f32(const float* x, int64_t count, float* out, cudaStream_t stream);
+// absmax (N, C) = max over rows of |x| for x (N, R, C) fp32; absmax must be zero-filled first.
+void absmax_rows_f32(const float* x, int N, int R, int C, float* absmax, cudaStream_t stream);
 
 // Channels per group with compiled kernels (every dtype).
 inline bool supported_channels_per_group(int cg) { return cg == 16 || cg == 32; }

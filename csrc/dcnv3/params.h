@@ -34,7 +34,7 @@ struct DcnParams {
 
   // Backward inputs/outputs.
   const float* grad_y;           // (N*Ho*Wo, C) fp32: gradient w.r.t. y
-  const float* grad_y_absmax;    // scalar: max |grad_y|, sets the fixed-point scale of grad_value_acc
+  const float* grad_y_absmax;    // (N, C): max |grad_y[n, :, :, c]|, the fixed-point scale of grad_value_acc
   unsigned long long* grad_value_acc;  // (N, H, W, C) int64 fixed point (deterministic scatter)
   void* grad_logits;             // (N*Ho*Wo, G*32) T: gradient w.r.t. packed logits (pre-softmax)
 

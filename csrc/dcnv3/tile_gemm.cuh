@@ -22,19 +22,55 @@ constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kTileK = 32;
 
+// mma.sync m16n8k16 (fp32 accumulate) as a CuTe MMA operation. On the GPU it is CuTe's SM80 atom (the
+// instruction itself); in the CPU emulation the warp's fragments are exchanged and multiplied per the PTX
+// ISA's fragment layout (csrc/emu), which also checks CuTe's partitioning independently of CuTe.
+template <class Sm80Op, bool kBf16>
+struct Mma16x8x16 {
+  using DRegisters = float[4];
+  using ARegisters = uint32_t[4];
+  using BRegisters = uint32_t[2];
+  using CRegisters = float[4];
+
+  CUTE_HOST_DEVICE static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0,
+                                   uint32_t const& a1, uint32_t const& a2, uint32_t const& a3,
+                                   uint32_t const& b0, uint32_t const& b1, float const& c0, float const& c1,
+                                   float const& c2, float const& c3) {
+#ifdef DCNV3_EMULATION
+    const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+    const float c[4] = {c0, c1, c2, c3};
+    float d[4];
+    emu::mma_m16n8k16(kBf16, d, a, b, c);
+    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+#else
+    Sm80Op::fma(d0, d1, d2, d3, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3);
+#endif
+  }
+};
+using MmaBf16 = Mma16x8x16<SM80_16x8x16_F32BF16BF16F32_TN, true>;
+using MmaF16 = Mma16x8x16<SM80_16x8x16_F32F16F16F32_TN, false>;
+
+}  // namespace dcnv3
+
+// The wrappers have exactly the SM80 atoms' types and fragment layouts.
+template <>
+struct cute::MMA_Traits<dcnv3::MmaBf16> : cute::MMA_Traits<cute::SM80_16x8x16_F32BF16BF16F32_TN> {};
+template <>
+struct cute::MMA_Traits<dcnv3::MmaF16> : cute::MMA_Traits<cute::SM80_16x8x16_F32F16F16F32_TN> {};
+
+namespace dcnv3 {
+
 template <class T>
 struct MmaTraits;
 
 // 2x2 warps of 16x8x16 atoms, permuted to a 32x32x16 tile: each warp owns a 16x16 piece per atom step.
 template <>
 struct MmaTraits<cutlass::bfloat16_t> {
-  using TiledMma = decltype(make_tiled_mma(MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>{},
-                                           Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
+  using TiledMma = decltype(make_tiled_mma(MMA_Atom<MmaBf16>{}, Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
 };
 template <>
 struct MmaTraits<cutlass::half_t> {
-  using TiledMma = decltype(make_tiled_mma(MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>{},
-                                           Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
+  using TiledMma = decltype(make_tiled_mma(MMA_Atom<MmaF16>{}, Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
 };
 // fp32: 16x8 threads of scalar FMA, each thread a 4x8 sub-tile of the 64x64 output.
 template <>

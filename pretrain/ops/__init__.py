@@ -9,13 +9,34 @@ from __future__ import annotations
 
 import torch
 
+from . import cuda
 from .dispatch import Backend, BackendUnavailable, available_backends, register_backend, resolve
 from .fused import FusedParams, dcnv3_fused_reference
 from .geometry import DCNGeometry
 from .reference import dcnv3_core_reference, sampling_locations
 
+# "auto" tries the highest priority first: the CUDA kernels for CUDA tensors once built, else the reference.
+# "cuda-emu" (the same kernels in the CPU emulation) is for tests and counters only: auto never picks it.
 register_backend(
     Backend(name="reference", core=dcnv3_core_reference, fused=dcnv3_fused_reference, priority=0)
+)
+register_backend(
+    Backend(
+        name="cuda",
+        core=cuda.dcnv3_core_cuda,
+        fused=cuda.dcnv3_fused_cuda,
+        unavailable_reason=cuda.unavailable_reason,
+        priority=10,
+    )
+)
+register_backend(
+    Backend(
+        name="cuda-emu",
+        core=cuda.dcnv3_core_emu,
+        fused=cuda.dcnv3_fused_emu,
+        unavailable_reason=cuda.emulation_unavailable_reason,
+        explicit_only=True,
+    )
 )
 
 

@@ -11,13 +11,15 @@ separate GEMM. Packing is done here with differentiable torch ops, so autograd m
 module's own offset/mask/cfs parameters.
 
 Ops (torch.library.custom_op, with fake implementations so torch.compile can trace them):
-    internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs) -> (out, y)
-    internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, geom, ...) -> 6 grads
-    internimage_dcnv3::core_fwd(value, logits, ho, wo, geom, offset_scale) -> y
-    internimage_dcnv3::core_bwd(grad_y, value, logits, ho, wo, geom, offset_scale) -> (grad_value, grad_logits)
-Each has a CUDA kernel (the extension) and a CPU kernel that evaluates the same packed contract with the
-reference op: the CPU kernels exist to test this module's plumbing without a GPU, never for speed (the
-backend reports itself unavailable for CPU tensors, so dispatch never routes CPU work here).
+    internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate)
+        -> (out, y)
+    internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, geom, ..., emulate) -> 6 grads
+    internimage_dcnv3::core_fwd(value, logits, ho, wo, geom, offset_scale, emulate) -> y
+    internimage_dcnv3::core_bwd(grad_y, value, logits, ho, wo, geom, offset_scale, emulate) -> (grad_value, grad_logits)
+Each has a CUDA kernel (the extension) and a CPU kernel. On CPU tensors `emulate=True` runs the same kernels and
+binding in the CPU emulation (pretrain/ops/emulation.py; the `cuda-emu` backend, for tests and counters), and
+`emulate=False` evaluates the packed contract with the reference op (to test this module's plumbing, in float64
+too). Neither is for speed: `auto` never routes CPU work here.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .dispatch import Backend, register_backend
+from . import emulation
 from .fused import FusedParams, dcnv3_fused_reference
 from .geometry import DCNGeometry
 from .reference import dcnv3_core_reference
@@ -81,6 +83,20 @@ def unavailable_reason(t: torch.Tensor) -> str | None:
     if t.dtype not in DTYPES:
         return f"dtype {t.dtype} is not supported by the cuda backend (float32, float16, bfloat16)"
     return extension_error()
+
+
+def emulation_unavailable_reason(t: torch.Tensor) -> str | None:
+    """None when the `cuda-emu` backend (the kernels in the CPU emulation) can take tensors like `t`."""
+    if t.device.type != "cpu":
+        return f"tensor is on {t.device.type}, the kernel emulation runs on CPU tensors only"
+    if t.dtype not in DTYPES:
+        return f"dtype {t.dtype} is not supported by the kernels (float32, float16, bfloat16)"
+    return emulation.error()
+
+
+def _kernels(t: torch.Tensor):
+    """The extension that runs the kernels for `t`: the CUDA build, or the emulation build for CPU tensors."""
+    return extension() if t.device.type == "cuda" else emulation.extension()
 
 
 def geometry_list(geom: DCNGeometry) -> list[int]:
@@ -193,8 +209,11 @@ def fused_fwd(
     geom: list[int],
     offset_scale: float,
     has_cfs: bool,
+    emulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out (N,H,W,Cout), y (N,H,W,C) the blended aggregate, saved for grad wout)."""
+    if emulate:
+        return _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate)
     g = _geom_from_list(geom, offset_scale)
     logits = F.linear(x1, wpack, bpack)
     y = sample_reference(value, logits, g, True, has_cfs)
@@ -202,15 +221,15 @@ def fused_fwd(
 
 
 @fused_fwd.register_kernel("cuda")
-def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs):
-    ext = extension()
+def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate):
+    ext = _kernels(value)
     h, w = value.shape[1], value.shape[2]
     y = ext.sample_fwd(value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs)
     return ext.linear_fwd(y, wout, bout), y
 
 
 @fused_fwd.register_fake
-def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs):
+def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate):
     return value.new_empty((*value.shape[:3], wout.shape[0])), _like(value)
 
 
@@ -226,8 +245,11 @@ def fused_bwd(
     geom: list[int],
     offset_scale: float,
     has_cfs: bool,
+    emulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> grads of (value, x1, wpack, bpack, wout, bout)."""
+    if emulate:
+        return _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate)
     g = _geom_from_list(geom, offset_scale)
     # Custom-op kernels run below the autograd dispatch key: torch.func builds its own graph there.
     _, vjp = torch.func.vjp(
@@ -244,8 +266,8 @@ def fused_bwd(
 
 
 @fused_bwd.register_kernel("cuda")
-def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs):
-    ext = extension()
+def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate):
+    ext = _kernels(value)
     h, w = value.shape[1], value.shape[2]
     grad_y = ext.linear_bwd_input(grad_out, wout, True)  # fp32, feeds the sampling backward
     grad_wout, grad_bout = ext.linear_bwd_weight(grad_out, y)
@@ -258,7 +280,7 @@ def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_sca
 
 
 @fused_bwd.register_fake
-def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs):
+def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate):
     return (
         _like(value),
         _like(x1),
@@ -270,18 +292,23 @@ def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_sca
 
 
 def _fused_setup(ctx, inputs, output):
-    value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs = inputs
+    value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate = inputs
     ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1])
-    ctx.geom, ctx.offset_scale, ctx.has_cfs = geom, offset_scale, has_cfs
+    ctx.geom, ctx.offset_scale, ctx.has_cfs, ctx.emulate = geom, offset_scale, has_cfs, emulate
+    # y is an internal output (kept for grad wout) that the public wrapper never returns: without this, autograd
+    # would allocate and zero-fill a gradient of y's size for every call (128 MB per block at H stage 1).
+    ctx.set_materialize_grads(False)
 
 
 def _fused_backward(ctx, grad_out, _grad_y):
-    # y is an internal output (kept for grad wout); the public wrapper never returns it, so its grad is unused.
     value, x1, wpack, bpack, wout, y = ctx.saved_tensors
+    if grad_out is None:  # `out` did not reach the loss
+        return (None,) * 10
     grads = fused_bwd(
-        grad_out.contiguous(), value, x1, wpack, bpack, wout, y, ctx.geom, ctx.offset_scale, ctx.has_cfs
+        grad_out.contiguous(), value, x1, wpack, bpack, wout, y, ctx.geom, ctx.offset_scale, ctx.has_cfs,
+        ctx.emulate,
     )
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -289,19 +316,27 @@ fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 @torch.library.custom_op(f"{_LIB}::core_fwd", mutates_args=())
 def core_fwd(
-    value: torch.Tensor, logits: torch.Tensor, ho: int, wo: int, geom: list[int], offset_scale: float
+    value: torch.Tensor,
+    logits: torch.Tensor,
+    ho: int,
+    wo: int,
+    geom: list[int],
+    offset_scale: float,
+    emulate: bool,
 ) -> torch.Tensor:
     """DCNv3 aggregation from packed (offset, normalised mask) logits -> (N, Ho, Wo, C)."""
+    if emulate:
+        return _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale, emulate)
     return sample_reference(value, logits, _geom_from_list(geom, offset_scale), False, False).contiguous()
 
 
 @core_fwd.register_kernel("cuda")
-def _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale):
-    return extension().sample_fwd(value, None, None, None, logits, ho, wo, geom, offset_scale, False, False)
+def _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale, emulate):
+    return _kernels(value).sample_fwd(value, None, None, None, logits, ho, wo, geom, offset_scale, False, False)
 
 
 @core_fwd.register_fake
-def _core_fwd_fake(value, logits, ho, wo, geom, offset_scale):
+def _core_fwd_fake(value, logits, ho, wo, geom, offset_scale, emulate):
     return value.new_empty((value.shape[0], ho, wo, value.shape[3]))
 
 
@@ -314,30 +349,33 @@ def core_bwd(
     wo: int,
     geom: list[int],
     offset_scale: float,
+    emulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_value, grad_logits); grad_y is float32."""
+    if emulate:
+        return _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale, emulate)
     g = _geom_from_list(geom, offset_scale)
     y, vjp = torch.func.vjp(lambda v, lg: sample_reference(v, lg, g, False, False), value, logits)
     return tuple(g.contiguous() for g in vjp(grad_y.to(y.dtype)))
 
 
 @core_bwd.register_kernel("cuda")
-def _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale):
-    gv, gl = extension().sample_bwd(
+def _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale, emulate):
+    gv, gl = _kernels(value).sample_bwd(
         grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False
     )
     return gv, gl
 
 
 @core_bwd.register_fake
-def _core_bwd_fake(grad_y, value, logits, ho, wo, geom, offset_scale):
+def _core_bwd_fake(grad_y, value, logits, ho, wo, geom, offset_scale, emulate):
     return _like(value), _like(logits)
 
 
 def _core_setup(ctx, inputs, output):
-    value, logits, ho, wo, geom, offset_scale = inputs
+    value, logits, ho, wo, geom, offset_scale, emulate = inputs
     ctx.save_for_backward(value, logits)
-    ctx.args = (ho, wo, geom, offset_scale)
+    ctx.args = (ho, wo, geom, offset_scale, emulate)
 
 
 def _core_backward(ctx, grad_y):
@@ -345,7 +383,7 @@ def _core_backward(ctx, grad_y):
     # The kernel takes grad_y in fp32 (float64 stays float64 on the CPU path).
     grad_y = grad_y.contiguous() if grad_y.dtype == torch.float64 else grad_y.float().contiguous()
     gv, gl = core_bwd(grad_y, value, logits, *ctx.args)
-    return gv, gl, None, None, None, None
+    return gv, gl, None, None, None, None, None
 
 
 core_fwd.register_autograd(_core_backward, setup_context=_core_setup)
@@ -358,15 +396,15 @@ core_fwd.register_autograd(_core_backward, setup_context=_core_setup)
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (the kernels use 16-byte vector loads); views at odd offsets are copied."""
     t = t.contiguous()
-    if not torch.compiler.is_compiling() and t.device.type == "cuda" and t.data_ptr() % 16:
+    if not torch.compiler.is_compiling() and t.data_ptr() % 16:
         t = t.clone()
     return t
 
 
 def _fused_call(
-    value: torch.Tensor, x1: torch.Tensor, params: FusedParams, geom: DCNGeometry
+    value: torch.Tensor, x1: torch.Tensor, params: FusedParams, geom: DCNGeometry, emulate: bool = False
 ) -> torch.Tensor:
-    """The op path without availability checks (the tests call it on CPU to exercise the plumbing)."""
+    """The op path without availability checks (emulate=False on CPU: the plumbing with the reference)."""
     dtype = value.dtype
     wpack, bpack = pack_projection(params, geom, dtype)
     out, _ = fused_fwd(
@@ -379,17 +417,18 @@ def _fused_call(
         geometry_list(geom),
         float(geom.offset_scale),
         params.cfs_weight is not None,
+        emulate,
     )
     return out
 
 
 def _core_call(
-    value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geom: DCNGeometry
+    value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geom: DCNGeometry, emulate: bool = False
 ) -> torch.Tensor:
     geom.check(value, offset, mask)
     _, ho, wo, _ = offset.shape
     logits = pack_logits(offset, mask, geom, value.dtype)
-    return core_fwd(_aligned(value), logits, ho, wo, geometry_list(geom), float(geom.offset_scale))
+    return core_fwd(_aligned(value), logits, ho, wo, geometry_list(geom), float(geom.offset_scale), emulate)
 
 
 def dcnv3_fused_cuda(
@@ -414,12 +453,22 @@ def dcnv3_core_cuda(
     return _core_call(value, offset, mask, geom)
 
 
-register_backend(
-    Backend(
-        name="cuda",
-        core=dcnv3_core_cuda,
-        fused=dcnv3_fused_cuda,
-        unavailable_reason=unavailable_reason,
-        priority=10,
-    )
-)
+def dcnv3_fused_emu(
+    value: torch.Tensor, x1: torch.Tensor, params: FusedParams, geom: DCNGeometry
+) -> torch.Tensor:
+    """`dcnv3_fused` on the CUDA kernels run in the CPU emulation (tests, counters); unsupported shapes are an
+    error here, not a fallback: whoever asks for the emulation wants the kernels."""
+    reason = emulation_unavailable_reason(value) or unsupported_reason(value, geom, x1)
+    if reason is not None:
+        raise ValueError(f"DCNv3 cuda-emu backend: {reason}")
+    return _fused_call(value, x1, params, geom, emulate=True)
+
+
+def dcnv3_core_emu(
+    value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geom: DCNGeometry
+) -> torch.Tensor:
+    """`dcnv3_core` on the CUDA kernel run in the CPU emulation."""
+    reason = emulation_unavailable_reason(value) or unsupported_reason(value, geom)
+    if reason is not None:
+        raise ValueError(f"DCNv3 cuda-emu backend: {reason}")
+    return _core_call(value, offset, mask, geom, emulate=True)

@@ -31,6 +31,7 @@ class Backend:
     # -> None when usable for these tensors, else a one-line reason.
     unavailable_reason: Callable[[torch.Tensor], str | None] = field(default=lambda t: None)
     priority: int = 0  # higher is tried first by "auto"
+    explicit_only: bool = False  # never picked by "auto" nor listed as available (e.g. the CPU kernel emulation)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -43,15 +44,14 @@ def register_backend(backend: Backend) -> None:
 def available_backends(example: torch.Tensor | None = None) -> list[str]:
     """Backend names usable for tensors like `example` (any device when None is given)."""
     probe = example if example is not None else torch.empty(0)
-    return [b.name for b in _BACKENDS.values() if b.unavailable_reason(probe) is None]
+    return [b.name for b in _BACKENDS.values() if not b.explicit_only and b.unavailable_reason(probe) is None]
 
 
 def resolve(name: str, tensor: torch.Tensor, entry: str) -> Callable:
     """The implementation of `entry` ("core" or "fused") for backend `name` on `tensor`'s device."""
-    _load_optional_backends()
     if name == "auto":
         for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-            if getattr(b, entry) is not None and b.unavailable_reason(tensor) is None:
+            if not b.explicit_only and getattr(b, entry) is not None and b.unavailable_reason(tensor) is None:
                 return getattr(b, entry)
         raise BackendUnavailable("no DCNv3 backend registered (pretrain.ops failed to import its reference?)")
     if name not in _BACKENDS:
@@ -66,18 +66,3 @@ def resolve(name: str, tensor: torch.Tensor, entry: str) -> Callable:
     if fn is None:
         raise BackendUnavailable(f"DCNv3 backend {name!r} has no {entry!r} implementation")
     return fn
-
-
-_optional_loaded = False
-
-
-def _load_optional_backends() -> None:
-    """Import backends that live in optional modules (the CUDA extension) once, on first use."""
-    global _optional_loaded
-    if _optional_loaded:
-        return
-    _optional_loaded = True
-    try:
-        from . import cuda  # noqa: F401  (registers itself; absent until csrc/ lands)
-    except ImportError:
-        pass

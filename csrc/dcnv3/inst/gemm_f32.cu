@@ -14,14 +14,13 @@ void colsum_partial_f32(const void* x, int M, int N, int splits, float* partial,
   launch_colsum_partial<float>(x, M, N, splits, partial, stream);
 }
 
-void fixed_point_finalize_f32(const unsigned long long* acc, int64_t count, const float* absmax, void* out,
-                             cudaStream_t stream) {
-  launch_fixed_point_finalize<float>(acc, count, absmax, out, stream);
+void fixed_point_finalize_f32(const unsigned long long* acc, int N, int64_t pixels_per_image, int C,
+                             const float* absmax, void* out, cudaStream_t stream) {
+  launch_fixed_point_finalize<float>(acc, N, pixels_per_image, C, absmax, out, stream);
 }
 
-void absmax_f32(const float* x, int64_t count, float* out, cudaStream_t stream) {
-  int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 4096));
-  absmax_kernel<<<std::max(blocks, 1), 256, 0, stream>>>(x, count, out);
+void absmax_rows_f32(const float* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
+  launch_absmax_rows(x, N, R, C, absmax, stream);
 }
 
 }  // namespace dcnv3

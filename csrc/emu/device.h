@@ -1,0 +1,81 @@
+// CUDA device API for the CPU emulation of the csrc kernels (DCNV3_EMULATION builds only).
+//
+// The kernels compile unmodified as host C++: a CTA runs as blockDim fibers on one OS thread (runtime.cpp), so
+// __syncthreads is a barrier among them, warp shuffles and mma.sync exchange through a per-warp staging area
+// among the warp's 32 fibers, and atomics are plain read-modify-writes (one CTA runs at a time). `__shared__`
+// variables become function statics: shared by the fibers of the CTA, reused by the next CTA (like a real SM,
+// nothing is zeroed between CTAs). Types (dim3, uint4, float4, __half, ...) come from the CUDA toolkit's
+// host-compilable headers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+#undef __shared__
+#define __shared__ static
+#define __launch_bounds__(...)
+
+namespace emu {
+
+// Index registers of the running fiber; one object so the access counters can exclude it by address.
+struct ThreadContext {
+  uint3 thread_idx, block_idx;
+  dim3 block_dim, grid_dim;
+};
+extern ThreadContext g_ctx;
+
+void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body);
+void syncthreads();
+uint32_t shfl_xor(uint32_t bits, int lane_mask, int width);
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane passes its PTX fragments, like the instruction.
+void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c);
+unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v);
+int atomic_max_i32(int* addr, int v);
+
+}  // namespace emu
+
+#define threadIdx (::emu::g_ctx.thread_idx)
+#define blockIdx (::emu::g_ctx.block_idx)
+#define blockDim (::emu::g_ctx.block_dim)
+#define gridDim (::emu::g_ctx.grid_dim)
+
+inline void __syncthreads() { ::emu::syncthreads(); }
+
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
+  (void)mask;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = ::emu::shfl_xor(bits, lane_mask, width);
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int width = 32) {
+  (void)mask;
+  return static_cast<int>(::emu::shfl_xor(static_cast<uint32_t>(v), lane_mask, width));
+}
+
+inline unsigned long long atomicAdd(unsigned long long* addr, unsigned long long v) {
+  return ::emu::atomic_add_u64(addr, v);
+}
+inline int atomicMax(int* addr, int v) { return ::emu::atomic_max_i32(addr, v); }
+
+// Intrinsics with their device semantics (round-to-nearest conversions; __expf's accuracy is not emulated).
+inline long long __float2ll_rn(float x) { return std::llrint(static_cast<double>(x)); }
+inline float __expf(float x) { return std::exp(x); }
+inline int __float_as_int(float x) {
+  int i;
+  std::memcpy(&i, &x, 4);
+  return i;
+}
+inline float __int_as_float(int i) {
+  float x;
+  std::memcpy(&x, &i, 4);
+  return x;
+}
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }

@@ -1,0 +1,557 @@
+// CPU emulation runtime for the csrc kernels: CTAs as fibers, warp exchanges, mma.sync, and access counters.
+//
+// Execution model. A launch runs its CTAs one after another on the calling thread. A CTA's blockDim threads are
+// fibers (own stacks, a hand-written x86-64 context switch: ~10 ns, so barrier-heavy kernels stay fast). The
+// scheduler resumes every runnable fiber in a chosen order (forward, reverse or a seeded shuffle) until it
+// blocks at a __syncthreads, a warp exchange (shuffle, mma.sync) or exits; a barrier opens when every live
+// thread of the CTA (warp) has reached it. Results that depend on that order reveal a missing barrier, and a
+// CTA whose threads wait at different barriers is reported as a deadlock.
+//
+// Counters (when enabled). The kernel TUs are compiled with -fsanitize=thread *instrumentation only* (no TSan
+// runtime): every load/store calls a __tsan_* hook defined here with its address, size and call site. Accesses
+// to the fiber's own stack, the launcher's stack and the index registers are local; addresses inside this
+// library's writable segment are `__shared__` statics; everything else is global memory (the torch tensors).
+// Global accesses are grouped per warp instruction -- (warp, call site, n-th execution by the lane) -- and each
+// group counts its distinct 32-byte sectors, which is how the memory system sees a warp's request.
+#include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "device.h"
+#include "runtime.h"
+
+namespace emu {
+
+ThreadContext g_ctx;
+
+// ---------------------------------------------------------------------------------------------------------
+// Context switch (System V x86-64): save the callee-saved registers, MXCSR and the x87 control word on the
+// current stack, store its pointer, load the other one, restore, return into it.
+
+extern "C" void emu_switch(void** save_sp, void* next_sp);
+extern "C" void emu_fiber_trampoline();
+extern "C" void emu_fiber_main(void* fiber);
+
+asm(R"(
+.text
+.globl emu_switch
+.type emu_switch,@function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size emu_switch,.-emu_switch
+
+.globl emu_fiber_trampoline
+.type emu_fiber_trampoline,@function
+emu_fiber_trampoline:
+  movq %r12, %rdi
+  andq $-16, %rsp
+  call emu_fiber_main
+  ud2
+.size emu_fiber_trampoline,.-emu_fiber_trampoline
+)");
+
+namespace {
+
+constexpr size_t kStackBytes = 256 << 10;
+constexpr int kWarp = 32;
+
+enum class State { Runnable, AtBarrier, AtWarpExchange, Done };
+
+struct Fiber {
+  void* sp = nullptr;
+  char* stack = nullptr;
+  State state = State::Done;
+  uint3 tid{};
+  unsigned seq = 0;  // warp exchanges this thread has completed (selects the staging buffer)
+  std::unordered_map<uintptr_t, uint32_t> site_count;  // counters: executions per call site
+};
+
+struct WarpStage {  // double-buffered: exchange k uses buffer k & 1
+  uint32_t shfl[2][kWarp];
+  uint32_t a[2][kWarp][4], b[2][kWarp][2];
+  float c[2][kWarp][4];
+};
+
+struct Scheduler {
+  std::vector<Fiber> fibers;
+  std::vector<WarpStage> warps;
+  std::vector<int> order;
+  void* host_sp = nullptr;
+  int current = -1;
+  const std::function<void()>* body = nullptr;
+  std::string error;
+};
+
+Scheduler g_sched;
+OrderMode g_order = OrderMode::Forward;
+uint64_t g_order_seed = 0;
+uint64_t g_cta_serial = 0;
+
+// ---------------------------------------------------------------------------------------------------------
+// Counters.
+
+bool g_counting = false;
+bool g_in_kernel = false;
+std::vector<LaunchCounters> g_launches;
+LaunchCounters* g_cur = nullptr;
+uintptr_t g_writable_lo = 0, g_writable_hi = 0;  // this library's data + bss: the __shared__ statics
+uintptr_t g_host_stack_lo = 0, g_host_stack_hi = 0;
+
+struct SiteKey {
+  int warp;
+  uintptr_t site;
+  uint32_t occurrence;
+  bool operator==(const SiteKey& o) const {
+    return warp == o.warp && site == o.site && occurrence == o.occurrence;
+  }
+};
+struct SiteHash {
+  size_t operator()(const SiteKey& k) const {
+    return std::hash<uintptr_t>()(k.site) ^ (size_t(k.occurrence) * 0x9E3779B97F4A7C15ull) ^ (size_t(k.warp) << 48);
+  }
+};
+struct Request {
+  int kind;  // 0 load, 1 store, 2 atomic
+  std::vector<uint64_t> sectors;
+};
+std::unordered_map<SiteKey, Request, SiteHash> g_requests;  // per CTA
+std::unordered_set<uint64_t> g_unique[3];                    // per launch: distinct sectors by kind
+
+int writable_segment(struct dl_phdr_info* info, size_t, void* data) {
+  const uintptr_t self = reinterpret_cast<uintptr_t>(data);
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const auto& ph = info->dlpi_phdr[i];
+    if (ph.p_type != PT_LOAD) continue;
+    const uintptr_t lo = info->dlpi_addr + ph.p_vaddr, hi = lo + ph.p_memsz;
+    if (!(ph.p_flags & PF_W)) continue;
+    // The writable PT_LOAD of the object that contains g_ctx is ours.
+    if (self >= lo && self < hi) {
+      g_writable_lo = lo;
+      g_writable_hi = hi;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+void find_writable_segment() {
+  if (g_writable_hi != 0) return;
+  dl_iterate_phdr(writable_segment, reinterpret_cast<void*>(&g_ctx));
+}
+
+void find_host_stack() {
+  pthread_attr_t attr;
+  void* addr = nullptr;
+  size_t size = 0;
+  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+    pthread_attr_getstack(&attr, &addr, &size);
+    pthread_attr_destroy(&attr);
+  }
+  g_host_stack_lo = reinterpret_cast<uintptr_t>(addr);
+  g_host_stack_hi = g_host_stack_lo + size;
+}
+
+void flush_requests() {
+  for (auto& [key, req] : g_requests) {
+    std::sort(req.sectors.begin(), req.sectors.end());
+    const uint64_t n = std::unique(req.sectors.begin(), req.sectors.end()) - req.sectors.begin();
+    switch (req.kind) {
+      case 0: g_cur->load_sectors += n; g_cur->load_requests += 1; break;
+      case 1: g_cur->store_sectors += n; g_cur->store_requests += 1; break;
+      default: g_cur->atomic_sectors += n; g_cur->atomic_requests += 1; break;
+    }
+  }
+  g_requests.clear();
+}
+
+void record_global(uintptr_t addr, size_t size, int kind, uintptr_t site) {
+  Fiber& f = g_sched.fibers[g_sched.current];
+  const int warp = g_sched.current / kWarp;
+  const uint32_t occurrence = f.site_count[site]++;
+  Request& req = g_requests[SiteKey{warp, site, occurrence}];
+  req.kind = kind;
+  for (uint64_t s = addr >> 5; s <= (addr + size - 1) >> 5; ++s) {
+    req.sectors.push_back(s);
+    g_unique[kind].insert(s);
+  }
+  if (kind == 0) g_cur->load_bytes += size;
+  else if (kind == 1) g_cur->store_bytes += size;
+}
+
+inline void on_access(void* p, size_t size, bool write, uintptr_t site) {
+  if (!g_counting || !g_in_kernel || g_sched.current < 0) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const Fiber& f = g_sched.fibers[g_sched.current];
+  const uintptr_t stack_lo = reinterpret_cast<uintptr_t>(f.stack);
+  if (a >= stack_lo && a < stack_lo + kStackBytes) return;  // the thread's own registers/local memory
+  if (a >= g_host_stack_lo && a < g_host_stack_hi) return;  // kernel arguments, captured by the launcher
+  const uintptr_t ctx = reinterpret_cast<uintptr_t>(&g_ctx);
+  if (a >= ctx && a < ctx + sizeof(g_ctx)) return;           // threadIdx & co. are registers on a GPU
+  if (a >= g_writable_lo && a < g_writable_hi) {
+    (write ? g_cur->shared_store_bytes : g_cur->shared_load_bytes) += size;
+    return;
+  }
+  record_global(a, size, write ? 1 : 0, site);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Scheduling.
+
+[[noreturn]] void fail(const std::string& msg) { throw std::runtime_error("dcnv3 emulation: " + msg); }
+
+void yield_to_scheduler() {
+  Fiber& f = g_sched.fibers[g_sched.current];
+  emu_switch(&f.sp, g_sched.host_sp);
+}
+
+void prepare_fiber(Fiber& f) {
+  if (f.stack == nullptr) {
+    void* mem = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) fail("cannot allocate a fiber stack");
+    f.stack = static_cast<char*>(mem);
+  }
+  // Initial frame popped by emu_switch: [mxcsr|fpu cw] r15 r14 r13 r12 rbx rbp ret.
+  uint64_t* top = reinterpret_cast<uint64_t*>(f.stack + kStackBytes) - 2;
+  uint64_t* sp = top - 8;
+  uint32_t ctl[2] = {0x1F80u, 0x037Fu};
+  std::memcpy(&sp[0], ctl, 8);
+  sp[1] = sp[2] = sp[3] = 0;                           // r15 r14 r13
+  sp[4] = reinterpret_cast<uint64_t>(&f);             // r12: the fiber, handed to emu_fiber_main
+  sp[5] = sp[6] = 0;                                   // rbx rbp
+  sp[7] = reinterpret_cast<uint64_t>(&emu_fiber_trampoline);
+  f.sp = sp;
+  f.state = State::Runnable;
+  f.seq = 0;
+  f.site_count.clear();
+}
+
+void set_order(int n) {
+  auto& order = g_sched.order;
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (g_order == OrderMode::Reverse) {
+    std::reverse(order.begin(), order.end());
+  } else if (g_order == OrderMode::Shuffle) {
+    std::mt19937_64 rng(g_order_seed * 0x9E3779B97F4A7C15ull + g_cta_serial);
+    std::shuffle(order.begin(), order.end(), rng);
+  }
+}
+
+std::string describe_states(const dim3& block) {
+  std::string s;
+  int shown = 0;
+  for (size_t i = 0; i < g_sched.fibers.size() && shown < 8; ++i) {
+    const State st = g_sched.fibers[i].state;
+    if (st == State::Done) continue;
+    s += " thread " + std::to_string(i) + (st == State::AtBarrier ? " at __syncthreads;" : " at a warp exchange;");
+    ++shown;
+  }
+  (void)block;
+  return s;
+}
+
+void run_cta(const dim3& block) {
+  const int n = int(block.x * block.y * block.z);
+  auto& fibers = g_sched.fibers;
+  if (int(fibers.size()) < n) fibers.resize(n);
+  g_sched.warps.resize((n + kWarp - 1) / kWarp);
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = fibers[i];
+    f.tid = uint3{unsigned(i % block.x), unsigned((i / block.x) % block.y), unsigned(i / (block.x * block.y))};
+    prepare_fiber(f);
+  }
+  set_order(n);
+  ++g_cta_serial;
+  for (;;) {
+    bool ran = false;
+    for (int i : g_sched.order) {
+      Fiber& f = fibers[i];
+      if (f.state != State::Runnable) continue;
+      g_sched.current = i;
+      g_ctx.thread_idx = f.tid;
+      emu_switch(&g_sched.host_sp, f.sp);
+      g_sched.current = -1;
+      if (!g_sched.error.empty()) {
+        std::string err;
+        std::swap(err, g_sched.error);
+        fail(err);
+      }
+      ran = true;
+    }
+    // Open the barriers whose participants have all arrived (exited threads count as arrived).
+    int live = 0, at_barrier = 0;
+    for (int i = 0; i < n; ++i) {
+      live += fibers[i].state != State::Done;
+      at_barrier += fibers[i].state == State::AtBarrier;
+    }
+    if (live == 0) break;
+    bool opened = false;
+    if (at_barrier == live) {
+      for (int i = 0; i < n; ++i) fibers[i].state = State::Runnable;
+      opened = true;
+    }
+    for (int w = 0; w * kWarp < n; ++w) {
+      const int lo = w * kWarp, hi = std::min(n, lo + kWarp);
+      int waiting = 0, done = 0;
+      for (int i = lo; i < hi; ++i) {
+        waiting += fibers[i].state == State::AtWarpExchange;
+        done += fibers[i].state == State::Done;
+      }
+      if (waiting == 0) continue;
+      if (waiting + done == hi - lo) {
+        if (done != 0) fail("a warp exchange (shuffle/mma.sync) with exited lanes in warp " + std::to_string(w));
+        for (int i = lo; i < hi; ++i) fibers[i].state = State::Runnable;
+        opened = true;
+      }
+    }
+    if (!opened && !ran) fail("deadlock: threads wait at different barriers:" + describe_states(block));
+  }
+}
+
+WarpStage& my_warp_stage(int& lane, unsigned& buf) {
+  Fiber& f = g_sched.fibers[g_sched.current];
+  lane = g_sched.current % kWarp;
+  buf = f.seq & 1u;
+  return g_sched.warps[g_sched.current / kWarp];
+}
+
+void warp_exchange_wait() {
+  Fiber& f = g_sched.fibers[g_sched.current];
+  f.state = State::AtWarpExchange;
+  yield_to_scheduler();
+  ++f.seq;
+}
+
+float half_bits_to_float(uint16_t h, bool bf16) {
+  if (bf16) {
+    const uint32_t bits = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  float v;
+  if (exp == 0) v = std::ldexp(float(man), -24);
+  else if (exp == 31) v = man ? NAN : INFINITY;
+  else v = std::ldexp(float(man | 0x400u), int(exp) - 25);
+  return sign ? -v : v;
+}
+
+}  // namespace
+
+extern "C" void emu_fiber_main(void* fiber) {
+  Fiber* f = static_cast<Fiber*>(fiber);
+  try {
+    (*g_sched.body)();
+  } catch (const std::exception& e) {
+    g_sched.error = e.what();
+  } catch (...) {
+    g_sched.error = "unknown exception in a kernel thread";
+  }
+  f->state = State::Done;
+  emu_switch(&f->sp, g_sched.host_sp);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Device API.
+
+void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
+  if (g_in_kernel) fail("nested kernel launch");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x * block.y * block.z == 0) return;
+  if (block.x * block.y * block.z > 1024) fail(std::string(name) + ": more than 1024 threads per block");
+  find_writable_segment();
+  find_host_stack();
+  if (g_counting) {
+    g_launches.push_back(LaunchCounters{});
+    g_cur = &g_launches.back();
+    g_cur->name = name;
+    g_cur->grid = {grid.x, grid.y, grid.z};
+    g_cur->block = block.x * block.y * block.z;
+    for (auto& u : g_unique) u.clear();
+  }
+  g_sched.body = &body;
+  g_ctx.grid_dim = grid;
+  g_ctx.block_dim = block;
+  g_in_kernel = true;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          g_ctx.block_idx = uint3{x, y, z};
+          run_cta(block);
+          if (g_counting) flush_requests();
+        }
+  } catch (...) {
+    g_in_kernel = false;
+    g_requests.clear();
+    throw;
+  }
+  g_in_kernel = false;
+  if (g_counting) {
+    g_cur->unique_load_sectors = g_unique[0].size();
+    g_cur->unique_store_sectors = g_unique[1].size();
+    g_cur->unique_atomic_sectors = g_unique[2].size();
+    g_cur = nullptr;
+  }
+}
+
+void syncthreads() {
+  if (g_sched.current < 0) fail("__syncthreads outside a kernel");
+  g_sched.fibers[g_sched.current].state = State::AtBarrier;
+  yield_to_scheduler();
+}
+
+uint32_t shfl_xor(uint32_t bits, int lane_mask, int width) {
+  if (width != kWarp) fail("__shfl_xor_sync: only width 32 is emulated");
+  int lane;
+  unsigned buf;
+  WarpStage& w = my_warp_stage(lane, buf);
+  w.shfl[buf][lane] = bits;
+  warp_exchange_wait();
+  return w.shfl[buf][(lane ^ lane_mask) & (kWarp - 1)];
+}
+
+void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+  int lane;
+  unsigned buf;
+  WarpStage& w = my_warp_stage(lane, buf);
+  std::memcpy(w.a[buf][lane], a, sizeof(w.a[buf][lane]));
+  std::memcpy(w.b[buf][lane], b, sizeof(w.b[buf][lane]));
+  std::memcpy(w.c[buf][lane], c, sizeof(w.c[buf][lane]));
+  warp_exchange_wait();
+  if (lane == 0 && g_counting && g_cur) g_cur->mma += 1;
+  // PTX ISA fragment layouts of m16n8k16 (.row.col, 16-bit A/B, f32 C/D): group = lane / 4, tig = lane % 4.
+  //   A (16x16): a_i, i = 0..7 (two per register): row = group + 8 * ((i / 2) % 2), col = 2 tig + i % 2 + 8 (i / 4)
+  //   B (16x8):  b_i, i = 0..3:                   row (k) = 2 tig + i % 2 + 8 (i / 2), col (n) = group
+  //   C/D (16x8): c_i, i = 0..3:                  row = group + 8 (i / 2), col = 2 tig + i % 2
+  auto a_at = [&](int row, int k) {
+    const int g = row % 8, hi = row / 8, kk = k % 8, khi = k / 8;
+    const int i = 4 * khi + 2 * hi + (kk % 2);
+    const uint32_t reg = w.a[buf][g * 4 + kk / 2][i / 2];
+    return half_bits_to_float(uint16_t(reg >> (16 * (i % 2))), bf16);
+  };
+  auto b_at = [&](int k, int n) {
+    const int kk = k % 8, khi = k / 8;
+    const int i = 2 * khi + (kk % 2);
+    const uint32_t reg = w.b[buf][n * 4 + kk / 2][i / 2];
+    return half_bits_to_float(uint16_t(reg >> (16 * (i % 2))), bf16);
+  };
+  const int group = lane / 4, tig = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = group + 8 * (i / 2), col = 2 * tig + i % 2;
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc = std::fma(a_at(row, k), b_at(k, col), acc);  // exact products
+    d[i] = acc;
+  }
+}
+
+unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v) {
+  if (g_counting && g_cur && g_in_kernel) {
+    g_cur->atomics += 1;
+    record_global(reinterpret_cast<uintptr_t>(addr), 8, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+  }
+  const unsigned long long old = *addr;
+  *addr = old + v;
+  return old;
+}
+
+int atomic_max_i32(int* addr, int v) {
+  if (g_counting && g_cur && g_in_kernel) {
+    g_cur->atomics += 1;
+    record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+  }
+  const int old = *addr;
+  *addr = std::max(old, v);
+  return old;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Control (bound into Python by the binding).
+
+void set_order(OrderMode mode, uint64_t seed) {
+  g_order = mode;
+  g_order_seed = seed;
+}
+
+void start_counting() {
+  g_launches.clear();
+  g_counting = true;
+}
+
+std::vector<LaunchCounters> stop_counting() {
+  g_counting = false;
+  std::vector<LaunchCounters> out;
+  out.swap(g_launches);
+  return out;
+}
+
+}  // namespace emu
+
+// ---------------------------------------------------------------------------------------------------------
+// ThreadSanitizer instrumentation entry points (compiled-in by -fsanitize=thread in the kernel TUs; no TSan
+// runtime is linked): each memory access of the kernels lands here.
+
+#define EMU_HOOK(KIND, WRITE, N)                                                                    \
+  extern "C" void __tsan_##KIND##N(void* p) {                                                      \
+    emu::on_access(p, N, WRITE, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));          \
+  }
+#define EMU_HOOKS(N)                   \
+  EMU_HOOK(read, false, N)             \
+  EMU_HOOK(write, true, N)             \
+  EMU_HOOK(unaligned_read, false, N)   \
+  EMU_HOOK(unaligned_write, true, N)   \
+  EMU_HOOK(volatile_read, false, N)    \
+  EMU_HOOK(volatile_write, true, N)
+EMU_HOOKS(1)
+EMU_HOOKS(2)
+EMU_HOOKS(4)
+EMU_HOOKS(8)
+EMU_HOOKS(16)
+
+extern "C" {
+void __tsan_read_range(void* p, unsigned long n) {
+  emu::on_access(p, n, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+}
+void __tsan_write_range(void* p, unsigned long n) {
+  emu::on_access(p, n, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+}
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+}

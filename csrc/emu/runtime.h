@@ -1,0 +1,31 @@
+// Host-side control of the CPU emulation (thread order, access counters); used by the binding's emu_* functions.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace emu {
+
+// Order in which a CTA's threads are resumed between barriers. Correct kernels give bit-identical results in
+// every order; a result that changes reveals a missing __syncthreads (a race).
+enum class OrderMode { Forward, Reverse, Shuffle };
+void set_order(OrderMode mode, uint64_t seed);
+
+// Per kernel launch. Sectors are 32-byte; a request is one warp-wide memory instruction.
+struct LaunchCounters {
+  std::string name;
+  std::vector<unsigned> grid;
+  unsigned block = 0;
+  uint64_t load_bytes = 0, store_bytes = 0;          // bytes the threads asked for
+  uint64_t load_sectors = 0, store_sectors = 0;      // distinct sectors per warp request, summed (L2 traffic)
+  uint64_t load_requests = 0, store_requests = 0;
+  uint64_t unique_load_sectors = 0, unique_store_sectors = 0;  // distinct sectors of the launch (DRAM floor)
+  uint64_t atomics = 0, atomic_sectors = 0, atomic_requests = 0, unique_atomic_sectors = 0;
+  uint64_t shared_load_bytes = 0, shared_store_bytes = 0;
+  uint64_t mma = 0;                                  // warp-wide mma.sync instructions
+};
+void start_counting();
+std::vector<LaunchCounters> stop_counting();
+
+}  // namespace emu
