@@ -10,7 +10,24 @@
 # Environment: HOSTFILE (see launch/hostfile.example), NUM_GPUS (ranks per node; default: all devices),
 # NUM_NODES, MASTER_ADDR, MASTER_PORT (default 29500), INCLUDE (e.g. "host1:0,1@host2:0"), DS_LAUNCH_ARGS
 # (anything else for `deepspeed`).
+#
+# Python: the first `python`/`deepspeed` on PATH that can import the project; when that is not the case and
+# the checkout has a .venv, its bin/ is put first on PATH.
+#
+# Stopping: SIGTERM (what a scheduler sends), SIGINT (Ctrl-C) or SIGHUP to this script is passed to every
+# rank of this node as SIGTERM/SIGINT. Each rank finishes its step (the ranks agree on the step), saves a
+# checkpoint and exits; this script waits for them and exits with the launcher's status (128 + the signal
+# number after a stop, as `pretrain train` itself does). DeepSpeed's own launcher processes are not signalled
+# (they would kill the ranks 30 s later, saved or not): they run in their own session, so a signal to this
+# script's process group reaches the ranks only through here. Multi-node (pdsh): the signal goes to the
+# `deepspeed` runner, which stops the remote launchers (DeepSpeed's behaviour: 30 s to save).
 set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if ! python -c "import pretrain, deepspeed" 2>/dev/null && [[ -x "$here/../.venv/bin/python" ]]; then
+  PATH="$(cd "$here/../.venv/bin" && pwd):$PATH"
+  export PATH
+fi
 
 # Unset, every CPU rank spawns one OpenMP thread per core and the ranks fight over them (~40x slower on CPU);
 # GPU ranks do not need more than a few for the data path.
@@ -28,4 +45,47 @@ args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank)
 # shellcheck disable=SC2206
 [[ -n "${DS_LAUNCH_ARGS:-}" ]] && args+=(${DS_LAUNCH_ARGS})
 
-exec deepspeed "${args[@]}" --module pretrain.cli train "$@"
+# The runner in its own session: runner -> deepspeed.launcher.launch -> one process per rank.
+setsid deepspeed "${args[@]}" --module pretrain.cli train "$@" &
+runner=$!
+
+children() { pgrep -P "$1" 2>/dev/null || true; }
+
+# The ranks of this node: the children of the runner's `deepspeed.launcher.launch` child.
+local_ranks() {
+  local launcher
+  for launcher in $(children "$runner"); do
+    if tr '\0' ' ' <"/proc/$launcher/cmdline" 2>/dev/null | grep -q "deepspeed.launcher.launch"; then
+      children "$launcher"
+    fi
+  done
+}
+
+stopping=""
+forward() {
+  local sig="$1" to="$1" ranks
+  [[ "$sig" == HUP ]] && to=TERM
+  ranks="$(local_ranks)"
+  if [[ -n "$ranks" ]]; then
+    echo "deepspeed_train.sh: SIG$sig: asking the ranks ($(echo $ranks)) to finish the step, save and exit" >&2
+    # shellcheck disable=SC2086
+    kill -s "$to" $ranks 2>/dev/null || true
+  else  # multi-node (pdsh), or no rank started yet: the runner's own handling
+    echo "deepspeed_train.sh: SIG$sig: passing it to the deepspeed runner" >&2
+    kill -s "$to" "$runner" 2>/dev/null || true
+  fi
+  stopping="SIG$sig"
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP
+
+# `wait` returns early when a trapped signal arrives: wait again until the runner is gone.
+set +e
+while kill -0 "$runner" 2>/dev/null; do
+  wait "$runner"
+done
+wait "$runner"
+rc=$?
+[[ -n "$stopping" ]] && echo "deepspeed_train.sh: stopped on $stopping; the ranks exited, launcher status $rc" >&2
+exit "$rc"

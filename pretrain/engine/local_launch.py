@@ -4,6 +4,10 @@
 
 Equivalent to `deepspeed --num_gpus N --no_local_rank --module pretrain.cli train ...` without the launcher:
 each rank gets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and OMP_NUM_THREADS=1 (unless set).
+
+Like a launcher should: SIGTERM/SIGINT to this process go to every rank (which finish the step, save and
+exit), and when one rank fails the others get SIGTERM and, after `grace` seconds, SIGKILL (a frozen rank
+would otherwise keep the job alive).
 """
 
 from __future__ import annotations
@@ -57,17 +61,34 @@ def _output(p: subprocess.Popen) -> str:
     return text
 
 
-def wait(procs: list[subprocess.Popen], timeout: float | None = None) -> list[RankResult]:
-    """Wait for every rank; on timeout kill them all (by pid) and report what they printed."""
+# exit codes of a rank that stopped on a signal after saving (`pretrain train` returns 128 + the signal)
+_STOPPED = {128 + signal.SIGTERM, 128 + signal.SIGINT}
+
+
+def wait(
+    procs: list[subprocess.Popen], timeout: float | None = None, grace: float = 30.0
+) -> list[RankResult]:
+    """Wait for every rank and report what they printed. When one fails, SIGTERM the others (not after a
+    stop on a signal: they are saving too) and SIGKILL whatever is left `grace` seconds later; on timeout
+    kill them all (by pid)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+    kill_at = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        if failed and kill_at is None:
+            kill_at = now + grace
+            if failed[0] not in _STOPPED:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+        if (deadline is not None and now > deadline) or (kill_at is not None and now > kill_at):
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGKILL)
+                    p.wait()
+            break
+        time.sleep(0.1)
     return [RankResult(r, p.returncode, _output(p)) for r, p in enumerate(procs)]
 
 
@@ -83,7 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments of `pretrain train` after --")
     args = parser.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    results = run_local(args.nproc, train_args)
+    procs = spawn(args.nproc, train_args)
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    results = wait(procs)
     for r in results:
         print(f"===== rank {r.rank} (exit {r.returncode}) =====\n{r.output}")
     return max((abs(r.returncode) for r in results), default=0)
