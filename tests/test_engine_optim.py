@@ -105,7 +105,7 @@ def test_offload_param_needs_stage3():
 def test_model_init_from_goes_through_pretrain_convert(tmp_path):
     import torch
 
-    from pretrain.engine.trainer import build_model
+    from pretrain.engine.build import build_model
 
     torch.manual_seed(1)
     src = build_model(load_config(REPO_CONFIG))

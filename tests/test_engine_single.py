@@ -94,7 +94,7 @@ def test_sigterm_saves_then_resume_auto_continues(tmp_path):
 
 SCRIPT = """
 from pretrain.config import load_config
-from pretrain.engine.streams import SyntheticStream
+from pretrain.data.synthetic import SyntheticStream
 from pretrain.engine.trainer import NonFiniteLossError, Trainer
 
 

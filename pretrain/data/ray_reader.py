@@ -30,9 +30,9 @@ import numpy as np
 
 from .batch import RowFetcher, assemble, count, empty_batch, new_counters, normalizer, to_torch
 from .config import DataConfig
+from .cursor import Cursor, CursorStream, make_plan
 from .order import Plan
 from .schema import Manifest
-from .stream import Cursor, CursorStream, make_plan
 
 # A block holds about this many rows (several steps when batches are small) and at most this many image bytes.
 ROWS_PER_BLOCK = 256

@@ -12,89 +12,32 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import RunConfig, dump_config, save_config
+from ..data.cursor import BatchStream
 from ..monitor.panels import DCNProbe, image_grid
 from ..monitor.throughput import StepTimer, memory_stats, peak_tflops, train_flops_per_sample
 from ..monitor.writer import Monitor
+from ..objectives import build_objective
 from ..parallel import WeightEMA
 from . import dist
+from .build import build_model, check_precision_supported, seed_everything, to_device
 from .checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from .ds_config import build_ds_config
 from .optim import frozen_parameter_ids, lr_factor, param_groups, peak_lr, set_lr
-from .streams import build_default_stream, image_size, micro_batch_size, stream_info
+from .streams import build_default_stream, stream_info
 
-StreamFactory = Callable[[RunConfig, int, int], object]
+StreamFactory = Callable[[RunConfig, int, int], BatchStream]
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after `engine.max_nonfinite` consecutive micro-steps with a NaN/inf loss (a checkpoint is saved)."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: RunConfig):
-    """The backbone named by `model` (and its initial weights)."""
-    from pretrain.models import create_model
-
-    m = cfg.model
-    kwargs = dict(m.overrides)
-    kwargs.update(num_classes=m.num_classes, dcn_backend=m.dcn_backend, with_cp=m.with_cp)
-    if m.drop_path_rate is not None:
-        kwargs["drop_path_rate"] = m.drop_path_rate
-    model = create_model(m.variant, **kwargs)
-    if m.init_from:
-        from pretrain.convert import load_pretrained
-
-        load_pretrained(m.init_from, model, strict=True, drop_head=m.init_drop_head)
-    return model
-
-
-def build_objective(cfg: RunConfig, model, data_info: dict):
-    from pretrain.objectives import build_objective as build
-
-    return build(cfg.objective, model, data_info)
-
-
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to the device; images (4-D floats) to the engine's compute dtype, other floats untouched."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point() and value.dim() == 4:
-                value = value.to(dtype)
-        out[key] = value
-    return out
-
-
-def check_precision_supported(precision: str) -> None:
-    """Fail before any work with a config error, not deep inside deepspeed.initialize, when the device cannot
-    run the precision (DeepSpeed's CPU accelerator has bf16 and fp32 but no fp16)."""
-    if precision != "fp16":
-        return
-    from deepspeed.accelerator import get_accelerator
-
-    from ..config import ConfigError
-
-    accelerator = get_accelerator()
-    if not accelerator.is_fp16_supported():
-        raise ConfigError(
-            f"engine.precision=fp16 is not supported by DeepSpeed's {accelerator.device_name()!r} accelerator "
-            "(fp16 with loss scaling needs a GPU): use engine.precision=bf16 or fp32"
-        )
 
 
 class Trainer:
@@ -123,6 +66,11 @@ class Trainer:
         self.history: list[dict] = []
         self.last_checkpoint: str | None = None
         self.saved_step: int | None = None
+        self.stream: BatchStream | None = (
+            None  # set by setup(); None until then (teardown after a failed setup)
+        )
+        self.monitor: Monitor | None = None
+        self.probe: DCNProbe | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -142,18 +90,17 @@ class Trainer:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         self.stream = self.stream_factory(cfg, self.rank, self.world)
-        objective = self.objective = build_objective(
-            cfg, model, {**stream_info(self.stream, cfg), "rank": self.rank}
-        )
+        data_info = {**stream_info(self.stream, cfg), "rank": self.rank}
+        objective = self.objective = build_objective(cfg.objective, model, data_info)
         frozen = frozen_parameter_ids(objective)
         for param in objective.parameters():
             if id(param) in frozen:  # EMA teachers: never seen by the optimizer
                 param.requires_grad_(False)
-        self.image_size = image_size(cfg)
+        self.image_size = self.stream.image_size  # the stream, not the config: a launcher's stream decides
         self.flops_per_sample = train_flops_per_sample(model, self.image_size)
         groups = param_groups(objective, cfg.optim)
 
-        self.micro_batch = micro_batch_size(cfg)
+        self.micro_batch = self.stream.batch_size
         self.global_batch = self.micro_batch * cfg.engine.grad_accum * self.world
         self.peak_lr = peak_lr(cfg.optim, self.global_batch)
         # the resume target first: a universal checkpoint needs DeepSpeed's load_universal at initialize time
@@ -172,7 +119,6 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective, model_parameters=groups, config=self.ds_config
         )
-        self.zero3 = self.engine.zero_optimization_stage() == 3
         seed_everything(cfg.seed * 1000 + self.rank)  # dropout/drop-path streams differ per rank
 
         self.ema = WeightEMA(self.engine.module, cfg.ema.decay) if cfg.ema.enabled else None
@@ -272,99 +218,138 @@ class Trainer:
         }
 
     def train(self) -> str:
+        """The loop: one optimizer step, then the periodic work, until the end or an agreed stop."""
+        self._begin_loop()
+        while not self.should_stop():
+            self.step_batch()
+            self.maybe_log()
+            self.maybe_checkpoint()
+            self.maybe_evaluate()
+        return self.finish()
+
+    def _begin_loop(self) -> None:
         cfg = self.cfg
-        end = cfg.schedule.total_steps
+        self.end = cfg.schedule.total_steps
         if cfg.schedule.stop_at_step is not None:
-            end = min(end, cfg.schedule.stop_at_step)
-        it = iter(self.stream)
-        timer = StepTimer()
-        sums: dict[str, float] = {}
-        count = 0
-        first = True
-        reason = "finished"
-        while self.step < end:
-            lr = self.peak_lr * lr_factor(self.step, cfg.schedule)
-            set_lr(self.engine.optimizer, lr)
-            # rank 0 draws (the offsets are computed inside the forward, so no other rank takes part)
-            draw_dcn = (
-                self.probe is not None and self.rank == 0 and self.step % cfg.logging.dcn_points_every == 0
+            self.end = min(self.end, cfg.schedule.stop_at_step)
+        self._batches = iter(self.stream)
+        self.timer = StepTimer()
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._first_batch = True
+        self._stop_agreed = False
+
+    def should_stop(self) -> bool:
+        """The end of the run, or a stop every rank agreed on (see `_micro_step`): all ranks stop at the same
+        step, whichever rank the signal reached, and at whatever moment of the step it arrived."""
+        return self.step >= self.end or self._stop_agreed
+
+    def step_batch(self) -> None:
+        """One optimizer step: `grad_accum` finite micro-steps, the EMAs, the objective's step-end hook."""
+        cfg = self.cfg
+        self.lr = self.peak_lr * lr_factor(self.step, cfg.schedule)
+        set_lr(self.engine.optimizer, self.lr)
+        # rank 0 draws (the offsets are computed inside the forward, so no other rank takes part)
+        draw_dcn = self.probe is not None and self.rank == 0 and self.step % cfg.logging.dcn_points_every == 0
+        if draw_dcn:
+            self.probe.arm()
+        done = 0
+        step_image = None
+        while done < cfg.engine.grad_accum:
+            self.timer.data_begin()
+            batch = self._next_batch()
+            self.timer.data_end()
+            if self._first_batch and cfg.logging.image_grid:
+                self.monitor.image("inputs/first_batch", image_grid(batch["image"]), self.step)
+            self._first_batch = False
+            if step_image is None:
+                step_image = batch["image"][0]
+            done += self._micro_step(batch)
+        self.step += 1
+        self.timer.step_done(self.micro_batch * cfg.engine.grad_accum)
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        self.objective.on_step_end(self.step, cfg.schedule.total_steps)
+        if draw_dcn:
+            self.monitor.image("dcn/sampling_points", self.probe.render(step_image), self.step)
+
+    def _micro_step(self, batch: dict) -> int:
+        """Forward, and backward + step unless some rank's loss is not finite; returns 1 if it trained.
+
+        The one all-reduce of every micro-step also carries the stop flag: a stop requested on any rank, at any
+        moment, takes effect on all ranks after the same step (`_stop_agreed`), never on one rank alone.
+        """
+        out = self.engine(to_device(batch, self.device, self.dtype))
+        loss = out["loss"]
+        nonfinite, stop = dist.all_reduce_max(
+            [float(not torch.isfinite(loss.detach()).item()), float(self._stop_signal is not None)]
+        )
+        if stop:
+            self._stop_agreed = True
+            if self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM  # another rank got it
+        if nonfinite:
+            self._skip_nonfinite()
+            return 0
+        self.consecutive_nonfinite = 0
+        self.engine.backward(loss)
+        self.engine.step()
+        for key, value in out.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else value
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+        return 1
+
+    def _skip_nonfinite(self) -> None:
+        self.skipped += 1
+        self.consecutive_nonfinite += 1
+        self.monitor.log(
+            f"step {self.step}: non-finite loss on some rank, micro-batch skipped "
+            f"({self.consecutive_nonfinite} in a row)"
+        )
+        if self.consecutive_nonfinite >= self.cfg.engine.max_nonfinite:
+            path = self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive micro-steps had a NaN/inf loss at step "
+                f"{self.step}; stopped after saving {path}. Lower optim.lr, check the data "
+                "(data/* counters) or switch engine.precision."
             )
-            if draw_dcn:
-                self.probe.arm()
-            done = 0
-            step_image = None
-            while done < cfg.engine.grad_accum:
-                timer.data_begin()
-                batch, it = self._next_batch(it)
-                timer.data_end()
-                if first and cfg.logging.image_grid:
-                    self.monitor.image("inputs/first_batch", image_grid(batch["image"]), self.step)
-                    first = False
-                if step_image is None:
-                    step_image = batch["image"][0]
-                out = self.engine(_to_device(batch, self.device, self.dtype))
-                loss = out["loss"]
-                nonfinite, stop = dist.all_reduce_max(
-                    [float(not torch.isfinite(loss.detach()).item()), float(self._stop_signal is not None)]
-                )
-                if stop and self._stop_signal is None:
-                    self._stop_signal = signal.SIGTERM  # another rank got it
-                if nonfinite:
-                    self.skipped += 1
-                    self.consecutive_nonfinite += 1
-                    self.monitor.log(
-                        f"step {self.step}: non-finite loss on some rank, micro-batch skipped "
-                        f"({self.consecutive_nonfinite} in a row)"
-                    )
-                    if self.consecutive_nonfinite >= cfg.engine.max_nonfinite:
-                        path = self.save_checkpoint()
-                        raise NonFiniteLossError(
-                            f"{self.consecutive_nonfinite} consecutive micro-steps had a NaN/inf loss at step "
-                            f"{self.step}; stopped after saving {path}. Lower optim.lr, check the data "
-                            "(data/* counters) or switch engine.precision."
-                        )
-                    continue
-                self.consecutive_nonfinite = 0
-                self.engine.backward(loss)
-                self.engine.step()
-                done += 1
-                for key, value in out.items():
-                    value = value.detach().float() if isinstance(value, torch.Tensor) else value
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                count += 1
-            self.step += 1
-            timer.step_done(self.micro_batch * cfg.engine.grad_accum)
-            if self.ema is not None:
-                self.ema.update(self.engine.module)
-            self.objective.on_step_end(self.step, cfg.schedule.total_steps)
-            if draw_dcn:
-                self.monitor.image("dcn/sampling_points", self.probe.render(step_image), self.step)
-            if self.step % cfg.logging.every_steps == 0 or self.step == end:
-                self._log(sums, count, lr, timer)
-                sums, count = {}, 0
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                self.save_checkpoint()
-            zero_shot_every = cfg.objective.zero_shot.every_steps
-            if zero_shot_every and (self.step % zero_shot_every == 0 or self.step == end):
-                self._zero_shot()
-            if self._stop_signal is not None:
-                reason = f"signal {signal.Signals(self._stop_signal).name}"
-                break
+
+    def maybe_log(self) -> None:
+        if self.step % self.cfg.logging.every_steps == 0 or self.step == self.end:
+            self._log(self._sums, self._count, self.lr, self.timer)
+            self._sums, self._count = {}, 0
+
+    def maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if every and self.step % every == 0:
+            self.save_checkpoint()
+
+    def maybe_evaluate(self) -> None:
+        every = self.cfg.objective.zero_shot.every_steps
+        if every and (self.step % every == 0 or self.step == self.end):
+            self._zero_shot()
+
+    def finish(self) -> str:
+        """Save unless this step is saved already (a stop, `save_final`, or a job that ends before the
+        schedule does); returns the reason the loop ended."""
+        stopped = self._stop_agreed
+        reason = f"signal {signal.Signals(self._stop_signal).name}" if stopped else "finished"
         if self.saved_step != self.step and (
-            self._stop_signal is not None or cfg.checkpoint.save_final or self.step < cfg.schedule.total_steps
+            stopped or self.cfg.checkpoint.save_final or self.step < self.cfg.schedule.total_steps
         ):
             self.save_checkpoint()
         self.monitor.log(f"stopped at step {self.step} ({reason}); checkpoint {self.last_checkpoint}")
         return reason
 
-    def _next_batch(self, it):
+    def _next_batch(self) -> dict:
         """The next batch; a finite stream (one epoch per iteration) is iterated again for the next epoch."""
         try:
-            return next(it), it
+            return next(self._batches)
         except StopIteration:
-            it = iter(self.stream)
+            self._batches = iter(self.stream)
             try:
-                return next(it), it
+                return next(self._batches)
             except StopIteration:
                 raise RuntimeError("the data stream is empty (a fresh epoch yielded no batch)") from None
 
@@ -378,7 +363,7 @@ class Trainer:
                 self.cfg,
                 rank=self.rank,
                 world_size=self.world,
-                prepare=lambda batch: _to_device(batch, self.device, self.dtype),
+                prepare=lambda batch: to_device(batch, self.device, self.dtype),
             )
         if metrics:
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -420,12 +405,10 @@ class Trainer:
             if self.peak:
                 values["perf/mfu"] = tflops / self.peak
         values.update(memory_stats())
-        counters = getattr(self.stream, "counters", None)
-        if callable(counters):
-            c = counters() or {}
-            keys = sorted(c)
-            totals = dist.all_reduce_mean([float(c[k]) for k in keys]) if keys else []
-            values.update({f"data/{k}": v * self.world for k, v in zip(keys, totals)})
+        c = self.stream.counters()
+        keys = sorted(c)
+        totals = dist.all_reduce_mean([float(c[k]) for k in keys]) if keys else []
+        values.update({f"data/{k}": v * self.world for k, v in zip(keys, totals)})
         self.history.append({"step": self.step, **values})
         self.monitor.scalars(self.step, values)
         self.monitor.progress(self.step, values)
@@ -455,13 +438,12 @@ class Trainer:
 
     def teardown(self, clean: bool = True) -> None:
         self._restore_signal_handlers()
-        if getattr(self, "probe", None) is not None:
+        if self.probe is not None:
             self.probe.remove()
-        if getattr(self, "monitor", None) is not None:
+        if self.monitor is not None:
             self.monitor.close()
-        close = getattr(getattr(self, "stream", None), "close", None)
-        if callable(close):
-            close()
+        if self.stream is not None:
+            self.stream.close()
         if self._owns_process_group:
             import torch.distributed as tdist
 

@@ -53,8 +53,8 @@ def _join(base: str, *parts: str) -> str:
 class RankStream:
     """This rank's stream with the optional key log and injected crash.
 
-    Delegates the Stream contract (state_dict/load_state_dict/counters/close) to the wrapped stream, so the
-    checkpointed cursor is exactly the data engineer's cursor.
+    Delegates the `BatchStream` contract to the wrapped stream, so the checkpointed cursor is exactly the
+    reader's cursor.
     """
 
     def __init__(self, inner, rank: int, record_dir: str | None = None, fail_once: dict | None = None):
@@ -64,10 +64,29 @@ class RankStream:
         self.fail_once = fail_once
         self.trainer: Trainer | None = None  # set by RayTrainer: the step a batch is fetched for
 
-    def __getattr__(self, name):  # state_dict, load_state_dict, counters, close, info, label_names, ...
-        if name == "inner":  # not set yet (e.g. during unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    # the BatchStream contract, delegated
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+    @property
+    def image_size(self) -> int:
+        return self.inner.image_size
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    def counters(self) -> dict[str, int]:
+        return self.inner.counters()
+
+    def info(self) -> dict:
+        return self.inner.info()
+
+    def close(self) -> None:
+        self.inner.close()
 
     def __iter__(self):  # one epoch; the engine's Trainer starts the next one
         for batch in self.inner:

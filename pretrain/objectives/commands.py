@@ -58,7 +58,7 @@ def run_zero_shot(args) -> int:
 
     from ..config import load_config
     from ..data.schema import Manifest
-    from ..engine.trainer import build_model
+    from ..engine.build import build_model
     from . import build_objective
     from .evaluation import eval_split, zero_shot
 

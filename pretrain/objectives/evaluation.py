@@ -68,6 +68,4 @@ def zero_shot(
             batches, label_names=names, max_batches=run_cfg.objective.zero_shot.max_batches
         )
     finally:
-        close = getattr(stream, "close", None)
-        if callable(close):
-            close()
+        stream.close()
