@@ -1,0 +1,676 @@
+"""The device run behind scripts/gpu_check.sh: install the carry, print device facts, build, then phases a-d.
+
+Standard library only at the top level (it runs before anything is installed). Every step is a subprocess in
+its own process group with its own timeout, all under one overall deadline: a step that hangs or crashes is
+killed and reported, and the run goes on to the next. Outputs (at most 3 files, names the device tool brings
+back): report.md (phase lines and every table), report.json (the same, structured), log.txt (each step's
+output, the last LOG_TAIL bytes of each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PHASES = ("install", "facts", "build", "a", "b", "c", "d")
+# Seconds each phase may take on an H200 (the sum exceeds the total on purpose: the typical run uses far less,
+# and the overall deadline cuts whatever is left, so the last phase gets the slack of the earlier ones).
+BUDGET = {"install": 30, "facts": 30, "build": 120, "a": 60, "b": 45, "c": 110, "d": 200}
+TOTAL_S = 530  # under 9 minutes; the device tool allows 600 s a command
+RESERVE_S = 8  # kept back for writing the report
+LOG_TAIL = 400_000
+TITLES = {
+    "install": "install .carry/",
+    "facts": "device facts",
+    "build": "build the DCNv3 extension (+ the DCNv4 peer)",
+    "a": "kernel tests on the GPU (pytest -m gpu)",
+    "b": "model check: kernel vs reference in InternImage-T and a small H-style model",
+    "c": "pretrain bench dcn: T and H stage shapes at 224 px",
+    "d": "pretrain bench train (T, H with_cp) and the shipped H M3I recipe",
+}
+# The CPU smoke variant of the H model (the dry run's tiny H-style backbone).
+TINY_H = "model.overrides={channels: 32, depths: [1, 1, 2, 1], groups: [1, 2, 4, 8], level2_post_norm_block_ids: [1]}"
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.dry = args.dry_run
+        self.out = Path(args.out).resolve()
+        self.work = Path(args.work).resolve()
+        self.site = self.work / "site"
+        self.start = time.monotonic()
+        self.deadline = self.start + args.budget
+        self.results: dict = {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "dry_run": self.dry,
+            "command": " ".join(["scripts/gpu_check.sh", *args.argv]),
+            "git": _git_head(),
+            "budget_s": args.budget,
+            "phases": {},
+        }
+        self.md: dict[str, list[str]] = {}
+        self.log = None
+        self.capability: str | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    def env(self, **extra) -> dict:
+        env = dict(os.environ)
+        # the carried site first (its typing-extensions must win over an older one in the image), then the repo
+        paths = ([str(self.site)] if self.site.exists() and not self.dry else []) + [str(REPO)]
+        env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        # this Python's bin first, as tests/conftest.py does: the ninja found there is part of the key of
+        # DeepSpeed's cached CPU comm op, and another ninja would rebuild it (about a minute)
+        env["PATH"] = os.path.dirname(self.args.python) + os.pathsep + env.get("PATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        env["TOKENIZERS_PARALLELISM"] = "false"
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env["PRETRAIN_DCNV3_BUILD_DIR"] = str(self.work / "dcnv3_build")
+        cutlass = self.site / "cutlass_library" / "source"
+        if (cutlass / "include" / "cute" / "tensor.hpp").exists():
+            env["CUTLASS_HOME"] = str(cutlass)
+        if self.dry:
+            env["GPU_CHECK_DRY_RUN"] = "1"
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env["OMP_NUM_THREADS"] = "1"  # DeepSpeed on CPU: unset, steps are ~40x slower (TOOLCHAIN.md)
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            # DeepSpeed JIT-builds its CPU shared-memory comm op once: share the test suite's cache
+            env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+        else:
+            env.setdefault("TORCH_EXTENSIONS_DIR", str(self.work / "torch_extensions"))
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def remaining(self) -> float:
+        return self.deadline - RESERVE_S - time.monotonic()
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.logw(line + "\n")
+
+    def logw(self, text: str) -> None:
+        if self.log is not None:
+            self.log.write(text)
+            self.log.flush()
+
+    def pretrain(self, *argv: str) -> list[str]:
+        """`pretrain ARGS` through this Python (the console script is not installed on the device)."""
+        return [self.args.python, "-c", "import sys; from pretrain.cli import main; sys.exit(main())", *argv]
+
+    def step(self, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+        """Run one command (own process group, killed at `timeout` or the overall deadline)."""
+        return self.steps([(name, cmd, env)], timeout)[0]
+
+    def steps(self, items, timeout: float) -> list[dict]:
+        """Run commands in parallel, each killed at `timeout` (capped by the overall deadline)."""
+        timeout = max(1.0, min(timeout, self.remaining()))
+        procs = []
+        for name, cmd, env in items:
+            path = self.work / "logs" / f"{name}.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "w")  # noqa: SIM115 (closed below)
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            kw = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+            p = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                env=env or self.env(),
+                **kw,
+            )
+            procs.append((name, p, f, path, time.monotonic()))
+        end = time.monotonic() + timeout
+        out = []
+        for name, p, f, path, t0 in procs:
+            try:
+                rc = p.wait(timeout=max(0.0, end - time.monotonic()))
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                _kill_group(p)
+                rc, timed_out = 124, True
+            f.close()
+            seconds = time.monotonic() - t0
+            text = path.read_text(errors="replace")
+            self.logw(f"\n===== {name}: rc {rc}{' (timed out)' if timed_out else ''}, {seconds:.1f} s\n")
+            self.logw(text[-LOG_TAIL:] if len(text) > LOG_TAIL else text)
+            out.append(
+                {
+                    "name": name,
+                    "rc": rc,
+                    "timed_out": timed_out,
+                    "seconds": round(seconds, 1),
+                    "tail": _tail(text),
+                }
+            )
+        return out
+
+    def phase(self, key: str, fn) -> None:
+        if key not in self.args.phases:
+            return
+        t0 = time.monotonic()
+        self.say(
+            f"--- phase {key}: {TITLES[key]} (budget {min(BUDGET[key], max(0, self.remaining())):.0f} s)"
+        )
+        if self.remaining() < 5:
+            status, note, detail = "failed", "no time left under the overall deadline", {}
+        else:
+            try:
+                status, note, detail = fn(min(BUDGET[key], self.remaining()))
+            except Exception as err:  # a bug in this script must not cost the remaining phases
+                status, note, detail = "failed", f"gpu_check error: {type(err).__name__}: {err}", {}
+        seconds = time.monotonic() - t0
+        self.results["phases"][key] = {"status": status, "seconds": round(seconds, 1), "note": note, **detail}
+        self.say(f"phase {key}: {status} ({seconds:.1f} s){': ' + note if note else ''}")
+
+    # ------------------------------------------------------------------ phases
+    def install(self, budget):
+        carry = REPO / ".carry"
+        if not carry.is_dir() or not any(carry.iterdir()):
+            if self.dry:
+                return "skipped", "no .carry/ here (run scripts/gpu_carry.sh; CI has none)", {}
+            return (
+                "failed",
+                "no .carry/: run scripts/gpu_carry.sh on the CPU machine and carry ['.carry']",
+                {},
+            )
+        verify = self.step(
+            "carry-verify", [self.args.python, "scripts/gpu_check/carry.py", "verify", ".carry"], 30
+        )
+        if self.dry:
+            # the carried wheels are for the device's Python 3.12; here they are only checked, not installed
+            ok = verify["rc"] == 0
+            return ("ok" if ok else "failed"), "dry run: .carry/ verified, not installed", {"verify": verify}
+        self.site.mkdir(parents=True, exist_ok=True)
+        wheels = sorted(str(p) for p in carry.glob("*.whl"))
+        res = self.step(
+            "install",
+            [self.args.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+             "--no-cache-dir", "--upgrade", "--target", str(self.site), *wheels],
+            budget,
+        )  # fmt: skip
+        detail = {"wheels": [Path(w).name for w in wheels], "site": str(self.site), "verify": verify}
+        if res["rc"] != 0:
+            return "failed", f"pip install rc {res['rc']}: {res['tail'][-300:]}", detail
+        return "ok", f"{len(wheels)} wheels into {self.site}", detail
+
+    def facts(self, budget):
+        path = self.work / "facts.json"
+        res = self.step("facts", [self.args.python, "scripts/gpu_check/facts.py", str(path)], budget)
+        facts = json.loads(path.read_text()) if path.exists() else {}
+        self.results["facts"] = facts
+        self.capability = facts.get("capability")
+        lines = ["| fact | value |", "|---|---|"]
+        for k, v in facts.items():
+            if k == "packages":
+                v = ", ".join(f"{n} {ver}" for n, ver in v.items())
+            lines.append(f"| {k} | {str(v).replace('|', '/')} |")
+        self.md["facts"] = lines
+        for line in res["tail"].splitlines():
+            if line.split(":")[0] in (
+                "python",
+                "gpu",
+                "capability",
+                "gpu_mem_gib",
+                "nvidia_smi",
+                "nvcc",
+                "problems",
+            ):
+                self.say("  " + line)
+        if res["rc"] != 0:
+            return "failed", "; ".join(facts.get("problems", [])) or res["tail"][-300:], {}
+        return "ok", "", {}
+
+    def build(self, budget):
+        if self.dry:
+            return "skipped", "dry run: the CUDA extension needs a GPU and a CUDA torch", {}
+        arch = {"9.0": "90a", "8.0": "80", "8.6": "80", "8.9": "80"}.get(self.capability or "", None)
+        cores = os.cpu_count() or 4
+        ext_cmd = [self.args.python, "-m", "pretrain.ops.build", "--quiet"] + (
+            ["--arch", arch] if arch else []
+        )
+        items = [("build-dcnv3", ext_cmd, self.env(MAX_JOBS=max(1, cores - 4)))]
+        sdists = sorted((REPO / ".carry").glob("DCNv4-*.tar.gz"))
+        if sdists:
+            # the peer builds with the rest of the cores, into the same target dir as the carried wheels
+            cap = (self.capability or "9.0").replace("a", "")
+            dcn_env = self.env(MAX_JOBS=4, TORCH_CUDA_ARCH_LIST=cap)
+            items.append(
+                (
+                    "build-dcnv4",
+                    [self.args.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
+                     "--no-cache-dir", "--target", str(self.site), str(sdists[0])],
+                    dcn_env,
+                )
+            )  # fmt: skip
+        results = self.steps(items, budget)
+        detail = {"arch": arch, "steps": results}
+        notes = [
+            f"{r['name']} {'ok' if r['rc'] == 0 else 'FAILED rc ' + str(r['rc'])} ({r['seconds']} s)"
+            for r in results
+        ]
+        if not sdists:
+            notes.append("no DCNv4 sdist in .carry/: bench dcn runs without the peer")
+        ext_ok = results[0]["rc"] == 0
+        if not ext_ok:
+            notes.append("extension: " + _last_error(results[0]["tail"]))
+        return ("ok" if ext_ok else "failed"), "; ".join(notes), detail
+
+    def phase_a(self, budget):
+        xml = self.work / "kernel_tests.xml"
+        xml.unlink(missing_ok=True)
+        if not self.dry:
+            # a missing or broken extension must fail this phase, not skip every test
+            probe = self.step(
+                "a-extension",
+                [self.args.python, "-c", "import torch; from pretrain.ops import cuda; "
+                 "r = cuda.unavailable_reason(torch.empty(1, device='cuda')); print(r or 'ok'); raise SystemExit(bool(r))"],
+                min(60, budget),
+            )  # fmt: skip
+            if probe["rc"] != 0:
+                return "failed", "the extension is not usable: " + probe["tail"].strip()[-400:], {}
+        res = self.step(
+            "a-pytest",
+            [self.args.python, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernel_gpu.py", "-p", "no:cacheprovider",
+             "-o", "addopts=", f"--junitxml={xml}"],
+            budget,
+        )  # fmt: skip
+        summary = _junit(xml)
+        self.results["kernel_tests"] = summary
+        lines = [f"pytest: {summary.get('tests', 0)} tests, {summary.get('failures', 0)} failures, "
+                 f"{summary.get('errors', 0)} errors, {summary.get('skipped', 0)} skipped ({res['seconds']} s)"]  # fmt: skip
+        for f in summary.get("failed", [])[:30]:
+            lines.append(f"- FAILED `{f['test']}`: {f['message']}")
+        self.md["a"] = lines
+        if res["timed_out"]:
+            return "failed", f"timed out after {res['seconds']} s", summary
+        if self.dry:
+            if summary.get("tests", 0) and summary.get("skipped") == summary.get("tests"):
+                return (
+                    "skipped",
+                    f"dry run: no CUDA device ({summary['tests']} GPU tests collected, all skipped)",
+                    {},
+                )
+            return "failed", f"dry run: expected every GPU test to skip, got {summary}", {}
+        if summary.get("tests", 0) == 0:
+            return "failed", "pytest ran no test: " + res["tail"][-300:], {}
+        bad = summary.get("failures", 0) + summary.get("errors", 0)
+        if bad or summary.get("skipped", 0) or res["rc"] != 0:
+            return "failed", lines[0], {}
+        return "ok", lines[0], {}
+
+    def phase_b(self, budget):
+        out_md, out_json = self.work / "model_check.md", self.work / "model_check.json"
+        argv = ["bench", "model", "--out", str(out_md), "--json", str(out_json)]
+        if self.dry:
+            argv += ["--tiny", "--candidate", "reference"]
+        res = self.step("b-model", self.pretrain(*argv), budget)
+        if out_json.exists():
+            self.results["model_check"] = json.loads(out_json.read_text())
+        self.md["b"] = (
+            out_md.read_text().splitlines() if out_md.exists() else [f"no table: {_last_error(res['tail'])}"]
+        )
+        note = "dry run: CPU, tiny models, the reference as candidate (plumbing only)" if self.dry else ""
+        if res["rc"] != 0:
+            why = (
+                "timed out"
+                if res["timed_out"]
+                else ("a check failed" if out_json.exists() else _last_error(res["tail"]))
+            )
+            return "failed", why, {}
+        return "ok", note, {}
+
+    def phase_c(self, budget):
+        if self.dry:
+            runs = [("c-dcn", ["--allow-cpu", "--models", "t", "--stages", "4", "--dtypes", "fp32", "--image-size", "32",
+                               "--warmup", "1", "--iters", "1"], 1.0)]  # fmt: skip
+        else:
+            common = ["--image-size", "224", "--warmup", "3", "--iters", "10"]
+            # torch.compile recompiles per shape: its rows run last and apart, so a slow compile costs only them
+            runs = [
+                ("c-dcn-t", ["--models", "t", "--impls", "kernel,reference,dcnv4", *common], 0.25),
+                ("c-dcn-h", ["--models", "h", "--impls", "kernel,reference,dcnv4", *common], 0.35),
+                (
+                    "c-dcn-compiled",
+                    ["--models", "t,h", "--impls", "compiled", "--dtypes", "bf16", *common],
+                    0.40,
+                ),
+            ]
+        tables, rows, failed = [], [], []
+        t0 = time.monotonic()
+        for i, (name, argv, share) in enumerate(runs):
+            left = budget - (time.monotonic() - t0)
+            # a run's share of the phase, plus whatever earlier runs left unused
+            later = sum(s for _, _, s in runs[i + 1 :])
+            timeout = left * share / (share + later)
+            out_md = self.work / f"{name}.md"
+            out_md.unlink(missing_ok=True)
+            res = self.step(name, self.pretrain("bench", "dcn", *argv, "--out", str(out_md)), timeout)
+            if out_md.exists():
+                text = out_md.read_text()
+                tables.append(text)
+                rows.extend({"run": name, **r} for r in _md_rows(text))
+            if res["rc"] != 0:
+                failed.append(f"{name}: " + ("timed out" if res["timed_out"] else _last_error(res["tail"])))
+        self.results["dcn"] = rows
+        self.md["c"] = "\n\n".join(tables).splitlines() or ["no table"]
+        errors = [r for r in rows if r.get("note", "").startswith(("error", "OOM"))]
+        notes = failed + [f"{len(errors)} rows with errors/OOM"] * bool(errors)
+        if self.dry:
+            notes.insert(0, "dry run: CPU, reference only, one tiny shape")
+        return ("failed" if failed else "ok"), "; ".join(notes), {}
+
+    def phase_d(self, budget):
+        adam = self.work / "torch_adamw.json"
+        adam.write_text(json.dumps({"optimizer": {"params": {"torch_adam": True, "fused": True}}}))
+        if self.dry:
+            runs = [
+                ("d-train-t", ["--tiny", "--steps", "2", "--warmup", "1", "--batch-size", "auto"], 0.3),
+                ("d-train-h", ["--tiny", "--models", "internimage_h", "--steps", "2", "--warmup", "1", "--set", TINY_H], 0.3),
+            ]  # fmt: skip
+        else:
+            runs = [
+                ("d-train-t", ["--models", "internimage_t", "--backends", "reference", "cuda", "--batch-size", "auto",
+                               "--max-batch", "1024", "--warmup", "3", "--steps", "5"], 0.3),
+                ("d-train-h", ["--models", "internimage_h", "--with-cp", "--backends", "reference", "cuda",
+                               "--batch-size", "auto", "--max-batch", "256", "--warmup", "2", "--steps", "3"], 0.37),
+            ]  # fmt: skip
+        rows, failed, tables = [], [], []
+        t0 = time.monotonic()
+        shares = [s for _, _, s in runs] + [0.33]
+        for i, (name, argv, share) in enumerate(runs):
+            left = budget - (time.monotonic() - t0)
+            timeout = left * share / sum(shares[i:])
+            out_json = self.work / f"{name}.json"
+            out_json.unlink(missing_ok=True)
+            res = self.step(name, self.pretrain("bench", "train", *argv, "--json", str(out_json)), timeout)
+            if out_json.exists():
+                rows.extend(json.loads(out_json.read_text()))
+            tables.append(_last_table(res["tail"], "| model | DCN backend"))
+            if res["rc"] != 0:
+                failed.append(f"{name}: " + ("timed out" if res["timed_out"] else _last_error(res["tail"])))
+        self.results["train"] = rows
+        recipe, note = self.recipe(budget - (time.monotonic() - t0), adam)
+        self.results["recipe"] = recipe
+        if note:
+            failed.append("recipe: " + note)
+        self.md["d"] = "\n\n".join(t for t in tables if t).splitlines() + [""] + _recipe_md(recipe)
+        notes = (["dry run: CPU, tiny models, fp32/bf16"] if self.dry else []) + failed
+        return ("failed" if failed else "ok"), "; ".join(notes), {}
+
+    def recipe(self, budget: float, adam: Path) -> tuple[dict, str]:
+        """configs/internimage_h_m3i_427m.yaml itself for a few steps (ZeRO-3, bf16, text tower, EMA teacher,
+        mixing) on the generated sample corpus read by the arrow reader (Ray is not on the device)."""
+        t0 = time.monotonic()
+        sample = self.work / "sample"
+        run_dir = self.work / "recipe"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        size = ["--num", "128", "--size", "48"] if self.dry else ["--num", "768", "--size", "64", "96"]
+        if not (sample / "train" / "manifest.json").exists():
+            res = self.step(
+                "d-recipe-data", self.pretrain("data", "sample", str(sample), *size), min(60, budget)
+            )
+            if res["rc"] != 0:
+                return {}, "sample corpus: " + _last_error(res["tail"])
+        sets = [
+            f"output_dir={run_dir}", f"data.sources=[{{name: sample, uri: {sample}/train/manifest.json, weight: 1.0}}]",
+            "data.reader=arrow", f"objective.text.tokenizer={sample}/tokenizer.json", "objective.text.train_if_missing=true",
+            "objective.zero_shot.every_steps=0", "schedule.total_steps=6", "schedule.warmup_steps=1",
+            "checkpoint.every_steps=0", "checkpoint.save_final=false", "checkpoint.save_on_signal=false",
+            "logging.every_steps=1", "logging.tensorboard=false", "logging.dcn_points_every=0",
+            f"engine.deepspeed_config={adam}",
+        ]  # fmt: skip
+        if self.dry:
+            sets += [
+                "data.num_workers=1", "data.batch_size=4", "data.image_size=64", "schedule.total_steps=3", TINY_H,
+                "objective.text.width=64", "objective.text.depth=1", "objective.text.heads=4",
+                "objective.text.context_length=24", "objective.text.vocab_size=400", "objective.dense.decoder_width=64",
+                "objective.dense.decoder_depth=1", "objective.dense.decoder_heads=4", "objective.dense.projector_dim=32",
+                "objective.mix.min_block=2",
+            ]  # fmt: skip
+        else:
+            sets += ["data.num_workers=8"]
+        argv = ["train", "--config", "configs/internimage_h_m3i_427m.yaml"]
+        for s in sets:
+            argv += ["--set", s]
+        res = self.step("d-recipe", self.pretrain(*argv), budget - (time.monotonic() - t0))
+        metrics = []
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        summary = _recipe_summary(metrics)
+        summary["seconds"] = res["seconds"]
+        if res["rc"] != 0:
+            return summary, ("timed out" if res["timed_out"] else _last_error(res["tail"]))
+        if not metrics:
+            return summary, "no metrics.jsonl written"
+        return summary, ""
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> None:
+        total = time.monotonic() - self.start
+        self.results["total_s"] = round(total, 1)
+        r = self.results
+        facts = r.get("facts", {})
+        lines = [
+            f"# GPU check{' (DRY RUN on CPU: plumbing only, no GPU figures)' if self.dry else ''}",
+            "",
+            f"{r['date']}, {facts.get('gpu', 'no GPU')}, torch {facts.get('packages', {}).get('torch', '?')}, "
+            f"git {r['git']}, `{r['command']}`, {total:.0f} s of a {self.args.budget} s budget.",
+            "",
+            "| phase | what | status | seconds | note |",
+            "|---|---|---|---|---|",
+        ]
+        for key in PHASES:
+            p = r["phases"].get(key)
+            if p is None:
+                continue
+            note = str(p["note"]).replace("|", "/").replace("\n", " ")
+            lines.append(f"| {key} | {TITLES[key]} | {p['status']} | {p['seconds']} | {note} |")
+        for key, title in (("facts", "Device facts"), ("a", "a. Kernel tests"), ("b", "b. Model check"),
+                           ("c", "c. DCN block benchmark"), ("d", "d. Train step")):  # fmt: skip
+            if key in self.md:
+                lines += ["", f"## {title}", "", *self.md[key]]
+        (self.out / "report.md").write_text("\n".join(lines) + "\n")
+        (self.out / "report.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+        print()
+        for key in PHASES:
+            p = r["phases"].get(key)
+            if p is not None:
+                print(
+                    f"phase {key}: {p['status']} ({p['seconds']} s){': ' + str(p['note'])[:300] if p['note'] else ''}"
+                )
+        print(f"gpu_check: {total:.0f} s; report in {self.out}/report.md, report.json, log.txt")
+
+    def main(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.out / "log.txt", "w")  # noqa: SIM115
+        self.say(f"gpu_check {'--dry-run ' if self.dry else ''}phases {','.join(self.args.phases)}; out {self.out}; "
+                 f"work {self.work}; python {self.args.python}; budget {self.args.budget} s")  # fmt: skip
+        for key, fn in (("install", self.install), ("facts", self.facts), ("build", self.build), ("a", self.phase_a),
+                        ("b", self.phase_b), ("c", self.phase_c), ("d", self.phase_d)):  # fmt: skip
+            self.phase(key, fn)
+        self.report()
+        self.log.close()
+        failed = [k for k, p in self.results["phases"].items() if p["status"] == "failed"]
+        return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """SIGTERM to the step's process group, SIGKILL after 5 s (only processes this run started)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(text: str, n: int = 4000) -> str:
+    return text[-n:]
+
+
+def _last_error(tail: str) -> str:
+    """The most telling line of a failed step's output: the last exception or error line."""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.search(r"(Error|Exception|error:|FAILED|Killed|Traceback)", ln):
+            return ln[:300]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+def _junit(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    out = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    out["failed"] = []
+    for case in suite.iter("testcase"):
+        for tag in ("failure", "error"):
+            el = case.find(tag)
+            if el is not None:
+                msg = (el.get("message") or el.text or "").strip().splitlines()
+                out["failed"].append({"test": case.get("name"), "message": (msg[0] if msg else "")[:300]})
+    return out
+
+
+def _md_rows(text: str) -> list[dict]:
+    """Rows of the Markdown table(s) in `text` as dicts keyed by the header."""
+    rows, head = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            head = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if head is None:
+            head = cells
+        elif set("".join(cells)) <= set("-: "):
+            continue
+        else:
+            rows.append(dict(zip(head, cells)))
+    return rows
+
+
+def _last_table(text: str, header: str) -> str:
+    """The last Markdown table in `text` whose header line starts with `header` (empty if none)."""
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(header)]
+    if not starts:
+        return ""
+    out = []
+    for ln in lines[starts[-1] :]:
+        if not ln.startswith("|"):
+            break
+        out.append(ln)
+    return "\n".join(out)
+
+
+def _recipe_summary(metrics: list[dict]) -> dict:
+    if not metrics:
+        return {"steps": 0}
+    steady = metrics[2:] or metrics[-1:]  # the first steps include allocator and cuDNN warm-up
+
+    def mean(key):
+        vals = [m[key] for m in steady if isinstance(m.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "steps": len(metrics),
+        "losses": {
+            k: [round(m[k], 4) for m in metrics if k in m] for k in metrics[-1] if k.startswith("loss/")
+        },
+        "step_time_s": mean("perf/step_time_s"),
+        "samples_per_s": mean("perf/samples_per_s"),
+        "tflops_per_device": mean("perf/tflops_per_device"),
+        "mfu": mean("perf/mfu"),
+        "data_wait_frac": mean("perf/data_wait_frac"),
+        "max_allocated_gib": max((m.get("memory/max_allocated_gib") or 0.0) for m in metrics) or None,
+        "host_max_rss_gib": max((m.get("memory/host_max_rss_gib") or 0.0) for m in metrics) or None,
+    }
+
+
+def _recipe_md(s: dict) -> list[str]:
+    if not s or not s.get("steps"):
+        return ["Recipe (configs/internimage_h_m3i_427m.yaml): no step completed."]
+
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    mfu = None if s["mfu"] is None else 100 * s["mfu"]
+    lines = [
+        "Recipe `configs/internimage_h_m3i_427m.yaml` (ZeRO-3, bf16, with_cp, text tower, EMA teacher, mixing; "
+        "sample corpus, arrow reader, torch AdamW, schedule cut to a few steps):",
+        "",
+        "| steps | step (s) | samples/s | TFLOP/s/dev | MFU | data wait | peak GPU mem (GiB) | host RSS (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {s['steps']} | {fmt(s['step_time_s'], '.3f')} | {fmt(s['samples_per_s'], '.1f')} | "
+        f"{fmt(s['tflops_per_device'], '.1f')} | {fmt(mfu, '.1f')}% | "
+        f"{fmt(s['data_wait_frac'], '.2f')} | {fmt(s['max_allocated_gib'], '.1f')} | {fmt(s['host_max_rss_gib'], '.1f')} |",
+        "",
+    ]
+    for k, v in s.get("losses", {}).items():
+        lines.append(f"- {k}: {', '.join(map(str, v))}")
+    return lines
+
+
+def _git_head() -> str:
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()  # fmt: skip
+        return res.stdout.strip() + ("+dirty" if dirty else "") if res.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", help="output folder (default: $OUT, else runs/gpu_check)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU: the same plumbing, tiny shapes, GPU phases skipped"
+    )
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
+    parser.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", TOTAL_S)),
+                        help=f"overall seconds (default {TOTAL_S}, or $GPU_CHECK_BUDGET_S)")  # fmt: skip
+    parser.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"),
+                        help="scratch: installed carry, builds, sample corpus, step logs")  # fmt: skip
+    parser.add_argument("--python", default=sys.executable, help="the Python that runs every step")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if os.sep in args.python:
+        args.python = os.path.abspath(args.python)
+    args.out = args.out or os.environ.get("OUT") or str(REPO / "runs" / "gpu_check")
+    args.phases = [p for p in args.phases.split(",") if p]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s) {sorted(unknown)}; choose from {','.join(PHASES)}")
+    return Run(args).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
