@@ -109,3 +109,76 @@ def test_tensorboard_event_files_hold_the_expected_tags(tmp_path):
     # (tiny_cpu: peak 2e-3, 5 warmup steps from 0; the lr of step k is logged at step k + 1)
     assert [e.value for e in acc.Scalars("opt/lr")] == pytest.approx([0.0, 4e-4, 8e-4, 1.2e-3])
     assert (out / "config.yaml").exists() and (out / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def _tb_steps(tb_dir, tag="loss/loss"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _jsonl_steps(path):
+    return [(r["step"], r["loss/loss"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_resume_purges_replayed_steps_from_metrics_and_tensorboard(tmp_path):
+    from pretrain.monitor.writer import Monitor
+
+    first = Monitor(str(tmp_path), enabled=True, console=False)
+    first.text("config", "first run", 0)
+    for step in range(1, 11):  # the first run got to step 10, its last checkpoint is step 6
+        first.scalars(step, {"loss/loss": float(step)})
+    first.close()
+    second = Monitor(str(tmp_path), enabled=True, console=False)
+    assert second.resume(6) == 4
+    second.text("config", "resumed", 6)
+    for step in range(7, 13):
+        second.scalars(step, {"loss/loss": 100.0 + step})
+    second.close()
+    want = [(s, float(s)) for s in range(1, 7)] + [(s, 100.0 + s) for s in range(7, 13)]
+    assert _jsonl_steps(tmp_path / "metrics.jsonl") == want
+    assert _tb_steps(tmp_path / "tb") == want
+
+
+def test_first_scalars_purge_later_records_without_resume_call(tmp_path):
+    """A run that restarts without telling the monitor (or a fresh run into an old output folder) still never
+    writes a series that goes backwards."""
+    from pretrain.monitor.writer import Monitor
+
+    first = Monitor(str(tmp_path), enabled=True, console=False)
+    for step in range(1, 9):
+        first.scalars(step, {"loss/loss": float(step)})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss/lo')  # killed mid-write
+    second = Monitor(str(tmp_path), enabled=True, console=False)
+    second.image("inputs/first_batch", torch.zeros(3, 4, 4, dtype=torch.uint8), 4)
+    for step in range(5, 7):
+        second.scalars(step, {"loss/loss": -float(step)})
+    second.close()
+    want = [(s, float(s)) for s in range(1, 5)] + [(5, -5.0), (6, -6.0)]
+    assert _jsonl_steps(tmp_path / "metrics.jsonl") == want
+    assert _tb_steps(tmp_path / "tb") == want
+
+
+@pytest.mark.slow
+def test_resumed_run_logs_every_step_once(tmp_path):
+    """A real restart from an earlier checkpoint replays steps 3-4: metrics.jsonl and TensorBoard hold each
+    step once, the replayed values replacing the first run's."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "pretrain.cli", "train", "-c", str(REPO / "configs/tiny_cpu.yaml")]
+    base += ["--output-dir", str(out)]
+    for s in ("synthetic.enabled=true", "synthetic.image_size=32", "synthetic.batch_size=8",
+              "schedule.total_steps=4", "logging.every_steps=1", "logging.dcn_points_every=0",
+              "checkpoint.every_steps=2", "checkpoint.keep=3"):  # fmt: skip
+        base += ["--set", s]
+    for extra in ([], ["--resume", str(out / "checkpoints" / "step_00000002")]):
+        proc = subprocess.run(base + extra, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _jsonl_steps(out / "metrics.jsonl")
+    assert [s for s, _ in rows] == [1, 2, 3, 4]
+    assert [s for s, _ in _tb_steps(out / "tb")] == [1, 2, 3, 4]

@@ -9,11 +9,18 @@ Scalar tags (all under the optimizer step):
     train/skipped_steps    micro-steps skipped for a non-finite loss (cumulative)
     data/<counter>         the stream's bad-sample counters (cumulative, summed over ranks)
 Images: `inputs/first_batch` (grid), `dcn/sampling_points` (periodic).
+
+A restarted run replays the steps after its checkpoint: `resume(step)` drops the records of later steps from
+metrics.jsonl and hides them in TensorBoard (the event writer is opened with `purge_step`), so each series
+holds every step once. Without that call, the first `scalars()` does the same from its own step: a series
+never goes backwards. Until one of them decides, TensorBoard events (config text, first images) are held
+in memory, so the purge never hides this run's own events.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,23 +55,66 @@ class Monitor:
         self.metrics = None
         self.t0 = time.time()
         self.first_step: int | None = None
+        self._tensorboard = tensorboard and enabled
+        self._checked = False  # whether replayed records were purged (by resume() or the first scalars())
+        self._pending: list[tuple[str, tuple]] = []  # events before that decision (a few: config, images)
         if not enabled:
             return
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
-        if tensorboard:
+        self.out = Path(output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close()
+        tb = self.out / "tb"
+        self._earlier_events = tb.is_dir() and any(tb.iterdir())
+
+    def resume(self, step: int) -> int:
+        """The run continues after `step`: drop every record of a later step (written before the restart)
+        from metrics.jsonl and hide them in TensorBoard. Returns how many metrics lines were dropped."""
+        return self._purge_from(step + 1, resumed=True)
+
+    def _purge_from(self, first_new: int, resumed: bool = False) -> int:
+        """Cut metrics.jsonl at first_new and open the event writer, with `purge_step=first_new` when an
+        earlier run left events there; then write the events held back until now."""
+        if not self.enabled or self._checked:
+            self._checked = True
+            return 0
+        self._checked = True
+        dropped = _truncate_jsonl(self.metrics_path, first_new)
+        if dropped:
+            self.metrics.close()
+            self.metrics = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close()
+            self.log(f"dropped {dropped} metrics record(s) of step >= {first_new} written before the restart")
+        purge = first_new if self._earlier_events and (resumed or dropped) else None
+        self._open_writer(purge)
+        return dropped
+
+    def _open_writer(self, purge_step: int | None) -> None:
+        if self._tensorboard and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.out / "tb"), purge_step=purge_step)
+        pending, self._pending = self._pending, []
+        for kind, args in pending:
+            self._write(kind, *args)
+
+    def _write(self, kind: str, *args) -> None:
+        if self.writer is None:
+            if self._tensorboard and not self._checked:
+                self._pending.append((kind, args))
+            return
+        if kind == "image":
+            self.writer.add_image(*args, dataformats="CHW")
+        else:
+            getattr(self.writer, f"add_{kind}")(*args)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.writer is not None:
-            for tag, value in values.items():
-                if value is not None:
-                    self.writer.add_scalar(tag, float(value), step)
+        if not self._checked:
+            self._purge_from(step)
+        for tag, value in values.items():
+            if value is not None:
+                self._write("scalar", tag, float(value), step)
         self.metrics.write(
             json.dumps({"step": step, **{k: float(v) for k, v in values.items() if v is not None}}) + "\n"
         )
@@ -72,12 +122,12 @@ class Monitor:
 
     def image(self, tag: str, image: torch.Tensor | None, step: int) -> None:
         """image: uint8 (3, H, W)."""
-        if self.enabled and self.writer is not None and image is not None:
-            self.writer.add_image(tag, image, step, dataformats="CHW")
+        if self.enabled and image is not None:
+            self._write("image", tag, image, step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.enabled and self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        if self.enabled:
+            self._write("text", tag, text, step)
 
     def progress(self, step: int, values: dict[str, float]) -> None:
         """One console line: step, loss, lr, samples/s, step time, data wait, ETA."""
@@ -110,9 +160,38 @@ class Monitor:
             self.writer.flush()
 
     def close(self) -> None:
+        if self.enabled and self._pending:  # never logged a scalar: write what was held back
+            self._checked = True
+            self._open_writer(None)
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+
+
+def _truncate_jsonl(path: Path, first_new: int) -> int:
+    """Cut metrics.jsonl before its first record with step >= first_new; returns the number of lines cut.
+
+    Records are appended in step order, so everything from that line on was written by the run being
+    replaced. A half-written last line (a kill mid-write) is cut too.
+    """
+    if not path.exists():
+        return 0
+    offset, cut_at, cut = 0, None, 0
+    with open(path, "rb") as f:
+        for line in f:
+            if cut_at is None:
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    step = first_new  # unreadable: cut from here
+                if step >= first_new:
+                    cut_at = offset
+            if cut_at is not None:
+                cut += 1
+            offset += len(line)
+    if cut_at is not None:
+        os.truncate(path, cut_at)
+    return cut
