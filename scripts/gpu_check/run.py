@@ -281,7 +281,7 @@ class Run:
                 min(60, budget),
             )  # fmt: skip
             if probe["rc"] != 0:
-                return "failed", "the extension is not usable: " + probe["tail"].strip()[-400:], {}
+                return "failed", "the extension is not usable: " + _last_error(probe["tail"]), {}
         res = self.step(
             "a-pytest",
             [self.args.python, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernel_gpu.py", "-p", "no:cacheprovider",
