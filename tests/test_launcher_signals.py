@@ -183,3 +183,27 @@ def test_extensions_dir_is_per_environment_with_its_ninja_first(tmp_path):
     bindir = os.path.dirname(sys.executable)
     if os.path.exists(os.path.join(bindir, "ninja")):
         assert first == bindir
+
+
+def test_launcher_finds_the_checkouts_venv_without_activation(tmp_path):
+    """`launch/deepspeed_train.sh` from a shell where the venv is not activated (PATH without its bin/):
+    the script puts the checkout's .venv/bin first instead of failing on `deepspeed: command not found`."""
+    if not (REPO / ".venv" / "bin" / "deepspeed").exists():
+        pytest.skip("no .venv with deepspeed in this checkout")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(ENV, PATH="/usr/bin:/bin", NUM_GPUS="1", MASTER_PORT=str(_port()))
+    r = subprocess.run(
+        [
+            str(REPO / "launch" / "deepspeed_train.sh"),
+            "--config",
+            str(REPO / "configs/tiny_cpu.yaml"),
+            "--print-config",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "name: tiny_cpu" in r.stdout
