@@ -50,29 +50,31 @@ setsid deepspeed "${args[@]}" --module pretrain.cli train "$@" &
 runner=$!
 
 children() { pgrep -P "$1" 2>/dev/null || true; }
-
-# The ranks of this node: the children of the runner's `deepspeed.launcher.launch` child.
-local_ranks() {
-  local launcher
-  for launcher in $(children "$runner"); do
-    if tr '\0' ' ' <"/proc/$launcher/cmdline" 2>/dev/null | grep -q "deepspeed.launcher.launch"; then
-      children "$launcher"
-    fi
-  done
-}
+is_launcher() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "deepspeed.launcher.launch"; }
 
 stopping=""
 forward() {
-  local sig="$1" to="$1" ranks
+  local sig="$1" to="$1" child launchers="" others="" ranks=""
   [[ "$sig" == HUP ]] && to=TERM
-  ranks="$(local_ranks)"
-  if [[ -n "$ranks" ]]; then
-    echo "deepspeed_train.sh: SIG$sig: asking the ranks ($(echo $ranks)) to finish the step, save and exit" >&2
+  for child in $(children "$runner"); do
+    if is_launcher "$child"; then launchers+=" $child"; else others+=" $child"; fi
+  done
+  for child in $launchers; do ranks+=" $(children "$child")"; done
+  ranks="$(echo $ranks)"
+  if [[ -n "$ranks" ]]; then  # this node's ranks: they save and exit, the launcher then ends by itself
+    echo "deepspeed_train.sh: SIG$sig: asking the ranks ($ranks) to finish the step, save and exit" >&2
     # shellcheck disable=SC2086
     kill -s "$to" $ranks 2>/dev/null || true
-  else  # multi-node (pdsh), or no rank started yet: the runner's own handling
+  elif [[ -n "$launchers" ]]; then  # no rank started yet: nothing to save, DeepSpeed's launcher stops
+    echo "deepspeed_train.sh: SIG$sig before the ranks started: stopping the launcher" >&2
+    # shellcheck disable=SC2086
+    kill -s "$to" $launchers 2>/dev/null || true
+  elif [[ -n "$others" ]]; then  # multi-node (pdsh): the runner's own handler stops the remote launchers
     echo "deepspeed_train.sh: SIG$sig: passing it to the deepspeed runner" >&2
     kill -s "$to" "$runner" 2>/dev/null || true
+  else  # the runner is still starting: its whole session
+    echo "deepspeed_train.sh: SIG$sig while the deepspeed runner starts: stopping it" >&2
+    kill -s "$to" -- "-$runner" 2>/dev/null || kill -s "$to" "$runner" 2>/dev/null || true
   fi
   stopping="SIG$sig"
 }

@@ -207,3 +207,49 @@ def test_launcher_finds_the_checkouts_venv_without_activation(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "name: tiny_cpu" in r.stdout
+
+
+_STALLED_RANK = """
+import os, sys, time
+from pretrain.engine import dist
+dist.ensure_process_group("gloo")
+if dist.rank() == 1:
+    time.sleep(30)  # never joins the collective (and never leaves the group)
+    sys.exit(0)
+t0 = time.monotonic()
+try:
+    dist.all_reduce_max([1.0])
+except dist.CollectiveTimeoutError as err:
+    print(f"TIMEOUT after {time.monotonic() - t0:.1f}s: {err}", flush=True)
+    os._exit(3)
+print("no timeout", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_collectives_time_out_with_a_named_error(tmp_path):
+    """The process group gets PRETRAIN_COLLECTIVE_TIMEOUT_S (DeepSpeed's default is 30 min); a collective that
+    another rank never joins raises CollectiveTimeoutError, which says what happened."""
+    from pretrain.engine.dist import local_world_env
+
+    port = _port()
+    env = {**os.environ, **ENV, pdist.COLLECTIVE_TIMEOUT_ENV: "3", pdist.HEARTBEAT_TIMEOUT_ENV: "0"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STALLED_RANK],
+            env={**env, **local_world_env(r, 2, port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        out0, _ = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 3, out0[-3000:]
+    took = float(out0.split("TIMEOUT after ")[1].split("s:")[0])
+    assert took < 20 and "did not complete within the collective timeout" in out0

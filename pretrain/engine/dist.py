@@ -238,6 +238,8 @@ class Heartbeat:
         if self._stop.is_set():
             return
         self._stop.set()
+        if not (dist.is_available() and dist.is_initialized()):
+            return  # the group was torn down together (after a barrier): nobody is watching any more
         with contextlib.suppress(Exception):
             store = dist.TCPStore(
                 self.host,
