@@ -307,12 +307,12 @@ def run(args) -> int:
         for backend in _backends(args.backends):
             results.append(bench_one(model, backend, args))
             print(table(results[-1:]).splitlines()[-1], flush=True)
+            if args.json_out:  # after every row: a run killed later keeps what it measured
+                with open(args.json_out, "w") as f:
+                    json.dump([_finite(r) for r in results], f, indent=1)
     print()
     print(f"{time.strftime('%Y-%m-%d')}: pretrain bench train {' '.join(_argv(args, models))}")
     print(table(results))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump([_finite(r) for r in results], f, indent=1)
     return 0
 
 
