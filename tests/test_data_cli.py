@@ -83,7 +83,11 @@ def test_data_commands_never_import_torch(tmp_path):
         "import sys; from pretrain.cli import main; rc = main(sys.argv[1:]); "
         "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
     )
-    for args in (["data", "inspect", str(out / "train"), "--rows", "3"], ["data", "tokenizer", "--help"]):
+    for args in (
+        ["data", "inspect", str(out / "train"), "--rows", "3"],
+        ["data", "tokenizer", "--help"],
+        ["data", "sample", str(tmp_path / "again"), "--num", "6", "--num-val", "0", "--size", "16"],
+    ):
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-2000:])
     r = subprocess.run(
