@@ -200,11 +200,14 @@ def bench_one(model: str, backend: str, args) -> dict:
         batch = 8 if args.tiny else (128 if model in ("internimage_t", "internimage_s") else 32)
     else:
         batch = args.batch_size
+    retry = False
     try:
         result = _run_trainer(model, backend, batch, size, precision, args)
     except torch.OutOfMemoryError:
         if how is None:
             raise
+        retry = True  # retried outside the handler: the exception's frames still hold the failed engine
+    if retry:
         gc.collect()
         torch.cuda.empty_cache()
         batch = max(1, int(batch * 0.75) // 8 * 8)
@@ -302,18 +305,36 @@ def run(args) -> int:
     models = (
         ["internimage_t"] if args.tiny and args.models == ["internimage_t", "internimage_h"] else args.models
     )
-    results = []
+    results, errors = [], []
     for model in models:
         for backend in _backends(args.backends):
-            results.append(bench_one(model, backend, args))
-            print(table(results[-1:]).splitlines()[-1], flush=True)
+            try:
+                results.append(bench_one(model, backend, args))
+            except Exception as err:  # a backend that cannot run (or crashes): report it, measure the others
+                errors.append(
+                    {"model": model, "backend": backend, "error": f"{type(err).__name__}: {err}"[:500]}
+                )
+                print(f"{model} / {backend}: FAILED {errors[-1]['error']}", flush=True)
+                _release()
+            else:
+                print(table(results[-1:]).splitlines()[-1], flush=True)
             if args.json_out:  # after every row: a run killed later keeps what it measured
                 with open(args.json_out, "w") as f:
-                    json.dump([_finite(r) for r in results], f, indent=1)
+                    json.dump([_finite(r) for r in results] + errors, f, indent=1)
     print()
     print(f"{time.strftime('%Y-%m-%d')}: pretrain bench train {' '.join(_argv(args, models))}")
     print(table(results))
-    return 0
+    for e in errors:
+        print(f"FAILED {e['model']} / {e['backend']}: {e['error']}")
+    return 1 if errors else 0
+
+
+def _release() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _finite(row: dict) -> dict:

@@ -617,6 +617,9 @@ def _train_md(rows: list[dict]) -> list[str]:
         "|" + "---|" * 13,
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['backend']} |" + " |" * 10 + f" FAILED: {r['error'][:200]} |")
+            continue
         search = r.get("batch_search")
         how = (
             f"predicted max {search['predicted_max']} ({search['gib_per_sample']:.2f} GiB/sample + "
