@@ -114,3 +114,39 @@ def test_build_to_s3_and_missing_shard_message(s3, tmp_path):
     s3fs.S3FileSystem().rm("corpus/built/p00001-000.parquet")
     with pytest.raises(FileNotFoundError, match="s3://corpus/built/p00001-000.parquet"):
         Manifest.load(url)
+
+
+def test_rebuild_into_s3_redoes_changed_parts(s3, tmp_path):
+    """The part fingerprints and the clean-up of an earlier input's parts work on an object store too."""
+    import s3fs
+
+    src = tmp_path / "in"
+    local = make_sample_corpus(str(tmp_path / "gen"), num=6, size=24, seed=2, num_val=0)
+    import pyarrow.parquet as pq
+
+    images = pq.read_table(local.replace("manifest.json", "shard-00000.parquet")).column("image").to_pylist()
+    (src / "dog").mkdir(parents=True)
+    for i, data in enumerate(images[:4]):
+        (src / "dog" / f"{i}.jpg").write_bytes(data)
+    out = "s3://corpus/rebuilt"
+    build("folder", str(src), out, shard_rows=2, row_group_rows=2, progress=False)
+    (src / "ant").mkdir()
+    (src / "ant" / "a.jpg").write_bytes(images[4])
+    with pytest.warns(UserWarning, match="rebuilding"):
+        url = build("folder", str(src), out, shard_rows=2, row_group_rows=2, progress=False)
+    m = Manifest.load(url)
+    assert m.label_names == ["ant", "dog"] and m.num_rows == 5
+    labels = {}
+    for i in range(len(m.shards)):
+        with s3fs.S3FileSystem().open(m.shard_url(i).split("://", 1)[1], "rb") as f:
+            for r in pq.read_table(f, columns=["key", "label"]).to_pylist():
+                labels[r["key"]] = m.label_names[r["label"]]
+    assert labels == {k: k.split("/")[0] for k in labels} and len(labels) == 5
+    # a smaller input: the parts it no longer has are deleted with their shards
+    for p in (src / "dog").iterdir():
+        p.unlink()
+    (src / "dog").rmdir()
+    with pytest.warns(UserWarning, match="not in this input; deleting its shards"):
+        build("folder", str(src), out, shard_rows=2, row_group_rows=2, progress=False)
+    left = sorted(p.rsplit("/", 1)[1] for p in s3fs.S3FileSystem().find("corpus/rebuilt"))
+    assert left == ["manifest.json", "p00000-000.parquet", "p00000.json"], left
