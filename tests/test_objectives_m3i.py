@@ -120,3 +120,19 @@ def test_bf16_module_and_inputs():
     out["loss"].backward()
     obj.on_step_end(1, 10)
     assert obj.evaluate([batch])["zeroshot/n"] == 4
+
+
+def test_missing_tokenizer_is_never_trained_inside_a_multi_rank_job(tmp_path):
+    from test_objectives_helpers import CAPTIONS, tiny_cfg
+
+    from pretrain.config import ConfigError
+    from pretrain.objectives.m3i import resolve_tokenizer
+
+    path = tmp_path / "tok.json"
+    cfg = tiny_cfg(text={"tokenizer": str(path)})
+    with pytest.raises(ConfigError, match=r"objective\.text\.tokenizer .*2 ranks.*pretrain data tokenizer"):
+        resolve_tokenizer(cfg, {"captions_iter": CAPTIONS, "rank": 0, "world_size": 2})
+    assert not path.exists()
+    # a single process still trains it (the tiny CPU quick start) and rank 0 writes it
+    tok = resolve_tokenizer(cfg, {"captions_iter": CAPTIONS, "rank": 0, "world_size": 1})
+    assert tok.vocab_size > 0 and path.exists()

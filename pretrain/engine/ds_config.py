@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -30,13 +30,7 @@ def build_ds_config(
     offload DeepSpeed uses its CPUAdam (built on first use). `load_universal`: the run resumes from a universal
     checkpoint (DeepSpeed reads that flag at initialize time, so the resume target is resolved before).
     """
-    e = cfg.engine
-    if e.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"engine.zero_stage must be 0..3, got {e.zero_stage}")
-    if e.offload_param and e.zero_stage != 3:
-        raise ValueError("engine.offload_param needs engine.zero_stage=3")
-    if e.offload_optimizer and e.zero_stage == 0:
-        raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
+    e = cfg.engine  # its ranges (stage 0-3, offload needs ZeRO) are checked when the config loads
     cuda = torch.cuda.is_available()
     zero: dict = {"stage": e.zero_stage}
     if e.zero_stage >= 1:
@@ -75,5 +69,31 @@ def build_ds_config(
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}
     if e.deepspeed_config:
-        ds = merge(ds, json.loads(Path(e.deepspeed_config).read_text()))
+        ds = merge(ds, read_raw_config(e.deepspeed_config))
+        check_batch_sizes(ds, world_size)
     return ds
+
+
+def read_raw_config(path: str) -> dict:
+    """`engine.deepspeed_config`: a JSON object; a missing or broken file is a ConfigError naming the key."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"engine.deepspeed_config: cannot read {path} ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"engine.deepspeed_config: {path} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"engine.deepspeed_config: {path} must hold a JSON object")
+    return raw
+
+
+def check_batch_sizes(ds: dict, world_size: int) -> None:
+    """DeepSpeed asserts train_batch_size == micro x accumulation x ranks deep inside initialize: say which
+    keys disagree before that."""
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    if ds["train_batch_size"] != micro * accum * world_size:
+        raise ConfigError(
+            f"engine.deepspeed_config: train_batch_size {ds['train_batch_size']} != micro-batch {micro} x "
+            f"gradient_accumulation_steps {accum} x {world_size} ranks; drop the batch keys from the JSON and "
+            "set the stream's batch size and engine.grad_accum instead"
+        )

@@ -15,11 +15,11 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from ..config import RunConfig, dump_config, save_config
+from ..data import storage
 from ..data.cursor import BatchStream
 from ..monitor.panels import DCNProbe, image_grid
 from ..monitor.throughput import StepTimer, memory_stats, peak_tflops, train_flops_per_sample
@@ -90,7 +90,7 @@ class Trainer:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         self.stream = self.stream_factory(cfg, self.rank, self.world)
-        data_info = {**stream_info(self.stream, cfg), "rank": self.rank}
+        data_info = {**stream_info(self.stream, cfg), "rank": self.rank, "world_size": self.world}
         objective = self.objective = build_objective(cfg.objective, model, data_info)
         frozen = frozen_parameter_ids(objective)
         for param in objective.parameters():
@@ -142,7 +142,7 @@ class Trainer:
         if self.resume_target is not None:
             self._restore(*self.resume_target)
         if self.rank == 0:
-            save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+            save_config(cfg, storage.join(cfg.output_dir, "config.yaml"))
             self.monitor.text("config", "```\n" + dump_config(cfg) + "\n```", self.step)
         self._install_signal_handlers()
         self.monitor.log(

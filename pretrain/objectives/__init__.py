@@ -18,7 +18,8 @@ def build_objective(cfg: ObjectiveConfig, model: nn.Module, data_info: dict | No
     data_info keys (all optional unless a term needs them): `num_classes` (int; supervised needs it),
     `label_names` (list[str], index = label; class-name prompts need it), `captions_iter` (a callable
     returning an iterator of caption strings, or such an iterable; used to train the BPE tokenizer when
-    `cfg.text.tokenizer` does not exist yet), `rank` (int; only rank 0 writes a trained tokenizer).
+    `cfg.text.tokenizer` does not exist yet), `rank` (int; only rank 0 writes a trained tokenizer), `world_size` (int; a missing tokenizer is
+    trained only when it is 1).
     """
     data_info = dict(data_info or {})
     if cfg.name == "supervised":

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fields import ConfigError
 from ..parallel import TeacherEMA, local_shard
 from ..text import TextTokenizer, TextTransformer
 from .base import Objective
@@ -454,14 +455,22 @@ def ema_momentum(step: int, total_steps: int, start: float, end: float = 1.0) ->
 def resolve_tokenizer(
     cfg: ObjectiveConfig, data_info: dict, extra_texts: Sequence[str] = ()
 ) -> TextTokenizer:
-    """Load `cfg.text.tokenizer`, or train one on the data's captions (+ class prompts) when it is missing."""
+    """Load `cfg.text.tokenizer`, or train one on the data's captions (+ class prompts) when it is missing.
+
+    Training happens only in a single-process run: inside a multi-rank job every rank would train at model
+    build (and ranks could race on the file), so such a job refuses with the command that trains it once."""
     path = cfg.text.tokenizer
     if path and os.path.exists(path):
         return TextTokenizer.from_file(path, cfg.text.context_length)
+    command = f"pretrain data tokenizer --manifest <corpus> --vocab-size {cfg.text.vocab_size} --out {path or 'tokenizer.json'}"
     captions = data_info.get("captions_iter")
     if not cfg.text.train_if_missing or captions is None:
-        raise FileNotFoundError(
-            f"tokenizer {path!r} not found: train one with `pretrain data tokenizer --out {path or 'tokenizer.json'}`"
+        raise ConfigError(f"objective.text.tokenizer {path!r} not found: train one with `{command}`")
+    world_size = int(data_info.get("world_size", world()[1]))
+    if world_size > 1:
+        raise ConfigError(
+            f"objective.text.tokenizer {path!r} not found, and objective.text.train_if_missing trains one only in "
+            f"a single-process run (this job has {world_size} ranks): train it once with `{command}`, then rerun"
         )
     texts: Callable | Iterable = captions() if callable(captions) else captions
     corpus = list(texts) + list(extra_texts)
