@@ -14,19 +14,17 @@ Nothing mutates a config after load; components receive only their own section.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 # The data and objective sections are owned by their packages; each component receives only its own section.
+from pretrain import fields
 from pretrain.data.config import DataConfig
-from pretrain.fields import ConfigError, FieldError, Section
+from pretrain.fields import ConfigError, FieldError, Section, from_dict, schema_at, to_dict
 from pretrain.fields import field as _f
 from pretrain.objectives.config import ObjectiveConfig
 
@@ -233,157 +231,16 @@ class RunConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _number(value: Any, kind: type, what: str, key: str) -> Any:
-    """int or float from a number or a numeric string (YAML 1.1 reads `1e-3`, with no dot, as a string)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
-    if kind is int and isinstance(value, float):
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
-    try:
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"{key}: expected {what}, got {value!r}") from None
-
-
-def _exact(kind: type, what: str):
-    def check(value: Any, key: str) -> Any:
-        if isinstance(value, kind):
-            return value
-        raise ConfigError(f"{key}: expected {what}, got {value!r}")
-
-    return check
-
-
-_SCALARS = {
-    bool: _exact(bool, "true/false"),
-    str: _exact(str, "a string"),
-    int: lambda v, key: _number(v, int, "an integer", key),
-    float: lambda v, key: _number(v, float, "a number", key),
-}
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the type hint `tp`, converting only int->float, numeric strings, lists->tuples."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
-    if origin is Literal:
-        if value in args:
-            return value
-        near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, key)
-    if origin in (tuple, list):
-        return _coerce_sequence(value, origin, args, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
-    if tp in _SCALARS:
-        return _SCALARS[tp](value, key)
-    raise ConfigError(f"{key}: cannot check {value!r} against {_type_name(tp)}")
-
-
-def _coerce_sequence(value: Any, origin: type, args: tuple, key: str) -> list | tuple:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-    else:
-        items = [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-    return tuple(items) if origin is tuple else items
-
-
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    full = f"{where}.{key}" if where else key
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{(where + '.') if where else ''}{near[0]}'?" if near else ""
-    return ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(sorted(valid))})")
-
-
-def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
-    """Build dataclass `cls` from a plain mapping, strictly (see the module docstring)."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in data:
-        if key not in names:
-            raise _unknown_key(str(key), names, where)
-    kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
-    try:
-        return cls(**kwargs)
-    except FieldError as err:  # a range or cross-field rule of this section: name the dotted key
-        raise ConfigError(f"{where + '.' if where else ''}{err.key}: {err.reason}") from None
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or cls.__name__}: {err}") from err
-
-
-def to_dict(obj: Any) -> Any:
-    """A YAML-safe plain structure (tuples become lists)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _schema_at(cls: Any, parts: list[str], key: str) -> None:
-    """Fail early (naming the key) when an override path does not exist in the schema."""
-    tp = cls
-    for i, part in enumerate(parts):
-        if typing.get_origin(tp) is dict or tp is Any:
-            return  # free-form mapping (model.overrides.*)
-        if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section")
-        hints = typing.get_type_hints(tp)
-        if part not in hints:
-            raise _unknown_key(part, list(hints), ".".join(parts[:i]))
-        tp = hints[part]
-        if typing.get_origin(tp) in (Union, types.UnionType):
-            non_none = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = non_none[0] if len(non_none) == 1 else Any
-
-
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], schema: type = RunConfig) -> dict:
     """`a.b=value` strings into a copy of the raw mapping; values are parsed as YAML (typed)."""
-    out = _deep_copy(raw)
+    out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
         key = key.strip()
         parts = key.split(".")
-        _schema_at(schema, parts, key)
+        schema_at(schema, parts, key)
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as err:
@@ -395,14 +252,6 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], schema: t
             node = node[part]
         node[parts[-1]] = value
     return out
-
-
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
 
 
 def add_config_arguments(
@@ -467,28 +316,5 @@ def save_config(cfg: Any, url: str) -> None:
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """One line per key: dotted key, type, default, allowed values, doc (`pretrain train --describe-config`).
-    A list of sections (`data.sources`) is described once, as `data.sources[].<key>`."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key, tp, doc = f"{prefix}{f.name}", hints[f.name], f.metadata.get("doc", "")
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"{key}: [{tp.__name__}] {doc}")
-            lines.extend(describe(tp, key + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        allowed = _allowed(f)
-        lines.append(f"  {key}: {_type_name(tp)} = {to_dict(default)!r}{allowed}  # {doc}")
-        item = (typing.get_args(tp) or (None,))[0]
-        if typing.get_origin(tp) is list and dataclasses.is_dataclass(item):
-            lines.extend(describe(item, key + "[]."))
-    return lines
-
-
-def _allowed(f: dataclasses.Field) -> str:
-    if f.metadata.get("choices"):
-        return f" (one of {list(f.metadata['choices'])})"
-    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    bounds = f.metadata.get("bounds") or {}
-    return f" ({', '.join(f'{signs[k]} {v:g}' for k, v in bounds.items())})" if bounds else ""
+    """One line per key of the run config (`pretrain train --describe-config`); see `pretrain.fields.describe`."""
+    return fields.describe(cls, prefix)
