@@ -34,7 +34,12 @@ TINY = "model.overrides={channels: 16, depths: [1, 1, 2, 1], groups: [1, 2, 4, 8
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--models", nargs="+", default=["internimage_t", "internimage_h"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="default: internimage_t internimage_h (--tiny: internimage_t)",
+    )
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument(
         "--batch-size",
@@ -302,9 +307,7 @@ def run(args) -> int:
 
     # one process group for every measured configuration (the trainer joins it instead of creating its own)
     dist.ensure_process_group("auto")
-    models = (
-        ["internimage_t"] if args.tiny and args.models == ["internimage_t", "internimage_h"] else args.models
-    )
+    models = args.models or (["internimage_t"] if args.tiny else ["internimage_t", "internimage_h"])
     results, errors = [], []
     for model in models:
         for backend in _backends(args.backends):
