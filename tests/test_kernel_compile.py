@@ -1,11 +1,12 @@
-"""Compile-only CI check of the fused DCNv3 kernels: every CUDA translation unit for sm_80 and sm_90a, and the
-torch binding against torch's headers. No GPU needed; skipped with the reason when nvcc or CUTLASS is missing.
+"""CI check of the fused DCNv3 kernels without a GPU: every CUDA translation unit compiles for sm_80 and sm_90a
+and all of them link into one shared library (a duplicate or missing symbol fails), and the torch binding
+compiles against torch's headers. Skipped with the reason when nvcc or CUTLASS is missing.
 
 The 9 TUs compile two at a time, both archs in one nvcc call per TU (sharing the host pass): about 205 s of
 CPU time in all, so about 1.8 minutes on 2 otherwise idle cores (measured 2026-11-25, nvcc 13.0, CUTLASS 4.2;
 on the shared, heavily loaded 2-core box it took up to 14 minutes of wall time). Clean results are cached by
-content hash (see CACHE), so later runs with unchanged kernels skip the compile; the binding check (~30 s
-CPU) always runs.
+content hash outside the checkout (see CACHE), so later runs with unchanged kernels -- a fresh CI clone on the
+same machine included -- skip the compile; the binding check (~30 s CPU) always runs.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ import pytest
 from pretrain.ops import build
 
 ARCHS = ("80", "90a")
-# Clean-compile stamps keyed by a hash of every kernel source, flag, arch, nvcc and CUTLASS version: an
-# unchanged kernel is not recompiled on every run (PRETRAIN_KERNEL_CHECK_CACHE=off forces a full compile).
-_cache_env = os.environ.get(
-    "PRETRAIN_KERNEL_CHECK_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "kernel-check")
-)
+# Objects keyed by a hash of every kernel source, flag, arch, nvcc and CUTLASS version: an unchanged kernel is
+# not recompiled on every run (PRETRAIN_KERNEL_CHECK_CACHE=off forces a full compile).
+_cache_env = os.environ.get("PRETRAIN_KERNEL_CHECK_CACHE", str(build.check_cache_dir()))
 CACHE = None if _cache_env.lower() in ("off", "0", "") else Path(_cache_env)
 
 pytestmark = pytest.mark.slow
@@ -41,12 +40,12 @@ def _missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def compiled(tmp_path_factory):
     reason = _missing()
     if reason:
         pytest.skip(reason)
-    results = build.compile_check(ARCHS, jobs=2, cache_dir=CACHE)
-    return {name: (secs, err) for name, secs, err in results}
+    results = build.compile_objects(ARCHS, jobs=2, out_dir=CACHE or tmp_path_factory.mktemp("objects"))
+    return {name: (secs, err, obj) for name, secs, err, obj in results}
 
 
 def test_every_dtype_and_pass_has_a_unit():
@@ -58,8 +57,39 @@ def test_every_dtype_and_pass_has_a_unit():
 
 @pytest.mark.parametrize("unit", [p.name for p in build.kernel_sources()])
 def test_kernel_unit_compiles(compiled, unit):
-    secs, err = compiled[unit]
+    secs, err, _ = compiled[unit]
     assert err is None, f"{unit} failed to compile for sm_{', sm_'.join(ARCHS)}:\n{err}"
+
+
+def test_kernel_units_link_into_one_library(compiled):
+    """What `python -m pretrain.ops.build` does after compiling: one shared library of all units."""
+    objects = [obj for _, _, obj in compiled.values()]
+    if None in objects:
+        pytest.skip("a unit failed to compile (reported by its own test)")
+    err = build.link_check(objects)
+    assert err is None, f"the kernel units do not link:\n{err}"
+
+
+def test_link_check_catches_a_kernel_defined_twice(tmp_path):
+    """A non-template __global__ defined in a header that two units include is two strong definitions."""
+    if _missing():
+        pytest.skip(_missing())
+    (tmp_path / "k.cuh").write_text("__global__ void twice(float* x) { x[threadIdx.x] = 0.f; }\n")
+    objects = []
+    for name in ("a", "b"):
+        src = tmp_path / f"{name}.cu"
+        src.write_text(f'#include "k.cuh"\nvoid launch_{name}(float* x) {{ twice<<<1, 32>>>(x); }}\n')
+        obj = tmp_path / f"{name}.o"
+        res = subprocess.run(
+            [build.nvcc(), "-gencode=arch=compute_80,code=sm_80", "-c", str(src), "-o", str(obj)],
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stderr
+        objects.append(obj)
+    err = build.link_check(objects)
+    assert err is not None and "twice" in err
+    assert build.link_check(objects[:1]) is None
 
 
 def test_binding_compiles_against_torch_headers(tmp_path):
@@ -106,18 +136,21 @@ def test_gencode_flags_name_the_arch_specific_target():
     flags = build.gencode_flags(ARCHS)
     assert "-gencode=arch=compute_90a,code=sm_90a" in flags  # plain sm_90 would stub out arch-specific code
     assert "-gencode=arch=compute_80,code=sm_80" in flags
+    # PTX of the portable arch, JIT-compiled by the driver on GPUs newer than sm_90 (no "no kernel image").
+    assert "-gencode=arch=compute_80,code=compute_80" in flags
+    assert not any("code=compute_90a" in f for f in flags)
     cmd = build.compile_only_command(Path("x.cu"), ARCHS, Path("x.o"))
     assert "-c" in cmd and "-std=c++17" in cmd and "--expt-relaxed-constexpr" in cmd
 
 
-def test_clean_compile_stamp_skips_recompiling(tmp_path):
+def test_cached_object_skips_recompiling(tmp_path):
     if _missing():
         pytest.skip(_missing())
     src = build.kernel_sources()[0]
-    stamp = tmp_path / f"{src.stem}-{build._check_key(src, ARCHS)}.ok"
-    stamp.write_text("nvcc ...\n")
-    [(name, secs, err)] = build.compile_check(ARCHS, sources=[src], cache_dir=tmp_path)
-    assert (name, secs, err) == (src.name, 0.0, None)
+    cached = tmp_path / f"{src.stem}-{build._check_key(src, ARCHS)}.o"
+    cached.write_bytes(b"object")
+    [(name, secs, err, obj)] = build.compile_objects(ARCHS, sources=[src], out_dir=tmp_path)
+    assert (name, secs, err, obj) == (src.name, 0.0, None, cached)
     # Any change of inputs (here: the arch list) is a different key.
     assert build._check_key(src, ("80",)) != build._check_key(src, ARCHS)
 

@@ -48,8 +48,7 @@ def _leaves(value, x1, params):
 
 
 def test_backend_registered_with_reasons():
-    dispatch._load_optional_backends()
-    assert "cuda" in dispatch._BACKENDS
+    assert "cuda" in dispatch._BACKENDS and "cuda-emu" in dispatch._BACKENDS
     reason = cuda.unavailable_reason(torch.empty(2))
     assert reason is not None and "CUDA tensors only" in reason and "\n" not in reason
     assert available_backends() == ["reference"]
@@ -196,13 +195,13 @@ def test_fake_impls_give_shapes_on_meta():
     with torch.device("meta"):
         v = torch.empty(3, 7, 9, 64, dtype=torch.bfloat16)
         wp, bp, wo, bo = torch.empty(128, 64), torch.empty(128), torch.empty(64, 64), torch.empty(64)
-        out, y = cuda.fused_fwd(v, v, wp, bp, wo, bo, gl, 1.0, True)
+        out, y = cuda.fused_fwd(v, v, wp, bp, wo, bo, gl, 1.0, True, False)
         assert out.shape == (3, 7, 9, 64) and y.shape == v.shape and out.dtype == torch.bfloat16
-        grads = cuda.fused_bwd(out, v, v, wp, bp, wo, y, gl, 1.0, True)
+        grads = cuda.fused_bwd(out, v, v, wp, bp, wo, y, gl, 1.0, True, False)
         assert [g.shape for g in grads] == [v.shape, v.shape, wp.shape, bp.shape, wo.shape, bo.shape]
-        y = cuda.core_fwd(v, torch.empty(3, 4, 5, 128), 4, 5, gl, 1.0)
+        y = cuda.core_fwd(v, torch.empty(3, 4, 5, 128), 4, 5, gl, 1.0, False)
         assert y.shape == (3, 4, 5, 64)
-        gv, glog = cuda.core_bwd(torch.empty(3, 4, 5, 64), v, torch.empty(3, 4, 5, 128), 4, 5, gl, 1.0)
+        gv, glog = cuda.core_bwd(torch.empty(3, 4, 5, 64), v, torch.empty(3, 4, 5, 128), 4, 5, gl, 1.0, False)
         assert gv.shape == v.shape and glog.shape == (3, 4, 5, 128)
 
 
@@ -221,6 +220,7 @@ def test_fake_impls_under_fake_tensor_mode():
             torch.empty(32),
             cuda.geometry_list(geom),
             1.0,
+            False,
             False,
         )
         assert out.shape == (2, 5, 6, 32) and y.shape == (2, 5, 6, 32)
@@ -241,6 +241,7 @@ def test_opcheck(op):
         cuda.geometry_list(geom),
         1.0,
         True,
+        False,
     )
     torch.library.opcheck(
         cuda.fused_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")

@@ -3,6 +3,7 @@
     python -m pretrain.ops.build               # build for sm_80 + sm_90a into the cache dir, then import it
     python -m pretrain.ops.build --arch 90a    # one arch only (faster build)
     python -m pretrain.ops.build --check       # compile-only nvcc check of every kernel TU (no GPU, no CUDA torch)
+    python -m pretrain.ops.build --emulation   # the kernels as host C++ for the CPU emulation (pretrain/ops/emulation.py)
 
 Building needs a CUDA build of torch, nvcc (>= 12.3 for sm_90a) and ninja, and the CUTLASS headers of the
 `nvidia-cutlass` pip package (or $CUTLASS_HOME/include). It never runs implicitly: a CPU-only install never
@@ -15,12 +16,24 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .toolchain import csrc_dir, cuda_include, cutlass_include, nvcc
+
+__all__ = [
+    "EXT_NAME",
+    "build",
+    "built_library",
+    "compile_check",
+    "csrc_dir",
+    "cuda_include",
+    "cutlass_include",
+    "nvcc",
+]
 
 EXT_NAME = "internimage_dcnv3_C"
 DEFAULT_ARCHS = ("80", "90a")
@@ -40,40 +53,20 @@ NVCC_FLAGS = (
 )
 
 
-def csrc_dir() -> Path:
-    """csrc/dcnv3 of this checkout (the sources are not shipped inside the wheel)."""
-    path = Path(os.environ.get("PRETRAIN_CSRC", Path(__file__).resolve().parents[2] / "csrc")) / "dcnv3"
-    if not (path / "binding.cpp").exists():
-        raise FileNotFoundError(
-            f"DCNv3 CUDA sources not found at {path}; set PRETRAIN_CSRC to the repo's csrc/"
-        )
-    return path
-
-
 def kernel_sources() -> list[Path]:
     """The per-dtype instantiation units (CUDA), in a stable order."""
     return sorted((csrc_dir() / "inst").glob("*.cu"))
 
 
-def cutlass_include() -> Path | None:
-    """CUTLASS/CuTe headers: $CUTLASS_HOME/include, else the `nvidia-cutlass` pip package, else None."""
-    home = os.environ.get("CUTLASS_HOME")
-    candidates = [Path(home) / "include"] if home else []
-    try:
-        import cutlass_library  # the pip package `nvidia-cutlass` ships the headers next to it
-
-        candidates.append(Path(cutlass_library.__file__).parent / "source" / "include")
-    except ImportError:
-        pass
-    for c in candidates:
-        if (c / "cute" / "tensor.hpp").exists():
-            return c
-    return None
-
-
 def gencode_flags(archs) -> list[str]:
-    """`-gencode` per arch; "90a" needs the explicit compute_90a form (plain sm_90 silently stubs it)."""
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """`-gencode` per arch ("90a" needs the explicit compute_90a form: plain sm_90 silently stubs it), plus PTX of
+    the oldest portable arch: on a GPU newer than every listed arch the driver JIT-compiles it instead of failing
+    every launch with "no kernel image" (arch-specific "a" targets have no forward-compatible PTX)."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    portable = sorted((a for a in archs if not a.endswith("a")), key=int)
+    if portable:
+        flags.append(f"-gencode=arch=compute_{portable[0]},code=compute_{portable[0]}")
+    return flags
 
 
 def build_dir() -> Path:
@@ -122,29 +115,13 @@ def build(archs=DEFAULT_ARCHS, verbose: bool = True):
     )
 
 
-def nvcc() -> str | None:
-    return shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
-    )
-
-
-def cuda_include() -> Path | None:
-    """The CUDA toolkit's include dir (cuda_runtime.h), for host-only compile checks of the binding."""
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    if nvcc() is not None:
-        roots.append(str(Path(nvcc()).resolve().parents[1]))
-    for root in filter(None, roots):
-        if (Path(root) / "include" / "cuda_runtime.h").exists():
-            return Path(root) / "include"
-    return None
-
-
 def compile_only_command(source: Path, archs, output: Path) -> list[str]:
     """The nvcc command that compile-checks one kernel TU (device code for every arch, no linking)."""
     return [
         nvcc() or "nvcc",
         *NVCC_FLAGS,
         *gencode_flags(archs),
+        "-Xcompiler=-fPIC",  # as in the extension build: the objects must link into a shared library
         f"-I{cutlass_include()}",
         f"-I{csrc_dir()}",
         "-c",
@@ -165,38 +142,65 @@ def _check_key(src: Path, archs) -> str:
             h.update(f.relative_to(csrc_dir()).as_posix().encode() + f.read_bytes())
     version = subprocess.run([nvcc() or "nvcc", "--version"], capture_output=True, text=True).stdout
     cutlass_version = (cutlass_include() / "cutlass" / "version.h").read_bytes()
-    h.update(repr((src.name, tuple(archs), NVCC_FLAGS, version)).encode() + cutlass_version)
+    command = compile_only_command(src, archs, Path("unit.o"))  # every flag, as run
+    h.update(repr((src.name, tuple(archs), command[1:], version)).encode() + cutlass_version)
     return h.hexdigest()[:32]
+
+
+def compile_objects(
+    archs=DEFAULT_ARCHS, jobs: int = 2, sources=None, out_dir: Path | None = None
+) -> list[tuple[str, float, str | None, Path | None]]:
+    """nvcc -c every kernel TU for `archs`, `jobs` at a time: [(name, seconds, error or None, object)].
+
+    Objects are named by `_check_key` in `out_dir`: one whose exact inputs already compiled is reused (seconds
+    reported as 0), like ccache, since the object is a pure function of those inputs.
+    """
+    sources = list(sources or kernel_sources())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(src: Path):
+        t0 = time.monotonic()
+        obj = out_dir / f"{src.stem}-{_check_key(src, archs)}.o"
+        if obj.exists():
+            return src.name, 0.0, None, obj
+        tmp_obj = obj.with_name(f".{obj.name}.{os.getpid()}")
+        res = subprocess.run(compile_only_command(src, archs, tmp_obj), capture_output=True, text=True)
+        if res.returncode != 0:
+            tmp_obj.unlink(missing_ok=True)
+            return src.name, time.monotonic() - t0, (res.stderr or res.stdout)[-4000:], None
+        os.replace(tmp_obj, obj)
+        return src.name, time.monotonic() - t0, None, obj
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, sources))
 
 
 def compile_check(
     archs=DEFAULT_ARCHS, jobs: int = 2, sources=None, cache_dir: Path | None = None
 ) -> list[tuple[str, float, str | None]]:
-    """Compile every kernel TU for `archs` with nvcc -c, `jobs` at a time: [(name, seconds, error or None)].
-
-    With `cache_dir`, a TU whose exact inputs (see `_check_key`) already compiled cleanly is not compiled
-    again (seconds reported as 0): like ccache, the result is a pure function of those inputs.
-    """
-    sources = list(sources or kernel_sources())
+    """Compile every kernel TU (see `compile_objects`; cached in `cache_dir` when given): [(name, s, error)]."""
     with tempfile.TemporaryDirectory() as tmp:
+        results = compile_objects(archs, jobs, sources, cache_dir or tmp)
+    return [(name, secs, err) for name, secs, err, _ in results]
 
-        def one(src: Path):
-            t0 = time.monotonic()
-            stamp = None
-            if cache_dir is not None:
-                stamp = Path(cache_dir) / f"{src.stem}-{_check_key(src, archs)}.ok"
-                if stamp.exists():
-                    return src.name, 0.0, None
-            cmd = compile_only_command(src, archs, Path(tmp) / f"{src.stem}.o")
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            err = None if res.returncode == 0 else (res.stderr or res.stdout)[-4000:]
-            if err is None and stamp is not None:
-                stamp.parent.mkdir(parents=True, exist_ok=True)
-                stamp.write_text(" ".join(cmd) + "\n")
-            return src.name, time.monotonic() - t0, err
 
-        with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            return list(pool.map(one, sources))
+def link_check(objects) -> str | None:
+    """Link kernel objects into one shared library as the extension build would (device code included, every
+    symbol resolved): None when it links, else the linker's complaint. A kernel defined in a header that
+    several units include (a duplicate symbol) or a launcher declared but never defined fails here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc() or "nvcc", "-shared", "-o", str(Path(tmp) / "link_check.so"), *map(str, objects)]
+        cmd += ["-Xlinker", "--no-undefined"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    return None if res.returncode == 0 else (res.stderr or res.stdout)[-4000:]
+
+
+def check_cache_dir() -> Path:
+    """Where `--check` keeps compiled objects: outside the checkout, so a fresh clone on the same machine (CI)
+    reuses them while the kernels are unchanged."""
+    default = Path.home() / ".cache" / "internimage_pretrain" / "kernel-check"
+    return Path(os.environ.get("PRETRAIN_KERNEL_CHECK_CACHE", default))
 
 
 def main(argv=None) -> int:
@@ -207,10 +211,25 @@ def main(argv=None) -> int:
         "--arch", action="append", help="CUDA arch (80, 90a, ...); repeatable; default 80 and 90a"
     )
     parser.add_argument("--check", action="store_true", help="compile-only check of the kernel TUs with nvcc")
+    parser.add_argument(
+        "--emulation",
+        action="store_true",
+        help="build the CPU emulation of the kernels (g++; the cuda-emu backend)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel nvcc processes for --check")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or DEFAULT_ARCHS)
+    if args.emulation:
+        from . import emulation
+
+        try:
+            lib = emulation.build(jobs=args.jobs, verbose=not args.quiet)
+        except emulation.EmulationUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"built {emulation.EXT_NAME}: {lib}")
+        return 0
     if args.check:
         if nvcc() is None or cutlass_include() is None:
             print(
@@ -219,8 +238,15 @@ def main(argv=None) -> int:
             )
             return 1
         failed = 0
-        for name, secs, err in compile_check(archs, args.jobs):
+        results = compile_objects(archs, args.jobs, out_dir=check_cache_dir())
+        for name, secs, err, _ in results:
             print(f"{name:24s} {'ok' if err is None else 'FAILED'} {secs:6.1f} s  sm_{', sm_'.join(archs)}")
+            if err:
+                failed += 1
+                print(err, file=sys.stderr)
+        if not failed:
+            err = link_check([obj for *_, obj in results])
+            print(f"{'link':24s} {'ok' if err is None else 'FAILED'}")
             if err:
                 failed += 1
                 print(err, file=sys.stderr)

@@ -249,7 +249,9 @@ def fused_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> grads of (value, x1, wpack, bpack, wout, bout)."""
     if emulate:
-        return _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate)
+        return _fused_bwd_cuda(
+            grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate
+        )
     g = _geom_from_list(geom, offset_scale)
     # Custom-op kernels run below the autograd dispatch key: torch.func builds its own graph there.
     _, vjp = torch.func.vjp(
@@ -305,7 +307,16 @@ def _fused_backward(ctx, grad_out, _grad_y):
     if grad_out is None:  # `out` did not reach the loss
         return (None,) * 10
     grads = fused_bwd(
-        grad_out.contiguous(), value, x1, wpack, bpack, wout, y, ctx.geom, ctx.offset_scale, ctx.has_cfs,
+        grad_out.contiguous(),
+        value,
+        x1,
+        wpack,
+        bpack,
+        wout,
+        y,
+        ctx.geom,
+        ctx.offset_scale,
+        ctx.has_cfs,
         ctx.emulate,
     )
     return (*grads, None, None, None, None)
@@ -332,7 +343,9 @@ def core_fwd(
 
 @core_fwd.register_kernel("cuda")
 def _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale, emulate):
-    return _kernels(value).sample_fwd(value, None, None, None, logits, ho, wo, geom, offset_scale, False, False)
+    return _kernels(value).sample_fwd(
+        value, None, None, None, logits, ho, wo, geom, offset_scale, False, False
+    )
 
 
 @core_fwd.register_fake

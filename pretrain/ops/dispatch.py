@@ -31,7 +31,9 @@ class Backend:
     # -> None when usable for these tensors, else a one-line reason.
     unavailable_reason: Callable[[torch.Tensor], str | None] = field(default=lambda t: None)
     priority: int = 0  # higher is tried first by "auto"
-    explicit_only: bool = False  # never picked by "auto" nor listed as available (e.g. the CPU kernel emulation)
+    explicit_only: bool = (
+        False  # never picked by "auto" nor listed as available (e.g. the CPU kernel emulation)
+    )
 
 
 _BACKENDS: dict[str, Backend] = {}

@@ -1,6 +1,6 @@
 """The csrc kernels on a CPU: build and load the emulation extension, set its thread order, read its counters.
 
-    python -m pretrain.ops.emulation            # build (or find in the cache) and print where it is
+    python -m pretrain.ops.build --emulation    # build (or find in the cache) and print where it is
 
 The unmodified kernels of csrc/dcnv3 and the unmodified binding compile as host C++ with g++ against the small
 CUDA shim of csrc/emu (`-DDCNV3_EMULATION`): a CTA's threads run as fibers, `__syncthreads`, warp shuffles and
@@ -9,8 +9,8 @@ It is slow (a CPU core runs every thread), exact where the GPU is deterministic,
 kernels without a GPU and to count what they move (`count()`); `backend="cuda-emu"` uses it.
 
 Builds are cached by a hash of everything they depend on (sources, flags, compiler, torch, CUTLASS) under
-$PRETRAIN_DCNV3_EMU_DIR (default ~/.cache/internimage_pretrain/dcnv3-emu): objects per translation unit, so a
-change to one instantiation unit recompiles only that one. Needs g++, the CUTLASS headers (`nvidia-cutlass`)
+$PRETRAIN_DCNV3_EMU_DIR (default ~/.cache/internimage_pretrain/dcnv3-emu): one object per translation unit, keyed by
+the files it includes, so an edit recompiles only the units that include the edited file. Needs g++, the CUTLASS headers (`nvidia-cutlass`)
 and the CUDA toolkit's headers (types like dim3/uint4 and the fp16/bf16 headers CUTLASS includes).
 """
 
@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from .build import csrc_dir, cuda_include, cutlass_include
+from .toolchain import csrc_dir, cuda_include, cutlass_include
 
 EXT_NAME = "internimage_dcnv3_emu"
 # -fno-strict-aliasing: load_vec/store_vec reinterpret a uint4 as the element type (fine in CUDA, UB for g++).
@@ -79,26 +79,59 @@ def _torch_flags() -> tuple[list[str], list[str]]:
     return cflags, ldflags
 
 
-def _tree_digest(root: Path) -> str:
-    """Hash of every source and header under root (csrc/): any edit invalidates every object."""
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*")):
-        if f.suffix in (".h", ".cuh", ".cu", ".cpp"):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+@functools.lru_cache(maxsize=1)
+def _toolchain_id() -> str:
+    """What every object depends on besides its sources: compiler, flags, torch, CUTLASS."""
+    import torch
 
-
-def _compiler_id() -> str:
     cxx = os.environ.get("CXX", "g++")
-    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    cutlass_version = (cutlass_include() / "cutlass" / "version.h").read_text()
+    return repr((cxx, version, CXX_FLAGS, KERNEL_FLAGS, torch.__version__, cutlass_version))
 
 
-def _units(root: Path) -> list[tuple[str, Path, list[str]]]:
-    """(name, source, unit flags) of every translation unit of the emulation extension."""
-    units = [("binding", root / "dcnv3" / "binding.cpp", ["torch"]), ("runtime", root / "emu" / "runtime.cpp", [])]
-    for cu in sorted((root / "dcnv3" / "inst").glob("*.cu")):
-        units.append((cu.stem, cu, ["kernel"]))
+def _units(root: Path) -> list[tuple[str, Path, bool, bool]]:
+    """(name, source, needs torch headers, is a kernel unit) of every translation unit of the extension."""
+    units = [
+        ("binding", root / "dcnv3" / "binding.cpp", True, False),
+        ("runtime", root / "emu" / "runtime.cpp", False, False),
+    ]
+    units += [(cu.stem, cu, False, True) for cu in sorted((root / "dcnv3" / "inst").glob("*.cu"))]
     return units
+
+
+def _unit_flags(root: Path, torch_headers: bool, kernel: bool) -> list[str]:
+    cuda_inc = cuda_include()
+    # CUTLASS includes libcu++ as <cuda/std/...>: CUDA 13 keeps it under include/cccl.
+    flags = [
+        *CXX_FLAGS,
+        f"-I{cutlass_include()}",
+        f"-I{cuda_inc}",
+        f"-I{cuda_inc / 'cccl'}",
+        f"-I{root / 'dcnv3'}",
+    ]
+    if torch_headers:
+        flags += _torch_flags()[0]
+    if kernel:
+        flags += list(KERNEL_FLAGS)
+    return flags
+
+
+def _unit_key(root: Path, src: Path, flags: list[str]) -> str:
+    """Hash of a unit's own sources (its includes under root, found by the preprocessor) and the toolchain: an
+    edit recompiles only the units that include the edited file."""
+    cxx = os.environ.get("CXX", "g++")
+    res = subprocess.run([cxx, *flags, "-x", "c++", "-MM", str(src)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise EmulationUnavailable(
+            f"emulation build: cannot scan {src.relative_to(root)}:\n{res.stderr[-4000:]}"
+        )
+    deps = res.stdout.replace("\\\n", " ").split(":", 1)[1].split()
+    h = hashlib.sha256(_toolchain_id().encode())
+    for dep in sorted({Path(d).resolve() for d in deps}):
+        if dep.is_relative_to(root.resolve()):
+            h.update(dep.relative_to(root.resolve()).as_posix().encode() + b"\0" + dep.read_bytes())
+    return hashlib.sha256((h.hexdigest() + src.name).encode()).hexdigest()[:20]
 
 
 def _mutated_tree(patches: dict[str, list[tuple[str, str]]], tmp: Path) -> Path:
@@ -116,18 +149,21 @@ def _mutated_tree(patches: dict[str, list[tuple[str, str]]], tmp: Path) -> Path:
     return root
 
 
-def _build_plan(root: Path):
-    """(compile flags, link flags, output library path) of the build of the tree at `root`."""
-    import torch
+def _library_for(keys: list[str]) -> Path:
+    lib_key = hashlib.sha256("".join(keys).encode()).hexdigest()[:20]
+    return cache_root() / "lib" / lib_key / f"{EXT_NAME}.so"
 
-    torch_cflags, ldflags = _torch_flags()
-    cuda_inc = cuda_include()
-    # CUTLASS includes libcu++ as <cuda/std/...>: CUDA 13 keeps it under include/cccl.
-    base = [*CXX_FLAGS, f"-I{cutlass_include()}", f"-I{cuda_inc}", f"-I{cuda_inc / 'cccl'}", f"-I{root / 'dcnv3'}"]
-    ident = repr((CXX_FLAGS, KERNEL_FLAGS, _compiler_id(), torch.__version__, _tree_digest(root)))
-    ident += (cutlass_include() / "cutlass" / "version.h").read_text()
-    key = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    return base, torch_cflags, ldflags, cache_root() / key / f"{EXT_NAME}.so"
+
+def _plan(root: Path) -> list[tuple[str, Path, list[str], str]]:
+    """(name, source, flags, cache key) per unit; the preprocessor scans run two at a time."""
+
+    def one(unit):
+        name, src, torch_headers, kernel = unit
+        flags = _unit_flags(root, torch_headers, kernel)
+        return name, src, flags, _unit_key(root, src, flags)
+
+    with cf.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        return list(pool.map(one, _units(root)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -135,7 +171,7 @@ def library_path() -> Path | None:
     """Where the emulation library of this checkout's sources is (or would be) built; None if it cannot be."""
     if missing_requirement() is not None:
         return None
-    return _build_plan(csrc_dir().parent)[-1]
+    return _library_for([key for *_, key in _plan(csrc_dir().parent)])
 
 
 def built_library() -> Path | None:
@@ -144,58 +180,63 @@ def built_library() -> Path | None:
     return lib if lib is not None and lib.exists() else None
 
 
-def build(patches: dict[str, list[tuple[str, str]]] | None = None, jobs: int | None = None, verbose=True) -> Path:
-    """Compile and link the emulation extension (cached); -> the shared library's path.
+def build(
+    patches: dict[str, list[tuple[str, str]]] | None = None, jobs: int | None = None, verbose=True
+) -> Path:
+    """Compile (what the cache lacks) and link the emulation extension; -> the shared library's path.
 
-    `patches` ({path relative to csrc/: [(old, new), ...]}) builds a mutant in its own cache entry.
+    `patches` ({path relative to csrc/: [(old, new), ...]}) builds a mutant: only the units that include a
+    patched file are compiled again, and the library gets its own cache entry.
     """
     reason = missing_requirement()
     if reason is not None:
         raise EmulationUnavailable(f"cannot build the DCNv3 kernel emulation: {reason}")
-
+    cxx = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory() as tmp:
         root = _mutated_tree(patches, Path(tmp)) if patches else csrc_dir().parent
-        base, torch_cflags, ldflags, lib = _build_plan(root)
-        out_dir = lib.parent
+        plan = _plan(root)
+        lib = _library_for([key for *_, key in plan])
         if lib.exists():
             return lib
-        obj_dir = out_dir / "obj"
+        obj_dir = cache_root() / "obj"
         obj_dir.mkdir(parents=True, exist_ok=True)
-        cxx = os.environ.get("CXX", "g++")
 
         def compile_unit(unit):
-            name, src, kinds = unit
-            flags = list(base)
-            if "torch" in kinds:
-                flags += torch_cflags
-            if "kernel" in kinds:
-                flags += list(KERNEL_FLAGS)
-            obj = obj_dir / f"{name}.o"
+            name, src, flags, key = unit
+            obj = obj_dir / f"{name}-{key}.o"
+            if obj.exists():
+                return obj
             t0 = time.monotonic()
-            cmd = [cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            tmp_obj = obj_dir / f".{name}-{key}.{os.getpid()}.o"
+            res = subprocess.run(
+                [cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(tmp_obj)], capture_output=True, text=True
+            )
             if res.returncode != 0:
                 raise EmulationUnavailable(
                     f"emulation build failed compiling {src.relative_to(root)}:\n{(res.stderr or res.stdout)[-6000:]}"
                 )
+            os.replace(tmp_obj, obj)
             if verbose:
                 print(f"[emu build] {name:16s} {time.monotonic() - t0:5.1f} s", file=sys.stderr, flush=True)
             return obj
 
-        units = _units(root)
         if verbose:
-            print(f"[emu build] compiling {len(units)} units into {out_dir}", file=sys.stderr, flush=True)
+            print(
+                f"[emu build] {len(plan)} units (cached objects reused) -> {lib}", file=sys.stderr, flush=True
+            )
         with cf.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
-            objs = list(pool.map(compile_unit, units))
-        tmp_lib = out_dir / f".{EXT_NAME}.{os.getpid()}.so"
+            objs = list(pool.map(compile_unit, plan))
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp_lib = lib.parent / f".{EXT_NAME}.{os.getpid()}.so"
         res = subprocess.run(
-            [cxx, "-shared", "-o", str(tmp_lib), *map(str, objs), *ldflags], capture_output=True, text=True
+            [cxx, "-shared", "-o", str(tmp_lib), *map(str, objs), *_torch_flags()[1]],
+            capture_output=True,
+            text=True,
         )
         if res.returncode != 0:
             raise EmulationUnavailable(f"emulation link failed:\n{(res.stderr or res.stdout)[-6000:]}")
         _check_defined(tmp_lib)
         os.replace(tmp_lib, lib)  # atomic: a concurrent builder sees the whole library or none
-        shutil.rmtree(obj_dir, ignore_errors=True)
         return lib
 
 
@@ -225,18 +266,36 @@ def load(lib: Path):
     return _modules[key]
 
 
-BUILD_COMMAND = "python -m pretrain.ops.emulation"
+BUILD_COMMAND = "python -m pretrain.ops.build --emulation"
+
+
+_override = None
+
+
+@contextlib.contextmanager
+def using(module):
+    """Route the cuda-emu backend to another emulation build inside the block (mutation tests)."""
+    global _override
+    previous, _override = _override, module
+    try:
+        yield module
+    finally:
+        _override = previous
 
 
 def extension():
     """The built emulation extension, or None with `error()` saying why. Never compiles (see BUILD_COMMAND)."""
     global _error
+    if _override is not None:
+        return _override
     with _lock:
         lib = built_library()
         if lib is None:
             reason = missing_requirement()
-            _error = f"cannot build the kernel emulation: {reason}" if reason else (
-                f"the DCNv3 kernel emulation is not built for these sources: run `{BUILD_COMMAND}`"
+            _error = (
+                f"cannot build the kernel emulation: {reason}"
+                if reason
+                else (f"the DCNv3 kernel emulation is not built for these sources: run `{BUILD_COMMAND}`")
             )
             return None
         try:
@@ -274,17 +333,3 @@ def count(ext=None):
         yield launches
     finally:
         launches.extend(ext.emu_stop_counting())
-
-
-def main(argv=None) -> int:
-    try:
-        lib = build(verbose=True)
-    except EmulationUnavailable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"built {EXT_NAME}: {lib}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
