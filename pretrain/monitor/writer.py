@@ -64,8 +64,6 @@ class Monitor:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
         self.metrics = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close()
-        tb = self.out / "tb"
-        self._earlier_events = tb.is_dir() and any(tb.iterdir())
 
     def resume(self, step: int) -> int:
         """The run continues after `step`: drop every record of a later step (written before the restart)
@@ -73,8 +71,11 @@ class Monitor:
         return self._purge_from(step + 1, resumed=True)
 
     def _purge_from(self, first_new: int, resumed: bool = False) -> int:
-        """Cut metrics.jsonl at first_new and open the event writer, with `purge_step=first_new` when an
-        earlier run left events there; then write the events held back until now."""
+        """Cut metrics.jsonl at first_new and open the event writer, with `purge_step=first_new` after a
+        resume or when an earlier run's records were cut; then write the events held back until now.
+
+        The purge marker also acts on event files that are not here yet: a launcher that keeps the run's
+        tb/ elsewhere (Ray: copied next to the checkpoints) puts this file beside the earlier ones."""
         if not self.enabled or self._checked:
             self._checked = True
             return 0
@@ -84,7 +85,7 @@ class Monitor:
             self.metrics.close()
             self.metrics = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close()
             self.log(f"dropped {dropped} metrics record(s) of step >= {first_new} written before the restart")
-        purge = first_new if self._earlier_events and (resumed or dropped) else None
+        purge = first_new if (resumed or dropped) else None
         self._open_writer(purge)
         return dropped
 
