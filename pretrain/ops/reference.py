@@ -59,6 +59,10 @@ def dcnv3_core_reference(
     grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1)  # (N, Ho, Wo, G, P, 2)
     grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(n * g, ho, wo * p, 2)
     planes = value_.view(n, h, w, g, cg).permute(0, 3, 4, 1, 2).reshape(n * g, cg, h, w)
+    if planes.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU grid_sample returns NaN for 16-bit inputs that are not contiguous, and with N = 1 the
+        # reshape above is such a view (torch 2.13; float32 and CUDA are fine, so only this case pays a copy).
+        planes, grid = planes.contiguous(), grid.contiguous()
     sampled = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     sampled = sampled.view(n, g, cg, ho, wo, p)
     weights = mask_.view(n, ho, wo, g, p).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (N, G, 1, Ho, Wo, P)
