@@ -544,7 +544,8 @@ def test_preflight_errors_are_clear(case, corpus, tmp_path, capsys):
 
 
 def test_preflight_rejects_world_size_change(corpus, tmp_path, capsys):
-    from pretrain.launch.ray_job import build_parser, plan_job
+    from pretrain.launch.preflight import plan_job
+    from pretrain.launch.ray_job import build_parser
 
     cfg = write_config(tmp_path / "cfg.yaml", corpus)
     root = tmp_path / "storage" / "x" / "checkpoints"

@@ -48,6 +48,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str | None) -> int:
+    """The step of a `step_XXXXXXXX` tag; -1 for anything else."""
+    m = _STEP_RE.match(tag or "")
+    return int(m.group(1)) if m else -1
+
+
 def _is_remote(root: str) -> bool:
     return "://" in root and not root.startswith("file://")
 
@@ -114,6 +120,12 @@ class CheckpointManager:
         if self.remote:
             return self.fs.isdir(f"{self.fs_root}/{tag}/zero")
         return (Path(self.fs_root) / tag / "zero").is_dir()
+
+    def meta(self, tag: str) -> dict:
+        """`<tag>/meta.json` (step, world_size, zero_stage, optimizer, time); {} when absent. The one reader
+        of checkpoint metadata (the trainer's resume and the Ray job's preflight both use it)."""
+        text = self._read_text(f"{tag}/meta.json")
+        return json.loads(text) if text else {}
 
     def _read_text(self, name: str) -> str | None:
         if self.remote:
@@ -192,8 +204,7 @@ class CheckpointManager:
                 self.fs.get(f"{self.fs_root}/{tag}", str(self.stage / tag), recursive=True)
             dist.barrier()
         step_dir = self.stage / tag
-        meta_path = step_dir / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = self.meta(tag)
         world = dist.world_size()
         saved_world = meta.get("world_size", world)
         universal = self.is_universal(tag)

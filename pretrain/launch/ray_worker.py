@@ -25,28 +25,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 from pretrain.config import config_from_yaml_text
-from pretrain.engine.checkpoint import CheckpointManager
+from pretrain.data import storage
+from pretrain.data.storage import join
+from pretrain.engine.checkpoint import CheckpointManager, step_of
 from pretrain.engine.trainer import Trainer
-
-_STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-def _step_of(tag: str | None) -> int:
-    m = _STEP_RE.match(tag or "")
-    return int(m.group(1)) if m else -1
-
-
-def _join(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
 
 
 # ------------------------------------------------------------------------------------------ stream wrapper
@@ -111,13 +99,9 @@ class RankStream:
 
 def _maybe_crash(marker: str, rank: int, step: int) -> None:
     """Kill this worker process once (a marker file on the run's storage records that it happened)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(marker)
-    if fs.exists(path):
+    if storage.exists(marker):
         return
-    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fs.pipe_file(path, f"rank {rank} crashed at step {step}\n".encode())
+    storage.write_bytes_atomic(marker, f"rank {rank} crashed at step {step}\n".encode())
     print(f"[fault injection] rank {rank}: os._exit(1) before step {step + 1}", flush=True)
     os._exit(1)
 
@@ -170,35 +154,30 @@ class RayTrainer(Trainer):
         remote_dir = self.job.get("sync_outputs_to")
         if not remote_dir:
             return
-        import fsspec
-
         local = self.cfg.output_dir
         shutil.rmtree(local, ignore_errors=True)
         os.makedirs(local, exist_ok=True)
-        fs, root = fsspec.core.url_to_fs(remote_dir)
-        if fs.exists(_join(root, "metrics.jsonl")):
-            fs.get_file(_join(root, "metrics.jsonl"), os.path.join(local, "metrics.jsonl"))
+        metrics = join(remote_dir, "metrics.jsonl")
+        if storage.exists(metrics):
+            Path(local, "metrics.jsonl").write_bytes(storage.read_bytes(metrics))
 
     def sync_outputs(self) -> None:
         """Remote storage: rank 0 copies config.yaml, metrics.jsonl and tb/ next to the checkpoints."""
         remote_dir = self.job.get("sync_outputs_to")
         if not remote_dir or getattr(self, "rank", 0) != 0:
             return
-        import fsspec
-
-        monitor = getattr(self, "monitor", None)
-        if monitor is not None:
-            monitor.flush()
-            if monitor.metrics is not None:
-                monitor.metrics.flush()
-        fs, root = fsspec.core.url_to_fs(remote_dir)
+        if self.monitor is not None:
+            self.monitor.flush()
+            if self.monitor.metrics is not None:
+                self.monitor.metrics.flush()
+        fs, root = storage.url_to_fs(remote_dir)
         local = self.cfg.output_dir
         for dirpath, _, files in os.walk(local):
             rel = os.path.relpath(dirpath, local)
             if rel.split(os.sep)[0] == "checkpoints":
                 continue
             for name in files:
-                dest = _join(root, rel, name) if rel != "." else _join(root, name)
+                dest = join(root, rel, name) if rel != "." else join(root, name)
                 fs.put_file(os.path.join(dirpath, name), dest)
 
 
@@ -234,9 +213,9 @@ def resume_target(checkpoint_root: str, ray_checkpoint, resume_from: str | None)
     latest = CheckpointManager(checkpoint_root).latest()
     if latest:
         tags.append(latest)
-    tags = [t for t in tags if _step_of(t) >= 0]
+    tags = [t for t in tags if step_of(t) >= 0]
     if tags:
-        return _join(checkpoint_root, max(tags, key=_step_of))
+        return join(checkpoint_root, max(tags, key=step_of))
     return resume_from
 
 
