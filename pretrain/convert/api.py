@@ -146,52 +146,13 @@ def convert(
             raise ConvertError(
                 "a universal checkpoint keeps the fp32 optimizer state: --dtype does not apply"
             )
-        report = Report(str(src), "deepspeed", str(dst), "universal")
-        with atomic_output(dst, overwrite=overwrite) as tmp:
-            info = to_universal(src, tmp, tag)
-        report.notes += info.pop("notes")
-        report.info.update(info)
-        report.notes.append('resume with "checkpoint": {"load_universal": true} in the DeepSpeed config')
-        return report
+        return _convert_universal(src, dst, tag, overwrite)
 
     source = open_source(src, tag=tag, allow_pickle=allow_pickle)
     report = Report(
         str(src), source.format, str(dst), to, dtype=dtype, info=dict(source.info), notes=list(source.notes)
     )
-
-    if to == "consolidated" and prefix is None:
-        tensors = source.tensors
-        if model is not None:  # validate the backbone inside, if asked to say what it is
-            bb, used, _ = backbone_tensors(source, "auto")
-            record = resolve_and_validate(
-                bb,
-                claimed=_claimed_record(source, model, model_kwargs, None),
-                headless_ok=False,
-                what=f"the backbone under {used!r} of {src}",
-            )
-            report.variant, report.kwargs, report.prefix = record["variant"], record["kwargs"], used
-    else:
-        tensors, used, left_out = backbone_tensors(source, prefix)
-        report.prefix = used
-        if left_out:
-            report.notes.append(f"{left_out} tensors outside the backbone prefix {used!r} left out")
-        headless = source.format == "hf" or not any(is_head_key(k) for k in tensors)
-        claimed = _claimed_record(source, model, model_kwargs, None)
-        record = resolve_and_validate(tensors, claimed=claimed, headless_ok=headless, what=str(src))
-        report.variant, report.kwargs = record["variant"], record["kwargs"]
-        report.notes.append(head_summary({k: v.shape for k, v in tensors.items()}))
-        if to == "official" and headless and not any(is_head_key(k) for k in tensors):
-            report.notes.append(
-                "the source has no head modules: load the .pth with strict=False (backbone only)"
-            )
-        if to == "hf":
-            dropped = [k for k in tensors if is_head_key(k)]
-            if dropped:
-                report.notes.append(
-                    f"HF layout carries no head modules: {len(dropped)} head tensors left out"
-                )
-            tensors = {official_to_hf(k): v for k, v in tensors.items() if not is_head_key(k)}
-
+    tensors = _select_tensors(source, to, model, model_kwargs, prefix, report)
     total = sum(LazyTensor(v.shape, _out_dtype(v.dtype, target), v.loader).nbytes for v in tensors.values())
     report.tensors, report.bytes = len(tensors), total
     record = {
@@ -200,11 +161,12 @@ def convert(
         "format_version": FORMAT_VERSION,
         "dtype": dtype or "as stored",
     }
-    torch_out = to in ("official", "consolidated")
+    write = _WRITERS["safetensors_file" if to == "safetensors" and str(dst).endswith(".safetensors") else to]
     # torch.save needs every tensor in memory at once. Cast tensors and ZeRO gathers would be new
     # allocations on top of the memory-mapped source, so they are first streamed to a temporary
     # safetensors file and the source is released: the .pth is then written from that file's mmap.
-    spill = torch_out and (target is not None or source.format == "deepspeed")
+    # (The spill stays in this frame: a helper's caller would keep `source` alive.)
+    spill = to in ("official", "consolidated") and (target is not None or source.format == "deepspeed")
     dst_path = Path(dst)
     spill_path = dst_path.with_name(f".{dst_path.name}.spill-{os.getpid()}.safetensors")
     try:
@@ -219,31 +181,92 @@ def convert(
                 spilled = read_safetensors(spill_path).tensors  # (safetensors lists keys sorted)
                 tensors, target = {k: spilled[k] for k in order}, None
             with atomic_output(dst, overwrite=overwrite) as tmp:
-                if torch_out:
-                    _write_torch(tmp, tensors, target, bar.update, official=to == "official", record=record)
-                elif to == "safetensors" and str(dst).endswith(".safetensors"):
-                    write_safetensors(
-                        tmp, tensors, dtype=target, metadata=_st_metadata(record), progress=bar.update
-                    )
-                else:
-                    tmp.mkdir()
-                    write_safetensors(
-                        tmp / ST_WEIGHTS,
-                        tensors,
-                        dtype=target,
-                        metadata=_st_metadata(record),
-                        progress=bar.update,
-                    )
-                    config = (
-                        _hf_config(record, target or DTYPES.get(dtype or ""))
-                        if to == "hf"
-                        else {RECORD_KEY: record}
-                    )
-                    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                write(tmp, tensors, target, record, DTYPES.get(dtype or ""), bar.update)
     finally:
         tensors = None
         spill_path.unlink(missing_ok=True)
     return report
+
+
+def _convert_universal(src, dst, tag: str | None, overwrite: bool) -> Report:
+    report = Report(str(src), "deepspeed", str(dst), "universal")
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        info = to_universal(src, tmp, tag)
+    report.notes += info.pop("notes")
+    report.info.update(info)
+    report.notes.append('resume with "checkpoint": {"load_universal": true} in the DeepSpeed config')
+    return report
+
+
+def _select_tensors(
+    source: Source, to: str, model: str | None, model_kwargs: dict | None, prefix: str | None, report: Report
+) -> dict[str, LazyTensor]:
+    """The tensors `to` writes, validated against the variant (recorded in `report`): the whole module for
+    consolidated without --prefix, else the backbone in the official keys (the HF port's for hf)."""
+    if to == "consolidated" and prefix is None:
+        if model is not None:  # validate the backbone inside, if asked to say what it is
+            bb, used, _ = backbone_tensors(source, "auto")
+            record = resolve_and_validate(
+                bb,
+                claimed=_claimed_record(source, model, model_kwargs, None),
+                headless_ok=False,
+                what=f"the backbone under {used!r} of {source.path}",
+            )
+            report.variant, report.kwargs, report.prefix = record["variant"], record["kwargs"], used
+        return source.tensors
+    tensors, used, left_out = backbone_tensors(source, prefix)
+    report.prefix = used
+    if left_out:
+        report.notes.append(f"{left_out} tensors outside the backbone prefix {used!r} left out")
+    headless = source.format == "hf" or not any(is_head_key(k) for k in tensors)
+    claimed = _claimed_record(source, model, model_kwargs, None)
+    record = resolve_and_validate(tensors, claimed=claimed, headless_ok=headless, what=str(report.src))
+    report.variant, report.kwargs = record["variant"], record["kwargs"]
+    report.notes.append(head_summary({k: v.shape for k, v in tensors.items()}))
+    if to == "official" and headless and not any(is_head_key(k) for k in tensors):
+        report.notes.append("the source has no head modules: load the .pth with strict=False (backbone only)")
+    if to == "hf":
+        dropped = [k for k in tensors if is_head_key(k)]
+        if dropped:
+            report.notes.append(f"HF layout carries no head modules: {len(dropped)} head tensors left out")
+        tensors = {official_to_hf(k): v for k, v in tensors.items() if not is_head_key(k)}
+    return tensors
+
+
+# One writer per output format: (tmp path, tensors, cast dtype or None, record, named dtype, progress).
+def _write_official(tmp: Path, tensors, target, record, named, update) -> None:
+    _write_torch(tmp, tensors, target, update, official=True, record=record)
+
+
+def _write_consolidated(tmp: Path, tensors, target, record, named, update) -> None:
+    _write_torch(tmp, tensors, target, update, official=False, record=record)
+
+
+def _write_safetensors_file(tmp: Path, tensors, target, record, named, update) -> None:
+    write_safetensors(tmp, tensors, dtype=target, metadata=_st_metadata(record), progress=update)
+
+
+def _write_directory(tmp: Path, tensors, target, record, config: dict, update) -> None:
+    tmp.mkdir()
+    write_safetensors(tmp / ST_WEIGHTS, tensors, dtype=target, metadata=_st_metadata(record), progress=update)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_safetensors_dir(tmp: Path, tensors, target, record, named, update) -> None:
+    _write_directory(tmp, tensors, target, record, {RECORD_KEY: record}, update)
+
+
+def _write_hf(tmp: Path, tensors, target, record, named, update) -> None:
+    _write_directory(tmp, tensors, target, record, _hf_config(record, target or named), update)
+
+
+_WRITERS = {
+    "official": _write_official,
+    "consolidated": _write_consolidated,
+    "safetensors_file": _write_safetensors_file,
+    "safetensors": _write_safetensors_dir,
+    "hf": _write_hf,
+}
 
 
 def _out_dtype(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
