@@ -46,7 +46,11 @@ print(f['url'], f['hashes']['sha256'])")
     # venv's torch (no build isolation: an isolated build would download a CUDA torch); DS_BUILD_OPS=0 means
     # no op is compiled, and the run never needs one (torch's AdamW instead of the JIT-built FusedAdam).
     echo "[carry] no wheel for $spec on the index: building one (pip wheel --no-deps)"
-    DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CARRY" "$spec"
+    DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$CARRY" "$spec" || {
+      echo "[carry] building $spec failed: $PY needs setuptools and wheel (bash scripts/setup.sh makes such a" \
+        ".venv; or set PYTHON)" >&2
+      exit 1
+    }
   fi
 done
 
