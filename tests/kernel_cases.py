@@ -13,9 +13,10 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+import pytest
 import torch
 
-from pretrain.ops import DCNGeometry, FusedParams, dcnv3_core_reference, dcnv3_fused_reference
+from pretrain.ops import DCNGeometry, FusedParams, cuda, dcnv3_core_reference, dcnv3_fused_reference
 
 # Relative L2 error bounds against float64 on the same rounded inputs. Measured (emulation, 2026-11-30): fp32
 # <= 1e-6, fp16 <= 4e-4, bf16 <= 7e-3 (mostly the rounding of the outputs themselves); bounds about 2x above.
@@ -135,3 +136,12 @@ def check_core(fn, dtype, stride, device="cpu"):
     for name, e, k in zip(["out", "value", "offset", "mask"], exact, kernel, strict=True):
         err = relative_l2(k, e)
         assert err <= TOL[dtype], f"core stride {stride} {dtype} {name}: relative L2 error {err:.3g}"
+
+
+def require_kernels():
+    """GPU tests: skip without CUDA; with CUDA, a missing, broken or self-check-failing extension FAILS."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reason = cuda.extension_error()
+    if reason:
+        pytest.fail(f"CUDA is present but the DCNv3 extension is unusable: {reason}")

@@ -256,3 +256,16 @@ def test_torch_compile_traces_the_fused_op_in_one_graph():
     torch.testing.assert_close(out, dcnv3_fused_reference(value, x1, params, geom), rtol=1e-4, atol=1e-4)
     out.sum().backward()
     assert value.grad is not None and params.offset_weight.grad is not None
+
+
+def test_gpu_tests_fail_instead_of_skipping_when_the_extension_is_broken(monkeypatch):
+    """On a CUDA machine a failed build must turn the GPU tests red, never into skips with exit 0."""
+    from kernel_cases import require_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(pytest.skip.Exception):
+        require_kernels()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "extension_error", lambda: "the DCNv3 CUDA extension is not built")
+    with pytest.raises(pytest.fail.Exception, match="not built"):
+        require_kernels()

@@ -242,3 +242,13 @@ def test_the_suite_rejects_a_broken_kernel(emu, name):
 def test_tolerances_are_tight_enough_to_see_a_zero_gradient():
     """The pass rule itself: an all-zero gradient is relative error 1, far above every bound."""
     assert max(TOL.values()) < 0.05
+
+
+def test_self_check_accepts_the_kernels_and_rejects_a_wrong_one(emu, monkeypatch):
+    """The check the CUDA extension runs when it loads (a failure keeps `auto` on the reference), here on the
+    same kernels in the emulation, and on a kernel 1% off."""
+    real = cuda._fused_call
+    monkeypatch.setattr(cuda, "_fused_call", lambda v, x, p, g: real(v, x, p, g, emulate=True))
+    assert cuda.self_check(device="cpu") is None
+    monkeypatch.setattr(cuda, "_fused_call", lambda v, x, p, g: real(v, x, p, g, emulate=True) * 1.01)
+    assert "relative error" in cuda.self_check(device="cpu")

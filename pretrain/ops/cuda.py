@@ -63,12 +63,58 @@ def extension():
         spec = importlib.util.spec_from_file_location(EXT_NAME, str(lib), loader=loader)
         module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
-        _ext = module
     except Exception as err:  # a stale or foreign build: say which and how to rebuild
         _ext_error = (
             f"the DCNv3 CUDA extension failed to load ({type(err).__name__}: {err}); rerun `{BUILD_COMMAND}`"
         )
+        return None
+    if torch.cuda.is_available():
+        _ext = module  # the self-check runs the ops, which ask for the extension
+        failure = self_check()
+        if failure is not None:
+            _ext = None
+            _ext_error = (
+                f"the DCNv3 CUDA kernels failed their self-check on this GPU ({failure}); using the reference"
+            )
     return _ext
+
+
+def self_check(device="cuda") -> str | None:
+    """Run the fused block forward + backward on a small case in fp32 and bf16 against the float64 reference.
+
+    -> None, or what went wrong. A build whose kernels error out or compute wrong values on this GPU (a new
+    architecture, a driver or toolchain issue) must never be picked by `backend="auto"`.
+    """
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+    gen = torch.Generator().manual_seed(0)
+    geom = DCNGeometry.make(3, 1, 1, 1, group=2)
+    c, g, p = 64, 2, geom.points
+
+    def r(*shape, std=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
+
+    tensors = [r(1, 9, 11, c), r(1, 9, 11, c), r(g * p * 2, c, std=0.2), r(g * p * 2), r(g * p, c, std=0.1),
+               r(g * p), r(c, c, std=0.1), r(c), r(g, c, std=0.1), r(g)]  # fmt: skip
+    grad = r(1, 9, 11, c)
+
+    def run(fn, leaves):
+        out = fn(leaves[0], leaves[1], FusedParams(*leaves[2:]), geom)
+        grads = torch.autograd.grad(out, leaves, grad.to(out.device, out.dtype))
+        return [t.detach().double().cpu() for t in (out, *grads)]
+
+    for dtype, tol in tolerance.items():
+        # The oracle runs in float64 on the same rounded inputs: input rounding is not the kernel's error.
+        rounded = [t.to(dtype) for t in tensors]
+        exact = run(dcnv3_fused_reference, [t.double().requires_grad_() for t in rounded])
+        try:
+            kernel = run(_fused_call, [t.to(device).requires_grad_() for t in rounded])
+        except Exception as err:
+            return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        for i, (k, e) in enumerate(zip(kernel, exact)):
+            err = ((k - e).norm() / e.norm().clamp_min(1e-30)).item()
+            if not err <= tol:  # NaN fails too
+                return f"{dtype} output {i}: relative error {err:.3g} > {tol:g}"
+    return None
 
 
 def extension_error() -> str | None:
