@@ -49,6 +49,10 @@ class SyntheticStream:
         return {"index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
+        if "index" not in state:
+            raise ValueError(
+                f"not a synthetic stream's state (keys {sorted(state)}): saved by a corpus reader?"
+            )
         self.index = int(state["index"])
 
     def counters(self) -> dict[str, int]:

@@ -22,6 +22,7 @@ def seed_everything(seed: int) -> None:
 
 def build_model(cfg: RunConfig):
     """The backbone named by `model` (and its initial weights)."""
+    from pretrain.convert import ConvertError, load_pretrained
     from pretrain.models import create_model
 
     m = cfg.model
@@ -29,11 +30,17 @@ def build_model(cfg: RunConfig):
     kwargs.update(num_classes=m.num_classes, dcn_backend=m.dcn_backend, with_cp=m.with_cp)
     if m.drop_path_rate is not None:
         kwargs["drop_path_rate"] = m.drop_path_rate
-    model = create_model(m.variant, **kwargs)
+    try:
+        model = create_model(m.variant, **kwargs)
+    except KeyError as err:  # an unregistered variant (the message names the closest one)
+        raise ConfigError(f"model.variant: {err.args[0]}") from None
+    except (TypeError, ValueError) as err:  # a constructor option: a typo or a bad value in model.overrides
+        raise ConfigError(f"model.overrides: {err}") from None
     if m.init_from:
-        from pretrain.convert import load_pretrained
-
-        load_pretrained(m.init_from, model, strict=True, drop_head=m.init_drop_head)
+        try:
+            load_pretrained(m.init_from, model, strict=True, drop_head=m.init_drop_head)
+        except (ConvertError, OSError) as err:
+            raise ConfigError(f"model.init_from: {err}") from None
     return model
 
 

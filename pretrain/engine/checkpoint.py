@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fields import ConfigError
 from . import dist
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -209,7 +210,7 @@ class CheckpointManager:
         saved_world = meta.get("world_size", world)
         universal = self.is_universal(tag)
         if saved_world != world and not universal:
-            raise RuntimeError(
+            raise ConfigError(
                 f"checkpoint {self.root}/{tag} was written by {saved_world} ranks, this run has {world}: its "
                 "ZeRO shards cannot be re-split. Resume with the same world size, or convert it to a universal "
                 f"checkpoint (pretrain convert {self.root}/{tag} OUT --to universal) and --resume OUT."
@@ -233,9 +234,21 @@ class CheckpointManager:
                 f"run has {world}: under ZeRO-3 each rank keeps the EMA of its own parameter slices, which "
                 "cannot be re-split. Resume on the same world size (or with ema.enabled=false)."
             )
-        load_path, _ = engine.load_checkpoint(
-            str(self.stage), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        try:
+            load_path, _ = engine.load_checkpoint(
+                str(self.stage), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except RuntimeError as err:  # torch's size-mismatch report: ~100 lines that never name the checkpoint
+            if (
+                "size mismatch" not in str(err)
+                and "Missing key" not in str(err)
+                and "Unexpected key" not in str(err)
+            ):
+                raise
+            raise ConfigError(
+                f"checkpoint {self.root}/{tag} holds another model (its state dict does not fit: "
+                f"{str(err).splitlines()[0].strip()} ...): resume with the model settings it was saved with"
+            ) from None
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root}/{tag}")
         if universal:  # DeepSpeed 0.19's universal load leaves buffers (BatchNorm statistics) at init

@@ -44,6 +44,12 @@ def resolved_config(args):
     return load_config(args.config, overrides)
 
 
+def config_error(err: Exception) -> int:
+    """One line naming the key or file, exit 2 (every rank prints the same line under a launcher)."""
+    print("pretrain train: config error: " + " ".join(str(err).split()), file=sys.stderr)
+    return 2
+
+
 def run(args) -> int:
     from pretrain.config import ConfigError, describe, dump_config
 
@@ -52,9 +58,8 @@ def run(args) -> int:
         return 0
     try:
         cfg = resolved_config(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"pretrain train: config error: {err}", file=sys.stderr)
-        return 2
+    except ConfigError as err:
+        return config_error(err)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -62,9 +67,8 @@ def run(args) -> int:
 
     try:
         summary = Trainer(cfg, resume=args.resume).fit()
-    except ConfigError as err:  # found at start-up, e.g. a precision the device cannot run
-        print(f"pretrain train: config error: {err}", file=sys.stderr)
-        return 2
+    except ConfigError as err:  # found at start-up: a model option, a manifest, --resume, the DeepSpeed JSON
+        return config_error(err)
     reason = summary["reason"]
     if reason.startswith("signal "):  # interrupted after saving: the usual 128 + signal number
         return 128 + int(getattr(signal, reason.split()[1]))

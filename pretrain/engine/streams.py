@@ -6,7 +6,7 @@ turns its `info()` into the objective's `data_info`.
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data import build_stream
 from ..data.cursor import BatchStream
 
@@ -19,7 +19,10 @@ def build_default_stream(cfg: RunConfig, rank: int, world_size: int) -> BatchStr
         s = cfg.synthetic
         classes = s.num_classes or cfg.model.num_classes or 10
         return SyntheticStream(s.batch_size, s.image_size, classes, seed=cfg.seed, rank=rank)
-    return build_stream(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
+    try:
+        return build_stream(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
+    except FileNotFoundError as err:  # a manifest or shard a source names (the message names the file)
+        raise ConfigError(f"data.sources: {err}") from None
 
 
 def stream_info(stream: BatchStream, cfg: RunConfig) -> dict:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import RunConfig, dump_config, save_config
+from ..config import ConfigError, RunConfig, dump_config, save_config
 from ..data import storage
 from ..data.cursor import BatchStream
 from ..monitor.panels import DCNProbe, image_grid
@@ -104,7 +104,10 @@ class Trainer:
         self.global_batch = self.micro_batch * cfg.engine.grad_accum * self.world
         self.peak_lr = peak_lr(cfg.optim, self.global_batch)
         # the resume target first: a universal checkpoint needs DeepSpeed's load_universal at initialize time
-        target = self.resume_target = resolve_resume(self.resume, cfg.checkpoint_dir())
+        try:
+            target = self.resume_target = resolve_resume(self.resume, cfg.checkpoint_dir())
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
         universal = target is not None and CheckpointManager(target[0]).is_universal(target[1])
         self.ds_config = build_ds_config(
             cfg, self.micro_batch, self.world, self.peak_lr, load_universal=universal
@@ -162,7 +165,12 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
-        self.stream.load_state_dict(state["stream"])
+        try:
+            self.stream.load_state_dict(state["stream"])
+        except (KeyError, ValueError) as err:  # another corpus order, or another kind of stream
+            raise ConfigError(
+                f"--resume {root}/{tag}: its data cursor does not fit this run's stream: {err}"
+            ) from None
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         warning = self.objective.load_rank_state(state.get("objective", {}))
