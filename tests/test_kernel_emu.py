@@ -252,3 +252,16 @@ def test_self_check_accepts_the_kernels_and_rejects_a_wrong_one(emu, monkeypatch
     assert cuda.self_check(device="cpu") is None
     monkeypatch.setattr(cuda, "_fused_call", lambda v, x, p, g: real(v, x, p, g, emulate=True) * 1.01)
     assert "relative error" in cuda.self_check(device="cpu")
+
+
+def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
+    """`pretrain bench dcn --emulate` (the table in BENCHMARKS.md) on a tiny stage: every column filled."""
+    from pretrain.cli import main
+
+    out = tmp_path / "counters.md"
+    args = ["bench", "dcn", "--emulate", "--models", "t", "--stages", "1", "--image-size", "32", "--rows", "2"]
+    assert main([*args, "--dtypes", "bf16", "--out", str(out)]) == 0
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| T | 1 |")]
+    assert len(lines) == 2 and "| 1x2x8x64 | 4 | fwd | 2 |" in lines[0] and "| fwd+bwd |" in lines[1]
+    cells = lines[1].split("|")
+    assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0  # L2 bytes, atomics, mma

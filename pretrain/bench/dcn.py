@@ -42,6 +42,18 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--allow-cpu", action="store_true", help="without a GPU: tiny reference-only smoke run"
     )
+    parser.add_argument(
+        "--emulate",
+        action="store_true",
+        help="no GPU needed: count the kernels' memory traffic, atomics and mma in the CPU emulation "
+        "(first dtype of --dtypes; see pretrain/bench/dcn_counters.py)",
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=8,
+        help="--emulate: slice size in stage-1 rows (rows x image_size/4 pixels)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,6 +214,10 @@ def _auto_batch(h, w, c, device) -> int:
 def run(args) -> int:
     import torch
 
+    if args.emulate:
+        from . import dcn_counters
+
+        return dcn_counters.run(args)
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.allow_cpu:
         print(

@@ -1,0 +1,151 @@
+"""`pretrain bench dcn --emulate`: what the fused DCNv3 kernels move and compute, counted in the CPU emulation.
+
+No GPU needed: the real csrc kernels run in the emulation (pretrain.ops.emulation), which counts per launch the
+32-byte sectors each warp request touches (L2 traffic), the distinct sectors of the launch (the DRAM floor of a
+perfect cache), 64-bit atomics, shared-memory bytes and mma.sync instructions. Each InternImage stage shape at
+--image-size runs on a slice of its pixels (one image, a band of --rows rows at full width; the full map when it
+is smaller; several images for the small late-stage maps, about --rows x (image_size / 4) pixels in all), and
+every figure is given per output pixel of the slice, beside the essential bytes of the same slice: value and x1
+read once, out written once (forward); plus grad_out read, grad value and grad x1 written (forward + backward);
+and every weight (and weight gradient) once per slice, as the kernels read them once per launch at best. These counts are the speed measure available without a GPU; GPU
+timings (`pretrain bench dcn` on a GPU) confirm them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+
+STAGE_GROUPS = {"t": (64, (4, 8, 16, 32), False), "h": (320, (10, 20, 40, 80), True)}
+
+
+def essential_bytes_per_pixel(c, group, points, cfs, elem_bytes, pixels) -> tuple[float, float]:
+    """(forward, forward+backward) bytes per pixel that any implementation must move."""
+    weights = (group * (3 * points + (1 if cfs else 0)) * (c + 1) + c * (c + 1)) * elem_bytes
+    fwd = 3 * c * elem_bytes + weights / pixels
+    fwdbwd = (
+        fwd + 5 * c * elem_bytes + 2 * weights / pixels
+    )  # grad_out, value, x1 again; grads; weights + grads
+    return fwd, fwdbwd
+
+
+def count_block(n, h, w, c, group, cfs, dtype, seed=0) -> dict[str, list[dict]]:
+    """Per-launch counters of one fused block forward and backward in the emulation."""
+    import torch
+
+    from pretrain.ops import DCNGeometry, FusedParams, cuda, emulation
+
+    geom = DCNGeometry.make(3, 1, 1, 1, group=group)
+    p = geom.points
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype).requires_grad_()
+
+    params = FusedParams(
+        r(group * p * 2, c, std=1 / c**0.5),
+        r(group * p * 2, std=0.1),
+        r(group * p, c, std=1 / c**0.5),
+        r(group * p, std=0.1),
+        r(c, c, std=1 / c**0.5),
+        r(c, std=0.1),
+        r(group, c, std=1 / c**0.5) if cfs else None,
+        r(group, std=0.1) if cfs else None,
+    )
+    value, x1 = r(n, h, w, c), r(n, h, w, c)
+    grad = torch.randn(n, h, w, c, generator=gen).to(dtype)
+    with emulation.count() as fwd:
+        out = cuda.dcnv3_fused_emu(value, x1, params, geom)
+    with emulation.count() as bwd:
+        out.backward(grad)
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def summarise(launches: list[dict], pixels: int) -> dict[str, float]:
+    """Per-pixel totals over launches."""
+
+    def total(key):
+        return sum(launch[key] for launch in launches) / pixels
+
+    return {
+        "launches": len(launches),
+        "l2_bytes": 32 * (total("load_sectors") + total("store_sectors") + total("atomic_sectors")),
+        "dram_floor_bytes": 32
+        * (total("unique_load_sectors") + total("unique_store_sectors") + total("unique_atomic_sectors")),
+        "atomics": total("atomics"),
+        "shared_bytes": total("shared_load_bytes") + total("shared_store_bytes"),
+        "mma": total("mma"),
+    }
+
+
+def run(args) -> int:
+    import torch
+
+    from pretrain.ops import emulation
+
+    if emulation.extension() is None:
+        print(f"error: {emulation.error()}", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtypes.split(",")[0]]
+    elem = torch.finfo(dtype).bits // 8
+    rows_out = []
+    for model in args.models.split(","):
+        if model not in STAGE_GROUPS:
+            print(f"error: --emulate knows models {sorted(STAGE_GROUPS)}, not {model!r}", file=sys.stderr)
+            return 2
+        base, groups, cfs = STAGE_GROUPS[model]
+        for stage in (int(s) for s in args.stages.split(",")):
+            c, group = base * 2 ** (stage - 1), groups[stage - 1]
+            side = args.image_size // (4 * 2 ** (stage - 1))
+            target = args.rows * (args.image_size // 4)
+            band = min(side, -(-target // side))
+            images = -(-target // (band * side))
+            pixels = images * band * side
+            t0 = time.monotonic()
+            counted = count_block(images, band, side, c, group, cfs, dtype)
+            secs = time.monotonic() - t0
+            fwd_ess, fwdbwd_ess = essential_bytes_per_pixel(c, group, 9, cfs, elem, pixels)
+            fwd = summarise(counted["fwd"], pixels)
+            both = summarise(counted["fwd"] + counted["bwd"], pixels)
+            for name, s, ess in (("fwd", fwd, fwd_ess), ("fwd+bwd", both, fwdbwd_ess)):
+                rows_out.append(
+                    (model.upper(), stage, f"{images}x{band}x{side}x{c}", group, name, s, ess, secs)
+                )
+            print(
+                f"[bench dcn --emulate] {model.upper()} stage {stage}: {secs:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    table = markdown(rows_out, args, dtype)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def markdown(rows, args, dtype) -> str:
+    head = (
+        f"DCNv3 fused block, emulation counters per output pixel ({_dt.date.today().isoformat()}, "
+        f"{str(dtype).replace('torch.', '')}, {args.image_size} px)\n\n"
+        "| model | stage | slice (NxHxWxC) | G | pass | launches | essential B | L2 B (sectors) | x essential "
+        "| DRAM floor B | atomics | shared B | mma |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for model, stage, shape, group, name, s, ess, _ in rows:
+        lines.append(
+            f"| {model} | {stage} | {shape} | {group} | {name} | {s['launches']} | {ess:.0f} | {s['l2_bytes']:.0f} "
+            f"| {s['l2_bytes'] / ess:.1f} | {s['dram_floor_bytes']:.0f} | {s['atomics']:.0f} "
+            f"| {s['shared_bytes']:.0f} | {s['mma']:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        "L2 B: 32 x the distinct sectors of each warp-wide request, summed (what the memory system serves); DRAM "
+        "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache); essential: value "
+        "and x1 read and out written once (+ grad_out, grad value, grad x1 and the weights' reads and gradients "
+        "for fwd+bwd). Command: `pretrain bench dcn --emulate --models "
+        f"{args.models} --stages {args.stages} --rows {args.rows}`."
+    )
+    return "\n".join(lines)
