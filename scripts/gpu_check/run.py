@@ -224,6 +224,7 @@ class Run:
 
     def facts(self, budget):
         path = self.work / "facts.json"
+        path.unlink(missing_ok=True)
         res = self.step("facts", [self.args.python, "scripts/gpu_check/facts.py", str(path)], budget)
         facts = json.loads(path.read_text()) if path.exists() else {}
         self.results["facts"] = facts
@@ -344,6 +345,8 @@ class Run:
 
     def phase_b(self, budget):
         out_md, out_json = self.work / "model_check.md", self.work / "model_check.json"
+        for stale in (out_md, out_json):  # a file left by an earlier run must not pass for this one's
+            stale.unlink(missing_ok=True)
         argv = ["bench", "model", "--out", str(out_md), "--json", str(out_json)]
         if self.dry:
             argv += ["--tiny", "--candidate", "reference"]
@@ -469,7 +472,7 @@ class Run:
         """configs/internimage_h_m3i_427m.yaml itself for a few steps (ZeRO-3, bf16, text tower, EMA teacher,
         mixing) on the generated sample corpus read by the arrow reader (Ray is not on the device)."""
         t0 = time.monotonic()
-        sample = self.work / "sample"
+        sample = self.work / ("sample-dry" if self.dry else "sample")  # the dry run's tokenizer is tiny
         run_dir = self.work / "recipe"
         shutil.rmtree(run_dir, ignore_errors=True)
         size = ["--num", "128", "--size", "48"] if self.dry else ["--num", "768", "--size", "64", "96"]
