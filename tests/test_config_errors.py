@@ -229,3 +229,47 @@ def test_bad_inputs_found_at_start_are_one_line_naming_the_key_or_file(tmp_path)
 
 def test_at_least_forty_bad_inputs():
     assert len(SET_CASES) + len(FILE_CASES) + 8 >= 40
+
+
+def test_resuming_a_checkpoint_of_another_model_or_stream_is_one_line(tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "pretrain.cli", "train", "-c", TINY, "--output-dir", str(out)]
+    for s in ("synthetic.enabled=true", "synthetic.image_size=32", "synthetic.batch_size=4", "engine.precision=fp32",
+              "logging.dcn_points_every=0", "logging.tensorboard=false"):  # fmt: skip
+        base += ["--set", s]
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        },
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    first = run("--set", "schedule.total_steps=1")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    step = out / "checkpoints" / "step_00000001"
+    resume = ["--set", "schedule.total_steps=3", "--resume", str(step)]
+    cases = [
+        ("other_model", ["--set", "model.overrides.channels=24"], "holds another model"),
+        ("corpus_cursor", [], "its data cursor does not fit this run's stream"),
+    ]
+    for name, extra, fragment in cases:
+        if name == "corpus_cursor":  # the rank's state as a corpus reader writes it
+            state = torch.load(step / "trainer_rank00000.pt", weights_only=False)
+            state["stream"] = {"version": 1, "epoch": 0, "consumed": 8, "fingerprint": "f", "epoch_len": 64}
+            torch.save(state, step / "trainer_rank00000.pt")
+        res = run(*resume, *extra)
+        assert res.returncode == 2, f"{name}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        text = [x for x in res.stderr.splitlines() if "config error" in x]
+        assert len(text) == 1 and fragment in text[0] and "step_00000001" in text[0], (
+            f"{name}: {res.stderr[-3000:]}"
+        )
