@@ -143,3 +143,14 @@ def test_dcn_backend_choices_are_the_registered_backends():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.schedule.total_steps > 0
+
+
+def test_output_dir_url_is_never_mangled_by_path():
+    from pretrain.config import save_config
+    from pretrain.data import storage
+
+    cfg = load_config(overrides=["output_dir=s3://bucket/run/"])
+    assert cfg.checkpoint_dir() == "s3://bucket/run/checkpoints"  # Path() made it s3:/bucket/run/checkpoints
+    url = "memory://pretrain-test/run/config.yaml"
+    save_config(cfg, url)
+    assert config_from_yaml_text(storage.read_bytes(url).decode()) == cfg
