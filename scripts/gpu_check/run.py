@@ -517,7 +517,9 @@ class Run:
         return summary, ""
 
     # ------------------------------------------------------------------ report
-    def report(self) -> None:
+    def report(self, final: bool = True) -> None:
+        """Write report.md and report.json (after every phase too: a run killed from outside keeps them);
+        `final` also prints the phase summary last, where the device tool's output tail shows it."""
         total = time.monotonic() - self.start
         self.results["total_s"] = round(total, 1)
         r = self.results
@@ -543,6 +545,8 @@ class Run:
                 lines += ["", f"## {title}", "", *self.md[key]]
         (self.out / "report.md").write_text("\n".join(lines) + "\n")
         (self.out / "report.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+        if not final:
+            return
         print()
         for key in PHASES:
             p = r["phases"].get(key)
@@ -561,6 +565,7 @@ class Run:
         for key, fn in (("install", self.install), ("facts", self.facts), ("build", self.build), ("a", self.phase_a),
                         ("b", self.phase_b), ("c", self.phase_c), ("d", self.phase_d)):  # fmt: skip
             self.phase(key, fn)
+            self.report(final=False)
         for h in self.background.values():  # nothing outlives the run
             self.finish(h, time.monotonic())
         self.report()
