@@ -421,7 +421,7 @@ class Run:
         if self.dry:
             # one process for both tiny models (each process pays ~4 s of imports on a CI core)
             runs = [
-                ("d-train", ["--tiny", "--models", "internimage_t", "internimage_h", "--steps", "2", "--warmup", "1",
+                ("d-train", ["--tiny", "--models", "internimage_t", "internimage_h", "--steps", "1", "--warmup", "1",
                              "--batch-size", "auto", "--set", TINY_H], 0.5),
             ]  # fmt: skip
         else:
@@ -492,7 +492,7 @@ class Run:
         ]  # fmt: skip
         if self.dry:
             sets += [
-                "data.num_workers=1", "data.batch_size=4", "data.image_size=64", "schedule.total_steps=3", TINY_H,
+                "data.num_workers=1", "data.batch_size=4", "data.image_size=64", "schedule.total_steps=2", TINY_H,
                 "objective.text.width=64", "objective.text.depth=1", "objective.text.heads=4",
                 "objective.text.context_length=24", "objective.text.vocab_size=400", "objective.dense.decoder_width=64",
                 "objective.dense.decoder_depth=1", "objective.dense.decoder_heads=4", "objective.dense.projector_dim=32",
