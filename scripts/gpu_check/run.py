@@ -220,7 +220,10 @@ class Run:
         detail = {"wheels": [Path(w).name for w in wheels], "site": str(self.site), "verify": verify}
         if res["rc"] != 0:
             return "failed", f"pip install rc {res['rc']}: {res['tail'][-300:]}", detail
-        return "ok", f"{len(wheels)} wheels into {self.site}", detail
+        note = f"{len(wheels)} wheels into {self.site}"
+        if verify["rc"] != 0:  # installed, but a dependency may be missing: say which before it bites
+            note += "; carry check: " + _last_error(verify["tail"])
+        return "ok", note, detail
 
     def facts(self, budget):
         path = self.work / "facts.json"
