@@ -30,7 +30,7 @@ class TextConfig(Section):
     )
     train_if_missing: bool = _f(
         True,
-        "If `tokenizer` does not exist and the data exposes captions, train a byte-level BPE tokenizer on them at build time (deterministic, every rank gets the same one; rank 0 writes it). Convenient for the tiny CPU run; at scale train it once with `pretrain data tokenizer` and point here.",
+        "If `tokenizer` does not exist and the data exposes captions, train a byte-level BPE tokenizer on them at build time, in a single-process run only (a multi-rank job refuses with the command that trains it once). Convenient for the tiny CPU run; at scale train it once with `pretrain data tokenizer` and point here.",
     )
     vocab_size: int = _f(
         32000,
