@@ -142,3 +142,22 @@ def test_carry_specs_close_the_deepspeed_gap_here():
             continue
         name = carry.norm(req.name)
         assert name in carried or name in carry.DEVICE_PACKAGES, f"deepspeed needs {name}: carry it"
+
+
+def test_batch_search_keeps_the_predicted_step_within_the_device():
+    """`pretrain bench train --batch-size auto`: the GPU-only probe's arithmetic (peaks at batch 8 and 16)."""
+    from pretrain.bench.train import OPTIMIZER_BYTES_PER_PARAM, ZERO_BUFFERS_BYTES, fit_batch
+
+    gib = 1024**3
+    total, params = 140 * gib, 30_000_000
+    peaks = [2 * gib, 3 * gib]  # 1 GiB fixed + 1/8 GiB per sample
+    batch, how = fit_batch(peaks, 8, total, params, max_batch=4096)
+
+    def need(b):
+        return 1 * gib + b * gib / 8 + OPTIMIZER_BYTES_PER_PARAM * params + ZERO_BUFFERS_BYTES
+
+    assert batch % 8 == 0 and need(batch) <= 0.85 * total < need(batch + 8)
+    assert how["gib_per_sample"] == 0.125 and how["fixed_gib"] == 1.0
+    assert fit_batch(peaks, 8, total, params, max_batch=256)[0] == 256
+    # a model whose states alone exceed the device: batch 1, and the trainer's OOM says the rest
+    assert fit_batch(peaks, 8, total, 10_000_000_000, max_batch=256)[0] == 1

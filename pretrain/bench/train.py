@@ -174,12 +174,19 @@ def auto_batch(model: str, backend: str, size: int, precision: str, args) -> tup
     del net
     gc.collect()
     torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return fit_batch(peaks, b1, total, params, args.max_batch)
+
+
+def fit_batch(peaks: list[int], b1: int, total: int, params: int, max_batch: int) -> tuple[int, dict]:
+    """The batch predicted to fit from the peak bytes of fwd+bwd at batch b1 and 2*b1 (linear in the batch),
+    the device's bytes and the parameter count: the largest multiple of 8 (at least 1, at most max_batch)
+    whose activations, model, optimizer states and ZeRO buffers stay within 85% of the device."""
     slope = max(1.0, (peaks[1] - peaks[0]) / b1)
     fixed = peaks[0] - slope * b1
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     extra = OPTIMIZER_BYTES_PER_PARAM * params + ZERO_BUFFERS_BYTES
     fit = (0.85 * total - fixed - extra) / slope
-    batch = max(1, min(args.max_batch, int(fit) // 8 * 8 or int(fit)))
+    batch = max(1, min(max_batch, int(fit) // 8 * 8 or int(fit)))
     gib = 1024**3
     how = {
         "gib_per_sample": slope / gib,
