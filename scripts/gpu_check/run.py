@@ -256,6 +256,14 @@ class Run:
     def build(self, budget):
         if self.dry:
             return "skipped", "dry run: the CUDA extension needs a GPU and a CUDA torch", {}
+        if self.capability is None:  # facts not run (a rerun of a subset): ask torch
+            probe = self.step(
+                "capability",
+                [self.args.python, "-c", "import torch; print('%d.%d' % torch.cuda.get_device_capability())"],
+                30,
+            )
+            self.capability = probe["tail"].strip().splitlines()[-1] if probe["rc"] == 0 else None
+        # one arch: the build's default (sm_80 and sm_90a) would compile every unit twice
         arch = {"9.0": "90a", "8.0": "80", "8.6": "80", "8.9": "80"}.get(self.capability or "", None)
         cores = os.cpu_count() or 4
         ext_cmd = [self.args.python, "-m", "pretrain.ops.build", "--quiet"] + (
@@ -747,8 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="the Python that runs every step")
     args = parser.parse_args(argv)
     args.argv = argv
-    if os.sep in args.python:
-        args.python = os.path.abspath(args.python)
+    # absolute, so every step (any cwd) runs the same interpreter and its bin dir can go first on PATH
+    args.python = (
+        os.path.abspath(args.python) if os.sep in args.python else shutil.which(args.python) or args.python
+    )
     args.out = args.out or os.environ.get("OUT") or str(REPO / "runs" / "gpu_check")
     args.phases = [p for p in args.phases.split(",") if p]
     unknown = set(args.phases) - set(PHASES)
