@@ -369,11 +369,17 @@ class Run:
         )
         note = "dry run: CPU, tiny models, the reference as candidate (plumbing only)" if self.dry else ""
         if res["rc"] != 0:
-            why = (
-                "timed out"
-                if res["timed_out"]
-                else ("a check failed" if out_json.exists() else _last_error(res["tail"]))
-            )
+            bad = [
+                f"{r['model']} {r['dtype']} {r['backend']}{' (' + r['note'][:120] + ')' if r.get('note') else ''}"
+                for r in self.results.get("model_check", {}).get("rows", [])
+                if r.get("pass") is False
+            ]
+            if res["timed_out"]:
+                why = "timed out"
+            elif bad:
+                why = "outside the 2x-reference bound or fell back: " + "; ".join(bad)
+            else:
+                why = _last_error(res["tail"])
             return "failed", why, {}
         return "ok", note, {}
 
