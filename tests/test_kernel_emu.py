@@ -259,9 +259,37 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     from pretrain.cli import main
 
     out = tmp_path / "counters.md"
-    args = ["bench", "dcn", "--emulate", "--models", "t", "--stages", "1", "--image-size", "32", "--rows", "2"]
+    args = [
+        "bench",
+        "dcn",
+        "--emulate",
+        "--models",
+        "t",
+        "--stages",
+        "1",
+        "--image-size",
+        "32",
+        "--rows",
+        "2",
+    ]
     assert main([*args, "--dtypes", "bf16", "--out", str(out)]) == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith("| T | 1 |")]
     assert len(lines) == 2 and "| 1x2x8x64 | 4 | fwd | 2 |" in lines[0] and "| fwd+bwd |" in lines[1]
     cells = lines[1].split("|")
     assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0  # L2 bytes, atomics, mma
+
+
+def test_shared_memory_starts_poisoned_in_every_cta(emu):
+    """Each CTA starts with its __shared__ variables filled with 0xFF (NaN), like uninitialised shared memory:
+    the pad columns of the GEMM's staging tile, which no thread writes, still hold the poison after a launch (and
+    the suite's finite-output checks would see any read of an element before its write)."""
+    import ctypes
+
+    a, w = torch.randn(64, 32), torch.randn(64, 32)
+    emu.linear_fwd(a, w, None)
+    lib = ctypes.CDLL(str(emulation.built_library()))
+    tile = ctypes.c_uint8 * (64 * 40 * 4)  # TileGemmSmem<float>::a: 64 rows, pitch kTileK + kSmemPad = 40
+    smem = tile.in_dll(lib, "_ZZN5dcnv311gemm_kernelIfEEvNS_10GemmParamsEE2sm")
+    row0 = bytes(smem[: 40 * 4])
+    assert row0[32 * 4 :] == b"\xff" * 32  # the 8 pad floats of row 0: never written, still poisoned
+    assert row0[: 32 * 4] != b"\xff" * 128  # the staged K columns were written

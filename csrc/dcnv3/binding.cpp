@@ -369,6 +369,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("emulation") = true;
   m.def("emu_set_order", &emu_set_order, "resume order of a CTA's threads: forward, reverse or shuffle (seeded)");
   m.def("emu_start_counting", &emu::start_counting, "count memory traffic, atomics and mma per launch from now");
+  m.def("emu_set_shared_statics", &emu::set_shared_statics,
+        "(offset, size) of each __shared__ static: poisoned with 0xFF before every CTA");
   m.def("emu_stop_counting", &emu_stop_counting, "stop counting; -> one dict of counters per kernel launch");
 #else
   m.attr("emulation") = false;

@@ -129,6 +129,7 @@ std::vector<LaunchCounters> g_launches;
 LaunchCounters* g_cur = nullptr;
 uintptr_t g_writable_lo = 0, g_writable_hi = 0;  // this library's data + bss: the __shared__ statics
 uintptr_t g_host_stack_lo = 0, g_host_stack_hi = 0;
+std::vector<std::pair<char*, size_t>> g_shared_statics;  // poisoned before every CTA
 
 struct SiteKey {
   int warp;
@@ -295,6 +296,7 @@ void run_cta(const dim3& block) {
   }
   set_order(n);
   ++g_cta_serial;
+  for (auto& [ptr, size] : g_shared_statics) std::memset(ptr, 0xFF, size);
   for (;;) {
     bool ran = false;
     for (int i : g_sched.order) {
@@ -505,6 +507,14 @@ int atomic_max_i32(int* addr, int v) {
 void set_order(OrderMode mode, uint64_t seed) {
   g_order = mode;
   g_order_seed = seed;
+}
+
+void set_shared_statics(const std::vector<std::pair<uint64_t, uint64_t>>& offset_size) {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&g_ctx), &info) == 0) fail("cannot find the emulation library's load base");
+  g_shared_statics.clear();
+  for (const auto& [offset, size] : offset_size)
+    g_shared_statics.emplace_back(static_cast<char*>(info.dli_fbase) + offset, size);
 }
 
 void start_counting() {

@@ -25,6 +25,11 @@ struct LaunchCounters {
   uint64_t shared_load_bytes = 0, shared_store_bytes = 0;
   uint64_t mma = 0;                                  // warp-wide mma.sync instructions
 };
+// The library's `__shared__` statics as (offset from the load base, size): each CTA starts with them filled
+// with 0xFF bytes (NaN in fp32/fp16/bf16), as uninitialised as a real SM's shared memory, so a read before a write
+// shows up instead of finding the previous CTA's data.
+void set_shared_statics(const std::vector<std::pair<uint64_t, uint64_t>>& offset_size);
+
 void start_counting();
 std::vector<LaunchCounters> stop_counting();
 

@@ -262,8 +262,25 @@ def load(lib: Path):
         spec = importlib.util.spec_from_file_location(EXT_NAME, key, loader=loader)
         module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
+        module.emu_set_shared_statics(shared_statics(lib))
         _modules[key] = module
     return _modules[key]
+
+
+def shared_statics(lib: Path) -> list[tuple[int, int]]:
+    """(offset, size) of the kernels' `__shared__` variables in `lib`: the emulation makes them function statics
+    of the dcnv3 kernels (`_ZZN5dcnv3...`, GNU-unique data symbols), which the runtime poisons before each CTA."""
+    res = subprocess.run(
+        ["nm", "-D", "--defined-only", "-S", str(lib)], capture_output=True, text=True, check=True
+    )
+    statics = []
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[2] == "u" and parts[3].startswith("_ZZN5dcnv3"):
+            statics.append((int(parts[0], 16), int(parts[1], 16)))
+    if not statics:
+        raise EmulationUnavailable(f"no __shared__ statics found in {lib}: cannot poison shared memory")
+    return statics
 
 
 BUILD_COMMAND = "python -m pretrain.ops.build --emulation"
