@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import statistics
 import sys
 
@@ -248,14 +249,22 @@ def run(args) -> int:
                 for impl in impls:
                     timings[impl] = _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args)
                 rows.extend(_rows(model, stage, n, h, w, c, group, dname, timings, cost, ceilings))
+                # The table so far, after every shape: a run cut off by a time limit keeps what it measured.
+                _write(args.out, _markdown(rows, ceilings, device, args) + "\n\n(partial: still running)")
                 if on_gpu:
                     torch.cuda.empty_cache()
     table = _markdown(rows, ceilings, device, args)
     print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    _write(args.out, table)
     return 0
+
+
+def _write(path, text: str) -> None:
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
 
 
 def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
