@@ -34,27 +34,13 @@ def count_block(n, h, w, c, group, cfs, dtype, seed=0) -> dict[str, list[dict]]:
     """Per-launch counters of one fused block forward and backward in the emulation."""
     import torch
 
-    from pretrain.ops import DCNGeometry, FusedParams, cuda, emulation
+    from pretrain.ops import cuda, emulation
 
-    geom = DCNGeometry.make(3, 1, 1, 1, group=group)
-    p = geom.points
-    gen = torch.Generator().manual_seed(seed)
+    from .dcn import _make_block
 
-    def r(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen) * std).to(dtype).requires_grad_()
-
-    params = FusedParams(
-        r(group * p * 2, c, std=1 / c**0.5),
-        r(group * p * 2, std=0.1),
-        r(group * p, c, std=1 / c**0.5),
-        r(group * p, std=0.1),
-        r(c, c, std=1 / c**0.5),
-        r(c, std=0.1),
-        r(group, c, std=1 / c**0.5) if cfs else None,
-        r(group, std=0.1) if cfs else None,
-    )
-    value, x1 = r(n, h, w, c), r(n, h, w, c)
-    grad = torch.randn(n, h, w, c, generator=gen).to(dtype)
+    torch.manual_seed(seed)
+    value, x1, params, geom = _make_block(n, h, w, c, group, cfs, dtype, "cpu")
+    grad = torch.randn(n, h, w, c).to(dtype)
     with emulation.count() as fwd:
         out = cuda.dcnv3_fused_emu(value, x1, params, geom)
     with emulation.count() as bwd:
