@@ -154,3 +154,14 @@ def test_output_dir_url_is_never_mangled_by_path():
     url = "memory://pretrain-test/run/config.yaml"
     save_config(cfg, url)
     assert config_from_yaml_text(storage.read_bytes(url).decode()) == cfg
+
+
+def test_describe_config_command_prints_every_key(capsys):
+    from pretrain.cli import main
+
+    assert main(["train", "--describe-config"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == describe()
+    assert any(
+        line.strip().startswith("objective.text.train_if_missing: bool = True  # ") for line in printed
+    )
