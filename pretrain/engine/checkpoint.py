@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import storage
 from ..fields import ConfigError
 from . import dist
 
@@ -86,9 +87,7 @@ class CheckpointManager:
         self.keep = keep
         self.remote = _is_remote(root)
         if self.remote:
-            import fsspec
-
-            self.fs, self.fs_root = fsspec.core.url_to_fs(root)
+            self.fs, self.fs_root = storage.url_to_fs(root)
             self.stage = (
                 Path(tempfile.gettempdir()) / f"pretrain_ckpt_stage_{os.getuid()}" / re.sub(r"\W", "_", root)
             )
