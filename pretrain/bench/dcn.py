@@ -20,6 +20,8 @@ import os
 import statistics
 import sys
 
+from .blocks import make_block
+
 # InternImage variants: (base channels, groups per stage, center-feature-scale), from the official configs.
 MODELS = {
     "t": (64, (4, 8, 16, 32), False),
@@ -130,30 +132,6 @@ def block_cost(n, h, w, c, group, points, cfs, elem_bytes) -> dict[str, float]:
         "fwd_flops": proj + sample,
         "fwdbwd_flops": 3 * proj + 3.5 * sample,
     }
-
-
-def _make_block(n, h, w, c, group, cfs, dtype, device):
-    import torch
-
-    from pretrain.ops import DCNGeometry, FusedParams
-
-    geom = DCNGeometry.make(3, 1, 1, 1, group=group)
-    p = geom.points
-
-    def r(*shape, std=1.0):
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype).requires_grad_()
-
-    params = FusedParams(
-        r(group * p * 2, c, std=1 / c**0.5),
-        r(group * p * 2, std=0.1),
-        r(group * p, c, std=1 / c**0.5),
-        r(group * p, std=0.1),
-        r(c, c, std=1 / c**0.5),
-        r(c, std=0.1),
-        r(group, c, std=1 / c**0.5) if cfs else None,
-        r(group, std=0.1) if cfs else None,
-    )
-    return r(n, h, w, c), r(n, h, w, c), params, geom
 
 
 def _dcnv4_fn(c, group, dtype, device):
@@ -275,7 +253,7 @@ def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
     if fn is None:
         return reason
     try:
-        value, x1, params, geom = _make_block(n, h, w, c, group, cfs, dtype, device)
+        value, x1, params, geom = make_block(n, h, w, c, group, cfs, dtype, device)
         grad = torch.randn_like(value)
 
         def fwd():

@@ -36,10 +36,10 @@ def count_block(n, h, w, c, group, cfs, dtype, seed=0) -> dict[str, list[dict]]:
 
     from pretrain.ops import cuda, emulation
 
-    from .dcn import _make_block
+    from .blocks import make_block
 
     torch.manual_seed(seed)
-    value, x1, params, geom = _make_block(n, h, w, c, group, cfs, dtype, "cpu")
+    value, x1, params, geom = make_block(n, h, w, c, group, cfs, dtype, "cpu")
     grad = torch.randn(n, h, w, c).to(dtype)
     with emulation.count() as fwd:
         out = cuda.dcnv3_fused_emu(value, x1, params, geom)

@@ -1,0 +1,29 @@
+"""The DCN block inputs the kernel benchmarks run on (timed on a GPU by `bench dcn`, counted in the emulation by
+`bench dcn --emulate`)."""
+
+from __future__ import annotations
+
+
+def make_block(n, h, w, c, group, cfs, dtype, device):
+    """Random DCN block inputs (value, x1, FusedParams, geometry), requiring grad, in `dtype` on `device`."""
+    import torch
+
+    from pretrain.ops import DCNGeometry, FusedParams
+
+    geom = DCNGeometry.make(3, 1, 1, 1, group=group)
+    p = geom.points
+
+    def r(*shape, std=1.0):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype).requires_grad_()
+
+    params = FusedParams(
+        r(group * p * 2, c, std=1 / c**0.5),
+        r(group * p * 2, std=0.1),
+        r(group * p, c, std=1 / c**0.5),
+        r(group * p, std=0.1),
+        r(c, c, std=1 / c**0.5),
+        r(c, std=0.1),
+        r(group, c, std=1 / c**0.5) if cfs else None,
+        r(group, std=0.1) if cfs else None,
+    )
+    return r(n, h, w, c), r(n, h, w, c), params, geom
