@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -150,3 +151,27 @@ def test_rebuild_into_s3_redoes_changed_parts(s3, tmp_path):
         build("folder", str(src), out, shard_rows=2, row_group_rows=2, progress=False)
     left = sorted(p.rsplit("/", 1)[1] for p in s3fs.S3FileSystem().find("corpus/rebuilt"))
     assert left == ["manifest.json", "p00000-000.parquet", "p00000.json"], left
+
+
+def test_monitor_with_an_s3_output_dir_writes_there_and_resumes(s3, tmp_path):
+    """output_dir=s3://... is never turned into a local `s3:/...` folder: metrics.jsonl and TensorBoard reach the
+    bucket, and a resumed run continues the remote metrics without its replayed steps."""
+    from pretrain.data import storage
+    from pretrain.monitor.writer import Monitor
+
+    url = "s3://corpus/run-monitor"
+    monitor = Monitor(url, enabled=True, console=False)
+    for step in (1, 2, 3):
+        monitor.scalars(step, {"loss": 1.0 / step})
+    monitor.close()
+    assert not os.path.exists("s3:") and not os.path.exists(os.path.join(os.getcwd(), "s3:"))
+    lines = storage.read_bytes(storage.join(url, "metrics.jsonl")).decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert storage.glob(storage.join(url, "tb", "events.out.tfevents.*"))
+
+    resumed = Monitor(url, enabled=True, console=False)
+    resumed.resume(2)  # the checkpoint was at step 2: step 3 is replayed
+    resumed.scalars(3, {"loss": 0.3})
+    resumed.close()
+    lines = storage.read_bytes(storage.join(url, "metrics.jsonl")).decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]

@@ -254,3 +254,19 @@ def test_collectives_time_out_with_a_named_error(tmp_path):
     assert procs[0].returncode == 3, out0[-3000:]
     took = float(out0.split("TIMEOUT after ")[1].split("s:")[0])
     assert took < 20 and "did not complete within the collective timeout" in out0
+
+
+def test_pretrain_train_reports_a_stale_lock_in_one_line(tmp_path):
+    """The CLI turns the stale-lock error into one `error:` line and exit 1 (not a traceback)."""
+    build = tmp_path / "ext" / "deepspeed_shm_comm"
+    build.mkdir(parents=True)
+    (build / "lock").write_text("")
+    old = time.time() - 3600
+    os.utime(build / "lock", (old, old))
+    env = {**os.environ, **ENV, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", "--config", "configs/tiny_cpu.yaml"]
+    cmd += ["--set", "synthetic.enabled=true", "--output-dir", str(tmp_path / "run")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "deepspeed_shm_comm/lock" in errors[0] and "Traceback" not in r.stderr

@@ -71,6 +71,29 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
+def is_remote(url: str) -> bool:
+    """True for a URL whose filesystem is not the local disk (s3://, gs://, ...)."""
+    return not is_local(url_to_fs(url)[0])
+
+
+def mirror(local_dir: str, url: str, skip: tuple[str, ...] = ()) -> int:
+    """Upload every file under local_dir to the same relative path under url (top-level folders in `skip`
+    left out); returns the number of files copied. For outputs written locally and kept remotely."""
+    import os
+
+    fs, root = url_to_fs(url)
+    copied = 0
+    for dirpath, _, files in os.walk(local_dir):
+        rel = os.path.relpath(dirpath, local_dir)
+        if rel.split(os.sep)[0] in skip:
+            continue
+        for name in files:
+            dest = join(root, rel, name) if rel != "." else join(root, name)
+            fs.put_file(os.path.join(dirpath, name), dest)
+            copied += 1
+    return copied
+
+
 def exists(url: str) -> bool:
     fs, path = url_to_fs(url)
     return fs.exists(path)

@@ -63,12 +63,16 @@ def run(args) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from .dist import CollectiveTimeoutError, ExtensionLockError
     from .trainer import Trainer
 
     try:
         summary = Trainer(cfg, resume=args.resume).fit()
     except ConfigError as err:  # found at start-up: a model option, a manifest, --resume, the DeepSpeed JSON
         return config_error(err)
+    except (CollectiveTimeoutError, ExtensionLockError) as err:  # a frozen rank; a stale JIT-build lock
+        print("pretrain train: error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 1
     reason = summary["reason"]
     if reason.startswith("signal "):  # interrupted after saving: the usual 128 + signal number
         return 128 + int(getattr(signal, reason.split()[1]))

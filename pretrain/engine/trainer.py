@@ -163,6 +163,7 @@ class Trainer:
         )
         state = manager.load(self.engine, tag)
         self.step = int(state["step"])
+        self.monitor.resume(self.step)  # records of later steps, written before the restart, are replayed
         self.skipped = int(state.get("skipped", 0))
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         try:
@@ -440,6 +441,7 @@ class Trainer:
         path = self.checkpoints.save(self.engine, self.step, self.trainer_state(), dump_config(self.cfg))
         self.last_checkpoint, self.saved_step = path, self.step
         self.monitor.log(f"saved {path} in {time.perf_counter() - t0:.1f}s")
+        self.monitor.flush()  # logs on disk (and at a remote output_dir) as far as the checkpoint
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, self.step)
         return path

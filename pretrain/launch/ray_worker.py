@@ -170,15 +170,7 @@ class RayTrainer(Trainer):
             self.monitor.flush()
             if self.monitor.metrics is not None:
                 self.monitor.metrics.flush()
-        fs, root = storage.url_to_fs(remote_dir)
-        local = self.cfg.output_dir
-        for dirpath, _, files in os.walk(local):
-            rel = os.path.relpath(dirpath, local)
-            if rel.split(os.sep)[0] == "checkpoints":
-                continue
-            for name in files:
-                dest = join(root, rel, name) if rel != "." else join(root, name)
-                fs.put_file(os.path.join(dirpath, name), dest)
+        storage.mirror(self.cfg.output_dir, remote_dir, skip=("checkpoints",))
 
 
 class StopWatcher(threading.Thread):

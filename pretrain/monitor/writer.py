@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from pretrain.data import storage
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -58,8 +62,19 @@ class Monitor:
         self._tensorboard = tensorboard and enabled
         self._checked = False  # whether replayed records were purged (by resume() or the first scalars())
         self._pending: list[tuple[str, tuple]] = []  # events before that decision (a few: config, images)
+        self.remote = None
         if not enabled:
             return
+        if storage.is_remote(output_dir):
+            # TensorBoard and the metrics file are written locally and mirrored to the run's URL by flush()
+            # and close(); the earlier part of a resumed run's metrics comes back first.
+            self.remote = output_dir
+            output_dir = os.path.join(tempfile.gettempdir(), "pretrain-monitor", _url_key(output_dir))
+            shutil.rmtree(output_dir, ignore_errors=True)
+            os.makedirs(output_dir)
+            remote_metrics = storage.join(self.remote, "metrics.jsonl")
+            if storage.exists(remote_metrics):
+                Path(output_dir, "metrics.jsonl").write_bytes(storage.read_bytes(remote_metrics))
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -157,8 +172,13 @@ class Monitor:
             print(f"[{self.run_name}] {message}", flush=True)
 
     def flush(self) -> None:
+        """Write out buffered events; with a remote output dir, copy metrics.jsonl and tb/ there."""
         if self.writer is not None:
             self.writer.flush()
+        if self.metrics is not None:
+            self.metrics.flush()
+        if self.remote is not None:
+            storage.mirror(str(self.out), self.remote)
 
     def close(self) -> None:
         if self.enabled and self._pending:  # never logged a scalar: write what was held back
@@ -170,6 +190,14 @@ class Monitor:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.remote is not None:
+            storage.mirror(str(self.out), self.remote)
+
+
+def _url_key(url: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 def _truncate_jsonl(path: Path, first_new: int) -> int:
