@@ -42,3 +42,23 @@ def test_bench_ingest_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 2 | bare |" in out and "| 2 | arrow |" in out
     assert "| 2 | bare_busy (2 at once) |" in out  # two bare loops at once, merged into one row
+
+
+def _exit_without_result(q):
+    raise SystemExit(3)
+
+
+def test_a_measuring_process_that_dies_is_an_error_not_a_hang():
+    """A measuring process that dies before reporting (it did: 0 s of CPU time on a tiny run divided by zero)
+    must end the benchmark with an error; waiting on its queue would hang forever."""
+    import multiprocessing as mp
+
+    from pretrain.bench.ingest import _result
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    job = ctx.Process(target=_exit_without_result, args=(q,))
+    job.start()
+    with pytest.raises(RuntimeError, match="died .exit code 3"):
+        _result(q, [job], "bare")
+    job.join()

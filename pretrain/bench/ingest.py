@@ -226,7 +226,8 @@ def _measure(
         ray.shutdown()
     stop.set()
     peak[0] = max(peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    pipeline = cpu["consumer"] + cpu["decode"]
+    # CPU clocks tick in 10 ms: a very short smoke run can read 0 s, which must not kill the measuring process.
+    pipeline = max(cpu["consumer"] + cpu["decode"], 1e-6)
     q.put(
         {
             "mode": mode,
@@ -237,7 +238,7 @@ def _measure(
             "per_s": done / elapsed,
             "per_core_s": done / elapsed / workers,
             "per_cpu_s": done / pipeline,
-            "infra_share": cpu["infra"] / (pipeline + cpu["infra"]),
+            "infra_share": cpu["infra"] / (pipeline + cpu["infra"]),  # pipeline > 0
             "peak_rss_mib": peak[0],
         }
     )
@@ -257,6 +258,24 @@ def _merge(parts: list[dict]) -> dict:
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in parts)  # per process
     out["processes"] = len(parts)
     return out
+
+
+def _result(q, jobs, mode: str) -> dict:
+    """The next measurement from the queue; a measuring process that died without one is an error, not a hang."""
+    import queue
+
+    while True:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in jobs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in jobs:
+                    p.kill()
+                raise RuntimeError(
+                    f"bench ingest: the {mode} measuring process died (exit code {dead[0].exitcode}); "
+                    "its traceback is above"
+                ) from None
 
 
 def run(args) -> int:
@@ -286,7 +305,7 @@ def run(args) -> int:
                 ]
                 for p in jobs:
                     p.start()
-                res = _merge([q.get() for _ in jobs])
+                res = _merge([_result(q, jobs, mode) for _ in jobs])
                 for p in jobs:
                     p.join()
                 res["repeat"] = rep
