@@ -203,9 +203,19 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
     const int ch = gg * CG + lane * kVec;
     const float* row = logit_row(sm.logits, pix, gl);
     const float s = p.has_cfs ? row[3 * p.P] : 0.f;
-    float scale[kVec];  // fixed-point scale of each channel's grad_value in image n
+    // The grad_value scatter interleaves channels across the pair's lanes: lane l owns channels l, l + kLanes,
+    // ..., so in each atomic instruction the pair's lanes hit kLanes consecutive 8-byte accumulators (one
+    // 32-byte sector for 4 lanes) instead of one sector each. Its grad_y values and fixed-point scales are read
+    // in that order (pair-coalesced); the 16-byte vector of channels ch.. still serves loads and dot products.
+    const int ch_il = gg * CG + lane;  // channel of scatter element v: ch_il + kLanes * v
+    float gy_il[kVec], gyc_il[kVec], scale_il[kVec];
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) scale[v] = fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + ch + v);
+    for (int v = 0; v < kVec; ++v) {
+      const int c = ch_il + kLanes * v;
+      gy_il[v] = valid ? p.grad_y[int64_t(mm) * p.C + c] : 0.f;
+      gyc_il[v] = gy_il[v] * (1.f - s);
+      scale_il[v] = fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + c);
+    }
 
     float gy[kVec], gyc[kVec], ycore[kVec];
     if (valid) {
@@ -257,10 +267,10 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (!b.in[k]) continue;
-          unsigned long long* dst = p.grad_value_acc + corner_offset(b, k, n, p.H, p.W, p.C) + ch;
+          unsigned long long* dst = p.grad_value_acc + corner_offset(b, k, n, p.H, p.W, p.C) + ch_il;
           const float wk = mk * b.w[k];
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, wk * gyc[v], scale[v]);
+          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + kLanes * v, wk * gyc_il[v], scale_il[v]);
         }
       }
     }
@@ -281,7 +291,8 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
       g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
       if (valid) {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) fixed_point_add(p.grad_value_acc + center + v, gy[v] * s, scale[v]);
+        for (int v = 0; v < kVec; ++v)
+          fixed_point_add(p.grad_value_acc + center - ch + ch_il + kLanes * v, gy_il[v] * s, scale_il[v]);
       }
     }
 
