@@ -147,6 +147,18 @@ print("RESULTS " + json.dumps(results))
 """
 
 
+def _cli_env() -> dict[str, str]:
+    """The environment of a `pretrain train` subprocess: no launcher variables, DeepSpeed on CPU, quiet."""
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {
+        **{k: v for k, v in os.environ.items() if k not in launcher},
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+
+
 def test_bad_inputs_found_at_start_are_one_line_naming_the_key_or_file(tmp_path):
     base = ["train", "-c", TINY, "--set", "synthetic.enabled=true", "--set", "synthetic.image_size=32"]
     base += [
@@ -198,17 +210,7 @@ def test_bad_inputs_found_at_start_are_one_line_naming_the_key_or_file(tmp_path)
         ),
     }
     argvs = {name: [*base, *extra] for name, (extra, _) in cases.items()}
-    env = {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        },
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-        "DS_ACCELERATOR": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = _cli_env()
     proc = subprocess.run(
         [sys.executable, "-c", START, json.dumps(argvs)],
         cwd=REPO,
@@ -239,17 +241,7 @@ def test_resuming_a_checkpoint_of_another_model_or_stream_is_one_line(tmp_path):
     for s in ("synthetic.enabled=true", "synthetic.image_size=32", "synthetic.batch_size=4", "engine.precision=fp32",
               "logging.dcn_points_every=0", "logging.tensorboard=false"):  # fmt: skip
         base += ["--set", s]
-    env = {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        },
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-        "DS_ACCELERATOR": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = _cli_env()
 
     def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([*base, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
