@@ -293,3 +293,33 @@ def test_shared_memory_starts_poisoned_in_every_cta(emu):
     row0 = bytes(smem[: 40 * 4])
     assert row0[32 * 4 :] == b"\xff" * 32  # the 8 pad floats of row 0: never written, still poisoned
     assert row0[: 32 * 4] != b"\xff" * 128  # the staged K columns were written
+
+
+_UBSAN_RUN = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from kernel_cases import DTYPES, check_block, check_core
+from test_kernel_emu import CASES
+from pretrain.ops import cuda, emulation
+emulation.build(verbose=False)
+for case in CASES:
+    for dtype in DTYPES:
+        check_block(cuda.dcnv3_fused_emu, case, dtype)
+for dtype in DTYPES:
+    check_core(cuda.dcnv3_core_emu, dtype, 2)
+print("CLEAN")
+"""
+
+
+def test_kernels_have_no_undefined_behaviour(emu):
+    """The whole block, every dtype and case, in an emulation build with UBSan (aborting on the first report):
+    signed overflow, misaligned or out-of-range shifts, invalid casts... in the kernels, binding or shim."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, emulation.EXTRA_FLAGS_ENV: "-fsanitize=undefined -fno-sanitize-recover=all"}
+    code = _UBSAN_RUN.format(tests=str(Path(__file__).parent))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "CLEAN" in res.stdout, (res.stdout + res.stderr)[-4000:]

@@ -37,6 +37,16 @@ from .toolchain import csrc_dir, cuda_include, cutlass_include
 EXT_NAME = "internimage_dcnv3_emu"
 # -fno-strict-aliasing: load_vec/store_vec reinterpret a uint4 as the element type (fine in CUDA, UB for g++).
 CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-fno-strict-aliasing", "-DDCNV3_EMULATION", "-w")
+# Extra flags for every unit and the link, e.g. an undefined-behaviour check of the kernels:
+#   PRETRAIN_DCNV3_EMU_FLAGS="-fsanitize=undefined -fno-sanitize-recover=all" python -m pytest tests/test_kernel_emu.py
+# (their own cache entry; AddressSanitizer would also need its runtime preloaded and fiber annotations).
+EXTRA_FLAGS_ENV = "PRETRAIN_DCNV3_EMU_FLAGS"
+
+
+def _extra_flags() -> list[str]:
+    return os.environ.get(EXTRA_FLAGS_ENV, "").split()
+
+
 # The kernel units get ThreadSanitizer's *instrumentation* only: each load/store calls a hook of
 # csrc/emu/runtime.cpp (the access counters); no TSan runtime is linked.
 KERNEL_FLAGS = ("-fsanitize=thread",)
@@ -87,7 +97,7 @@ def _toolchain_id() -> str:
     cxx = os.environ.get("CXX", "g++")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     cutlass_version = (cutlass_include() / "cutlass" / "version.h").read_text()
-    return repr((cxx, version, CXX_FLAGS, KERNEL_FLAGS, torch.__version__, cutlass_version))
+    return repr((cxx, version, CXX_FLAGS, _extra_flags(), KERNEL_FLAGS, torch.__version__, cutlass_version))
 
 
 def _units(root: Path) -> list[tuple[str, Path, bool, bool]]:
@@ -105,6 +115,7 @@ def _unit_flags(root: Path, torch_headers: bool, kernel: bool) -> list[str]:
     # CUTLASS includes libcu++ as <cuda/std/...>: CUDA 13 keeps it under include/cccl.
     flags = [
         *CXX_FLAGS,
+        *_extra_flags(),
         f"-I{cutlass_include()}",
         f"-I{cuda_inc}",
         f"-I{cuda_inc / 'cccl'}",
@@ -229,7 +240,7 @@ def build(
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp_lib = lib.parent / f".{EXT_NAME}.{os.getpid()}.so"
         res = subprocess.run(
-            [cxx, "-shared", "-o", str(tmp_lib), *map(str, objs), *_torch_flags()[1]],
+            [cxx, "-shared", "-o", str(tmp_lib), *map(str, objs), *_torch_flags()[1], *_extra_flags()],
             capture_output=True,
             text=True,
         )
