@@ -295,7 +295,7 @@ def test_shared_memory_starts_poisoned_in_every_cta(emu):
     assert row0[: 32 * 4] != b"\xff" * 128  # the staged K columns were written
 
 
-_UBSAN_RUN = """
+_SANITIZED_RUN = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from kernel_cases import DTYPES, check_block, check_core
@@ -310,16 +310,31 @@ for dtype in DTYPES:
 print("CLEAN")
 """
 
+SANITIZERS = {
+    # signed overflow, out-of-range shifts, misaligned accesses, invalid casts...: abort on the first report
+    "undefined": ("-fsanitize=undefined -fno-sanitize-recover=all", {}),
+    # out-of-bounds reads and writes of the kernels in torch's tensors (heap) and in their own stacks
+    "address": ("-fsanitize=address -fno-omit-frame-pointer", {"ASAN_OPTIONS": "detect_leaks=0"}),
+}
 
-def test_kernels_have_no_undefined_behaviour(emu):
-    """The whole block, every dtype and case, in an emulation build with UBSan (aborting on the first report):
-    signed overflow, misaligned or out-of-range shifts, invalid casts... in the kernels, binding or shim."""
+
+@pytest.mark.parametrize("sanitizer", sorted(SANITIZERS))
+def test_kernels_are_clean_under_sanitizers(emu, sanitizer):
+    """The whole block, every dtype and case, and the strided core op in an emulation build under UBSan or
+    ASan (in a fresh interpreter: ASan's runtime must be preloaded). A kernel reading one vector past a tensor,
+    or a signed overflow in the fixed-point scale, was reported when injected."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {**os.environ, emulation.EXTRA_FLAGS_ENV: "-fsanitize=undefined -fno-sanitize-recover=all"}
-    code = _UBSAN_RUN.format(tests=str(Path(__file__).parent))
+    flags, extra_env = SANITIZERS[sanitizer]
+    env = {**os.environ, **extra_env, emulation.EXTRA_FLAGS_ENV: flags}
+    if sanitizer == "address":
+        runtime = subprocess.run(
+            ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True
+        ).stdout
+        env["LD_PRELOAD"] = runtime.strip()
+    code = _SANITIZED_RUN.format(tests=str(Path(__file__).parent))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and "CLEAN" in res.stdout, (res.stdout + res.stderr)[-4000:]

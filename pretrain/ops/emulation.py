@@ -39,7 +39,8 @@ EXT_NAME = "internimage_dcnv3_emu"
 CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-fno-strict-aliasing", "-DDCNV3_EMULATION", "-w")
 # Extra flags for every unit and the link, e.g. an undefined-behaviour check of the kernels:
 #   PRETRAIN_DCNV3_EMU_FLAGS="-fsanitize=undefined -fno-sanitize-recover=all" python -m pytest tests/test_kernel_emu.py
-# (their own cache entry; AddressSanitizer would also need its runtime preloaded and fiber annotations).
+# (their own cache entry). With -fsanitize=address the counters' TSan hooks are left out (the two exclude each
+# other), the runtime annotates its fiber switches for ASan, and Python needs ASan's runtime preloaded.
 EXTRA_FLAGS_ENV = "PRETRAIN_DCNV3_EMU_FLAGS"
 
 
@@ -123,7 +124,7 @@ def _unit_flags(root: Path, torch_headers: bool, kernel: bool) -> list[str]:
     ]
     if torch_headers:
         flags += _torch_flags()[0]
-    if kernel:
+    if kernel and not any("address" in f for f in _extra_flags()):  # ASan and TSan hooks exclude each other
         flags += list(KERNEL_FLAGS)
     return flags
 
