@@ -252,9 +252,7 @@ def _run_part(
 
 def _img2dataset_parquet(url: str, w: _PartWriter) -> None:
     """img2dataset `--output_format parquet`: image bytes in `jpg` (or png/webp), `status` per row."""
-    fs, path = storage.url_to_fs(url)
-    with fs.open(path, "rb") as f:
-        t = pq.read_table(f)
+    t = storage.read_parquet(url)
     names = t.column_names
     img_col = next((c for c in ("jpg", "png", "webp", "image") if c in names), None)
     if img_col is None:

@@ -112,15 +112,11 @@ def _inspect(args) -> int:
         )
     )
     if args.rows:
-        import pyarrow.parquet as pq
-
         from . import storage
 
         shown = 0
         for i in range(len(m.shards)):
-            fs, path = storage.url_to_fs(m.shard_url(i))
-            with fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=["key", "label", "caption", "width", "height"])
+            t = storage.read_parquet(m.shard_url(i), columns=["key", "label", "caption", "width", "height"])
             for r in t.slice(0, args.rows - shown).to_pylist():
                 print(json.dumps(r))
                 shown += 1
