@@ -194,7 +194,9 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   TORCH_CHECK(grad_y.numel() == int64_t(p.N) * ho * wo * p.C, "dcnv3 CUDA: grad_y must be (N, Ho, Wo, C)");
   auto f32 = value.options().dtype(at::kFloat);
   at::Tensor absmax = at::zeros({p.N, p.C}, f32);  // per (image, channel): the fixed-point scales
-  at::Tensor acc = at::zeros(value.sizes(), value.options().dtype(at::kLong));
+  // Per image: the largest reach, then one per 8x8 tile of output pixels (params.h).
+  const int64_t reach_tiles = ((ho + 7) / 8) * ((wo + 7) / 8);
+  at::Tensor reach = at::zeros({p.N, 1 + reach_tiles}, value.options().dtype(at::kInt));
   at::Tensor grad_logits = new_output({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
@@ -203,12 +205,10 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   check_launch();
   p.grad_y = grad_y.data_ptr<float>();
   p.grad_y_absmax = absmax.data_ptr<float>();
-  p.grad_value_acc = reinterpret_cast<unsigned long long*>(acc.data_ptr<int64_t>());
   p.grad_logits = grad_logits.data_ptr();
+  p.grad_value = grad_value.data_ptr();
+  p.reach = reach.data_ptr<int>();
   DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
-  check_launch();
-  DCNV3_DISPATCH(dt, fixed_point_finalize, reinterpret_cast<const unsigned long long*>(acc.data_ptr<int64_t>()), p.N,
-                 int64_t(p.H) * p.W, p.C, absmax.data_ptr<float>(), grad_value.data_ptr(), stream());
   check_launch();
   return {grad_value, grad_logits};
 }
@@ -342,6 +342,7 @@ py::list emu_stop_counting() {
     d["unique_load_sectors"] = c.unique_load_sectors;
     d["unique_store_sectors"] = c.unique_store_sectors;
     d["atomics"] = c.atomics;
+    d["shared_atomics"] = c.shared_atomics;
     d["atomic_sectors"] = c.atomic_sectors;
     d["atomic_requests"] = c.atomic_requests;
     d["unique_atomic_sectors"] = c.unique_atomic_sectors;

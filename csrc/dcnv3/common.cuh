@@ -63,15 +63,37 @@ __device__ __forceinline__ void load_f32(const float* ptr, float (&out)[N]) {
 
 // Every kernel launch goes through here, so that the CPU emulation (csrc/emu) runs the same kernels: there a
 // launch is a loop over the grid, each CTA's threads run as fibers. `name` labels the emulation's counters.
+// `smem_bytes` of dynamic shared memory (see dynamic_smem) may exceed the 48 KiB default: the kernel is opted in.
+template <class... Params, class... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                   cudaStream_t stream, Args&&... args) {
+#ifdef DCNV3_EMULATION
+  (void)stream;
+  emu::launch(name, grid, block, smem_bytes, [&] { kernel(args...); });
+#else
+  (void)name;
+  if (smem_bytes > 48 * 1024)
+    cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(smem_bytes));
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
 template <class... Params, class... Args>
 void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
                    Args&&... args) {
+  launch_kernel(name, kernel, grid, block, size_t{0}, stream, std::forward<Args>(args)...);
+}
+
+// The CTA's dynamic shared memory as an S (a kernel's layout struct): for layouts over the 48 KiB a static
+// __shared__ may hold. 16-byte aligned.
+template <class S>
+__device__ __forceinline__ S& dynamic_smem() {
 #ifdef DCNV3_EMULATION
-  (void)stream;
-  emu::launch(name, grid, block, [&] { kernel(args...); });
+  return *reinterpret_cast<S*>(emu::dynamic_smem());
 #else
-  (void)name;
-  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  extern __shared__ uint4 dcnv3_dynamic_smem[];
+  return *reinterpret_cast<S*>(dcnv3_dynamic_smem);
 #endif
 }
 

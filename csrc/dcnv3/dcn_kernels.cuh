@@ -1,6 +1,6 @@
 // The DCNv3 sampling kernels, forward and backward, each fused with the offset/mask(/cfs) projection.
 //
-// One CTA owns a tile of kTileM = 64 output pixels x kGroupsPerCta = 2 groups. It
+// dcn_fwd and dcn_bwd: one CTA owns a tile of kTileM = 64 output pixels x kGroupsPerCta = 2 groups. It
 //   1. computes that tile's packed logits (64 pixels, 2 groups x 32 columns) = x1 tile . wpack^T + bpack with
 //      the tensor-core tile GEMM (K = C), into shared memory: offsets and masks never touch HBM;
 //   2. normalises them in place (softmax over the P mask logits of each pixel/group, sigmoid of the cfs logit);
@@ -11,8 +11,14 @@
 //      with C up to 2560 a full output row does not fit on chip, and y is needed again for grad W_out).
 //      backward: recomputes steps 1-2 (like flash-attention, cheaper than storing G*3P logits per pixel),
 //      reduces the per-point dot products across the lanes of a pair with shuffles (fixed order), applies
-//      the softmax/sigmoid backward, writes grad logits (T) for the two weight/input GEMMs, and scatters
-//      grad value into a 64-bit fixed-point accumulator (deterministic: integer adds commute exactly).
+//      the softmax/sigmoid backward, writes grad logits (T) for the two weight/input GEMMs, and records how far
+//      each 8x8 tile of output pixels scatters (its reach).
+// dcn_bwd_value: grad value, owner-computes. One CTA owns an 8x8 tile of value pixels x 2 groups and gathers
+//   every term that lands in it: from the reach of each output tile it knows which output pixels can sample
+//   the tile (a rectangle per nearby output tile), recomputes their logits in 64-row chunks (gathered rows),
+//   and adds their bilinear terms into a 64-bit fixed-point accumulator in shared memory (integer adds commute
+//   exactly: deterministic), then writes the tile once. No global atomics, no accumulator in HBM, no zeroing or
+//   finalising pass; the price is recomputing the logits of the tile's halo of source pixels.
 #pragma once
 
 #include "params.h"
@@ -33,14 +39,16 @@ __device__ __forceinline__ float* logit_row(float* logits, int pix, int gl) {
   return logits + pix * (kTileN + kAccPad) + gl * kGroupCols;
 }
 
-// Steps 1-2: fill smem logits for pixels [m0, m0+64) and groups [g0, g0+2), normalised.
+// Steps 1-2: fill smem logits for pixels [m0, m0+64) (or rows[0..64) when given: shared memory, < 0 for none)
+// and groups [g0, g0+2), normalised.
 template <class T>
-__device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g0, int M) {
+__device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g0, int M,
+                               const int* rows = nullptr) {
   const int n_cols = p.G * kGroupCols;
   if (p.logits == nullptr) {
     // x1 (M, C) row-major: A(m, k) = x1[m*C + k]; wpack (G*32, C): B(n, k) = wpack[n*C + k].
     tile_gemm<T>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0, M, static_cast<const T*>(p.wpack),
-                 p.C, 1, g0 * kGroupCols, n_cols, 0, p.C);
+                 p.C, 1, g0 * kGroupCols, n_cols, 0, p.C, rows);
     const T* bias = static_cast<const T*>(p.bpack);
     for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
       int r = idx / kTileN, c = idx % kTileN, n = g0 * kGroupCols + c;
@@ -49,8 +57,9 @@ __device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g
   } else {
     const T* src = static_cast<const T*>(p.logits);
     for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = g0 * kGroupCols + c;
-      sm.logits[r * (kTileN + kAccPad) + c] = (m < M && n < n_cols) ? to_float(src[int64_t(m) * n_cols + n]) : 0.f;
+      int r = idx / kTileN, c = idx % kTileN, m = rows != nullptr ? rows[r] : m0 + r, n = g0 * kGroupCols + c;
+      sm.logits[r * (kTileN + kAccPad) + c] =
+          (m >= 0 && m < M && n < n_cols) ? to_float(src[int64_t(m) * n_cols + n]) : 0.f;
     }
   }
   __syncthreads();
@@ -175,6 +184,19 @@ __device__ __forceinline__ float lane_sum(float v) {
   return v;
 }
 
+// Spatial tiles of the owner-computes grad value: targets are 8x8 tiles of value pixels, and the reach is kept
+// per 8x8 tile of output pixels.
+constexpr int kTile = 8;
+static_assert(kTile * kTile == kTileM, "a chunk of source pixels fills the GEMM's rows");
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }  // b > 0
+__device__ __forceinline__ int ceil_div_any(int a, int b) { return -floor_div(-a, b); }                     // b > 0
+
+// Where output pixel (ho, wo) samples from before offsets: the kernel's center tap, in value pixels.
+__device__ __forceinline__ int base_x(const DcnParams& p, int wo) { return wo * p.stride_w - p.pad_w + p.center_w; }
+__device__ __forceinline__ int base_y(const DcnParams& p, int ho) { return ho * p.stride_h - p.pad_h + p.center_h; }
+
 // grid (ceil(M/64), ceil(G/2)), kThreads threads.
 template <class T, int CG>
 __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
@@ -190,6 +212,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
   const int m0 = blockIdx.x * kTileM, g0 = blockIdx.y * kGroupsPerCta;
   compute_logits<T>(p, sm, m0, g0, M);
   const int n_cols = p.G * kGroupCols;
+  const int reach_tiles_w = ceil_div(p.Wo, kTile), reach_per_image = 1 + reach_tiles_w * ceil_div(p.Ho, kTile);
 
   const T* value = static_cast<const T*>(p.value);
   for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
@@ -201,21 +224,9 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
     const int mm = valid ? m : 0, gg = valid ? g : 0;
     const int wo = mm % p.Wo, ho = (mm / p.Wo) % p.Ho, n = mm / (p.Wo * p.Ho);
     const int ch = gg * CG + lane * kVec;
+    const int bx = base_x(p, wo), by = base_y(p, ho);
     const float* row = logit_row(sm.logits, pix, gl);
     const float s = p.has_cfs ? row[3 * p.P] : 0.f;
-    // The grad_value scatter interleaves channels across the pair's lanes: lane l owns channels l, l + kLanes,
-    // ..., so in each atomic instruction the pair's lanes hit kLanes consecutive 8-byte accumulators (one
-    // 32-byte sector for 4 lanes) instead of one sector each. Its grad_y values and fixed-point scales are read
-    // in that order (pair-coalesced); the 16-byte vector of channels ch.. still serves loads and dot products.
-    const int ch_il = gg * CG + lane;  // channel of scatter element v: ch_il + kLanes * v
-    float gy_il[kVec], gyc_il[kVec], scale_il[kVec];
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      const int c = ch_il + kLanes * v;
-      gy_il[v] = valid ? p.grad_y[int64_t(mm) * p.C + c] : 0.f;
-      gyc_il[v] = gy_il[v] * (1.f - s);
-      scale_il[v] = fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + c);
-    }
 
     float gy[kVec], gyc[kVec], ycore[kVec];
     if (valid) {
@@ -230,6 +241,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
       ycore[v] = 0.f;
     }
 
+    int reach = 0;
     float g_mask[kMaxPoints], g_x[kMaxPoints], g_y[kMaxPoints];
 #pragma unroll
     for (int q = 0; q < kMaxPoints; ++q) {
@@ -244,6 +256,8 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
       for (int k = 0; k < 4; ++k) {
         if (valid && b.in[k]) {
           load_vec<T>(value + corner_offset(b, k, n, p.H, p.W, p.C) + ch, corner[k]);
+          const int dx = b.x0 + (k & 1) - bx, dy = b.y0 + (k >> 1) - by;  // bounded: the corner is in the image
+          reach = max(reach, max(max(dx, -dx), max(dy, -dy)));
         } else {
 #pragma unroll
           for (int v = 0; v < kVec; ++v) corner[k][v] = 0.f;
@@ -263,16 +277,12 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
       g_mask[q] = lane_sum<kLanes>(dm);
       g_x[q] = lane_sum<kLanes>(dx) * mk * p.offset_scale;
       g_y[q] = lane_sum<kLanes>(dy) * mk * p.offset_scale;
-      if (valid) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (!b.in[k]) continue;
-          unsigned long long* dst = p.grad_value_acc + corner_offset(b, k, n, p.H, p.W, p.C) + ch_il;
-          const float wk = mk * b.w[k];
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + kLanes * v, wk * gyc_il[v], scale_il[v]);
-        }
-      }
+    }
+    // Every lane of the pair computed the same reach; one records it (atomicMax: order-independent).
+    if (valid && lane == 0) {
+      int* image_reach = p.reach + int64_t(n) * reach_per_image;
+      atomicMax(image_reach + 1 + (ho / kTile) * reach_tiles_w + wo / kTile, reach);
+      atomicMax(image_reach, reach);
     }
 
     float g_s = 0.f;
@@ -289,11 +299,6 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
 #pragma unroll
       for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
       g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
-      if (valid) {
-#pragma unroll
-        for (int v = 0; v < kVec; ++v)
-          fixed_point_add(p.grad_value_acc + center - ch + ch_il + kLanes * v, gy_il[v] * s, scale_il[v]);
-      }
     }
 
     // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
@@ -324,6 +329,149 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// grad value, owner-computes (see the top of this file).
+
+struct SourceRect {
+  int ho0, wo0, w;  // output pixels [ho0, ho0 + h) x [wo0, wo0 + w), h = (end - start) / w
+  int end;          // running count of source pixels up to and including this rectangle
+};
+constexpr int kMaxRects = 32;  // rectangles per batch; more are taken in further batches
+
+template <class T, int CG>
+struct DcnValueSmem {
+  DcnSmem<T> dcn;
+  unsigned long long acc[kTile * kTile * kGroupsPerCta * CG];  // (target pixel, channel of the 2 groups)
+  int rows[kTileM];                                            // the chunk's source pixels (-1: none)
+  SourceRect rects[kMaxRects];
+  int n_rects, next_tile;
+};
+
+// Thread 0: the next batch of source rectangles for the target box [tx0, tx1] x [ty0, ty1] of image n. A source
+// output pixel can scatter into the box only if its sampling base lies within its tile's reach of the box; the
+// reach gets a margin of 1 pixel, so a bilinear corner that another kernel's rounding moved by one still counts.
+__device__ inline void collect_source_rects(const DcnParams& p, SourceRect* rects, int& n_rects, int& next_tile, int n,
+                                     int tx0, int tx1, int ty0, int ty1) {
+  const int tiles_w = ceil_div(p.Wo, kTile), tiles_h = ceil_div(p.Ho, kTile);
+  const int* reach = p.reach + int64_t(n) * (1 + tiles_w * tiles_h);
+  const int bx0 = base_x(p, 0), by0 = base_y(p, 0);
+  // Output tiles that can hold such a pixel at all, by the image's largest reach.
+  const int rmax = reach[0] + 1;
+  const int oy0 = max(0, floor_div(ceil_div_any(ty0 - rmax - by0, p.stride_h), kTile));
+  const int oy1 = min(tiles_h - 1, floor_div(floor_div(ty1 + rmax - by0, p.stride_h), kTile));
+  const int ox0 = max(0, floor_div(ceil_div_any(tx0 - rmax - bx0, p.stride_w), kTile));
+  const int ox1 = min(tiles_w - 1, floor_div(floor_div(tx1 + rmax - bx0, p.stride_w), kTile));
+  const int span_w = max(0, ox1 - ox0 + 1), span = span_w * max(0, oy1 - oy0 + 1);
+  int count = 0, total = 0, t = next_tile;
+  for (; t < span && count < kMaxRects; ++t) {
+    const int oty = oy0 + t / span_w, otx = ox0 + t % span_w;
+    const int r = reach[1 + oty * tiles_w + otx] + 1;
+    const int ho_lo = max(oty * kTile, ceil_div_any(ty0 - r - by0, p.stride_h));
+    const int ho_hi = min(min(p.Ho, (oty + 1) * kTile) - 1, floor_div(ty1 + r - by0, p.stride_h));
+    const int wo_lo = max(otx * kTile, ceil_div_any(tx0 - r - bx0, p.stride_w));
+    const int wo_hi = min(min(p.Wo, (otx + 1) * kTile) - 1, floor_div(tx1 + r - bx0, p.stride_w));
+    if (ho_lo > ho_hi || wo_lo > wo_hi) continue;
+    total += (ho_hi - ho_lo + 1) * (wo_hi - wo_lo + 1);
+    rects[count++] = SourceRect{ho_lo, wo_lo, wo_hi - wo_lo + 1, total};
+  }
+  n_rects = count;
+  next_tile = t;
+}
+
+// grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)), kThreads threads, sizeof(DcnValueSmem<T, CG>) dynamic smem.
+template <class T, int CG>
+__global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
+  constexpr int kVec = Vec<T>::kN;
+  constexpr int kLanes = CG / kVec;  // lanes per (source pixel, group) pair, each kVec channels
+  constexpr int kChans = kGroupsPerCta * CG;
+  DcnValueSmem<T, CG>& sm = dynamic_smem<DcnValueSmem<T, CG>>();
+
+  const int M = p.N * p.Ho * p.Wo;
+  const int tiles_w = ceil_div(p.W, kTile), tiles = tiles_w * ceil_div(p.H, kTile);
+  const int n = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const int tx0 = (tile % tiles_w) * kTile, ty0 = (tile / tiles_w) * kTile;
+  const int tx1 = min(p.W, tx0 + kTile) - 1, ty1 = min(p.H, ty0 + kTile) - 1;
+  const int g0 = blockIdx.y * kGroupsPerCta;
+
+  for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) sm.acc[i] = 0;
+  if (threadIdx.x == 0) sm.next_tile = 0;
+  for (;;) {
+    if (threadIdx.x == 0) collect_source_rects(p, sm.rects, sm.n_rects, sm.next_tile, n, tx0, tx1, ty0, ty1);
+    __syncthreads();
+    const int n_rects = sm.n_rects;
+    if (n_rects == 0) break;
+    const int n_sources = sm.rects[n_rects - 1].end;
+    for (int s0 = 0; s0 < n_sources; s0 += kTileM) {
+      if (threadIdx.x < kTileM) {
+        const int slot = s0 + threadIdx.x;
+        int m = -1;
+        for (int i = 0, start = 0; i < n_rects && m < 0; start = sm.rects[i].end, ++i) {
+          if (slot >= sm.rects[i].end) continue;
+          const int local = slot - start;
+          m = (n * p.Ho + sm.rects[i].ho0 + local / sm.rects[i].w) * p.Wo + sm.rects[i].wo0 + local % sm.rects[i].w;
+        }
+        sm.rows[threadIdx.x] = m;
+      }
+      __syncthreads();
+      compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
+
+      for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+        const int pair = item / kLanes, lane = item % kLanes;
+        const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
+        const int m = sm.rows[pix], g = g0 + gl;
+        if (m < 0 || g >= p.G) continue;  // no collective operations below
+        const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+        const float* row = logit_row(sm.dcn.logits, pix, gl);
+        const float s = p.has_cfs ? row[3 * p.P] : 0.f;
+        // Lane l owns channels l, l + kLanes, ...: in each shared atomic the pair's lanes hit consecutive words.
+        const int ch = g * CG + lane;
+        float gy[kVec], gyc[kVec], scale[kVec];
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          gy[v] = p.grad_y[int64_t(m) * p.C + ch + kLanes * v];
+          gyc[v] = gy[v] * (1.f - s);
+          scale[v] = fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + ch + kLanes * v);
+        }
+        unsigned long long* acc_g = sm.acc + gl * CG + lane;
+        for (int q = 0; q < p.P; ++q) {
+          float x, y;
+          sample_xy(p, row, q, ho, wo, x, y);
+          const float mk = row[2 * p.P + q];
+          Bilinear b = bilinear_at(x, y, p.H, p.W);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int cx = b.x0 + (k & 1), cy = b.y0 + (k >> 1);
+            if (!b.in[k] || cx < tx0 || cx > tx1 || cy < ty0 || cy > ty1) continue;
+            unsigned long long* dst = acc_g + ((cy - ty0) * kTile + (cx - tx0)) * kChans;
+            const float wk = mk * b.w[k];
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) fixed_point_add(dst + kLanes * v, wk * gyc[v], scale[v]);
+          }
+        }
+        // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
+        if (p.has_cfs && wo >= tx0 && wo <= tx1 && ho >= ty0 && ho <= ty1) {
+          unsigned long long* dst = acc_g + ((ho - ty0) * kTile + (wo - tx0)) * kChans;
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + kLanes * v, gy[v] * s, scale[v]);
+        }
+      }
+      __syncthreads();  // the next chunk overwrites rows and logits
+    }
+  }
+
+  // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite.
+  T* grad_value = static_cast<T*>(p.grad_value);
+  for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) {
+    const int pix = i / kChans, c = g0 * CG + i % kChans;
+    const int x = tx0 + pix % kTile, y = ty0 + pix / kTile;
+    if (x > tx1 || y > ty1 || c >= p.C) continue;
+    const float* absmax = p.grad_y_absmax + int64_t(n) * p.C + c;
+    const float v = static_cast<float>(static_cast<double>(static_cast<long long>(sm.acc[i])) /
+                                       fixed_point_scale(absmax));
+    grad_value[((int64_t(n) * p.H + y) * p.W + x) * p.C + c] = from_float<T>(isfinite(*absmax) ? v : NAN);
+  }
+}
+
 template <class T, int CG>
 void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
   const int M = p.N * p.Ho * p.Wo;
@@ -331,11 +479,15 @@ void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
   launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG>, grid, dim3(kThreads), stream, p);
 }
 
+// The backward: grad logits and the reach (p.reach zeroed), then grad value.
 template <class T, int CG>
 void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const int M = p.N * p.Ho * p.Wo;
   dim3 grid((M + kTileM - 1) / kTileM, (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
   launch_kernel("dcn_bwd", dcn_bwd_kernel<T, CG>, grid, dim3(kThreads), stream, p);
+  dim3 value_grid(p.N * ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile), grid.y);
+  launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG>, value_grid, dim3(kThreads),
+                sizeof(DcnValueSmem<T, CG>), stream, p);
 }
 
 }  // namespace dcnv3

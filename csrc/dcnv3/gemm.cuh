@@ -1,5 +1,5 @@
 // The projection GEMMs of the DCN block that are not fused into the sampling kernels, and the fixed-order
-// reductions around them (split-K sums, bias-gradient column sums, max|grad|, fixed-point finalisation).
+// reductions around them (split-K sums, bias-gradient column sums, max|grad|).
 // Every reduction here has a fixed order: results are bitwise reproducible run to run.
 #pragma once
 
@@ -80,19 +80,6 @@ __global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const float* x, int
   atomicMax(reinterpret_cast<int*>(absmax + int64_t(n) * C + c), __float_as_int(m));
 }
 
-// grad_value (N, H, W, C) T = fixed-point accumulator / its (image, channel) scale (NaN for an (image,
-// channel) whose grad_y was not finite).
-template <class T>
-__global__ void __launch_bounds__(256) fixed_point_finalize_kernel(const unsigned long long* acc, int64_t count,
-                                                                   int64_t pixels_per_image, int C,
-                                                                   const float* absmax, T* out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    const float* m = absmax + (i / (pixels_per_image * C)) * C + i % C;
-    const float v = static_cast<float>(static_cast<double>(static_cast<long long>(acc[i])) / fixed_point_scale(m));
-    out[i] = from_float<T>(isfinite(*m) ? v : NAN);
-  }
-}
-
 template <class T>
 void launch_gemm(const GemmParams& p, int splits, cudaStream_t stream) {
   dim3 grid((p.M + kTileM - 1) / kTileM, (p.N + kTileN - 1) / kTileN, splits);
@@ -112,15 +99,6 @@ void launch_colsum_partial(const void* x, int M, int N, int splits, float* parti
   dim3 grid((N + 255) / 256, splits);
   launch_kernel("colsum_partial", colsum_partial_kernel<T>, grid, dim3(256), stream, static_cast<const T*>(x), M, N,
                 rows, partial);
-}
-
-template <class T>
-void launch_fixed_point_finalize(const unsigned long long* acc, int N, int64_t pixels_per_image, int C,
-                                 const float* absmax, void* out, cudaStream_t stream) {
-  const int64_t count = int64_t(N) * pixels_per_image * C;
-  int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 65536));
-  launch_kernel("fixed_point_finalize", fixed_point_finalize_kernel<T>, dim3(blocks), dim3(256), stream, acc, count,
-                pixels_per_image, C, absmax, static_cast<T*>(out));
 }
 
 // absmax (N, C) of x (N, R, C); about 4 row splits per SM-sized wave keep it bandwidth-bound for small N*C.

@@ -14,9 +14,7 @@ namespace dcnv3 {
   void dcn_bwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
   void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
   void split_reduce_##SUFFIX(const ReduceParams& p, cudaStream_t stream);                                       \
-  void colsum_partial_##SUFFIX(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream);    \
-  void fixed_point_finalize_##SUFFIX(const unsigned long long* acc, int N, int64_t pixels_per_image, int C,      \
-                                     const float* absmax, void* out, cudaStream_t stream);
+  void colsum_partial_##SUFFIX(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream);
 
 DCNV3_DECLARE_LAUNCHERS(f32)
 DCNV3_DECLARE_LAUNCHERS(f16)

@@ -34,9 +34,13 @@ struct DcnParams {
 
   // Backward inputs/outputs.
   const float* grad_y;           // (N*Ho*Wo, C) fp32: gradient w.r.t. y
-  const float* grad_y_absmax;    // (N, C): max |grad_y[n, :, :, c]|, the fixed-point scale of grad_value_acc
-  unsigned long long* grad_value_acc;  // (N, H, W, C) int64 fixed point (deterministic scatter)
+  const float* grad_y_absmax;    // (N, C): max |grad_y[n, :, :, c]|, the fixed-point scale of grad value
   void* grad_logits;             // (N*Ho*Wo, G*32) T: gradient w.r.t. packed logits (pre-softmax)
+  void* grad_value;              // (N, H, W, C) T
+  // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
+  // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it
+  // scatters to. Zeroed by the caller, filled by dcn_bwd, read by dcn_bwd_value.
+  int* reach;
 
   int N, H, W, C, G, Ho, Wo;
   int P;

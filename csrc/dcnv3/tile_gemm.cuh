@@ -91,31 +91,34 @@ struct TileGemmSmem {
 
 // Stage rows [r0, r0 + ROWS) x cols [k0, k0 + kTileK) of a strided matrix X(r, k) = x[r*s_r + k*s_k] into
 // smem (ROWS, kTileK) k-contiguous, zero-filling outside (rows, K). The thread order follows whichever index
-// has unit stride so the global reads coalesce for both plain and transposed operands.
+// has unit stride so the global reads coalesce for both plain and transposed operands. With `row_map` (ROWS
+// entries in shared memory), tile row r is matrix row row_map[r] instead of r0 + r (a gather; < 0: zeros).
 template <class T, int ROWS>
 __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows,
-                                           int k0, int K) {
+                                           int k0, int K, const int* row_map = nullptr) {
   constexpr int kPitch = kTileK + kSmemPad;
   if (s_k == 1) {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
       int r = idx / kTileK, k = idx % kTileK;
-      int gr = r0 + r, gk = k0 + k;
-      smem[r * kPitch + k] = (gr < rows && gk < K) ? x[gr * s_r + gk] : T(0.0f);
+      int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
+      smem[r * kPitch + k] = (gr >= 0 && gr < rows && gk < K) ? x[gr * s_r + gk] : T(0.0f);
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
       int r = idx % ROWS, k = idx / ROWS;
-      int gr = r0 + r, gk = k0 + k;
-      smem[r * kPitch + k] = (gr < rows && gk < K) ? x[gr * s_r + int64_t(gk) * s_k] : T(0.0f);
+      int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
+      smem[r * kPitch + k] = (gr >= 0 && gr < rows && gk < K) ? x[gr * s_r + int64_t(gk) * s_k] : T(0.0f);
     }
   }
 }
 
-// acc_smem (kTileM, kTileN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T.
-// All kThreads threads must call it; it ends with a __syncthreads so acc_smem is readable by everyone.
+// acc_smem (kTileM, kTileN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T, or A's rows
+// gathered through a_rows (kTileM entries in shared memory, see stage_tile). All kThreads threads must call it;
+// it ends with a __syncthreads so acc_smem is readable by everyone.
 template <class T>
 __device__ void tile_gemm(TileGemmSmem<T>& sm, float* acc_smem, const T* a, int64_t a_m, int64_t a_k, int m0,
-                          int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin, int k_end) {
+                          int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin, int k_end,
+                          const int* a_rows = nullptr) {
   using TiledMma = typename MmaTraits<T>::TiledMma;
   static_assert(size(TiledMma{}) == kThreads, "the tiled MMA must use exactly the CTA's threads");
   static_assert(kTileM % 32 == 0 && kTileN % 32 == 0 && kTileK % 16 == 0, "tile must cover whole MMA steps");
@@ -140,7 +143,7 @@ __device__ void tile_gemm(TileGemmSmem<T>& sm, float* acc_smem, const T* a, int6
   clear(acc);
 
   for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
-    stage_tile<T, kTileM>(sm.a, a, a_m, a_k, m0, M, k0, k_end);
+    stage_tile<T, kTileM>(sm.a, a, a_m, a_k, m0, M, k0, k_end, a_rows);
     stage_tile<T, kTileN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
     __syncthreads();
     CUTE_UNROLL

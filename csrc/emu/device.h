@@ -29,7 +29,11 @@ struct ThreadContext {
 };
 extern ThreadContext g_ctx;
 
-void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body);
+// The largest dynamic shared memory a CTA may ask for (sm_90's 227 KiB opt-in limit).
+constexpr size_t kMaxSharedBytes = 227 * 1024;
+void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body);
+// The running CTA's dynamic shared memory (`extern __shared__` on a GPU), filled with 0xFF before each CTA.
+void* dynamic_smem();
 void syncthreads();
 uint32_t shfl_xor(uint32_t bits, int lane_mask, int width);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane passes its PTX fragments, like the instruction.

@@ -167,6 +167,12 @@ LaunchCounters* g_cur = nullptr;
 uintptr_t g_writable_lo = 0, g_writable_hi = 0;  // this library's data + bss: the __shared__ statics
 uintptr_t g_host_stack_lo = 0, g_host_stack_hi = 0;
 std::vector<std::pair<char*, size_t>> g_shared_statics;  // poisoned before every CTA
+std::vector<uint4> g_dynamic_smem;                        // the launch's dynamic shared memory (16-byte aligned)
+uintptr_t g_dynamic_lo = 0, g_dynamic_hi = 0;
+
+bool is_shared(uintptr_t a) {
+  return (a >= g_writable_lo && a < g_writable_hi) || (a >= g_dynamic_lo && a < g_dynamic_hi);
+}
 
 struct SiteKey {
   int warp;
@@ -258,7 +264,7 @@ inline void on_access(void* p, size_t size, bool write, uintptr_t site) {
   if (a >= g_host_stack_lo && a < g_host_stack_hi) return;  // kernel arguments, captured by the launcher
   const uintptr_t ctx = reinterpret_cast<uintptr_t>(&g_ctx);
   if (a >= ctx && a < ctx + sizeof(g_ctx)) return;           // threadIdx & co. are registers on a GPU
-  if (a >= g_writable_lo && a < g_writable_hi) {
+  if (is_shared(a)) {
     (write ? g_cur->shared_store_bytes : g_cur->shared_load_bytes) += size;
     return;
   }
@@ -334,6 +340,7 @@ void run_cta(const dim3& block) {
   set_order(n);
   ++g_cta_serial;
   for (auto& [ptr, size] : g_shared_statics) std::memset(ptr, 0xFF, size);
+  if (g_dynamic_hi != g_dynamic_lo) std::memset(g_dynamic_smem.data(), 0xFF, g_dynamic_hi - g_dynamic_lo);
   for (;;) {
     bool ran = false;
     for (int i : g_sched.order) {
@@ -431,8 +438,14 @@ extern "C" void emu_fiber_main(void* fiber) {
 // ---------------------------------------------------------------------------------------------------------
 // Device API.
 
-void launch(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
+void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body) {
   if (g_in_kernel) fail("nested kernel launch");
+  if (dynamic_smem_bytes > kMaxSharedBytes)
+    fail(std::string(name) + ": " + std::to_string(dynamic_smem_bytes) + " bytes of dynamic shared memory (at most " +
+         std::to_string(kMaxSharedBytes) + ")");
+  g_dynamic_smem.assign((dynamic_smem_bytes + sizeof(uint4) - 1) / sizeof(uint4), uint4{});
+  g_dynamic_lo = reinterpret_cast<uintptr_t>(g_dynamic_smem.data());
+  g_dynamic_hi = g_dynamic_lo + dynamic_smem_bytes;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x * block.y * block.z == 0) return;
   if (block.x * block.y * block.z > 1024) fail(std::string(name) + ": more than 1024 threads per block");
   find_writable_segment();
@@ -521,8 +534,17 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
   }
 }
 
+void* dynamic_smem() {
+  if (!g_in_kernel) fail("dynamic shared memory outside a kernel");
+  return g_dynamic_smem.data();
+}
+
 unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v) {
-  if (g_counting && g_cur && g_in_kernel) {
+  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
+    g_cur->shared_atomics += 1;  // an SM-local read-modify-write: no L2 traffic
+    g_cur->shared_load_bytes += 8;
+    g_cur->shared_store_bytes += 8;
+  } else if (g_counting && g_cur && g_in_kernel) {
     g_cur->atomics += 1;
     record_global(reinterpret_cast<uintptr_t>(addr), 8, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   }

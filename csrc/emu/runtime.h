@@ -23,6 +23,7 @@ struct LaunchCounters {
   uint64_t unique_load_sectors = 0, unique_store_sectors = 0;  // distinct sectors of the launch (DRAM floor)
   uint64_t atomics = 0, atomic_sectors = 0, atomic_requests = 0, unique_atomic_sectors = 0;
   uint64_t shared_load_bytes = 0, shared_store_bytes = 0;
+  uint64_t shared_atomics = 0;                       // atomics on shared memory (not in `atomics`)
   uint64_t mma = 0;                                  // warp-wide mma.sync instructions
 };
 // The library's `__shared__` statics as (offset from the load base, size): each CTA starts with them filled

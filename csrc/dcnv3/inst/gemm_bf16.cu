@@ -14,9 +14,5 @@ void colsum_partial_bf16(const void* x, int M, int N, int splits, float* partial
   launch_colsum_partial<cutlass::bfloat16_t>(x, M, N, splits, partial, stream);
 }
 
-void fixed_point_finalize_bf16(const unsigned long long* acc, int N, int64_t pixels_per_image, int C,
-                             const float* absmax, void* out, cudaStream_t stream) {
-  launch_fixed_point_finalize<cutlass::bfloat16_t>(acc, N, pixels_per_image, C, absmax, out, stream);
-}
 
 }  // namespace dcnv3

@@ -14,10 +14,6 @@ void colsum_partial_f32(const void* x, int M, int N, int splits, float* partial,
   launch_colsum_partial<float>(x, M, N, splits, partial, stream);
 }
 
-void fixed_point_finalize_f32(const unsigned long long* acc, int N, int64_t pixels_per_image, int C,
-                             const float* absmax, void* out, cudaStream_t stream) {
-  launch_fixed_point_finalize<float>(acc, N, pixels_per_image, C, absmax, out, stream);
-}
 
 void absmax_rows_f32(const float* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
   launch_absmax_rows(x, N, R, C, absmax, stream);
