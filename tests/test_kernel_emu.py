@@ -159,6 +159,41 @@ def test_counters_of_one_gemm_tile(emu):
     assert gemm["shared_store_bytes"] >= 2 * 64 * 32 * 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_gradient_split_k_in_one_launch(emu, dtype):
+    """grad W and grad b of a projection over many rows: split-K (over 8 splits here), the last split of each output
+    tile summing the fp32 partials in split order, bias gradient in the same launch; against float64, and bitwise
+    the same when the CTAs run in another order (which split arrives last must not matter)."""
+    gen = torch.Generator().manual_seed(5)
+    grad = torch.randn(3 * 4096, 20, generator=gen).to(dtype)
+    a = torch.randn(3 * 4096, 16, generator=gen).to(dtype)
+    with emulation.count() as launches:
+        gw, gb = emu.linear_bwd_weight(grad, a)
+    [gemm] = launches
+    assert gemm["kernel"] == "gemm" and gemm["grid"][2] > 8
+    exact_w = grad.double().t() @ a.double()
+    exact_b = grad.double().sum(0)
+    for got, exact in ((gw, exact_w), (gb, exact_b)):
+        err = ((got.double() - exact).norm() / exact.norm()).item()
+        assert err < TOL[dtype], err
+    with emulation.thread_order("shuffle", seed=3, ext=emu):
+        gw2, gb2 = emu.linear_bwd_weight(grad, a)
+    assert torch.equal(gw, gw2) and torch.equal(gb, gb2)
+
+
+def test_grad_y_absmax_in_the_gemm_epilogue(emu):
+    """The grad_y GEMM's epilogue takes max |grad_y| per image and channel: equal to the plain max, with tiles that
+    straddle two images (5 x 7 pixels per image), and +inf for a non-finite value."""
+    gen = torch.Generator().manual_seed(6)
+    grad = torch.randn(3, 5, 7, 24, generator=gen)
+    w = torch.randn(24, 40, generator=gen)
+    grad[2, 1, 3, 5] = float("nan")
+    out, absmax = emu.linear_bwd_input(grad, w, True, 35)
+    expected = out.view(3, 35, 40).abs().amax(1)
+    assert torch.isinf(absmax[2]).sum() == 40 and torch.isinf(absmax).sum() == 40
+    assert torch.equal(absmax[:2], expected[:2])
+
+
 def test_counters_see_the_scatter_in_shared_memory(emu):
     """The backward's grad(value) scatter runs in shared memory (owner-computes): one 64-bit shared atomic per
     (point, corner inside, channel), no global atomic, no accumulator pass; dcn_bwd's only global atomics record
@@ -169,7 +204,8 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     with emulation.count() as launches:
         torch.autograd.grad(out, [value], grad_out.float())
     kernels = [launch["kernel"] for launch in launches]
-    assert {"dcn_bwd", "dcn_bwd_value", "absmax_rows"} <= set(kernels), kernels
+    assert {"dcn_bwd", "dcn_bwd_value"} <= set(kernels), kernels
+    assert "absmax_rows" not in kernels  # the grad_y GEMM's epilogue takes the fixed-point scales
     grad_logits = launches[kernels.index("dcn_bwd")]
     grad_value = launches[kernels.index("dcn_bwd_value")]
     n, h, w, c = value.shape
@@ -195,6 +231,14 @@ MUTANTS = {
             "dx = (v & 1) ? dx : fmaf(gyc[v], hy * (corner[1][v]",
         )
     ],
+    # grad value ignores the recorded reach: each value tile gathers only the source pixels next to it.
+    "ignored-reach": [
+        (
+            "dcnv3/dcn_kernels.cuh",
+            "const int r = reach[1 + oty * tiles_w + otx] + 1;",
+            "const int r = 1;",
+        )
+    ],
     # The barrier between normalising the logits (softmax/sigmoid) and sampling with them.
     "missing-barrier": [
         (
@@ -215,7 +259,7 @@ from test_kernel_emu import CASES, _block
 from pretrain.ops import cuda, emulation
 with emulation.using(emulation.load({lib!r})) as ext:
     try:
-        for case in CASES[:2]:
+        for case in CASES[:2] + CASES[-1:]:
             check_block(cuda.dcnv3_fused_emu, case, torch.float32)
     except AssertionError as err:
         print("REJECTED:", str(err).splitlines()[0])

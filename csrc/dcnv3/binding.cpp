@@ -24,7 +24,6 @@ namespace {
 
 using dcnv3::DcnParams;
 using dcnv3::GemmParams;
-using dcnv3::ReduceParams;
 
 enum class DT { f32, f16, bf16 };
 
@@ -179,11 +178,14 @@ at::Tensor sample_fwd(const at::Tensor& value, const c10::optional<at::Tensor>& 
 }
 
 // -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,G*32) dtype of value)
+// grad_y_absmax (N, C): max |grad_y| per image and channel when the caller has it (linear_bwd_input's epilogue),
+// else computed here.
 std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& value,
                                    const c10::optional<at::Tensor>& x1, const c10::optional<at::Tensor>& wpack,
                                    const c10::optional<at::Tensor>& bpack, const c10::optional<at::Tensor>& logits,
                                    int64_t ho, int64_t wo, std::vector<int64_t> geom, double offset_scale,
-                                   bool apply_softmax, bool has_cfs) {
+                                   bool apply_softmax, bool has_cfs,
+                                   const c10::optional<at::Tensor>& grad_y_absmax) {
   check_tensor(value, "value", value);
   const DeviceGuard guard(value.device());
   DT dt = dtype_of(value);
@@ -193,16 +195,26 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   TORCH_CHECK(grad_y.scalar_type() == at::kFloat, "dcnv3 CUDA: grad_y must be float32");
   TORCH_CHECK(grad_y.numel() == int64_t(p.N) * ho * wo * p.C, "dcnv3 CUDA: grad_y must be (N, Ho, Wo, C)");
   auto f32 = value.options().dtype(at::kFloat);
-  at::Tensor absmax = at::zeros({p.N, p.C}, f32);  // per (image, channel): the fixed-point scales
+  at::Tensor absmax;  // per (image, channel): the fixed-point scales
+  if (grad_y_absmax.has_value()) {
+    check_tensor(*grad_y_absmax, "grad_y_absmax", value, /*same_dtype=*/false);
+    TORCH_CHECK(grad_y_absmax->scalar_type() == at::kFloat && grad_y_absmax->numel() == int64_t(p.N) * p.C,
+                "dcnv3 CUDA: grad_y_absmax must be float32 (N, C)");
+    absmax = *grad_y_absmax;
+  } else {
+    absmax = at::zeros({p.N, p.C}, f32);
+  }
   // Per image: the largest reach, then one per 8x8 tile of output pixels (params.h).
   const int64_t reach_tiles = ((ho + 7) / 8) * ((wo + 7) / 8);
   at::Tensor reach = at::zeros({p.N, 1 + reach_tiles}, value.options().dtype(at::kInt));
   at::Tensor grad_logits = new_output({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
-  dcnv3::absmax_rows_f32(grad_y.data_ptr<float>(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
-                         stream());
-  check_launch();
+  if (!grad_y_absmax.has_value()) {
+    dcnv3::absmax_rows_f32(grad_y.data_ptr<float>(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
+                           stream());
+    check_launch();
+  }
   p.grad_y = grad_y.data_ptr<float>();
   p.grad_y_absmax = absmax.data_ptr<float>();
   p.grad_logits = grad_logits.data_ptr();
@@ -241,18 +253,24 @@ at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optio
   return out;
 }
 
-// grad_a (M, K) = grad (M, N) . w (N, K); fp32 output when out_f32 (feeds the sampling backward).
-at::Tensor linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, bool out_f32) {
+// grad_a (M, K) = grad (M, N) . w (N, K); fp32 output when out_f32 (feeds the sampling backward). With
+// absmax_rows > 0 (fp32 output only) the epilogue also takes max |grad_a| per group of absmax_rows rows and column
+// (an image's pixels: the fixed-point scales of sample_bwd), returned as a second tensor (M / absmax_rows, K).
+std::vector<at::Tensor> linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, bool out_f32,
+                                         int64_t absmax_rows) {
   check_tensor(grad, "grad", grad);
   check_tensor(w, "weight", grad);
   const DeviceGuard guard(grad.device());
   DT dt = dtype_of(grad);
   TORCH_CHECK(w.dim() == 2 && grad.size(-1) == w.size(0), "dcnv3 CUDA: weight must be (N, K) with N = grad's last dim");
   const int64_t N = w.size(0), K = w.size(1), M = grad.numel() / std::max<int64_t>(N, 1);
+  TORCH_CHECK(absmax_rows == 0 || (out_f32 && absmax_rows > 0 && M % absmax_rows == 0),
+              "dcnv3 CUDA: absmax_rows must divide the rows of an fp32 output");
   auto sizes = grad.sizes().vec();
   sizes.back() = K;
   at::Tensor out = new_output(sizes, out_f32 ? grad.options().dtype(at::kFloat) : grad.options());
-  if (out.numel() == 0) return out;
+  at::Tensor absmax = at::zeros({absmax_rows > 0 ? M / absmax_rows : 0, K}, grad.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, absmax};
   GemmParams p{};
   // A(m, n) = grad[m*N + n]; B(k, n) = w[n*K + k]  (w read transposed in place).
   p.a = grad.data_ptr(); p.a_m = N; p.a_k = 1;
@@ -265,13 +283,17 @@ at::Tensor linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, bool ou
   } else {
     p.out = out.data_ptr();
   }
+  if (absmax_rows > 0) {
+    p.absmax = absmax.data_ptr<float>();
+    p.rows_per_group = static_cast<int>(absmax_rows);
+  }
   DCNV3_DISPATCH(dt, gemm, p, 1, stream());
   check_launch();
-  return out;
+  return {out, absmax};
 }
 
-// grad_w (N, K) = grad (M, N)^T . a (M, K) and grad_b (N) = column sums of grad, both with deterministic
-// split-K over the M rows (fp32 partials summed in a fixed order).
+// grad_w (N, K) = grad (M, N)^T . a (M, K) and grad_b (N) = column sums of grad, in one launch: deterministic
+// split-K over the M rows, the last split of each output tile summing the fp32 partials in split order.
 std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tensor& a) {
   check_tensor(grad, "grad", grad);
   check_tensor(a, "input", grad);
@@ -283,12 +305,17 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   at::Tensor gb = new_output({N}, grad.options());
   if (M == 0) return {gw.zero_(), gb.zero_()};
   const int sms = sm_count(grad);
-  const int64_t tiles = ((N + 63) / 64) * ((K + 63) / 64);
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles - 1) / tiles, (M + 255) / 256));
+  const int64_t tiles_m = (N + 63) / 64, tiles_n = (K + 63) / 64;
+  // About two CTAs per SM, but at least 16 max(N, K) rows per split: the fp32 partials (splits x N x K) then stay
+  // under 1/8 of the bytes the GEMM reads (M x (N + K)).
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles_m * tiles_n - 1) / (tiles_m * tiles_n),
+                                                          M / (16 * std::max(N, K))));
   int64_t k_per_split = ((M + splits - 1) / splits + 31) / 32 * 32;
   splits = (M + k_per_split - 1) / k_per_split;
   auto f32 = grad.options().dtype(at::kFloat);
   at::Tensor partial = new_output({splits, N, K}, f32);
+  at::Tensor row_partial = new_output({splits, N}, f32);
+  at::Tensor counters = at::zeros({tiles_m * tiles_n}, grad.options().dtype(at::kInt));
   GemmParams p{};
   // A(n, m) = grad[m*N + n]; B(k, m) = a[m*K + k]: both read transposed in place.
   p.a = grad.data_ptr(); p.a_m = 1; p.a_k = N;
@@ -297,23 +324,11 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   p.k_per_split = static_cast<int>(k_per_split);
   p.out_f32 = partial.data_ptr<float>();
   p.out_split_stride = N * K;
+  p.out = gw.data_ptr();
+  p.tile_counters = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
+  p.row_sum_partial = row_partial.data_ptr<float>();
+  p.row_sum_out = gb.data_ptr();
   DCNV3_DISPATCH(dt, gemm, p, static_cast<int>(splits), stream());
-  check_launch();
-  ReduceParams r{};
-  r.partial = partial.data_ptr<float>(); r.splits = static_cast<int>(splits);
-  r.M = static_cast<int>(N); r.N = static_cast<int>(K); r.out = gw.data_ptr();
-  DCNV3_DISPATCH(dt, split_reduce, r, stream());
-  check_launch();
-
-  const int64_t bsplits = std::max<int64_t>(1, std::min<int64_t>(1024, (M + 1023) / 1024));
-  at::Tensor bpartial = new_output({bsplits, N}, f32);
-  DCNV3_DISPATCH(dt, colsum_partial, grad.data_ptr(), static_cast<int>(M), static_cast<int>(N),
-                 static_cast<int>(bsplits), bpartial.data_ptr<float>(), stream());
-  check_launch();
-  ReduceParams rb{};
-  rb.partial = bpartial.data_ptr<float>(); rb.splits = static_cast<int>(bsplits);
-  rb.M = 1; rb.N = static_cast<int>(N); rb.out = gb.data_ptr();
-  DCNV3_DISPATCH(dt, split_reduce, rb, stream());
   check_launch();
   return {gw, gb};
 }

@@ -342,6 +342,7 @@ template <class T, int CG>
 struct DcnValueSmem {
   DcnSmem<T> dcn;
   unsigned long long acc[kTile * kTile * kGroupsPerCta * CG];  // (target pixel, channel of the 2 groups)
+  float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
   int rows[kTileM];                                            // the chunk's source pixels (-1: none)
   SourceRect rects[kMaxRects];
   int n_rects, next_tile;
@@ -394,6 +395,8 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
   const int g0 = blockIdx.y * kGroupsPerCta;
 
   for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) sm.acc[i] = 0;
+  for (int i = threadIdx.x; i < kChans; i += kThreads)
+    sm.scale[i] = g0 * CG + i < p.C ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i) : 0.f;
   if (threadIdx.x == 0) sm.next_tile = 0;
   for (;;) {
     if (threadIdx.x == 0) collect_source_rects(p, sm.rects, sm.n_rects, sm.next_tile, n, tx0, tx1, ty0, ty1);
@@ -430,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
         for (int v = 0; v < kVec; ++v) {
           gy[v] = p.grad_y[int64_t(m) * p.C + ch + kLanes * v];
           gyc[v] = gy[v] * (1.f - s);
-          scale[v] = fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + ch + kLanes * v);
+          scale[v] = sm.scale[gl * CG + lane + kLanes * v];
         }
         unsigned long long* acc_g = sm.acc + gl * CG + lane;
         for (int q = 0; q < p.P; ++q) {

@@ -1,5 +1,5 @@
-// The projection GEMMs of the DCN block that are not fused into the sampling kernels, and the fixed-order
-// reductions around them (split-K sums, bias-gradient column sums, max|grad|).
+// The projection GEMMs of the DCN block that are not fused into the sampling kernels, with their fixed-order
+// reductions (split-K sums and bias-gradient row sums in the same launch, max|grad| in the epilogue or alone).
 // Every reduction here has a fixed order: results are bitwise reproducible run to run.
 #pragma once
 
@@ -10,16 +10,59 @@
 
 namespace dcnv3 {
 
+// The largest |x| as the bits of a non-negative float (NaN and inf become +inf: the finalisation hands NaN on).
+__device__ __forceinline__ float abs_or_inf(float x) {
+  const float a = fabsf(x);
+  return a <= 3.402823466e38f ? a : INFINITY;
+}
+
 // grid (ceil(M/64), ceil(N/64), splits), kThreads threads.
 template <class T>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   __shared__ TileGemmSmem<T> sm;
   __shared__ float acc[kTileM * (kTileN + kAccPad)];
+  __shared__ bool last_split;
   const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
   const int k_begin = blockIdx.z * p.k_per_split;
   const int k_end = min(p.K, k_begin + p.k_per_split);
-  tile_gemm<T>(sm, acc, static_cast<const T*>(p.a), p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n,
-               p.b_k, n0, p.N, k_begin, k_end);
+  const T* a = static_cast<const T*>(p.a);
+  tile_gemm<T>(sm, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N, k_begin,
+               k_end);
+  if (p.tile_counters != nullptr) {
+    // Split-K: this split's partial, and the row sums of A over its K range (first column of tiles only).
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = n0 + c;
+      if (m < p.M && n < p.N) p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = acc[r * (kTileN + kAccPad) + c];
+    }
+    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < kTileM && m0 + int(threadIdx.x) < p.M) {
+      const int m = m0 + threadIdx.x;
+      float sum = 0.f;
+      for (int k = k_begin; k < k_end; ++k) sum += to_float(a[m * p.a_m + int64_t(k) * p.a_k]);
+      p.row_sum_partial[int64_t(blockIdx.z) * p.M + m] = sum;
+    }
+    __threadfence();  // this CTA's partials are visible before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0)
+      last_split = atomicAdd(p.tile_counters + blockIdx.y * gridDim.x + blockIdx.x, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!last_split) return;
+    __threadfence();
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = n0 + c;
+      if (m >= p.M || n >= p.N) continue;
+      float v = 0.f;
+      for (unsigned z = 0; z < gridDim.z; ++z) v += p.out_f32[z * p.out_split_stride + int64_t(m) * p.N + n];
+      if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
+      static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
+    }
+    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < kTileM && m0 + int(threadIdx.x) < p.M) {
+      const int m = m0 + threadIdx.x;
+      float v = 0.f;
+      for (unsigned z = 0; z < gridDim.z; ++z) v += p.row_sum_partial[int64_t(z) * p.M + m];
+      static_cast<T*>(p.row_sum_out)[m] = from_float<T>(v);
+    }
+    return;
+  }
   // Epilogue: rows of the tile, n fastest across threads (coalesced stores).
   for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
     int r = idx / kTileN, c = idx % kTileN;
@@ -33,31 +76,19 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
       static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
     }
   }
-}
-
-// out (M, N) T = sum over splits s = 0, 1, ... in order of partial[s] (+ bias).
-template <class T>
-__global__ void __launch_bounds__(256) split_reduce_kernel(ReduceParams p) {
-  const int64_t total = int64_t(p.M) * p.N;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    float v = 0.f;
-    for (int s = 0; s < p.splits; ++s) v += p.partial[s * total + i];
-    if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[i % p.N]);
-    static_cast<T*>(p.out)[i] = from_float<T>(v);
+  if (p.absmax != nullptr && threadIdx.x < kTileN && n0 + int(threadIdx.x) < p.N) {
+    // One column per thread, down the tile's rows: one atomicMax per (row group, column) the tile touches.
+    const int c = threadIdx.x, n = n0 + c;
+    float mx = 0.f;
+    for (int r = 0; r < kTileM && m0 + r < p.M; ++r) {
+      mx = fmaxf(mx, abs_or_inf(acc[r * (kTileN + kAccPad) + c]));
+      const int group = (m0 + r) / p.rows_per_group;
+      if (r + 1 == kTileM || m0 + r + 1 == p.M || (m0 + r + 1) / p.rows_per_group != group) {
+        atomicMax(reinterpret_cast<int*>(p.absmax + int64_t(group) * p.N + n), __float_as_int(mx));
+        mx = 0.f;
+      }
+    }
   }
-}
-
-// Column sums of x (M, N) T, pass 1: partial (splits, N) fp32, split s sums rows [s*rows, (s+1)*rows).
-// grid (ceil(N/256), splits).
-template <class T>
-__global__ void __launch_bounds__(256) colsum_partial_kernel(const T* x, int M, int N, int rows_per_split,
-                                                             float* partial) {
-  int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n >= N) return;
-  int r0 = blockIdx.y * rows_per_split, r1 = min(M, r0 + rows_per_split);
-  float v = 0.f;
-  for (int r = r0; r < r1; ++r) v += to_float(x[int64_t(r) * N + n]);
-  partial[int64_t(blockIdx.y) * N + n] = v;
 }
 
 // absmax (N, C) fp32 = max |x[n, r, c]| over the rows r of x (N, R, C) fp32 (absmax must start at 0): the
@@ -73,10 +104,7 @@ __global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const float* x, int
   const int n = blockIdx.z, r0 = blockIdx.y * rows_per_split, r1 = min(R, r0 + rows_per_split);
   const float* col = x + int64_t(n) * R * C + c;
   float m = 0.f;
-  for (int r = r0; r < r1; ++r) {
-    const float a = fabsf(col[int64_t(r) * C]);
-    m = (a <= 3.402823466e38f) ? fmaxf(m, a) : INFINITY;  // NaN and inf both become +inf
-  }
+  for (int r = r0; r < r1; ++r) m = fmaxf(m, abs_or_inf(col[int64_t(r) * C]));
   atomicMax(reinterpret_cast<int*>(absmax + int64_t(n) * C + c), __float_as_int(m));
 }
 
@@ -84,21 +112,6 @@ template <class T>
 void launch_gemm(const GemmParams& p, int splits, cudaStream_t stream) {
   dim3 grid((p.M + kTileM - 1) / kTileM, (p.N + kTileN - 1) / kTileN, splits);
   launch_kernel("gemm", gemm_kernel<T>, grid, dim3(kThreads), stream, p);
-}
-
-template <class T>
-void launch_split_reduce(const ReduceParams& p, cudaStream_t stream) {
-  int64_t total = int64_t(p.M) * p.N;
-  int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 65536));
-  launch_kernel("split_reduce", split_reduce_kernel<T>, dim3(blocks), dim3(256), stream, p);
-}
-
-template <class T>
-void launch_colsum_partial(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream) {
-  int rows = (M + splits - 1) / splits;
-  dim3 grid((N + 255) / 256, splits);
-  launch_kernel("colsum_partial", colsum_partial_kernel<T>, grid, dim3(256), stream, static_cast<const T*>(x), M, N,
-                rows, partial);
 }
 
 // absmax (N, C) of x (N, R, C); about 4 row splits per SM-sized wave keep it bandwidth-bound for small N*C.

@@ -12,9 +12,7 @@ namespace dcnv3 {
 #define DCNV3_DECLARE_LAUNCHERS(SUFFIX)                                                                         \
   void dcn_fwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
   void dcn_bwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
-  void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
-  void split_reduce_##SUFFIX(const ReduceParams& p, cudaStream_t stream);                                       \
-  void colsum_partial_##SUFFIX(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream);
+  void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);
 
 DCNV3_DECLARE_LAUNCHERS(f32)
 DCNV3_DECLARE_LAUNCHERS(f16)

@@ -64,15 +64,18 @@ struct GemmParams {
   int64_t out_split_stride;
   void* out;         // T output (M, N) row-major, + bias (N) when bias is non-null
   const void* bias;
-};
-
-// Fixed-order reductions used around the GEMMs.
-struct ReduceParams {
-  const float* partial;  // (splits, M, N) fp32
-  int splits;
-  int M, N;
-  const void* bias;      // T (N) or null
-  void* out;             // T (M, N)
+  // Split-K in one launch: every split writes its fp32 partial (out_f32, split stride out_split_stride) and
+  // counts itself in tile_counters (one per output tile, zeroed); the last to arrive sums the partials in split
+  // order (deterministic) into `out`.
+  unsigned* tile_counters;
+  // With split-K: also the row sums of A (a bias gradient), per split into row_sum_partial (splits, M) by the
+  // tiles of the first column, summed in split order into row_sum_out (T, M).
+  float* row_sum_partial;
+  void* row_sum_out;
+  // With an fp32 output: absmax (M / rows_per_group, N) |= max |out| over each group of rows (atomicMax on the
+  // bits of non-negative floats: exact and order-independent; +inf for a non-finite value). Zeroed first.
+  float* absmax;
+  int rows_per_group;
 };
 
 }  // namespace dcnv3

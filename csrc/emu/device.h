@@ -39,6 +39,7 @@ uint32_t shfl_xor(uint32_t bits, int lane_mask, int width);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane passes its PTX fragments, like the instruction.
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c);
 unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v);
+unsigned atomic_add_u32(unsigned* addr, unsigned v);
 int atomic_max_i32(int* addr, int v);
 
 }  // namespace emu
@@ -66,7 +67,10 @@ inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int width = 32) 
 inline unsigned long long atomicAdd(unsigned long long* addr, unsigned long long v) {
   return ::emu::atomic_add_u64(addr, v);
 }
+inline unsigned atomicAdd(unsigned* addr, unsigned v) { return ::emu::atomic_add_u32(addr, v); }
 inline int atomicMax(int* addr, int v) { return ::emu::atomic_max_i32(addr, v); }
+// One CTA runs at a time, in program order: every write is visible to the next reader.
+inline void __threadfence() {}
 
 // Intrinsics with their device semantics (round-to-nearest conversions; __expf's accuracy is not emulated).
 inline long long __float2ll_rn(float x) { return std::llrint(static_cast<double>(x)); }

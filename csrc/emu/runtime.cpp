@@ -249,7 +249,8 @@ void record_global(uintptr_t addr, size_t size, int kind, uintptr_t site) {
   req.kind = kind;
   for (uint64_t s = addr >> 5; s <= (addr + size - 1) >> 5; ++s) {
     req.sectors.push_back(s);
-    g_unique[kind].insert(s);
+    // A perfect cache reads from DRAM only what this launch did not write first (split-K partials, say).
+    if (kind != 0 || !g_unique[1].count(s)) g_unique[kind].insert(s);
   }
   if (kind == 0) g_cur->load_bytes += size;
   else if (kind == 1) g_cur->store_bytes += size;
@@ -463,13 +464,23 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, 
   g_ctx.block_dim = block;
   g_in_kernel = true;
   try {
+    // CTAs run one at a time, in the thread order's sense too: forward, reversed, or shuffled (so a result that
+    // depends on which CTA finishes first, e.g. which split of a split-K reduction arrives last, shows).
+    std::vector<uint3> ctas;
+    ctas.reserve(size_t(grid.x) * grid.y * grid.z);
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          g_ctx.block_idx = uint3{x, y, z};
-          run_cta(block);
-          if (g_counting) flush_requests();
-        }
+        for (unsigned x = 0; x < grid.x; ++x) ctas.push_back(uint3{x, y, z});
+    if (g_order == OrderMode::Reverse) std::reverse(ctas.begin(), ctas.end());
+    if (g_order == OrderMode::Shuffle) {
+      std::mt19937_64 rng(g_order_seed * 0x9E3779B97F4A7C15ull + ctas.size());
+      std::shuffle(ctas.begin(), ctas.end(), rng);
+    }
+    for (const uint3& cta : ctas) {
+      g_ctx.block_idx = cta;
+      run_cta(block);
+      if (g_counting) flush_requests();
+    }
   } catch (...) {
     g_in_kernel = false;
     g_requests.clear();
@@ -549,6 +560,16 @@ unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v
     record_global(reinterpret_cast<uintptr_t>(addr), 8, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   }
   const unsigned long long old = *addr;
+  *addr = old + v;
+  return old;
+}
+
+unsigned atomic_add_u32(unsigned* addr, unsigned v) {
+  if (g_counting && g_cur && g_in_kernel) {
+    g_cur->atomics += 1;
+    record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+  }
+  const unsigned old = *addr;
   *addr = old + v;
   return old;
 }

@@ -7,8 +7,9 @@
 
 namespace emu {
 
-// Order in which a CTA's threads are resumed between barriers. Correct kernels give bit-identical results in
-// every order; a result that changes reveals a missing __syncthreads (a race).
+// Order in which a CTA's threads are resumed between barriers, and a launch's CTAs are run. Correct kernels give
+// bit-identical results in every order; a result that changes reveals a missing __syncthreads (a race) or a
+// result that depends on which CTA finishes first.
 enum class OrderMode { Forward, Reverse, Shuffle };
 void set_order(OrderMode mode, uint64_t seed);
 
@@ -20,7 +21,9 @@ struct LaunchCounters {
   uint64_t load_bytes = 0, store_bytes = 0;          // bytes the threads asked for
   uint64_t load_sectors = 0, store_sectors = 0;      // distinct sectors per warp request, summed (L2 traffic)
   uint64_t load_requests = 0, store_requests = 0;
-  uint64_t unique_load_sectors = 0, unique_store_sectors = 0;  // distinct sectors of the launch (DRAM floor)
+  // Distinct sectors of the launch (DRAM floor: a perfect cache; a sector loaded after this launch stored it
+  // counts once, as a store).
+  uint64_t unique_load_sectors = 0, unique_store_sectors = 0;
   uint64_t atomics = 0, atomic_sectors = 0, atomic_requests = 0, unique_atomic_sectors = 0;
   uint64_t shared_load_bytes = 0, shared_store_bytes = 0;
   uint64_t shared_atomics = 0;                       // atomics on shared memory (not in `atomics`)

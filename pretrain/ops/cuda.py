@@ -317,12 +317,14 @@ def fused_bwd(
 def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate):
     ext = _kernels(value)
     h, w = value.shape[1], value.shape[2]
-    grad_y = ext.linear_bwd_input(grad_out, wout, True)  # fp32, feeds the sampling backward
+    # grad_y in fp32 feeds the sampling backward; its epilogue also takes max |grad_y| per image and channel
+    # (the fixed-point scales of grad value).
+    grad_y, absmax = ext.linear_bwd_input(grad_out, wout, True, h * w)
     grad_wout, grad_bout = ext.linear_bwd_weight(grad_out, y)
     grad_value, grad_logits = ext.sample_bwd(
-        grad_y, value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs
+        grad_y, value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs, absmax
     )
-    grad_x1 = ext.linear_bwd_input(grad_logits, wpack, False)
+    grad_x1, _ = ext.linear_bwd_input(grad_logits, wpack, False, 0)
     grad_wpack, grad_bpack = ext.linear_bwd_weight(grad_logits, x1)
     return grad_value, grad_x1, grad_wpack, grad_bpack, grad_wout, grad_bout
 
@@ -421,7 +423,7 @@ def core_bwd(
 @core_bwd.register_kernel("cuda")
 def _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale, emulate):
     gv, gl = _kernels(value).sample_bwd(
-        grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False
+        grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False, None
     )
     return gv, gl
 

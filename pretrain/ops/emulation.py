@@ -343,7 +343,8 @@ def error() -> str | None:
 
 @contextlib.contextmanager
 def thread_order(mode: str, seed: int = 0, ext=None):
-    """Resume a CTA's threads in `mode` order (forward, reverse, shuffle) inside the block."""
+    """Inside the block, resume a CTA's threads, and run a launch's CTAs, in `mode` order (forward, reverse,
+    shuffle)."""
     ext = ext or extension()
     ext.emu_set_order(mode, seed)
     try:

@@ -8,11 +8,4 @@ namespace dcnv3 {
 
 void gemm_bf16(const GemmParams& p, int splits, cudaStream_t stream) { launch_gemm<cutlass::bfloat16_t>(p, splits, stream); }
 
-void split_reduce_bf16(const ReduceParams& p, cudaStream_t stream) { launch_split_reduce<cutlass::bfloat16_t>(p, stream); }
-
-void colsum_partial_bf16(const void* x, int M, int N, int splits, float* partial, cudaStream_t stream) {
-  launch_colsum_partial<cutlass::bfloat16_t>(x, M, N, splits, partial, stream);
-}
-
-
 }  // namespace dcnv3
