@@ -14,7 +14,7 @@ import pytest
 import torch
 from kernel_cases import DTYPES, TOL, Case, check_block, check_core, make_inputs, rounded, run_block
 
-from pretrain.ops import cuda, emulation
+from pretrain.ops import DCNGeometry, cuda, emulation
 
 pytestmark = pytest.mark.slow
 
@@ -196,26 +196,45 @@ def test_grad_y_absmax_in_the_gemm_epilogue(emu):
 
 def test_counters_see_the_scatter_in_shared_memory(emu):
     """The backward's grad(value) scatter runs in shared memory (owner-computes): one 64-bit shared atomic per
-    (point, corner inside, channel), no global atomic, no accumulator pass; dcn_bwd's only global atomics record
-    the reach (two per pixel and group)."""
+    (point, corner inside, channel), no global atomic, no accumulator pass, and (stride 1) one sampling launch that
+    also writes grad logits. The forward's only global atomics record the reach (two per pixel and group)."""
     value, x1, params, geom, grad_out = make_inputs(CASES[0])
     value, x1, params = rounded(value, x1, params, torch.float32)
-    out = cuda.dcnv3_fused_emu(value, x1, params, geom)
+    with emulation.count() as fwd:
+        out = cuda.dcnv3_fused_emu(value, x1, params, geom)
     with emulation.count() as launches:
         torch.autograd.grad(out, [value], grad_out.float())
-    kernels = [launch["kernel"] for launch in launches]
-    assert {"dcn_bwd", "dcn_bwd_value"} <= set(kernels), kernels
-    assert "absmax_rows" not in kernels  # the grad_y GEMM's epilogue takes the fixed-point scales
-    grad_logits = launches[kernels.index("dcn_bwd")]
-    grad_value = launches[kernels.index("dcn_bwd_value")]
     n, h, w, c = value.shape
-    assert 0 < grad_logits["atomics"] <= 2 * n * h * w * geom.group and grad_logits["shared_atomics"] == 0
+    [sample_fwd] = [launch for launch in fwd if launch["kernel"] == "dcn_fwd"]
+    assert 0 < sample_fwd["atomics"] <= 2 * n * h * w * geom.group
+    kernels = [launch["kernel"] for launch in launches]
+    assert kernels.count("dcn_bwd_value") == 1 and "dcn_bwd" not in kernels, kernels
+    assert "absmax_rows" not in kernels  # the grad_y GEMM's epilogue takes the fixed-point scales
+    bwd = launches[kernels.index("dcn_bwd_value")]
     # At most 4 corners x 9 points per pixel and channel; most corners are inside at these offsets.
-    assert grad_value["atomics"] == 0
-    assert 0.5 * 36 * n * h * w * c < grad_value["shared_atomics"] <= 36 * n * h * w * c
-    assert grad_value["unique_store_sectors"] * 32 == value.numel() * 4  # grad value written once
-    assert grad_logits["mma"] == 0  # fp32 projections run as FFMA (no TF32), like PyTorch's default
-    assert grad_logits["load_sectors"] >= grad_logits["unique_load_sectors"] > 0
+    assert bwd["atomics"] == 0
+    assert 0.5 * 36 * n * h * w * c < bwd["shared_atomics"] <= 36 * n * h * w * c
+    assert (
+        bwd["unique_store_sectors"] * 32 == value.numel() * 4 + n * h * w * geom.group * 32 * 4
+    )  # grads, once
+    assert bwd["mma"] == 0  # fp32 projections run as FFMA (no TF32), like PyTorch's default
+    assert bwd["load_sectors"] >= bwd["unique_load_sectors"] > 0
+
+
+def test_strided_core_op_takes_two_sampling_launches(emu):
+    """Where output and value grids differ (stride 2), grad logits (per output tile) and grad value (per value
+    tile, owner-computes) are separate launches."""
+    geom = DCNGeometry.make(3, 2, 1, 1, group=4)
+    gen = torch.Generator().manual_seed(11)
+    value = torch.randn(1, 9, 11, 64, generator=gen, requires_grad=True)
+    offset = torch.randn(1, 5, 6, 4 * 2 * 9, generator=gen)
+    mask = torch.softmax(torch.randn(1, 5, 6, 4, 9, generator=gen), -1).flatten(3)
+    y = cuda.dcnv3_core_emu(value, offset, mask, geom)
+    with emulation.count() as launches:
+        torch.autograd.grad(y, [value], torch.ones_like(y))
+    kernels = [launch["kernel"] for launch in launches]
+    assert kernels.count("dcn_bwd") == 1 and kernels.count("dcn_bwd_value") == 1, kernels
+    assert sum(launch["atomics"] for launch in launches) <= value.shape[0] * value.shape[3]  # absmax only
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +275,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from kernel_cases import check_block
 from test_kernel_emu import CASES, _block
-from pretrain.ops import cuda, emulation
+from pretrain.ops import DCNGeometry, cuda, emulation
 with emulation.using(emulation.load({lib!r})) as ext:
     try:
         for case in CASES[:2] + CASES[-1:]:
@@ -352,7 +371,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from kernel_cases import DTYPES, check_block, check_core
 from test_kernel_emu import CASES
-from pretrain.ops import cuda, emulation
+from pretrain.ops import DCNGeometry, cuda, emulation
 emulation.build(verbose=False)
 for case in CASES:
     for dtype in DTYPES:

@@ -160,21 +160,29 @@ void bind_logit_source(DcnParams& p, const at::Tensor& value, const c10::optiona
   }
 }
 
-at::Tensor sample_fwd(const at::Tensor& value, const c10::optional<at::Tensor>& x1,
-                      const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
-                      const c10::optional<at::Tensor>& logits, int64_t ho, int64_t wo, std::vector<int64_t> geom,
-                      double offset_scale, bool apply_softmax, bool has_cfs) {
+// The reach tensor (N, 1 + reach tiles) int32, zeroed (params.h: DcnParams::reach).
+at::Tensor new_reach(const at::Tensor& value, int64_t ho, int64_t wo) {
+  return at::zeros({value.size(0), 1 + ((ho + 7) / 8) * ((wo + 7) / 8)}, value.options().dtype(at::kInt));
+}
+
+// -> (y (N, Ho, Wo, C), reach (N, 1 + reach tiles) int32: how far each output tile samples, for sample_bwd).
+std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<at::Tensor>& x1,
+                                   const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
+                                   const c10::optional<at::Tensor>& logits, int64_t ho, int64_t wo,
+                                   std::vector<int64_t> geom, double offset_scale, bool apply_softmax, bool has_cfs) {
   check_tensor(value, "value", value);
   const DeviceGuard guard(value.device());
   DT dt = dtype_of(value);
   DcnParams p = make_params(value, ho, wo, geom, offset_scale, apply_softmax, has_cfs);
   bind_logit_source(p, value, x1, wpack, bpack, logits);
   at::Tensor y = new_output({p.N, ho, wo, p.C}, value.options());
+  at::Tensor reach = new_reach(value, ho, wo);
   p.y = y.data_ptr();
-  if (y.numel() == 0) return y;
+  p.reach = reach.data_ptr<int>();
+  if (y.numel() == 0) return {y, reach};
   DCNV3_DISPATCH(dt, dcn_fwd, p.C / p.G, p, stream());
   check_launch();
-  return y;
+  return {y, reach};
 }
 
 // -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,G*32) dtype of value)
@@ -184,7 +192,7 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
                                    const c10::optional<at::Tensor>& x1, const c10::optional<at::Tensor>& wpack,
                                    const c10::optional<at::Tensor>& bpack, const c10::optional<at::Tensor>& logits,
                                    int64_t ho, int64_t wo, std::vector<int64_t> geom, double offset_scale,
-                                   bool apply_softmax, bool has_cfs,
+                                   bool apply_softmax, bool has_cfs, const at::Tensor& reach,
                                    const c10::optional<at::Tensor>& grad_y_absmax) {
   check_tensor(value, "value", value);
   const DeviceGuard guard(value.device());
@@ -204,9 +212,9 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   } else {
     absmax = at::zeros({p.N, p.C}, f32);
   }
-  // Per image: the largest reach, then one per 8x8 tile of output pixels (params.h).
-  const int64_t reach_tiles = ((ho + 7) / 8) * ((wo + 7) / 8);
-  at::Tensor reach = at::zeros({p.N, 1 + reach_tiles}, value.options().dtype(at::kInt));
+  check_tensor(reach, "reach", value, /*same_dtype=*/false);
+  TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((ho + 7) / 8) * ((wo + 7) / 8)),
+              "dcnv3 CUDA: reach must be sample_fwd's second output for these shapes");
   at::Tensor grad_logits = new_output({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
@@ -374,8 +382,8 @@ py::list emu_stop_counting() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 kernels (CUTLASS/CuTe): sampling fused with the offset/mask projection, and GEMMs";
-  m.def("sample_fwd", &sample_fwd, "y = sample(value, logits or x1.wpack^T+bpack)");
-  m.def("sample_bwd", &sample_bwd, "(grad_value, grad_logits) of sample_fwd");
+  m.def("sample_fwd", &sample_fwd, "(y, reach): y = sample(value, logits or x1.wpack^T+bpack)");
+  m.def("sample_bwd", &sample_bwd, "(grad_value, grad_logits) of sample_fwd, given its reach");
   m.def("linear_fwd", &linear_fwd, "a . w^T + bias (tensor-core tiles, fp32 accumulation)");
   m.def("linear_bwd_input", &linear_bwd_input, "grad . w");
   m.def("linear_bwd_weight", &linear_bwd_weight, "(grad^T . a, column sums of grad), deterministic split-K");

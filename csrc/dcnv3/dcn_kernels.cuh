@@ -123,6 +123,39 @@ __device__ __forceinline__ void sample_xy(const DcnParams& p, const float* row, 
   y = float(ho * p.stride_h - p.pad_h + p.center_h) + (float(p.tap_y[q]) + row[2 * q + 1]) * p.offset_scale;
 }
 
+// Spatial tiles of the owner-computes grad value: targets are 8x8 tiles of value pixels, and the reach is kept
+// per 8x8 tile of output pixels.
+constexpr int kTile = 8;
+static_assert(kTile * kTile == kTileM, "a chunk of source pixels fills the GEMM's rows");
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }  // b > 0
+__device__ __forceinline__ int ceil_div_any(int a, int b) { return -floor_div(-a, b); }                     // b > 0
+
+// Where output pixel (ho, wo) samples from before offsets: the kernel's center tap, in value pixels.
+__device__ __forceinline__ int base_x(const DcnParams& p, int wo) { return wo * p.stride_w - p.pad_w + p.center_w; }
+__device__ __forceinline__ int base_y(const DcnParams& p, int ho) { return ho * p.stride_h - p.pad_h + p.center_h; }
+
+// Largest distance (pixels, along x or y) from the sampling base (bx, by) to an in-image corner of b.
+__device__ __forceinline__ int corner_reach(const Bilinear& b, int bx, int by, int reach) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (!b.in[k]) continue;
+    const int dx = b.x0 + (k & 1) - bx, dy = b.y0 + (k >> 1) - by;  // bounded: the corner is in the image
+    reach = max(reach, max(max(dx, -dx), max(dy, -dy)));
+  }
+  return reach;
+}
+
+// Record a pair's reach (every lane of the pair holds the same value; one writes): the image's largest and its
+// 8x8 output tile's (atomicMax: order-independent).
+__device__ __forceinline__ void record_reach(const DcnParams& p, int n, int ho, int wo, int reach) {
+  const int tiles_w = ceil_div(p.Wo, kTile);
+  int* image_reach = p.reach + int64_t(n) * (1 + tiles_w * ceil_div(p.Ho, kTile));
+  atomicMax(image_reach + 1 + (ho / kTile) * tiles_w + wo / kTile, reach);
+  atomicMax(image_reach, reach);
+}
+
 // grid (ceil(M/64), ceil(G/2)), kThreads threads.
 template <class T, int CG>
 __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
@@ -150,11 +183,13 @@ __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
     float acc[kVec];
 #pragma unroll
     for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
+    int reach = 0;
     for (int q = 0; q < p.P; ++q) {
       float x, y;
       sample_xy(p, row, q, ho, wo, x, y);
       const float mk = row[2 * p.P + q];
       Bilinear b = bilinear_at(x, y, p.H, p.W);
+      reach = corner_reach(b, base_x(p, wo), base_y(p, ho), reach);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (!b.in[k]) continue;
@@ -173,6 +208,7 @@ __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
       for (int v = 0; v < kVec; ++v) acc[v] = acc[v] * (1.f - s) + vc[v] * s;
     }
     store_vec<T>(static_cast<T*>(p.y) + int64_t(m) * p.C + ch, acc);
+    if (lane == 0) record_reach(p, n, ho, wo, reach);
   }
 }
 
@@ -184,148 +220,165 @@ __device__ __forceinline__ float lane_sum(float v) {
   return v;
 }
 
-// Spatial tiles of the owner-computes grad value: targets are 8x8 tiles of value pixels, and the reach is kept
-// per 8x8 tile of output pixels.
-constexpr int kTile = 8;
-static_assert(kTile * kTile == kTileM, "a chunk of source pixels fills the GEMM's rows");
+// Where a pair's own grad value terms go: the 64-bit fixed-point accumulator of the CTA's target box (shared
+// memory, (target pixel, channel of the CTA's groups)) and its per-channel scales; only terms landing in the
+// box are added (the others belong to the CTAs that own their boxes).
+struct ScatterBox {
+  unsigned long long* acc;
+  const float* scale;
+  int chans;  // accumulator row length: channels of the CTA's groups
+  int tx0, tx1, ty0, ty1;
+};
 
-__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
-__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }  // b > 0
-__device__ __forceinline__ int ceil_div_any(int a, int b) { return -floor_div(-a, b); }                     // b > 0
-
-// Where output pixel (ho, wo) samples from before offsets: the kernel's center tap, in value pixels.
-__device__ __forceinline__ int base_x(const DcnParams& p, int wo) { return wo * p.stride_w - p.pad_w + p.center_w; }
-__device__ __forceinline__ int base_y(const DcnParams& p, int ho) { return ho * p.stride_h - p.pad_h + p.center_h; }
-
-// grid (ceil(M/64), ceil(G/2)), kThreads threads.
+// Backward of one (pixel, group) pair, served by kLanes consecutive lanes, each owning one 16-byte channel
+// vector: recompute the samples, reduce the per-point dot products across the lanes (fixed shuffle tree), apply
+// the softmax/sigmoid backward and write the pair's 32 grad logits; with `box`, also add its grad value terms.
+// Whole warps must call it (shuffles): an invalid pair runs with zeros and writes nothing.
 template <class T, int CG>
-__global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
+__device__ __forceinline__ void pair_backward(const DcnParams& p, const float* row, int m, int g, int gl, int lane,
+                                              bool valid, const ScatterBox* box) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;
-  static_assert(CG % kVec == 0, "channels per group must be a multiple of the 16-byte vector");
+  const int mm = valid ? m : 0, gg = valid ? g : 0;
+  const int wo = mm % p.Wo, ho = (mm / p.Wo) % p.Ho, n = mm / (p.Wo * p.Ho);
+  const int ch = gg * CG + lane * kVec;
+  const int n_cols = p.G * kGroupCols;
+  const T* value = static_cast<const T*>(p.value);
+  const float s = p.has_cfs ? row[3 * p.P] : 0.f;
+
+  float gy[kVec], gyc[kVec], ycore[kVec];
+  if (valid) {
+    load_f32<kVec>(p.grad_y + int64_t(mm) * p.C + ch, gy);
+  } else {
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) gy[v] = 0.f;
+  }
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    gyc[v] = gy[v] * (1.f - s);  // gradient reaching the core aggregate through the cfs blend
+    ycore[v] = 0.f;
+  }
+  const int acc_ch = gl * CG + lane * kVec;  // this lane's first channel in the box's accumulator rows
+
+  float g_mask[kMaxPoints], g_x[kMaxPoints], g_y[kMaxPoints];
+#pragma unroll
+  for (int q = 0; q < kMaxPoints; ++q) {
+    g_mask[q] = g_x[q] = g_y[q] = 0.f;
+    if (q >= p.P) continue;
+    float x, y;
+    sample_xy(p, row, q, ho, wo, x, y);
+    const float mk = row[2 * p.P + q];
+    Bilinear b = bilinear_at(x, y, p.H, p.W);
+    float corner[4][kVec];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (valid && b.in[k]) {
+        load_vec<T>(value + corner_offset(b, k, n, p.H, p.W, p.C) + ch, corner[k]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) corner[k][v] = 0.f;
+      }
+    }
+    const float hx = 1.f - b.lx, hy = 1.f - b.ly;
+    float dm = 0.f, dx = 0.f, dy = 0.f;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const float sample = b.w[0] * corner[0][v] + b.w[1] * corner[1][v] + b.w[2] * corner[2][v] +
+                           b.w[3] * corner[3][v];
+      ycore[v] = fmaf(mk, sample, ycore[v]);
+      dm = fmaf(gyc[v], sample, dm);
+      dx = fmaf(gyc[v], hy * (corner[1][v] - corner[0][v]) + b.ly * (corner[3][v] - corner[2][v]), dx);
+      dy = fmaf(gyc[v], hx * (corner[2][v] - corner[0][v]) + b.lx * (corner[3][v] - corner[1][v]), dy);
+    }
+    g_mask[q] = lane_sum<kLanes>(dm);
+    g_x[q] = lane_sum<kLanes>(dx) * mk * p.offset_scale;
+    g_y[q] = lane_sum<kLanes>(dy) * mk * p.offset_scale;
+    if (box != nullptr && valid) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int cx = b.x0 + (k & 1), cy = b.y0 + (k >> 1);
+        if (!b.in[k] || cx < box->tx0 || cx > box->tx1 || cy < box->ty0 || cy > box->ty1) continue;
+        unsigned long long* dst = box->acc + ((cy - box->ty0) * kTile + (cx - box->tx0)) * box->chans + acc_ch;
+        const float wk = mk * b.w[k];
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, wk * gyc[v], box->scale[acc_ch + v]);
+      }
+    }
+  }
+
+  float g_s = 0.f;
+  if (p.has_cfs) {
+    float vc[kVec];
+    const int64_t center = ((int64_t(n) * p.H + ho) * p.W + wo) * p.C + ch;
+    if (valid) {
+      load_vec<T>(value + center, vc);
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) vc[v] = 0.f;
+    }
+    float d = 0.f;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
+    g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
+    // The blend's own grad value term lands on the pair's pixel (output grid == input grid with cfs).
+    if (box != nullptr && valid && wo >= box->tx0 && wo <= box->tx1 && ho >= box->ty0 && ho <= box->ty1) {
+      unsigned long long* dst = box->acc + ((ho - box->ty0) * kTile + (wo - box->tx0)) * box->chans + acc_ch;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, gy[v] * s, box->scale[acc_ch + v]);
+    }
+  }
+
+  // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
+  float dot = 0.f;
+  if (p.apply_softmax) {
+#pragma unroll
+    for (int q = 0; q < kMaxPoints; ++q)
+      if (q < p.P) dot = fmaf(row[2 * p.P + q], g_mask[q], dot);
+  }
+  if (valid) {
+    T* out = static_cast<T*>(p.grad_logits) + int64_t(mm) * n_cols + gg * kGroupCols;
+    // The pair's lanes share the 32 columns; all values are lane-uniform after the reductions.
+#pragma unroll
+    for (int j0 = 0; j0 < kGroupCols; j0 += kLanes) {
+      const int j = j0 + lane;
+      float v = 0.f;
+#pragma unroll
+      for (int q = 0; q < kMaxPoints; ++q) {
+        if (q >= p.P) continue;
+        if (j == 2 * q) v = g_x[q];
+        if (j == 2 * q + 1) v = g_y[q];
+        if (j == 2 * p.P + q) v = p.apply_softmax ? row[2 * p.P + q] * (g_mask[q] - dot) : g_mask[q];
+      }
+      if (p.has_cfs && j == 3 * p.P) v = g_s;
+      out[j] = from_float<T>(v);
+    }
+  }
+}
+
+template <int CG, class T>
+constexpr void check_pair_lanes() {
+  constexpr int kLanes = CG / Vec<T>::kN;
+  static_assert(CG % Vec<T>::kN == 0, "channels per group must be a multiple of the 16-byte vector");
   static_assert(32 % kLanes == 0, "the lanes of a pair must sit in one warp (shuffle reduction)");
   static_assert((kTileM * kGroupsPerCta * kLanes) % kThreads == 0,
                 "every thread runs the same trip count (shuffles need the whole warp)");
-  __shared__ DcnSmem<T> sm;
+}
 
+// grad logits only (geometries where output and value grids differ; grad value is dcn_bwd_value's).
+// grid (ceil(M/64), ceil(G/2)), kThreads threads.
+template <class T, int CG>
+__global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
+  constexpr int kLanes = CG / Vec<T>::kN;
+  check_pair_lanes<CG, T>();
+  __shared__ DcnSmem<T> sm;
   const int M = p.N * p.Ho * p.Wo;
   const int m0 = blockIdx.x * kTileM, g0 = blockIdx.y * kGroupsPerCta;
   compute_logits<T>(p, sm, m0, g0, M);
-  const int n_cols = p.G * kGroupCols;
-  const int reach_tiles_w = ceil_div(p.Wo, kTile), reach_per_image = 1 + reach_tiles_w * ceil_div(p.Ho, kTile);
-
-  const T* value = static_cast<const T*>(p.value);
   for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
     const int pair = item / kLanes, lane = item % kLanes;
     const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
     const int m = m0 + pix, g = g0 + gl;
-    // Invalid pairs still run the loop with zeros (no early exit: the shuffles need every lane).
-    const bool valid = m < M && g < p.G;
-    const int mm = valid ? m : 0, gg = valid ? g : 0;
-    const int wo = mm % p.Wo, ho = (mm / p.Wo) % p.Ho, n = mm / (p.Wo * p.Ho);
-    const int ch = gg * CG + lane * kVec;
-    const int bx = base_x(p, wo), by = base_y(p, ho);
-    const float* row = logit_row(sm.logits, pix, gl);
-    const float s = p.has_cfs ? row[3 * p.P] : 0.f;
-
-    float gy[kVec], gyc[kVec], ycore[kVec];
-    if (valid) {
-      load_f32<kVec>(p.grad_y + int64_t(mm) * p.C + ch, gy);
-    } else {
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) gy[v] = 0.f;
-    }
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      gyc[v] = gy[v] * (1.f - s);  // gradient reaching the core aggregate through the cfs blend
-      ycore[v] = 0.f;
-    }
-
-    int reach = 0;
-    float g_mask[kMaxPoints], g_x[kMaxPoints], g_y[kMaxPoints];
-#pragma unroll
-    for (int q = 0; q < kMaxPoints; ++q) {
-      g_mask[q] = g_x[q] = g_y[q] = 0.f;
-      if (q >= p.P) continue;
-      float x, y;
-      sample_xy(p, row, q, ho, wo, x, y);
-      const float mk = row[2 * p.P + q];
-      Bilinear b = bilinear_at(x, y, p.H, p.W);
-      float corner[4][kVec];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (valid && b.in[k]) {
-          load_vec<T>(value + corner_offset(b, k, n, p.H, p.W, p.C) + ch, corner[k]);
-          const int dx = b.x0 + (k & 1) - bx, dy = b.y0 + (k >> 1) - by;  // bounded: the corner is in the image
-          reach = max(reach, max(max(dx, -dx), max(dy, -dy)));
-        } else {
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) corner[k][v] = 0.f;
-        }
-      }
-      const float hx = 1.f - b.lx, hy = 1.f - b.ly;
-      float dm = 0.f, dx = 0.f, dy = 0.f;
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) {
-        const float sample = b.w[0] * corner[0][v] + b.w[1] * corner[1][v] + b.w[2] * corner[2][v] +
-                             b.w[3] * corner[3][v];
-        ycore[v] = fmaf(mk, sample, ycore[v]);
-        dm = fmaf(gyc[v], sample, dm);
-        dx = fmaf(gyc[v], hy * (corner[1][v] - corner[0][v]) + b.ly * (corner[3][v] - corner[2][v]), dx);
-        dy = fmaf(gyc[v], hx * (corner[2][v] - corner[0][v]) + b.lx * (corner[3][v] - corner[1][v]), dy);
-      }
-      g_mask[q] = lane_sum<kLanes>(dm);
-      g_x[q] = lane_sum<kLanes>(dx) * mk * p.offset_scale;
-      g_y[q] = lane_sum<kLanes>(dy) * mk * p.offset_scale;
-    }
-    // Every lane of the pair computed the same reach; one records it (atomicMax: order-independent).
-    if (valid && lane == 0) {
-      int* image_reach = p.reach + int64_t(n) * reach_per_image;
-      atomicMax(image_reach + 1 + (ho / kTile) * reach_tiles_w + wo / kTile, reach);
-      atomicMax(image_reach, reach);
-    }
-
-    float g_s = 0.f;
-    if (p.has_cfs) {
-      float vc[kVec];
-      const int64_t center = ((int64_t(n) * p.H + ho) * p.W + wo) * p.C + ch;
-      if (valid) {
-        load_vec<T>(value + center, vc);
-      } else {
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) vc[v] = 0.f;
-      }
-      float d = 0.f;
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
-      g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
-    }
-
-    // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
-    float dot = 0.f;
-    if (p.apply_softmax) {
-#pragma unroll
-      for (int q = 0; q < kMaxPoints; ++q)
-        if (q < p.P) dot = fmaf(row[2 * p.P + q], g_mask[q], dot);
-    }
-    if (valid) {
-      T* out = static_cast<T*>(p.grad_logits) + int64_t(mm) * n_cols + gg * kGroupCols;
-      // The pair's lanes share the 32 columns; all values are lane-uniform after the reductions.
-#pragma unroll
-      for (int j0 = 0; j0 < kGroupCols; j0 += kLanes) {
-        const int j = j0 + lane;
-        float v = 0.f;
-#pragma unroll
-        for (int q = 0; q < kMaxPoints; ++q) {
-          if (q >= p.P) continue;
-          if (j == 2 * q) v = g_x[q];
-          if (j == 2 * q + 1) v = g_y[q];
-          if (j == 2 * p.P + q) v = p.apply_softmax ? row[2 * p.P + q] * (g_mask[q] - dot) : g_mask[q];
-        }
-        if (p.has_cfs && j == 3 * p.P) v = g_s;
-        out[j] = from_float<T>(v);
-      }
-    }
+    pair_backward<T, CG>(p, logit_row(sm.logits, pix, gl), m, g, gl, lane, m < M && g < p.G, nullptr);
   }
 }
 
@@ -351,8 +404,9 @@ struct DcnValueSmem {
 // Thread 0: the next batch of source rectangles for the target box [tx0, tx1] x [ty0, ty1] of image n. A source
 // output pixel can scatter into the box only if its sampling base lies within its tile's reach of the box; the
 // reach gets a margin of 1 pixel, so a bilinear corner that another kernel's rounding moved by one still counts.
-__device__ inline void collect_source_rects(const DcnParams& p, SourceRect* rects, int& n_rects, int& next_tile, int n,
-                                     int tx0, int tx1, int ty0, int ty1) {
+// With skip_own, the output tile at the box's own position is left out (the caller takes it whole).
+__device__ inline void collect_source_rects(const DcnParams& p, SourceRect* rects, int& n_rects, int& next_tile,
+                                            int n, int tx0, int tx1, int ty0, int ty1, bool skip_own) {
   const int tiles_w = ceil_div(p.Wo, kTile), tiles_h = ceil_div(p.Ho, kTile);
   const int* reach = p.reach + int64_t(n) * (1 + tiles_w * tiles_h);
   const int bx0 = base_x(p, 0), by0 = base_y(p, 0);
@@ -366,6 +420,7 @@ __device__ inline void collect_source_rects(const DcnParams& p, SourceRect* rect
   int count = 0, total = 0, t = next_tile;
   for (; t < span && count < kMaxRects; ++t) {
     const int oty = oy0 + t / span_w, otx = ox0 + t % span_w;
+    if (skip_own && oty * kTile == ty0 && otx * kTile == tx0) continue;
     const int r = reach[1 + oty * tiles_w + otx] + 1;
     const int ho_lo = max(oty * kTile, ceil_div_any(ty0 - r - by0, p.stride_h));
     const int ho_hi = min(min(p.Ho, (oty + 1) * kTile) - 1, floor_div(ty1 + r - by0, p.stride_h));
@@ -380,8 +435,12 @@ __device__ inline void collect_source_rects(const DcnParams& p, SourceRect* rect
 }
 
 // grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)), kThreads threads, sizeof(DcnValueSmem<T, CG>) dynamic smem.
-template <class T, int CG>
+// kOwnTile (output grid == value grid, sampling base == the pixel: stride 1, "same" padding): the CTA's own 8x8
+// tile of output pixels is taken first and whole, with its full backward (grad logits too: pair_backward), so
+// no separate grad-logits kernel runs; its terms are added as they are computed.
+template <class T, int CG, bool kOwnTile>
 __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
+  check_pair_lanes<CG, T>();
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;  // lanes per (source pixel, group) pair, each kVec channels
   constexpr int kChans = kGroupsPerCta * CG;
@@ -398,8 +457,25 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
   for (int i = threadIdx.x; i < kChans; i += kThreads)
     sm.scale[i] = g0 * CG + i < p.C ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i) : 0.f;
   if (threadIdx.x == 0) sm.next_tile = 0;
+  if (kOwnTile) {
+    if (threadIdx.x < kTileM) {
+      const int x = tx0 + threadIdx.x % kTile, y = ty0 + threadIdx.x / kTile;
+      sm.rows[threadIdx.x] = x <= tx1 && y <= ty1 ? (n * p.Ho + y) * p.Wo + x : -1;
+    }
+    __syncthreads();  // rows, and the accumulator's zeros and scales
+    compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
+    const ScatterBox box{sm.acc, sm.scale, kChans, tx0, tx1, ty0, ty1};
+    for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+      const int pair = item / kLanes, lane = item % kLanes;
+      const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
+      const int m = sm.rows[pix], g = g0 + gl;
+      pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), m, g, gl, lane, m >= 0 && g < p.G, &box);
+    }
+    __syncthreads();  // the source chunks overwrite rows and logits
+  }
   for (;;) {
-    if (threadIdx.x == 0) collect_source_rects(p, sm.rects, sm.n_rects, sm.next_tile, n, tx0, tx1, ty0, ty1);
+    if (threadIdx.x == 0)
+      collect_source_rects(p, sm.rects, sm.n_rects, sm.next_tile, n, tx0, tx1, ty0, ty1, kOwnTile);
     __syncthreads();
     const int n_rects = sm.n_rects;
     if (n_rects == 0) break;
@@ -482,14 +558,23 @@ void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
   launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG>, grid, dim3(kThreads), stream, p);
 }
 
-// The backward: grad logits and the reach (p.reach zeroed), then grad value.
+// The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the
+// sampling base on the pixel itself; else grad logits, then grad value.
 template <class T, int CG>
 void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
+  const int groups = (p.G + kGroupsPerCta - 1) / kGroupsPerCta;
+  dim3 value_grid(p.N * ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile), groups);
+  const bool own_tile = p.Ho == p.H && p.Wo == p.W && p.stride_h == 1 && p.stride_w == 1 &&
+                        p.pad_h == p.center_h && p.pad_w == p.center_w;
+  if (own_tile) {
+    launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true>, value_grid, dim3(kThreads),
+                  sizeof(DcnValueSmem<T, CG>), stream, p);
+    return;
+  }
   const int M = p.N * p.Ho * p.Wo;
-  dim3 grid((M + kTileM - 1) / kTileM, (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
-  launch_kernel("dcn_bwd", dcn_bwd_kernel<T, CG>, grid, dim3(kThreads), stream, p);
-  dim3 value_grid(p.N * ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile), grid.y);
-  launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG>, value_grid, dim3(kThreads),
+  launch_kernel("dcn_bwd", dcn_bwd_kernel<T, CG>, dim3((M + kTileM - 1) / kTileM, groups), dim3(kThreads), stream,
+                p);
+  launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, false>, value_grid, dim3(kThreads),
                 sizeof(DcnValueSmem<T, CG>), stream, p);
 }
 

@@ -12,10 +12,13 @@ module's own offset/mask/cfs parameters.
 
 Ops (torch.library.custom_op, with fake implementations so torch.compile can trace them):
     internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate)
-        -> (out, y)
-    internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, geom, ..., emulate) -> 6 grads
-    internimage_dcnv3::core_fwd(value, logits, ho, wo, geom, offset_scale, emulate) -> y
-    internimage_dcnv3::core_bwd(grad_y, value, logits, ho, wo, geom, offset_scale, emulate) -> (grad_value, grad_logits)
+        -> (out, y, reach)
+    internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, ..., emulate) -> 6 grads
+    internimage_dcnv3::core_fwd(value, logits, ho, wo, geom, offset_scale, emulate) -> (y, reach)
+    internimage_dcnv3::core_bwd(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate)
+        -> (grad_value, grad_logits)
+`reach` (int32, per image and 8x8 output tile: how far the samples land from their pixel) is recorded by the
+forward kernel so that the backward's grad value kernel knows which pixels can scatter into each value tile.
 Each has a CUDA kernel (the extension) and a CPU kernel. On CPU tensors `emulate=True` runs the same kernels and
 binding in the CPU emulation (pretrain/ops/emulation.py; the `cuda-emu` backend, for tests and counters), and
 `emulate=False` evaluates the packed contract with the reference op (to test this module's plumbing, in float64
@@ -244,6 +247,13 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape)
 
 
+def _reach_like(value: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+    """The forward's reach output: (N, 1 + ceil(Ho/8) * ceil(Wo/8)) int32, per image the largest distance from a
+    sampling base to a bilinear corner, and per 8x8 output tile (csrc/dcnv3/params.h). The backward's grad value
+    kernel uses it to find the source pixels of each value tile; the CPU contract path leaves it zero."""
+    return value.new_zeros((value.shape[0], 1 + -(-ho // 8) * -(-wo // 8)), dtype=torch.int32)
+
+
 @torch.library.custom_op(f"{_LIB}::fused_fwd", mutates_args=())
 def fused_fwd(
     value: torch.Tensor,
@@ -256,27 +266,29 @@ def fused_fwd(
     offset_scale: float,
     has_cfs: bool,
     emulate: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (out (N,H,W,Cout), y (N,H,W,C) the blended aggregate, saved for grad wout)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out (N,H,W,Cout), y (N,H,W,C) the blended aggregate, saved for grad wout, reach for the backward)."""
     if emulate:
         return _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate)
     g = _geom_from_list(geom, offset_scale)
     logits = F.linear(x1, wpack, bpack)
     y = sample_reference(value, logits, g, True, has_cfs)
-    return F.linear(y, wout, bout).contiguous(), y.contiguous()
+    reach = _reach_like(value, *value.shape[1:3])
+    return F.linear(y, wout, bout).contiguous(), y.contiguous(), reach
 
 
 @fused_fwd.register_kernel("cuda")
 def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate):
     ext = _kernels(value)
     h, w = value.shape[1], value.shape[2]
-    y = ext.sample_fwd(value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs)
-    return ext.linear_fwd(y, wout, bout), y
+    y, reach = ext.sample_fwd(value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs)
+    return ext.linear_fwd(y, wout, bout), y, reach
 
 
 @fused_fwd.register_fake
 def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate):
-    return value.new_empty((*value.shape[:3], wout.shape[0])), _like(value)
+    out = value.new_empty((*value.shape[:3], wout.shape[0]))
+    return out, _like(value), _reach_like(value, *value.shape[1:3])
 
 
 @torch.library.custom_op(f"{_LIB}::fused_bwd", mutates_args=())
@@ -288,6 +300,7 @@ def fused_bwd(
     bpack: torch.Tensor,
     wout: torch.Tensor,
     y: torch.Tensor,
+    reach: torch.Tensor,
     geom: list[int],
     offset_scale: float,
     has_cfs: bool,
@@ -296,7 +309,7 @@ def fused_bwd(
     """-> grads of (value, x1, wpack, bpack, wout, bout)."""
     if emulate:
         return _fused_bwd_cuda(
-            grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate
+            grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate
         )
     g = _geom_from_list(geom, offset_scale)
     # Custom-op kernels run below the autograd dispatch key: torch.func builds its own graph there.
@@ -314,7 +327,7 @@ def fused_bwd(
 
 
 @fused_bwd.register_kernel("cuda")
-def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate):
+def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate):
     ext = _kernels(value)
     h, w = value.shape[1], value.shape[2]
     # grad_y in fp32 feeds the sampling backward; its epilogue also takes max |grad_y| per image and channel
@@ -322,7 +335,7 @@ def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_sca
     grad_y, absmax = ext.linear_bwd_input(grad_out, wout, True, h * w)
     grad_wout, grad_bout = ext.linear_bwd_weight(grad_out, y)
     grad_value, grad_logits = ext.sample_bwd(
-        grad_y, value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs, absmax
+        grad_y, value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs, reach, absmax
     )
     grad_x1, _ = ext.linear_bwd_input(grad_logits, wpack, False, 0)
     grad_wpack, grad_bpack = ext.linear_bwd_weight(grad_logits, x1)
@@ -330,7 +343,7 @@ def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_sca
 
 
 @fused_bwd.register_fake
-def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_scale, has_cfs, emulate):
+def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate):
     return (
         _like(value),
         _like(x1),
@@ -343,15 +356,15 @@ def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, geom, offset_sca
 
 def _fused_setup(ctx, inputs, output):
     value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate = inputs
-    ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1])
+    ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1], output[2])
     ctx.geom, ctx.offset_scale, ctx.has_cfs, ctx.emulate = geom, offset_scale, has_cfs, emulate
-    # y is an internal output (kept for grad wout) that the public wrapper never returns: without this, autograd
-    # would allocate and zero-fill a gradient of y's size for every call (128 MB per block at H stage 1).
+    # y and reach are internal outputs (kept for the backward) that the public wrapper never returns: without this,
+    # autograd would allocate and zero-fill a gradient of y's size for every call (128 MB per block at H stage 1).
     ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, grad_out, _grad_y):
-    value, x1, wpack, bpack, wout, y = ctx.saved_tensors
+def _fused_backward(ctx, grad_out, _grad_y, _grad_reach):
+    value, x1, wpack, bpack, wout, y, reach = ctx.saved_tensors
     if grad_out is None:  # `out` did not reach the loss
         return (None,) * 10
     grads = fused_bwd(
@@ -362,6 +375,7 @@ def _fused_backward(ctx, grad_out, _grad_y):
         bpack,
         wout,
         y,
+        reach,
         ctx.geom,
         ctx.offset_scale,
         ctx.has_cfs,
@@ -382,23 +396,25 @@ def core_fwd(
     geom: list[int],
     offset_scale: float,
     emulate: bool,
-) -> torch.Tensor:
-    """DCNv3 aggregation from packed (offset, normalised mask) logits -> (N, Ho, Wo, C)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DCNv3 aggregation from packed (offset, normalised mask) logits -> (y (N, Ho, Wo, C), reach)."""
     if emulate:
         return _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale, emulate)
-    return sample_reference(value, logits, _geom_from_list(geom, offset_scale), False, False).contiguous()
+    y = sample_reference(value, logits, _geom_from_list(geom, offset_scale), False, False).contiguous()
+    return y, _reach_like(value, ho, wo)
 
 
 @core_fwd.register_kernel("cuda")
 def _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale, emulate):
-    return _kernels(value).sample_fwd(
+    y, reach = _kernels(value).sample_fwd(
         value, None, None, None, logits, ho, wo, geom, offset_scale, False, False
     )
+    return y, reach
 
 
 @core_fwd.register_fake
 def _core_fwd_fake(value, logits, ho, wo, geom, offset_scale, emulate):
-    return value.new_empty((value.shape[0], ho, wo, value.shape[3]))
+    return value.new_empty((value.shape[0], ho, wo, value.shape[3])), _reach_like(value, ho, wo)
 
 
 @torch.library.custom_op(f"{_LIB}::core_bwd", mutates_args=())
@@ -406,44 +422,48 @@ def core_bwd(
     grad_y: torch.Tensor,
     value: torch.Tensor,
     logits: torch.Tensor,
+    reach: torch.Tensor,
     ho: int,
     wo: int,
     geom: list[int],
     offset_scale: float,
     emulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (grad_value, grad_logits); grad_y is float32."""
+    """-> (grad_value, grad_logits); grad_y is float32, reach core_fwd's."""
     if emulate:
-        return _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale, emulate)
+        return _core_bwd_cuda(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate)
     g = _geom_from_list(geom, offset_scale)
     y, vjp = torch.func.vjp(lambda v, lg: sample_reference(v, lg, g, False, False), value, logits)
     return tuple(g.contiguous() for g in vjp(grad_y.to(y.dtype)))
 
 
 @core_bwd.register_kernel("cuda")
-def _core_bwd_cuda(grad_y, value, logits, ho, wo, geom, offset_scale, emulate):
+def _core_bwd_cuda(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate):
     gv, gl = _kernels(value).sample_bwd(
-        grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False, None
+        grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False, reach, None
     )
     return gv, gl
 
 
 @core_bwd.register_fake
-def _core_bwd_fake(grad_y, value, logits, ho, wo, geom, offset_scale, emulate):
+def _core_bwd_fake(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate):
     return _like(value), _like(logits)
 
 
 def _core_setup(ctx, inputs, output):
     value, logits, ho, wo, geom, offset_scale, emulate = inputs
-    ctx.save_for_backward(value, logits)
+    ctx.save_for_backward(value, logits, output[1])
     ctx.args = (ho, wo, geom, offset_scale, emulate)
+    ctx.set_materialize_grads(False)  # reach is internal
 
 
-def _core_backward(ctx, grad_y):
-    value, logits = ctx.saved_tensors
+def _core_backward(ctx, grad_y, _grad_reach):
+    value, logits, reach = ctx.saved_tensors
+    if grad_y is None:
+        return (None,) * 7
     # The kernel takes grad_y in fp32 (float64 stays float64 on the CPU path).
     grad_y = grad_y.contiguous() if grad_y.dtype == torch.float64 else grad_y.float().contiguous()
-    gv, gl = core_bwd(grad_y, value, logits, *ctx.args)
+    gv, gl = core_bwd(grad_y, value, logits, reach, *ctx.args)
     return gv, gl, None, None, None, None, None
 
 
@@ -468,7 +488,7 @@ def _fused_call(
     """The op path without availability checks (emulate=False on CPU: the plumbing with the reference)."""
     dtype = value.dtype
     wpack, bpack = pack_projection(params, geom, dtype)
-    out, _ = fused_fwd(
+    out, _, _ = fused_fwd(
         _aligned(value),
         _aligned(x1.to(dtype)),
         wpack,
@@ -489,7 +509,8 @@ def _core_call(
     geom.check(value, offset, mask)
     _, ho, wo, _ = offset.shape
     logits = pack_logits(offset, mask, geom, value.dtype)
-    return core_fwd(_aligned(value), logits, ho, wo, geometry_list(geom), float(geom.offset_scale), emulate)
+    y, _ = core_fwd(_aligned(value), logits, ho, wo, geometry_list(geom), float(geom.offset_scale), emulate)
+    return y
 
 
 def dcnv3_fused_cuda(
