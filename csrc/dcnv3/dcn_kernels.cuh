@@ -111,11 +111,6 @@ __device__ __forceinline__ Bilinear bilinear_at(float x, float y, int H, int W) 
   return b;
 }
 
-__device__ __forceinline__ int64_t corner_offset(const Bilinear& b, int k, int n, int H, int W, int C) {
-  int yy = b.y0 + (k >> 1), xx = b.x0 + (k & 1);
-  return ((int64_t(n) * H + yy) * W + xx) * C;
-}
-
 // Sampling coordinates (pixels, unpadded image) of point q for output pixel (ho, wo).
 __device__ __forceinline__ void sample_xy(const DcnParams& p, const float* row, int q, int ho, int wo, float& x,
                                           float& y) {
@@ -156,45 +151,143 @@ __device__ __forceinline__ void record_reach(const DcnParams& p, int n, int ho, 
   atomicMax(image_reach, reach);
 }
 
-// grid (ceil(M/64), ceil(G/2)), kThreads threads.
+// ---------------------------------------------------------------------------------------------------------
+// The value window: the part of `value` an 8x8 tile samples, for the CTA's 2 groups, staged once into shared
+// memory so that the 4 corners x P points of every pair are read there instead of gathered from L2 (each a
+// 32-byte sector per 16-byte lane vector). The window is the tile's sampling bases dilated by the tile's reach,
+// clipped to the image, and shrunk to fit kWindowBytes; a corner outside it is read from global memory.
+
+constexpr int kWindowBytes = 32 * 1024;
+
+template <class T, int CG>
+struct ValueWindow {
+  static constexpr int kVecs = kGroupsPerCta * CG / Vec<T>::kN;  // 16-byte vectors per window pixel
+  static constexpr int kPixels = kWindowBytes / (kVecs * 16);
+  uint4 data[kPixels * kVecs];
+  int x0, y0, w, h;  // the staged box of value pixels (w = 0: none)
+};
+
+// All threads: stage the window around output tile [tx0, tx1] x [ty0, ty1] of image n sampled within `reach`
+// pixels of its bases (ends with a barrier). Every thread computes the same box.
+template <class T, int CG>
+__device__ void stage_window(const DcnParams& p, ValueWindow<T, CG>& win, int n, int g0, int tx0, int tx1,
+                             int ty0, int ty1, int reach) {
+  using Win = ValueWindow<T, CG>;
+  const int bx0 = base_x(p, tx0), bx1 = base_x(p, tx1), by0 = base_y(p, ty0), by1 = base_y(p, ty1);
+  int x0 = 0, x1 = -1, y0 = 0, y1 = -1;
+  for (int r = min(reach, 64); r >= 0; --r) {
+    x0 = max(0, bx0 - r), x1 = min(p.W - 1, bx1 + r), y0 = max(0, by0 - r), y1 = min(p.H - 1, by1 + r);
+    if (x1 < x0 || y1 < y0 || (x1 - x0 + 1) * (y1 - y0 + 1) <= Win::kPixels) break;
+  }
+  const int w = x1 >= x0 && y1 >= y0 && (x1 - x0 + 1) * (y1 - y0 + 1) <= Win::kPixels ? x1 - x0 + 1 : 0;
+  const int h = w > 0 ? y1 - y0 + 1 : 0;
+  const T* value = static_cast<const T*>(p.value);
+  for (int i = threadIdx.x; i < w * h * Win::kVecs; i += kThreads) {
+    const int px = i / Win::kVecs, c = g0 * CG + (i % Win::kVecs) * Vec<T>::kN;
+    if (c >= p.C) continue;  // the second group of an odd G: never read
+    const int64_t at = ((int64_t(n) * p.H + y0 + px / w) * p.W + x0 + px % w) * p.C + c;
+    win.data[i] = *reinterpret_cast<const uint4*>(value + at);
+  }
+  if (threadIdx.x == 0) win.x0 = x0, win.y0 = y0, win.w = w, win.h = h;
+  __syncthreads();
+}
+
+// The 16-byte channel vector (group gl of the CTA's 2, lane's vector) of value pixel (x, y): from the window when
+// it holds the pixel, else from global memory.
+template <class T, int CG>
+__device__ __forceinline__ const T* corner_ptr(const DcnParams& p, const ValueWindow<T, CG>* win, int n, int x, int y,
+                                              int ch, int win_ch) {
+  if (win != nullptr && x >= win->x0 && x < win->x0 + win->w && y >= win->y0 && y < win->y0 + win->h)
+    return reinterpret_cast<const T*>(win->data + ((y - win->y0) * win->w + x - win->x0) * ValueWindow<T, CG>::kVecs) +
+           win_ch;
+  return static_cast<const T*>(p.value) + ((int64_t(n) * p.H + y) * p.W + x) * p.C + ch;
+}
+
+// An 8x8 tile of output pixels of image n, from a flat tile index (row-major tiles of the output grid): its box
+// and its 64 rows (pixel indices, -1 outside the image) in `rows` (threads < 64 write; the caller syncs).
+__device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, int& n, int& tx0, int& tx1, int& ty0,
+                                          int& ty1, int* rows) {
+  const int tiles_w = ceil_div(p.Wo, kTile), tiles = tiles_w * ceil_div(p.Ho, kTile);
+  n = tile_index / tiles;
+  const int t = tile_index % tiles;
+  tx0 = (t % tiles_w) * kTile, ty0 = (t / tiles_w) * kTile;
+  tx1 = min(p.Wo, tx0 + kTile) - 1, ty1 = min(p.Ho, ty0 + kTile) - 1;
+  if (threadIdx.x < kTileM) {
+    const int x = tx0 + threadIdx.x % kTile, y = ty0 + threadIdx.x / kTile;
+    rows[threadIdx.x] = x <= tx1 && y <= ty1 ? (n * p.Ho + y) * p.Wo + x : -1;
+  }
+}
+
+template <class T, int CG>
+struct DcnFwdSmem {
+  DcnSmem<T> dcn;
+  ValueWindow<T, CG> window;
+  int rows[kTileM];
+  int reach;
+};
+
+// One CTA per 8x8 tile of output pixels x 2 groups: logits, then the tile's reach (recorded for the backward and
+// sizing the value window), the window, and the aggregation.
+// grid (N * ceil(Ho/8) * ceil(Wo/8), ceil(G/2)), kThreads threads, sizeof(DcnFwdSmem<T, CG>) dynamic smem.
 template <class T, int CG>
 __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;  // lanes per (pixel, group) pair
   static_assert(CG % kVec == 0, "channels per group must be a multiple of the 16-byte vector");
   static_assert(32 % kLanes == 0, "the lanes of a pair must sit in one warp");
-  static_assert((kTileM * kGroupsPerCta * kLanes) % kThreads == 0, "every thread runs the same trip count");
-  __shared__ DcnSmem<T> sm;
+  static_assert(kTileM * kGroupsPerCta == kThreads, "one thread per (pixel, group) pair finds its reach");
+  DcnFwdSmem<T, CG>& sm = dynamic_smem<DcnFwdSmem<T, CG>>();
 
   const int M = p.N * p.Ho * p.Wo;
-  const int m0 = blockIdx.x * kTileM, g0 = blockIdx.y * kGroupsPerCta;
-  compute_logits<T>(p, sm, m0, g0, M);
+  const int g0 = blockIdx.y * kGroupsPerCta;
+  int n, tx0, tx1, ty0, ty1;
+  tile_rows(p, blockIdx.x, n, tx0, tx1, ty0, ty1, sm.rows);
+  if (threadIdx.x == 0) sm.reach = 0;
+  __syncthreads();
+  compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
 
-  const T* value = static_cast<const T*>(p.value);
+  {  // The tile's reach: the largest over its pairs (one thread each).
+    const int pix = threadIdx.x / kGroupsPerCta, gl = threadIdx.x % kGroupsPerCta;
+    const int m = sm.rows[pix];
+    if (m >= 0 && g0 + gl < p.G) {
+      const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+      const float* row = logit_row(sm.dcn.logits, pix, gl);
+      int reach = 0;
+      for (int q = 0; q < p.P; ++q) {
+        float x, y;
+        sample_xy(p, row, q, ho, wo, x, y);
+        reach = corner_reach(bilinear_at(x, y, p.H, p.W), base_x(p, wo), base_y(p, ho), reach);
+      }
+      atomicMax(&sm.reach, reach);
+    }
+  }
+  __syncthreads();
+  const int tile_reach = sm.reach;
+  if (threadIdx.x == 0) record_reach(p, n, ty0, tx0, tile_reach);
+  stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, tile_reach);
+
   for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
     const int pair = item / kLanes, lane = item % kLanes;
     const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
-    const int m = m0 + pix, g = g0 + gl;
-    if (m >= M || g >= p.G) continue;  // no collective operations below: early exit is safe here
-    const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho, n = m / (p.Wo * p.Ho);
-    const int ch = g * CG + lane * kVec;
-    const float* row = logit_row(sm.logits, pix, gl);
+    const int m = sm.rows[pix], g = g0 + gl;
+    if (m < 0 || g >= p.G) continue;  // no collective operations below: early exit is safe here
+    const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+    const int ch = g * CG + lane * kVec, win_ch = gl * CG + lane * kVec;
+    const float* row = logit_row(sm.dcn.logits, pix, gl);
 
     float acc[kVec];
 #pragma unroll
     for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
-    int reach = 0;
     for (int q = 0; q < p.P; ++q) {
       float x, y;
       sample_xy(p, row, q, ho, wo, x, y);
       const float mk = row[2 * p.P + q];
       Bilinear b = bilinear_at(x, y, p.H, p.W);
-      reach = corner_reach(b, base_x(p, wo), base_y(p, ho), reach);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if (!b.in[k]) continue;
         float vals[kVec];
-        load_vec<T>(value + corner_offset(b, k, n, p.H, p.W, p.C) + ch, vals);
+        load_vec<T>(corner_ptr<T, CG>(p, &sm.window, n, b.x0 + (k & 1), b.y0 + (k >> 1), ch, win_ch), vals);
         const float wk = mk * b.w[k];
 #pragma unroll
         for (int v = 0; v < kVec; ++v) acc[v] = fmaf(wk, vals[v], acc[v]);
@@ -203,12 +296,11 @@ __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
     if (p.has_cfs) {
       const float s = row[3 * p.P];
       float vc[kVec];
-      load_vec<T>(value + ((int64_t(n) * p.H + ho) * p.W + wo) * p.C + ch, vc);
+      load_vec<T>(corner_ptr<T, CG>(p, &sm.window, n, wo, ho, ch, win_ch), vc);
 #pragma unroll
       for (int v = 0; v < kVec; ++v) acc[v] = acc[v] * (1.f - s) + vc[v] * s;
     }
     store_vec<T>(static_cast<T*>(p.y) + int64_t(m) * p.C + ch, acc);
-    if (lane == 0) record_reach(p, n, ho, wo, reach);
   }
 }
 
@@ -236,14 +328,13 @@ struct ScatterBox {
 // Whole warps must call it (shuffles): an invalid pair runs with zeros and writes nothing.
 template <class T, int CG>
 __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* row, int m, int g, int gl, int lane,
-                                              bool valid, const ScatterBox* box) {
+                                              bool valid, const ScatterBox* box, const ValueWindow<T, CG>* win) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;
   const int mm = valid ? m : 0, gg = valid ? g : 0;
   const int wo = mm % p.Wo, ho = (mm / p.Wo) % p.Ho, n = mm / (p.Wo * p.Ho);
   const int ch = gg * CG + lane * kVec;
   const int n_cols = p.G * kGroupCols;
-  const T* value = static_cast<const T*>(p.value);
   const float s = p.has_cfs ? row[3 * p.P] : 0.f;
 
   float gy[kVec], gyc[kVec], ycore[kVec];
@@ -273,7 +364,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (valid && b.in[k]) {
-        load_vec<T>(value + corner_offset(b, k, n, p.H, p.W, p.C) + ch, corner[k]);
+        load_vec<T>(corner_ptr<T, CG>(p, win, n, b.x0 + (k & 1), b.y0 + (k >> 1), ch, acc_ch), corner[k]);
       } else {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) corner[k][v] = 0.f;
@@ -309,9 +400,8 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
   float g_s = 0.f;
   if (p.has_cfs) {
     float vc[kVec];
-    const int64_t center = ((int64_t(n) * p.H + ho) * p.W + wo) * p.C + ch;
     if (valid) {
-      load_vec<T>(value + center, vc);
+      load_vec<T>(corner_ptr<T, CG>(p, win, n, wo, ho, ch, acc_ch), vc);
     } else {
 #pragma unroll
       for (int v = 0; v < kVec; ++v) vc[v] = 0.f;
@@ -378,7 +468,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
     const int pair = item / kLanes, lane = item % kLanes;
     const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
     const int m = m0 + pix, g = g0 + gl;
-    pair_backward<T, CG>(p, logit_row(sm.logits, pix, gl), m, g, gl, lane, m < M && g < p.G, nullptr);
+    pair_backward<T, CG>(p, logit_row(sm.logits, pix, gl), m, g, gl, lane, m < M && g < p.G, nullptr, nullptr);
   }
 }
 
@@ -394,6 +484,7 @@ constexpr int kMaxRects = 32;  // rectangles per batch; more are taken in furthe
 template <class T, int CG>
 struct DcnValueSmem {
   DcnSmem<T> dcn;
+  ValueWindow<T, CG> window;                                   // for the own tile's value reads
   unsigned long long acc[kTile * kTile * kGroupsPerCta * CG];  // (target pixel, channel of the 2 groups)
   float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
   int rows[kTileM];                                            // the chunk's source pixels (-1: none)
@@ -463,13 +554,16 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
       sm.rows[threadIdx.x] = x <= tx1 && y <= ty1 ? (n * p.Ho + y) * p.Wo + x : -1;
     }
     __syncthreads();  // rows, and the accumulator's zeros and scales
+    const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
+    stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
     compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
     const ScatterBox box{sm.acc, sm.scale, kChans, tx0, tx1, ty0, ty1};
     for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
       const int pair = item / kLanes, lane = item % kLanes;
       const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
       const int m = sm.rows[pix], g = g0 + gl;
-      pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), m, g, gl, lane, m >= 0 && g < p.G, &box);
+      pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), m, g, gl, lane, m >= 0 && g < p.G, &box,
+                           &sm.window);
     }
     __syncthreads();  // the source chunks overwrite rows and logits
   }
@@ -553,9 +647,9 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
 
 template <class T, int CG>
 void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
-  const int M = p.N * p.Ho * p.Wo;
-  dim3 grid((M + kTileM - 1) / kTileM, (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
-  launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG>, grid, dim3(kThreads), stream, p);
+  dim3 grid(p.N * ((p.Ho + kTile - 1) / kTile) * ((p.Wo + kTile - 1) / kTile),
+            (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
+  launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG>, grid, dim3(kThreads), sizeof(DcnFwdSmem<T, CG>), stream, p);
 }
 
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the

@@ -28,6 +28,23 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   const T* a = static_cast<const T*>(p.a);
   tile_gemm<T>(sm, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N, k_begin,
                k_end);
+  if (p.tile_counters != nullptr && gridDim.z == 1) {
+    // One split: the tile is final (no partials), and so are the row sums of A (first column of tiles).
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = n0 + c;
+      if (m >= p.M || n >= p.N) continue;
+      float v = acc[r * (kTileN + kAccPad) + c];
+      if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
+      static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
+    }
+    if (p.row_sum_out != nullptr && blockIdx.y == 0 && threadIdx.x < kTileM && m0 + int(threadIdx.x) < p.M) {
+      const int m = m0 + threadIdx.x;
+      float sum = 0.f;
+      for (int k = k_begin; k < k_end; ++k) sum += to_float(a[m * p.a_m + int64_t(k) * p.a_k]);
+      static_cast<T*>(p.row_sum_out)[m] = from_float<T>(sum);
+    }
+    return;
+  }
   if (p.tile_counters != nullptr) {
     // Split-K: this split's partial, and the row sums of A over its K range (first column of tiles only).
     for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {

@@ -575,7 +575,11 @@ unsigned atomic_add_u32(unsigned* addr, unsigned v) {
 }
 
 int atomic_max_i32(int* addr, int v) {
-  if (g_counting && g_cur && g_in_kernel) {
+  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
+    g_cur->shared_atomics += 1;
+    g_cur->shared_load_bytes += 4;
+    g_cur->shared_store_bytes += 4;
+  } else if (g_counting && g_cur && g_in_kernel) {
     g_cur->atomics += 1;
     record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   }
