@@ -199,8 +199,7 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   DT dt = dtype_of(value);
   DcnParams p = make_params(value, ho, wo, geom, offset_scale, apply_softmax, has_cfs);
   bind_logit_source(p, value, x1, wpack, bpack, logits);
-  check_tensor(grad_y, "grad_y", value, /*same_dtype=*/false);
-  TORCH_CHECK(grad_y.scalar_type() == at::kFloat, "dcnv3 CUDA: grad_y must be float32");
+  check_tensor(grad_y, "grad_y", value);
   TORCH_CHECK(grad_y.numel() == int64_t(p.N) * ho * wo * p.C, "dcnv3 CUDA: grad_y must be (N, Ho, Wo, C)");
   auto f32 = value.options().dtype(at::kFloat);
   at::Tensor absmax;  // per (image, channel): the fixed-point scales
@@ -219,11 +218,11 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
   if (!grad_y_absmax.has_value()) {
-    dcnv3::absmax_rows_f32(grad_y.data_ptr<float>(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
-                           stream());
+    DCNV3_DISPATCH(dt, absmax_rows, grad_y.data_ptr(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
+                   stream());
     check_launch();
   }
-  p.grad_y = grad_y.data_ptr<float>();
+  p.grad_y = grad_y.data_ptr();
   p.grad_y_absmax = absmax.data_ptr<float>();
   p.grad_logits = grad_logits.data_ptr();
   p.grad_value = grad_value.data_ptr();
@@ -261,22 +260,21 @@ at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optio
   return out;
 }
 
-// grad_a (M, K) = grad (M, N) . w (N, K); fp32 output when out_f32 (feeds the sampling backward). With
-// absmax_rows > 0 (fp32 output only) the epilogue also takes max |grad_a| per group of absmax_rows rows and column
-// (an image's pixels: the fixed-point scales of sample_bwd), returned as a second tensor (M / absmax_rows, K).
-std::vector<at::Tensor> linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, bool out_f32,
-                                         int64_t absmax_rows) {
+// grad_a (M, K) = grad (M, N) . w (N, K). With absmax_rows > 0 the epilogue also takes max |grad_a| (as stored)
+// per group of absmax_rows rows and column (an image's pixels: the fixed-point scales of sample_bwd), returned as a
+// second tensor (M / absmax_rows, K).
+std::vector<at::Tensor> linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, int64_t absmax_rows) {
   check_tensor(grad, "grad", grad);
   check_tensor(w, "weight", grad);
   const DeviceGuard guard(grad.device());
   DT dt = dtype_of(grad);
   TORCH_CHECK(w.dim() == 2 && grad.size(-1) == w.size(0), "dcnv3 CUDA: weight must be (N, K) with N = grad's last dim");
   const int64_t N = w.size(0), K = w.size(1), M = grad.numel() / std::max<int64_t>(N, 1);
-  TORCH_CHECK(absmax_rows == 0 || (out_f32 && absmax_rows > 0 && M % absmax_rows == 0),
-              "dcnv3 CUDA: absmax_rows must divide the rows of an fp32 output");
+  TORCH_CHECK(absmax_rows == 0 || (absmax_rows > 0 && M % absmax_rows == 0),
+              "dcnv3 CUDA: absmax_rows must divide the output's rows");
   auto sizes = grad.sizes().vec();
   sizes.back() = K;
-  at::Tensor out = new_output(sizes, out_f32 ? grad.options().dtype(at::kFloat) : grad.options());
+  at::Tensor out = new_output(sizes, grad.options());
   at::Tensor absmax = at::zeros({absmax_rows > 0 ? M / absmax_rows : 0, K}, grad.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, absmax};
   GemmParams p{};
@@ -285,12 +283,7 @@ std::vector<at::Tensor> linear_bwd_input(const at::Tensor& grad, const at::Tenso
   p.b = w.data_ptr(); p.b_n = 1; p.b_k = K;
   p.M = static_cast<int>(M); p.N = static_cast<int>(K); p.K = static_cast<int>(N);
   p.k_per_split = static_cast<int>(N);
-  if (out_f32) {
-    p.out_f32 = out.data_ptr<float>();
-    p.out_split_stride = 0;
-  } else {
-    p.out = out.data_ptr();
-  }
+  p.out = out.data_ptr();
   if (absmax_rows > 0) {
     p.absmax = absmax.data_ptr<float>();
     p.rows_per_group = static_cast<int>(absmax_rows);

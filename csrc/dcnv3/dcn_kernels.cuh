@@ -339,7 +339,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
 
   float gy[kVec], gyc[kVec], ycore[kVec];
   if (valid) {
-    load_f32<kVec>(p.grad_y + int64_t(mm) * p.C + ch, gy);
+    load_vec<T>(static_cast<const T*>(p.grad_y) + int64_t(mm) * p.C + ch, gy);
   } else {
 #pragma unroll
     for (int v = 0; v < kVec; ++v) gy[v] = 0.f;
@@ -601,7 +601,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
         float gy[kVec], gyc[kVec], scale[kVec];
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          gy[v] = p.grad_y[int64_t(m) * p.C + ch + kLanes * v];
+          gy[v] = to_float(static_cast<const T*>(p.grad_y)[int64_t(m) * p.C + ch + kLanes * v]);
           gyc[v] = gy[v] * (1.f - s);
           scale[v] = sm.scale[gl * CG + lane + kLanes * v];
         }

@@ -90,9 +90,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
       p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = v;
     } else {
       if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
-      static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
+      const T out = from_float<T>(v);
+      static_cast<T*>(p.out)[int64_t(m) * p.N + n] = out;
+      if (p.absmax != nullptr) acc[r * (kTileN + kAccPad) + c] = to_float(out);  // the max of what was stored
     }
   }
+  __syncthreads();
   if (p.absmax != nullptr && threadIdx.x < kTileN && n0 + int(threadIdx.x) < p.N) {
     // One column per thread, down the tile's rows: one atomicMax per (row group, column) the tile touches.
     const int c = threadIdx.x, n = n0 + c;
@@ -108,20 +111,20 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   }
 }
 
-// absmax (N, C) fp32 = max |x[n, r, c]| over the rows r of x (N, R, C) fp32 (absmax must start at 0): the
+// absmax (N, C) fp32 = max |x[n, r, c]| over the rows r of x (N, R, C) T (absmax must start at 0): the
 // per-(image, channel) scale of the fixed-point grad_value. +inf where x holds a non-finite value, so the
 // finalisation can hand NaN on (loss-scaling overflow checks must still see it). Max is order-independent:
 // atomicMax on the bit pattern of non-negative floats is exact and deterministic.
 // grid (ceil(C/256), row splits, N); a template so that every TU including this header shares one definition.
-template <int kBlock>
-__global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const float* x, int R, int C, int rows_per_split,
+template <class T, int kBlock>
+__global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const T* x, int R, int C, int rows_per_split,
                                                              float* absmax) {
   const int c = blockIdx.x * kBlock + threadIdx.x;
   if (c >= C) return;
   const int n = blockIdx.z, r0 = blockIdx.y * rows_per_split, r1 = min(R, r0 + rows_per_split);
-  const float* col = x + int64_t(n) * R * C + c;
+  const T* col = x + int64_t(n) * R * C + c;
   float m = 0.f;
-  for (int r = r0; r < r1; ++r) m = fmaxf(m, abs_or_inf(col[int64_t(r) * C]));
+  for (int r = r0; r < r1; ++r) m = fmaxf(m, abs_or_inf(to_float(col[int64_t(r) * C])));
   atomicMax(reinterpret_cast<int*>(absmax + int64_t(n) * C + c), __float_as_int(m));
 }
 
@@ -132,13 +135,14 @@ void launch_gemm(const GemmParams& p, int splits, cudaStream_t stream) {
 }
 
 // absmax (N, C) of x (N, R, C); about 4 row splits per SM-sized wave keep it bandwidth-bound for small N*C.
-inline void launch_absmax_rows(const float* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
+template <class T>
+void launch_absmax_rows(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
   constexpr int kBlock = 256;
   const int col_blocks = (C + kBlock - 1) / kBlock;
   const int splits = std::max(1, std::min((R + 63) / 64, 1024 / std::max(1, N * col_blocks)));
   const int rows = (R + splits - 1) / splits;
-  launch_kernel("absmax_rows", absmax_rows_kernel<kBlock>, dim3(col_blocks, (R + rows - 1) / rows, N), dim3(kBlock),
-                stream, x, R, C, rows, absmax);
+  launch_kernel("absmax_rows", absmax_rows_kernel<T, kBlock>, dim3(col_blocks, (R + rows - 1) / rows, N),
+                dim3(kBlock), stream, static_cast<const T*>(x), R, C, rows, absmax);
 }
 
 }  // namespace dcnv3

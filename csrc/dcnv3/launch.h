@@ -12,15 +12,14 @@ namespace dcnv3 {
 #define DCNV3_DECLARE_LAUNCHERS(SUFFIX)                                                                         \
   void dcn_fwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
   void dcn_bwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
-  void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);
+  void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
+  /* absmax (N, C) = max over rows of |x| for x (N, R, C); absmax must be zero-filled first. */                 \
+  void absmax_rows_##SUFFIX(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream);
 
 DCNV3_DECLARE_LAUNCHERS(f32)
 DCNV3_DECLARE_LAUNCHERS(f16)
 DCNV3_DECLARE_LAUNCHERS(bf16)
 #undef DCNV3_DECLARE_LAUNCHERS
-
-// absmax (N, C) = max over rows of |x| for x (N, R, C) fp32; absmax must be zero-filled first.
-void absmax_rows_f32(const float* x, int N, int R, int C, float* absmax, cudaStream_t stream);
 
 // Channels per group with compiled kernels (every dtype).
 inline bool supported_channels_per_group(int cg) { return cg == 16 || cg == 32; }

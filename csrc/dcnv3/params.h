@@ -33,7 +33,7 @@ struct DcnParams {
   void* y;
 
   // Backward inputs/outputs.
-  const float* grad_y;           // (N*Ho*Wo, C) fp32: gradient w.r.t. y
+  const void* grad_y;            // (N*Ho*Wo, C) T: gradient w.r.t. y
   const float* grad_y_absmax;    // (N, C): max |grad_y[n, :, :, c]|, the fixed-point scale of grad value
   void* grad_logits;             // (N*Ho*Wo, G*32) T: gradient w.r.t. packed logits (pre-softmax)
   void* grad_value;              // (N, H, W, C) T

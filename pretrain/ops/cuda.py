@@ -330,14 +330,14 @@ def fused_bwd(
 def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate):
     ext = _kernels(value)
     h, w = value.shape[1], value.shape[2]
-    # grad_y in fp32 feeds the sampling backward; its epilogue also takes max |grad_y| per image and channel
-    # (the fixed-point scales of grad value).
-    grad_y, absmax = ext.linear_bwd_input(grad_out, wout, True, h * w)
+    # grad_y (in the activations' dtype, as PyTorch's own backward gives it) feeds the sampling backward; the
+    # GEMM's epilogue also takes max |grad_y| per image and channel (the fixed-point scales of grad value).
+    grad_y, absmax = ext.linear_bwd_input(grad_out, wout, h * w)
     grad_wout, grad_bout = ext.linear_bwd_weight(grad_out, y)
     grad_value, grad_logits = ext.sample_bwd(
         grad_y, value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs, reach, absmax
     )
-    grad_x1, _ = ext.linear_bwd_input(grad_logits, wpack, False, 0)
+    grad_x1, _ = ext.linear_bwd_input(grad_logits, wpack, 0)
     grad_wpack, grad_bpack = ext.linear_bwd_weight(grad_logits, x1)
     return grad_value, grad_x1, grad_wpack, grad_bpack, grad_wout, grad_bout
 
@@ -429,7 +429,7 @@ def core_bwd(
     offset_scale: float,
     emulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (grad_value, grad_logits); grad_y is float32, reach core_fwd's."""
+    """-> (grad_value, grad_logits); grad_y in value's dtype, reach core_fwd's."""
     if emulate:
         return _core_bwd_cuda(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate)
     g = _geom_from_list(geom, offset_scale)
@@ -461,8 +461,7 @@ def _core_backward(ctx, grad_y, _grad_reach):
     value, logits, reach = ctx.saved_tensors
     if grad_y is None:
         return (None,) * 7
-    # The kernel takes grad_y in fp32 (float64 stays float64 on the CPU path).
-    grad_y = grad_y.contiguous() if grad_y.dtype == torch.float64 else grad_y.float().contiguous()
+    grad_y = grad_y.to(value.dtype).contiguous()  # the kernels take grad_y in the activations' dtype
     gv, gl = core_bwd(grad_y, value, logits, reach, *ctx.args)
     return gv, gl, None, None, None, None, None
 

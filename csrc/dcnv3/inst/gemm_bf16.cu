@@ -8,4 +8,8 @@ namespace dcnv3 {
 
 void gemm_bf16(const GemmParams& p, int splits, cudaStream_t stream) { launch_gemm<cutlass::bfloat16_t>(p, splits, stream); }
 
+void absmax_rows_bf16(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
+  launch_absmax_rows<cutlass::bfloat16_t>(x, N, R, C, absmax, stream);
+}
+
 }  // namespace dcnv3

@@ -8,4 +8,8 @@ namespace dcnv3 {
 
 void gemm_f16(const GemmParams& p, int splits, cudaStream_t stream) { launch_gemm<cutlass::half_t>(p, splits, stream); }
 
+void absmax_rows_f16(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
+  launch_absmax_rows<cutlass::half_t>(x, N, R, C, absmax, stream);
+}
+
 }  // namespace dcnv3

@@ -8,8 +8,8 @@ namespace dcnv3 {
 
 void gemm_f32(const GemmParams& p, int splits, cudaStream_t stream) { launch_gemm<float>(p, splits, stream); }
 
-void absmax_rows_f32(const float* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
-  launch_absmax_rows(x, N, R, C, absmax, stream);
+void absmax_rows_f32(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream) {
+  launch_absmax_rows<float>(x, N, R, C, absmax, stream);
 }
 
 }  // namespace dcnv3
