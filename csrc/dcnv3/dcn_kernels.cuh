@@ -324,11 +324,13 @@ struct ScatterBox {
 
 // Backward of one (pixel, group) pair, served by kLanes consecutive lanes, each owning one 16-byte channel
 // vector: recompute the samples, reduce the per-point dot products across the lanes (fixed shuffle tree), apply
-// the softmax/sigmoid backward and write the pair's 32 grad logits; with `box`, also add its grad value terms.
-// Whole warps must call it (shuffles): an invalid pair runs with zeros and writes nothing.
+// the softmax/sigmoid backward and write the pair's 32 grad logits (to global memory, or to `gl_row` in shared
+// memory for a coalesced store later); with `box`, also add its grad value terms. Whole warps must call it
+// (shuffles): an invalid pair runs with zeros and writes nothing.
 template <class T, int CG>
 __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* row, int m, int g, int gl, int lane,
-                                              bool valid, const ScatterBox* box, const ValueWindow<T, CG>* win) {
+                                              bool valid, const ScatterBox* box, const ValueWindow<T, CG>* win,
+                                              T* gl_row = nullptr) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;
   const int mm = valid ? m : 0, gg = valid ? g : 0;
@@ -426,7 +428,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
       if (q < p.P) dot = fmaf(row[2 * p.P + q], g_mask[q], dot);
   }
   if (valid) {
-    T* out = static_cast<T*>(p.grad_logits) + int64_t(mm) * n_cols + gg * kGroupCols;
+    T* out = gl_row != nullptr ? gl_row : static_cast<T*>(p.grad_logits) + int64_t(mm) * n_cols + gg * kGroupCols;
     // The pair's lanes share the 32 columns; all values are lane-uniform after the reductions.
 #pragma unroll
     for (int j0 = 0; j0 < kGroupCols; j0 += kLanes) {
@@ -485,6 +487,7 @@ template <class T, int CG>
 struct DcnValueSmem {
   DcnSmem<T> dcn;
   ValueWindow<T, CG> window;                                   // for the own tile's value reads
+  T grad_logits[kTileM * kGroupsPerCta * kGroupCols];          // the own tile's, stored coalesced at the end
   unsigned long long acc[kTile * kTile * kGroupsPerCta * CG];  // (target pixel, channel of the 2 groups)
   float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
   int rows[kTileM];                                            // the chunk's source pixels (-1: none)
@@ -563,9 +566,17 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
       const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
       const int m = sm.rows[pix], g = g0 + gl;
       pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), m, g, gl, lane, m >= 0 && g < p.G, &box,
-                           &sm.window);
+                           &sm.window, sm.grad_logits + pair * kGroupCols);
     }
-    __syncthreads();  // the source chunks overwrite rows and logits
+    __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
+    constexpr int kRowVecs = kGroupsPerCta * kGroupCols / Vec<T>::kN;  // 16-byte vectors per pixel
+    const int n_cols = p.G * kGroupCols, cols = min(kGroupsPerCta, p.G - g0) * kGroupCols;
+    for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
+      const int pix = i / kRowVecs, col = (i % kRowVecs) * Vec<T>::kN, m = sm.rows[pix];
+      if (m < 0 || col >= cols) continue;
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + g0 * kGroupCols + col) =
+          *reinterpret_cast<const uint4*>(sm.grad_logits + pix * kGroupsPerCta * kGroupCols + col);
+    }
   }
   for (;;) {
     if (threadIdx.x == 0)
