@@ -1,24 +1,24 @@
 // The DCNv3 sampling kernels, forward and backward, each fused with the offset/mask(/cfs) projection.
 //
-// dcn_fwd and dcn_bwd: one CTA owns a tile of kTileM = 64 output pixels x kGroupsPerCta = 2 groups. It
-//   1. computes that tile's packed logits (64 pixels, 2 groups x 32 columns) = x1 tile . wpack^T + bpack with
-//      the tensor-core tile GEMM (K = C), into shared memory: offsets and masks never touch HBM;
-//   2. normalises them in place (softmax over the P mask logits of each pixel/group, sigmoid of the cfs logit);
-//   3. aggregates: each (pixel, group) pair is served by Cg / Vec lanes, each lane owning one 16-byte channel
-//      vector, bilinearly sampling the 4 corners of each of the P points from `value` (channels-last, so a
-//      corner is one contiguous 16-byte load per lane) with fp32 accumulation;
-//   4. forward: blends with the center feature and writes y (the output projection runs as a separate GEMM:
-//      with C up to 2560 a full output row does not fit on chip, and y is needed again for grad W_out).
-//      backward: recomputes steps 1-2 (like flash-attention, cheaper than storing G*3P logits per pixel),
-//      reduces the per-point dot products across the lanes of a pair with shuffles (fixed order), applies
-//      the softmax/sigmoid backward, writes grad logits (T) for the two weight/input GEMMs, and records how far
-//      each 8x8 tile of output pixels scatters (its reach).
-// dcn_bwd_value: grad value, owner-computes. One CTA owns an 8x8 tile of value pixels x 2 groups and gathers
-//   every term that lands in it: from the reach of each output tile it knows which output pixels can sample
-//   the tile (a rectangle per nearby output tile), recomputes their logits in 64-row chunks (gathered rows),
-//   and adds their bilinear terms into a 64-bit fixed-point accumulator in shared memory (integer adds commute
-//   exactly: deterministic), then writes the tile once. No global atomics, no accumulator in HBM, no zeroing or
-//   finalising pass; the price is recomputing the logits of the tile's halo of source pixels.
+// A CTA owns an 8x8 tile of pixels x kGroupsPerCta = 2 groups (128 threads). Its sampling work:
+//   1. the packed logits of 64 pixels (2 groups x 32 columns) = x1 rows . wpack^T + bpack with the tensor-core
+//      tile GEMM (K = C; rows gathered), into shared memory: offsets and masks never touch HBM;
+//   2. normalised in place (softmax over the P mask logits of each pixel/group, sigmoid of the cfs logit);
+//   3. each (pixel, group) pair is served by Cg / Vec lanes, each lane owning one 16-byte channel vector,
+//      bilinearly sampling the 4 corners of each of the P points (channels-last: a corner is one 16-byte load
+//      per lane), with fp32 accumulation, from the value window: the part of `value` the tile can touch, staged
+//      in shared memory (global memory for a corner outside it).
+// dcn_fwd: records the tile's reach (how far its samples land from their pixels), stages the window, blends
+//   with the center feature and writes y (the output projection runs as a separate GEMM: with C up to 2560 a
+//   full output row does not fit on chip, and y is needed again for grad W_out).
+// dcn_bwd_value: the backward, owner-computes. The CTA owns an 8x8 tile of *value* pixels and gathers every
+//   grad value term that lands in it into a 64-bit fixed-point accumulator in shared memory (integer adds
+//   commute exactly: deterministic), then writes the tile once: no global atomics, no accumulator in HBM, no
+//   zeroing or finalising pass. With stride 1 and same padding it first takes its own output tile whole
+//   (recomputed logits, like flash-attention; grad logits through a fixed shuffle tree and the softmax/sigmoid
+//   backward), then, from the forward's reach, every other output pixel that can sample the tile (a rectangle
+//   per nearby output tile, logits recomputed in 64-row chunks). The price is recomputing the halo's logits.
+// dcn_bwd: grad logits alone, for geometries whose output grid is not the value grid (strided core op).
 #pragma once
 
 #include "params.h"

@@ -2,7 +2,7 @@
 
 No GPU needed: the real csrc kernels run in the emulation (pretrain.ops.emulation), which counts per launch the
 32-byte sectors each warp request touches (L2 traffic), the distinct sectors of the launch (the DRAM floor of a
-perfect cache), 64-bit atomics, shared-memory bytes and mma.sync instructions. Each InternImage stage shape at
+perfect cache), global and shared-memory atomics, shared-memory bytes and mma.sync instructions. Each InternImage stage shape at
 --image-size runs on a slice of its pixels (one image, a band of --rows rows at full width; the full map when it
 is smaller; several images for the small late-stage maps, about --rows x (image_size / 4) pixels in all), and
 every figure is given per output pixel of the slice, beside the essential bytes of the same slice: value and x1
@@ -60,6 +60,7 @@ def summarise(launches: list[dict], pixels: int) -> dict[str, float]:
         "dram_floor_bytes": 32
         * (total("unique_load_sectors") + total("unique_store_sectors") + total("unique_atomic_sectors")),
         "atomics": total("atomics"),
+        "shared_atomics": total("shared_atomics"),
         "shared_bytes": total("shared_load_bytes") + total("shared_store_bytes"),
         "mma": total("mma"),
     }
@@ -116,20 +117,22 @@ def markdown(rows, args, dtype) -> str:
         f"DCNv3 fused block, emulation counters per output pixel ({_dt.date.today().isoformat()}, "
         f"{str(dtype).replace('torch.', '')}, {args.image_size} px)\n\n"
         "| model | stage | slice (NxHxWxC) | G | pass | launches | essential B | L2 B (sectors) | x essential "
-        "| DRAM floor B | atomics | shared B | mma |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| DRAM floor B | atomics | shared B | mma | floor x essential | shared atomics |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for model, stage, shape, group, name, s, ess, _ in rows:
         lines.append(
             f"| {model} | {stage} | {shape} | {group} | {name} | {s['launches']} | {ess:.0f} | {s['l2_bytes']:.0f} "
             f"| {s['l2_bytes'] / ess:.1f} | {s['dram_floor_bytes']:.0f} | {s['atomics']:.0f} "
-            f"| {s['shared_bytes']:.0f} | {s['mma']:.2f} |"
+            f"| {s['shared_bytes']:.0f} | {s['mma']:.2f} | {s['dram_floor_bytes'] / ess:.2f} "
+            f"| {s['shared_atomics']:.0f} |"
         )
     lines.append("")
     lines.append(
         "L2 B: 32 x the distinct sectors of each warp-wide request, summed (what the memory system serves); DRAM "
-        "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache); essential: value "
+        "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache: a sector read after "
+        "the launch wrote it counts once); atomics: global ones (shared-memory atomics apart); essential: value "
         "and x1 read and out written once (+ grad_out, grad value, grad x1 and the weights' reads and gradients "
         "for fwd+bwd). Command: `pretrain bench dcn --emulate --models "
         f"{args.models} --stages {args.stages} --rows {args.rows}`."
