@@ -47,6 +47,23 @@ def test_fused_block_matches_float64(emu, case, dtype):
     check_block(cuda.dcnv3_fused_emu, case, dtype)
 
 
+def test_grad_value_gathers_sources_from_every_tile_of_the_image(emu):
+    """Offsets of up to about 30 pixels on a 48x44 map: every 8x8 value tile's sources come from all 36 output
+    tiles (more than one batch of source rectangles, kMaxRects = 32), and the value window is too small for the
+    reach (corners outside it come from global memory)."""
+    case = Case("cg16-reach-over-many-tiles", n=1, h=48, w=44, c=32, group=2, offset_scale=8.0)
+    value, x1, params, geom, _ = make_inputs(case)
+    value, x1, params = rounded(value, x1, params, torch.float32)
+    wpack, bpack = cuda.pack_projection(params, geom, torch.float32)
+    _, _, reach = cuda.fused_fwd(
+        value.detach(), x1.detach(), wpack.detach(), bpack.detach(), params.output_weight.detach(),
+        params.output_bias.detach(), cuda.geometry_list(geom), geom.offset_scale, False, True,
+    )  # fmt: skip
+    assert reach.shape == (1, 1 + 6 * 6) and reach[0, 0] >= 44 and (reach[0, 1:] >= 24).sum() >= 33
+    for dtype in (torch.float32, torch.bfloat16):
+        check_block(cuda.dcnv3_fused_emu, case, dtype)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_core_op_matches_float64(emu, dtype, stride):
