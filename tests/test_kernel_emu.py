@@ -368,19 +368,30 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
 
 
 def test_shared_memory_starts_poisoned_in_every_cta(emu):
-    """Each CTA starts with its __shared__ variables filled with 0xFF (NaN), like uninitialised shared memory:
-    the pad columns of the GEMM's staging tile, which no thread writes, still hold the poison after a launch (and
-    the suite's finite-output checks would see any read of an element before its write)."""
+    """Each CTA starts with its shared memory filled with 0xFF (NaN), like uninitialised shared memory (the suite's
+    finite-output checks then see any read of an element before its write). Dynamic shared memory: the pad columns
+    of a GEMM staging tile, which no thread writes, still hold the poison after the launch. Static __shared__ (the
+    strided backward's dcn_bwd): written during its launch, and poisoned again by the next launch's CTAs."""
     import ctypes
 
-    a, w = torch.randn(64, 32), torch.randn(64, 32)
-    emu.linear_fwd(a, w, None)
+    emu.linear_fwd(torch.randn(64, 32), torch.randn(64, 32), None)
+    dynamic = emu.emu_last_dynamic_smem()  # GemmSmem<float, 64, 64>: staging a, b; the result tile over them
+    last_b_row = dynamic[64 * 40 * 4 + 63 * 40 * 4 :][: 40 * 4]  # beyond the 64 x 68 result tile
+    assert last_b_row[32 * 4 :] == b"\xff" * 32 and last_b_row[: 32 * 4] != b"\xff" * 128
+
+    geom = DCNGeometry.make(3, 2, 1, 1, group=2)
+    value = torch.randn(1, 9, 11, 32, requires_grad=True)
+    offset, mask = torch.randn(1, 5, 6, 2 * 2 * 9), torch.softmax(torch.randn(1, 5, 6, 2, 9), -1).flatten(3)
+    y = cuda.dcnv3_core_emu(value, offset, mask, geom)
+    with emulation.count() as launches:
+        torch.autograd.grad(y, [value], torch.ones_like(y))
+    assert [launch["kernel"] for launch in launches][-2:] == ["dcn_bwd", "dcn_bwd_value"]
+    assert launches[-2]["shared_store_bytes"] >= 64 * 64 * 4  # dcn_bwd wrote its logits tile
     lib = ctypes.CDLL(str(emulation.built_library()))
-    tile = ctypes.c_uint8 * (64 * 40 * 4)  # TileGemmSmem<float>::a: 64 rows, pitch kTileK + kSmemPad = 40
-    smem = tile.in_dll(lib, "_ZZN5dcnv311gemm_kernelIfEEvNS_10GemmParamsEE2sm")
-    row0 = bytes(smem[: 40 * 4])
-    assert row0[32 * 4 :] == b"\xff" * 32  # the 8 pad floats of row 0: never written, still poisoned
-    assert row0[: 32 * 4] != b"\xff" * 128  # the staged K columns were written
+    static = (ctypes.c_uint8 * (2 * 64 * 40 * 4 + 64 * 68 * 4)).in_dll(  # DcnSmem<float>
+        lib, "_ZZN5dcnv314dcn_bwd_kernelIfLi16EEEvNS_9DcnParamsEE2sm"
+    )
+    assert bytes(static) == b"\xff" * len(static)
 
 
 _SANITIZED_RUN = """

@@ -306,7 +306,9 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   at::Tensor gb = new_output({N}, grad.options());
   if (M == 0) return {gw.zero_(), gb.zero_()};
   const int sms = sm_count(grad);
-  const int64_t tiles_m = (N + 63) / 64, tiles_n = (K + 63) / 64;
+  // Output tiles as launch_gemm picks them (128 wide where the matrix is wider than 64).
+  const int64_t tile_m = N > 64 ? 128 : 64, tile_n = K > 64 ? 128 : 64;
+  const int64_t tiles_m = (N + tile_m - 1) / tile_m, tiles_n = (K + tile_n - 1) / tile_n;
   // About two CTAs per SM, but at least 16 max(N, K) rows per split: the fp32 partials (splits x N x K) then stay
   // under 1/8 of the bytes the GEMM reads (M x (N + K)).
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + tiles_m * tiles_n - 1) / (tiles_m * tiles_n),
@@ -389,6 +391,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("emu_set_shared_statics", &emu::set_shared_statics,
         "(offset, size) of each __shared__ static: poisoned with 0xFF before every CTA");
   m.def("emu_stop_counting", &emu_stop_counting, "stop counting; -> one dict of counters per kernel launch");
+  m.def("emu_last_dynamic_smem", [] { return py::bytes(emu::last_dynamic_smem()); },
+        "the last launch's dynamic shared memory as its last CTA left it");
 #else
   m.attr("emulation") = false;
 #endif

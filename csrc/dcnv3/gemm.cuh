@@ -16,28 +16,36 @@ __device__ __forceinline__ float abs_or_inf(float x) {
   return a <= 3.402823466e38f ? a : INFINITY;
 }
 
-// grid (ceil(M/64), ceil(N/64), splits), kThreads threads.
-template <class T>
+// The staging tiles and the fp32 result tile share shared memory (the result is written after the last stage).
+template <class T, int BM, int BN>
+union GemmSmem {
+  TileGemmSmem<T, BM, BN> stage;
+  float acc[BM * (BN + kAccPad)];
+};
+
+// A BM x BN output tile per CTA (64 or 128 each, by the launcher: fewer re-reads of A and B from L2 than 64x64).
+// grid (ceil(M/BM), ceil(N/BN), splits), kThreads threads, sizeof(GemmSmem<T, BM, BN>) dynamic smem.
+template <class T, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
-  __shared__ TileGemmSmem<T> sm;
-  __shared__ float acc[kTileM * (kTileN + kAccPad)];
+  GemmSmem<T, BM, BN>& sm = dynamic_smem<GemmSmem<T, BM, BN>>();
+  float* acc = sm.acc;
   __shared__ bool last_split;
-  const int m0 = blockIdx.x * kTileM, n0 = blockIdx.y * kTileN;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const int k_begin = blockIdx.z * p.k_per_split;
   const int k_end = min(p.K, k_begin + p.k_per_split);
   const T* a = static_cast<const T*>(p.a);
-  tile_gemm<T>(sm, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N, k_begin,
+  tile_gemm<T, BM, BN>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N, k_begin,
                k_end);
   if (p.tile_counters != nullptr && gridDim.z == 1) {
     // One split: the tile is final (no partials), and so are the row sums of A (first column of tiles).
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = n0 + c;
+    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+      int r = idx / BN, c = idx % BN, m = m0 + r, n = n0 + c;
       if (m >= p.M || n >= p.N) continue;
-      float v = acc[r * (kTileN + kAccPad) + c];
+      float v = acc[r * (BN + kAccPad) + c];
       if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
       static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
     }
-    if (p.row_sum_out != nullptr && blockIdx.y == 0 && threadIdx.x < kTileM && m0 + int(threadIdx.x) < p.M) {
+    if (p.row_sum_out != nullptr && blockIdx.y == 0 && threadIdx.x < BM && m0 + int(threadIdx.x) < p.M) {
       const int m = m0 + threadIdx.x;
       float sum = 0.f;
       for (int k = k_begin; k < k_end; ++k) sum += to_float(a[m * p.a_m + int64_t(k) * p.a_k]);
@@ -47,11 +55,11 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   }
   if (p.tile_counters != nullptr) {
     // Split-K: this split's partial, and the row sums of A over its K range (first column of tiles only).
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = n0 + c;
-      if (m < p.M && n < p.N) p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = acc[r * (kTileN + kAccPad) + c];
+    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+      int r = idx / BN, c = idx % BN, m = m0 + r, n = n0 + c;
+      if (m < p.M && n < p.N) p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = acc[r * (BN + kAccPad) + c];
     }
-    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < kTileM && m0 + int(threadIdx.x) < p.M) {
+    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < BM && m0 + int(threadIdx.x) < p.M) {
       const int m = m0 + threadIdx.x;
       float sum = 0.f;
       for (int k = k_begin; k < k_end; ++k) sum += to_float(a[m * p.a_m + int64_t(k) * p.a_k]);
@@ -64,15 +72,15 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
     __syncthreads();
     if (!last_split) return;
     __threadfence();
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-      int r = idx / kTileN, c = idx % kTileN, m = m0 + r, n = n0 + c;
+    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+      int r = idx / BN, c = idx % BN, m = m0 + r, n = n0 + c;
       if (m >= p.M || n >= p.N) continue;
       float v = 0.f;
       for (unsigned z = 0; z < gridDim.z; ++z) v += p.out_f32[z * p.out_split_stride + int64_t(m) * p.N + n];
       if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
       static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
     }
-    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < kTileM && m0 + int(threadIdx.x) < p.M) {
+    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < BM && m0 + int(threadIdx.x) < p.M) {
       const int m = m0 + threadIdx.x;
       float v = 0.f;
       for (unsigned z = 0; z < gridDim.z; ++z) v += p.row_sum_partial[int64_t(z) * p.M + m];
@@ -81,29 +89,29 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
     return;
   }
   // Epilogue: rows of the tile, n fastest across threads (coalesced stores).
-  for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-    int r = idx / kTileN, c = idx % kTileN;
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    int r = idx / BN, c = idx % BN;
     int m = m0 + r, n = n0 + c;
     if (m >= p.M || n >= p.N) continue;
-    float v = acc[r * (kTileN + kAccPad) + c];
+    float v = acc[r * (BN + kAccPad) + c];
     if (p.out_f32 != nullptr) {
       p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = v;
     } else {
       if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
       const T out = from_float<T>(v);
       static_cast<T*>(p.out)[int64_t(m) * p.N + n] = out;
-      if (p.absmax != nullptr) acc[r * (kTileN + kAccPad) + c] = to_float(out);  // the max of what was stored
+      if (p.absmax != nullptr) acc[r * (BN + kAccPad) + c] = to_float(out);  // the max of what was stored
     }
   }
   __syncthreads();
-  if (p.absmax != nullptr && threadIdx.x < kTileN && n0 + int(threadIdx.x) < p.N) {
+  if (p.absmax != nullptr && threadIdx.x < BN && n0 + int(threadIdx.x) < p.N) {
     // One column per thread, down the tile's rows: one atomicMax per (row group, column) the tile touches.
     const int c = threadIdx.x, n = n0 + c;
     float mx = 0.f;
-    for (int r = 0; r < kTileM && m0 + r < p.M; ++r) {
-      mx = fmaxf(mx, abs_or_inf(acc[r * (kTileN + kAccPad) + c]));
+    for (int r = 0; r < BM && m0 + r < p.M; ++r) {
+      mx = fmaxf(mx, abs_or_inf(acc[r * (BN + kAccPad) + c]));
       const int group = (m0 + r) / p.rows_per_group;
-      if (r + 1 == kTileM || m0 + r + 1 == p.M || (m0 + r + 1) / p.rows_per_group != group) {
+      if (r + 1 == BM || m0 + r + 1 == p.M || (m0 + r + 1) / p.rows_per_group != group) {
         atomicMax(reinterpret_cast<int*>(p.absmax + int64_t(group) * p.N + n), __float_as_int(mx));
         mx = 0.f;
       }
@@ -128,10 +136,19 @@ __global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const T* x, int R, 
   atomicMax(reinterpret_cast<int*>(absmax + int64_t(n) * C + c), __float_as_int(m));
 }
 
+template <class T, int BM, int BN>
+void launch_gemm_tiles(const GemmParams& p, int splits, cudaStream_t stream) {
+  dim3 grid((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, splits);
+  launch_kernel("gemm", gemm_kernel<T, BM, BN>, grid, dim3(kThreads), sizeof(GemmSmem<T, BM, BN>), stream, p);
+}
+
+// 128-wide tiles where the matrix is wider than 64 (a 64-wide matrix would waste half of one).
 template <class T>
 void launch_gemm(const GemmParams& p, int splits, cudaStream_t stream) {
-  dim3 grid((p.M + kTileM - 1) / kTileM, (p.N + kTileN - 1) / kTileN, splits);
-  launch_kernel("gemm", gemm_kernel<T>, grid, dim3(kThreads), stream, p);
+  if (p.M > 64 && p.N > 64) launch_gemm_tiles<T, 128, 128>(p, splits, stream);
+  else if (p.M > 64) launch_gemm_tiles<T, 128, 64>(p, splits, stream);
+  else if (p.N > 64) launch_gemm_tiles<T, 64, 128>(p, splits, stream);
+  else launch_gemm_tiles<T, 64, 64>(p, splits, stream);
 }
 
 // absmax (N, C) of x (N, R, C); about 4 row splits per SM-sized wave keep it bandwidth-bound for small N*C.

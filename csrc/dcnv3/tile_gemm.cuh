@@ -83,10 +83,10 @@ struct MmaTraits<float> {
 constexpr int kSmemPad = 8;
 constexpr int kAccPad = 4;
 
-template <class T>
+template <class T, int BM = kTileM, int BN = kTileN>
 struct TileGemmSmem {
-  T a[kTileM * (kTileK + kSmemPad)];
-  T b[kTileN * (kTileK + kSmemPad)];
+  T a[BM * (kTileK + kSmemPad)];
+  T b[BN * (kTileK + kSmemPad)];
 };
 
 // Stage rows [r0, r0 + ROWS) x cols [k0, k0 + kTileK) of a strided matrix X(r, k) = x[r*s_r + k*s_k] into
@@ -112,25 +112,22 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
   }
 }
 
-// acc_smem (kTileM, kTileN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T, or A's rows
-// gathered through a_rows (kTileM entries in shared memory, see stage_tile). All kThreads threads must call it;
-// it ends with a __syncthreads so acc_smem is readable by everyone.
-template <class T>
-__device__ void tile_gemm(TileGemmSmem<T>& sm, float* acc_smem, const T* a, int64_t a_m, int64_t a_k, int m0,
-                          int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin, int k_end,
+// acc_smem (BM, BN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T, or A's rows gathered
+// through a_rows (BM entries in shared memory, see stage_tile). All kThreads threads must call it; it ends with a
+// __syncthreads so acc_smem is readable by everyone. acc_smem may alias sm: it is written after the last stage.
+template <class T, int BM = kTileM, int BN = kTileN>
+__device__ void tile_gemm(TileGemmSmem<T, BM, BN>& sm, float* acc_smem, const T* a, int64_t a_m, int64_t a_k,
+                          int m0, int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin, int k_end,
                           const int* a_rows = nullptr) {
   using TiledMma = typename MmaTraits<T>::TiledMma;
   static_assert(size(TiledMma{}) == kThreads, "the tiled MMA must use exactly the CTA's threads");
-  static_assert(kTileM % 32 == 0 && kTileN % 32 == 0 && kTileK % 16 == 0, "tile must cover whole MMA steps");
+  static_assert(BM % 32 == 0 && BN % 32 == 0 && kTileK % 16 == 0, "tile must cover whole MMA steps");
 
-  // sA: (kTileM, kTileK) -> row pitch kTileK+pad, k contiguous.   sB: (kTileN, kTileK), same.
-  Tensor sA = make_tensor(make_smem_ptr(sm.a),
-                          Layout<Shape<Int<kTileM>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
-  Tensor sB = make_tensor(make_smem_ptr(sm.b),
-                          Layout<Shape<Int<kTileN>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
-  // sC: (kTileM, kTileN) fp32 -> row pitch kTileN+pad, n contiguous.
-  Tensor sC = make_tensor(make_smem_ptr(acc_smem),
-                          Layout<Shape<Int<kTileM>, Int<kTileN>>, Stride<Int<kTileN + kAccPad>, _1>>{});
+  // sA: (BM, kTileK) -> row pitch kTileK+pad, k contiguous.   sB: (BN, kTileK), same.
+  Tensor sA = make_tensor(make_smem_ptr(sm.a), Layout<Shape<Int<BM>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
+  Tensor sB = make_tensor(make_smem_ptr(sm.b), Layout<Shape<Int<BN>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
+  // sC: (BM, BN) fp32 -> row pitch BN+pad, n contiguous.
+  Tensor sC = make_tensor(make_smem_ptr(acc_smem), Layout<Shape<Int<BM>, Int<BN>>, Stride<Int<BN + kAccPad>, _1>>{});
 
   TiledMma mma;
   auto thr = mma.get_slice(threadIdx.x);
@@ -143,8 +140,8 @@ __device__ void tile_gemm(TileGemmSmem<T>& sm, float* acc_smem, const T* a, int6
   clear(acc);
 
   for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
-    stage_tile<T, kTileM>(sm.a, a, a_m, a_k, m0, M, k0, k_end, a_rows);
-    stage_tile<T, kTileN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
+    stage_tile<T, BM>(sm.a, a, a_m, a_k, m0, M, k0, k_end, a_rows);
+    stage_tile<T, BN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
     __syncthreads();
     CUTE_UNROLL
     for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(i);

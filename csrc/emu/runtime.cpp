@@ -596,6 +596,10 @@ void set_order(OrderMode mode, uint64_t seed) {
   g_order_seed = seed;
 }
 
+std::string last_dynamic_smem() {
+  return std::string(reinterpret_cast<const char*>(g_dynamic_smem.data()), g_dynamic_hi - g_dynamic_lo);
+}
+
 void set_shared_statics(const std::vector<std::pair<uint64_t, uint64_t>>& offset_size) {
   Dl_info info;
   if (dladdr(reinterpret_cast<void*>(&g_ctx), &info) == 0) fail("cannot find the emulation library's load base");

@@ -34,6 +34,9 @@ struct LaunchCounters {
 // shows up instead of finding the previous CTA's data.
 void set_shared_statics(const std::vector<std::pair<uint64_t, uint64_t>>& offset_size);
 
+// The last launch's dynamic shared memory as its last CTA left it.
+std::string last_dynamic_smem();
+
 void start_counting();
 std::vector<LaunchCounters> stop_counting();
 
