@@ -483,6 +483,13 @@ struct SourceRect {
 };
 constexpr int kMaxRects = 32;  // rectangles per batch; more are taken in further batches
 
+// Which source rectangles are next for the target box, and where the scan over output tiles stands.
+struct RectBatch {
+  SourceRect rects[kMaxRects];
+  SourceRect candidate[kThreads];  // one output tile per thread per round (end = its pixel count, 0: none)
+  int n_rects, next_tile;
+};
+
 template <class T, int CG>
 struct DcnValueSmem {
   DcnSmem<T> dcn;
@@ -491,16 +498,18 @@ struct DcnValueSmem {
   unsigned long long acc[kTile * kTile * kGroupsPerCta * CG];  // (target pixel, channel of the 2 groups)
   float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
   int rows[kTileM];                                            // the chunk's source pixels (-1: none)
-  SourceRect rects[kMaxRects];
-  int n_rects, next_tile;
+  RectBatch batch;
 };
 
-// Thread 0: the next batch of source rectangles for the target box [tx0, tx1] x [ty0, ty1] of image n. A source
-// output pixel can scatter into the box only if its sampling base lies within its tile's reach of the box; the
-// reach gets a margin of 1 pixel, so a bilinear corner that another kernel's rounding moved by one still counts.
-// With skip_own, the output tile at the box's own position is left out (the caller takes it whole).
-__device__ inline void collect_source_rects(const DcnParams& p, SourceRect* rects, int& n_rects, int& next_tile,
-                                            int n, int tx0, int tx1, int ty0, int ty1, bool skip_own) {
+// All threads (ends with a barrier; batch.next_tile = 0 and a barrier before the first call): the next batch of
+// source rectangles for the target box [tx0, tx1] x [ty0, ty1] of image n, in output-tile order; n_rects = 0
+// when there are no more. A source output pixel can scatter into the box only if its sampling base lies within
+// its tile's reach of the box; the reach gets a margin of 1 pixel, so a bilinear corner that another kernel's
+// rounding moved by one still counts. Each thread sizes one output tile's rectangle per round (the reach loads
+// in parallel), thread 0 keeps the non-empty ones in order. With skip_own, the output tile at the box's own
+// position is left out (the caller takes it whole).
+__device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch, int n, int tx0, int tx1, int ty0,
+                                            int ty1, bool skip_own) {
   const int tiles_w = ceil_div(p.Wo, kTile), tiles_h = ceil_div(p.Ho, kTile);
   const int* reach = p.reach + int64_t(n) * (1 + tiles_w * tiles_h);
   const int bx0 = base_x(p, 0), by0 = base_y(p, 0);
@@ -511,21 +520,36 @@ __device__ inline void collect_source_rects(const DcnParams& p, SourceRect* rect
   const int ox0 = max(0, floor_div(ceil_div_any(tx0 - rmax - bx0, p.stride_w), kTile));
   const int ox1 = min(tiles_w - 1, floor_div(floor_div(tx1 + rmax - bx0, p.stride_w), kTile));
   const int span_w = max(0, ox1 - ox0 + 1), span = span_w * max(0, oy1 - oy0 + 1);
-  int count = 0, total = 0, t = next_tile;
-  for (; t < span && count < kMaxRects; ++t) {
-    const int oty = oy0 + t / span_w, otx = ox0 + t % span_w;
-    if (skip_own && oty * kTile == ty0 && otx * kTile == tx0) continue;
-    const int r = reach[1 + oty * tiles_w + otx] + 1;
-    const int ho_lo = max(oty * kTile, ceil_div_any(ty0 - r - by0, p.stride_h));
-    const int ho_hi = min(min(p.Ho, (oty + 1) * kTile) - 1, floor_div(ty1 + r - by0, p.stride_h));
-    const int wo_lo = max(otx * kTile, ceil_div_any(tx0 - r - bx0, p.stride_w));
-    const int wo_hi = min(min(p.Wo, (otx + 1) * kTile) - 1, floor_div(tx1 + r - bx0, p.stride_w));
-    if (ho_lo > ho_hi || wo_lo > wo_hi) continue;
-    total += (ho_hi - ho_lo + 1) * (wo_hi - wo_lo + 1);
-    rects[count++] = SourceRect{ho_lo, wo_lo, wo_hi - wo_lo + 1, total};
+  for (;;) {
+    const int base = batch.next_tile, t = base + int(threadIdx.x);
+    SourceRect c{0, 0, 1, 0};
+    if (t < span) {
+      const int oty = oy0 + t / span_w, otx = ox0 + t % span_w;
+      const int r = reach[1 + oty * tiles_w + otx] + 1;
+      const int ho_lo = max(oty * kTile, ceil_div_any(ty0 - r - by0, p.stride_h));
+      const int ho_hi = min(min(p.Ho, (oty + 1) * kTile) - 1, floor_div(ty1 + r - by0, p.stride_h));
+      const int wo_lo = max(otx * kTile, ceil_div_any(tx0 - r - bx0, p.stride_w));
+      const int wo_hi = min(min(p.Wo, (otx + 1) * kTile) - 1, floor_div(tx1 + r - bx0, p.stride_w));
+      const bool own = skip_own && oty * kTile == ty0 && otx * kTile == tx0;
+      if (!own && ho_lo <= ho_hi && wo_lo <= wo_hi)
+        c = SourceRect{ho_lo, wo_lo, wo_hi - wo_lo + 1, (ho_hi - ho_lo + 1) * (wo_hi - wo_lo + 1)};
+    }
+    batch.candidate[threadIdx.x] = c;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int count = 0, total = 0, i = 0;
+      for (; i < kThreads && base + i < span && count < kMaxRects; ++i) {
+        if (batch.candidate[i].end == 0) continue;
+        total += batch.candidate[i].end;
+        batch.rects[count] = batch.candidate[i];
+        batch.rects[count++].end = total;
+      }
+      batch.n_rects = count;
+      batch.next_tile = min(span, base + i);
+    }
+    __syncthreads();
+    if (batch.n_rects > 0 || batch.next_tile >= span) return;
   }
-  n_rects = count;
-  next_tile = t;
 }
 
 // grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)), kThreads threads, sizeof(DcnValueSmem<T, CG>) dynamic smem.
@@ -550,7 +574,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
   for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) sm.acc[i] = 0;
   for (int i = threadIdx.x; i < kChans; i += kThreads)
     sm.scale[i] = g0 * CG + i < p.C ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i) : 0.f;
-  if (threadIdx.x == 0) sm.next_tile = 0;
+  if (threadIdx.x == 0) sm.batch.next_tile = 0;
   if (kOwnTile) {
     if (threadIdx.x < kTileM) {
       const int x = tx0 + threadIdx.x % kTile, y = ty0 + threadIdx.x / kTile;
@@ -578,21 +602,21 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
           *reinterpret_cast<const uint4*>(sm.grad_logits + pix * kGroupsPerCta * kGroupCols + col);
     }
   }
+  __syncthreads();  // batch.next_tile
   for (;;) {
-    if (threadIdx.x == 0)
-      collect_source_rects(p, sm.rects, sm.n_rects, sm.next_tile, n, tx0, tx1, ty0, ty1, kOwnTile);
-    __syncthreads();
-    const int n_rects = sm.n_rects;
+    collect_source_rects(p, sm.batch, n, tx0, tx1, ty0, ty1, kOwnTile);
+    const int n_rects = sm.batch.n_rects;
     if (n_rects == 0) break;
-    const int n_sources = sm.rects[n_rects - 1].end;
+    const int n_sources = sm.batch.rects[n_rects - 1].end;
     for (int s0 = 0; s0 < n_sources; s0 += kTileM) {
       if (threadIdx.x < kTileM) {
         const int slot = s0 + threadIdx.x;
         int m = -1;
-        for (int i = 0, start = 0; i < n_rects && m < 0; start = sm.rects[i].end, ++i) {
-          if (slot >= sm.rects[i].end) continue;
+        const SourceRect* rects = sm.batch.rects;
+        for (int i = 0, start = 0; i < n_rects && m < 0; start = rects[i].end, ++i) {
+          if (slot >= rects[i].end) continue;
           const int local = slot - start;
-          m = (n * p.Ho + sm.rects[i].ho0 + local / sm.rects[i].w) * p.Wo + sm.rects[i].wo0 + local % sm.rects[i].w;
+          m = (n * p.Ho + rects[i].ho0 + local / rects[i].w) * p.Wo + rects[i].wo0 + local % rects[i].w;
         }
         sm.rows[threadIdx.x] = m;
       }
