@@ -360,11 +360,13 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
         "--rows",
         "2",
     ]
-    assert main([*args, "--dtypes", "bf16", "--out", str(out)]) == 0
+    assert main([*args, "--dtypes", "bf16", "--out", str(out), "--marginal"]) == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith("| T | 1 |")]
     assert len(lines) == 2 and "| 1x2x8x64 | 4 | fwd | 2 |" in lines[0] and "| fwd+bwd |" in lines[1]
     cells = lines[1].split("|")
     assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0  # L2 bytes, atomics, mma
+    # Marginal DRAM floor per pixel (slice doubled): at least the activations' essential bytes, 8 x 64 x 2.
+    assert len(cells) == 19 and float(cells[16]) >= 8 * 64 * 2 and float(cells[17]) >= 1.0
 
 
 def test_shared_memory_starts_poisoned_in_every_cta(emu):

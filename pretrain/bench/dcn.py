@@ -57,6 +57,12 @@ def add_arguments(parser) -> None:
         default=8,
         help="--emulate: slice size in stage-1 rows (rows x image_size/4 pixels)",
     )
+    parser.add_argument(
+        "--marginal",
+        action="store_true",
+        help="--emulate: also count a slice twice as large, and give the DRAM floor per added pixel (what a "
+        "large batch pays per pixel, weights amortised) against the activations' essential bytes",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

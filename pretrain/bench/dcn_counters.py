@@ -91,11 +91,28 @@ def run(args) -> int:
             pixels = images * band * side
             t0 = time.monotonic()
             counted = count_block(images, band, side, c, group, cfs, dtype)
+            if args.marginal:  # the same stage on twice the pixels: more rows, or more images of a full map
+                images2, band2 = (images, 2 * band) if 2 * band <= side else (2 * images, band)
+                counted2 = count_block(images2, band2, side, c, group, cfs, dtype)
             secs = time.monotonic() - t0
             fwd_ess, fwdbwd_ess = essential_bytes_per_pixel(c, group, 9, cfs, elem, pixels)
             fwd = summarise(counted["fwd"], pixels)
             both = summarise(counted["fwd"] + counted["bwd"], pixels)
-            for name, s, ess in (("fwd", fwd, fwd_ess), ("fwd+bwd", both, fwdbwd_ess)):
+            if args.marginal:
+                added = images2 * band2 * side - pixels
+                for s, launches, launches2 in (
+                    (fwd, counted["fwd"], counted2["fwd"]),
+                    (both, counted["fwd"] + counted["bwd"], counted2["fwd"] + counted2["bwd"]),
+                ):
+                    s["marginal_floor_bytes"] = (
+                        summarise(launches2, added)["dram_floor_bytes"]
+                        - summarise(launches, added)["dram_floor_bytes"]
+                    )
+            for name, s, ess, act in (
+                ("fwd", fwd, fwd_ess, 3 * c * elem),
+                ("fwd+bwd", both, fwdbwd_ess, 8 * c * elem),
+            ):
+                s["activation_essential"] = act
                 rows_out.append(
                     (model.upper(), stage, f"{images}x{band}x{side}x{c}", group, name, s, ess, secs)
                 )
@@ -120,21 +137,37 @@ def markdown(rows, args, dtype) -> str:
         "| DRAM floor B | atomics | shared B | mma | floor x essential | shared atomics |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
+    marginal = getattr(args, "marginal", False)
+    if marginal:
+        head = head.replace(" shared atomics |\n", " shared atomics | marginal floor B | x activations |\n")
+        head += "---|---|"
     lines = [head]
     for model, stage, shape, group, name, s, ess, _ in rows:
-        lines.append(
+        line = (
             f"| {model} | {stage} | {shape} | {group} | {name} | {s['launches']} | {ess:.0f} | {s['l2_bytes']:.0f} "
             f"| {s['l2_bytes'] / ess:.1f} | {s['dram_floor_bytes']:.0f} | {s['atomics']:.0f} "
             f"| {s['shared_bytes']:.0f} | {s['mma']:.2f} | {s['dram_floor_bytes'] / ess:.2f} "
             f"| {s['shared_atomics']:.0f} |"
         )
+        if marginal:
+            m = s["marginal_floor_bytes"]
+            line += f" {m:.0f} | {m / s['activation_essential']:.2f} |"
+        lines.append(line)
     lines.append("")
     lines.append(
         "L2 B: 32 x the distinct sectors of each warp-wide request, summed (what the memory system serves); DRAM "
         "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache: a sector read after "
         "the launch wrote it counts once); atomics: global ones (shared-memory atomics apart); essential: value "
         "and x1 read and out written once (+ grad_out, grad value, grad x1 and the weights' reads and gradients "
-        "for fwd+bwd). Command: `pretrain bench dcn --emulate --models "
-        f"{args.models} --stages {args.stages} --rows {args.rows}`."
+        "for fwd+bwd)."
+        + (
+            " Marginal floor: the DRAM floor per pixel added when the slice doubles (weights and other per-launch "
+            "bytes cancel: what a large batch pays per pixel), against the activations' essential bytes (value, "
+            "x1, out; + grad_out, value, x1, grad value, grad x1)."
+            if marginal
+            else ""
+        )
+        + f" Command: `pretrain bench dcn --emulate --models {args.models} --stages {args.stages} --rows "
+        f"{args.rows}{' --marginal' if marginal else ''}`."
     )
     return "\n".join(lines)
