@@ -203,8 +203,18 @@ __device__ __forceinline__ const T* corner_ptr(const DcnParams& p, const ValueWi
   return static_cast<const T*>(p.value) + ((int64_t(n) * p.H + y) * p.W + x) * p.C + ch;
 }
 
+// The 64 rows (output pixel indices, -1 outside the image) of the 8x8 tile [tx0, tx1] x [ty0, ty1] of image n's
+// output grid, in `rows` (threads < 64 write; the caller syncs).
+__device__ __forceinline__ void fill_tile_rows(const DcnParams& p, int n, int tx0, int tx1, int ty0, int ty1,
+                                               int* rows) {
+  if (threadIdx.x < kTileM) {
+    const int x = tx0 + threadIdx.x % kTile, y = ty0 + threadIdx.x / kTile;
+    rows[threadIdx.x] = x <= tx1 && y <= ty1 ? (n * p.Ho + y) * p.Wo + x : -1;
+  }
+}
+
 // An 8x8 tile of output pixels of image n, from a flat tile index (row-major tiles of the output grid): its box
-// and its 64 rows (pixel indices, -1 outside the image) in `rows` (threads < 64 write; the caller syncs).
+// and its rows (fill_tile_rows).
 __device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, int& n, int& tx0, int& tx1, int& ty0,
                                           int& ty1, int* rows) {
   const int tiles_w = ceil_div(p.Wo, kTile), tiles = tiles_w * ceil_div(p.Ho, kTile);
@@ -212,10 +222,7 @@ __device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, in
   const int t = tile_index % tiles;
   tx0 = (t % tiles_w) * kTile, ty0 = (t / tiles_w) * kTile;
   tx1 = min(p.Wo, tx0 + kTile) - 1, ty1 = min(p.Ho, ty0 + kTile) - 1;
-  if (threadIdx.x < kTileM) {
-    const int x = tx0 + threadIdx.x % kTile, y = ty0 + threadIdx.x / kTile;
-    rows[threadIdx.x] = x <= tx1 && y <= ty1 ? (n * p.Ho + y) * p.Wo + x : -1;
-  }
+  fill_tile_rows(p, n, tx0, tx1, ty0, ty1, rows);
 }
 
 template <class T, int CG>
@@ -320,6 +327,17 @@ struct ScatterBox {
   const float* scale;
   int chans;  // accumulator row length: channels of the CTA's groups
   int tx0, tx1, ty0, ty1;
+
+  // Add w * g[v] at value pixel (x, y), accumulator channel ch + step * v, with fixed-point scale scale[v], for
+  // v < N; nothing when the pixel is outside the box.
+  template <int N>
+  __device__ __forceinline__ void add(int x, int y, int ch, int step, float w, const float (&g)[N],
+                                      const float* scale_v) const {
+    if (x < tx0 || x > tx1 || y < ty0 || y > ty1) return;
+    unsigned long long* dst = acc + ((y - ty0) * kTile + (x - tx0)) * chans + ch;
+#pragma unroll
+    for (int v = 0; v < N; ++v) fixed_point_add(dst + step * v, w * g[v], scale_v[v]);
+  }
 };
 
 // Backward of one (pixel, group) pair, served by kLanes consecutive lanes, each owning one 16-byte channel
@@ -388,14 +406,8 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     g_y[q] = lane_sum<kLanes>(dy) * mk * p.offset_scale;
     if (box != nullptr && valid) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int cx = b.x0 + (k & 1), cy = b.y0 + (k >> 1);
-        if (!b.in[k] || cx < box->tx0 || cx > box->tx1 || cy < box->ty0 || cy > box->ty1) continue;
-        unsigned long long* dst = box->acc + ((cy - box->ty0) * kTile + (cx - box->tx0)) * box->chans + acc_ch;
-        const float wk = mk * b.w[k];
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, wk * gyc[v], box->scale[acc_ch + v]);
-      }
+      for (int k = 0; k < 4; ++k)
+        if (b.in[k]) box->add(b.x0 + (k & 1), b.y0 + (k >> 1), acc_ch, 1, mk * b.w[k], gyc, box->scale + acc_ch);
     }
   }
 
@@ -413,11 +425,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
     g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
     // The blend's own grad value term lands on the pair's pixel (output grid == input grid with cfs).
-    if (box != nullptr && valid && wo >= box->tx0 && wo <= box->tx1 && ho >= box->ty0 && ho <= box->ty1) {
-      unsigned long long* dst = box->acc + ((ho - box->ty0) * kTile + (wo - box->tx0)) * box->chans + acc_ch;
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) fixed_point_add(dst + v, gy[v] * s, box->scale[acc_ch + v]);
-    }
+    if (box != nullptr && valid) box->add(wo, ho, acc_ch, 1, s, gy, box->scale + acc_ch);
   }
 
   // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
@@ -575,16 +583,13 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
   for (int i = threadIdx.x; i < kChans; i += kThreads)
     sm.scale[i] = g0 * CG + i < p.C ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i) : 0.f;
   if (threadIdx.x == 0) sm.batch.next_tile = 0;
+  const ScatterBox box{sm.acc, sm.scale, kChans, tx0, tx1, ty0, ty1};
   if (kOwnTile) {
-    if (threadIdx.x < kTileM) {
-      const int x = tx0 + threadIdx.x % kTile, y = ty0 + threadIdx.x / kTile;
-      sm.rows[threadIdx.x] = x <= tx1 && y <= ty1 ? (n * p.Ho + y) * p.Wo + x : -1;
-    }
+    fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
     __syncthreads();  // rows, and the accumulator's zeros and scales
     const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
     stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
     compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
-    const ScatterBox box{sm.acc, sm.scale, kChans, tx0, tx1, ty0, ty1};
     for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
       const int pair = item / kLanes, lane = item % kLanes;
       const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
@@ -640,28 +645,17 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
           gyc[v] = gy[v] * (1.f - s);
           scale[v] = sm.scale[gl * CG + lane + kLanes * v];
         }
-        unsigned long long* acc_g = sm.acc + gl * CG + lane;
         for (int q = 0; q < p.P; ++q) {
           float x, y;
           sample_xy(p, row, q, ho, wo, x, y);
           const float mk = row[2 * p.P + q];
           Bilinear b = bilinear_at(x, y, p.H, p.W);
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int cx = b.x0 + (k & 1), cy = b.y0 + (k >> 1);
-            if (!b.in[k] || cx < tx0 || cx > tx1 || cy < ty0 || cy > ty1) continue;
-            unsigned long long* dst = acc_g + ((cy - ty0) * kTile + (cx - tx0)) * kChans;
-            const float wk = mk * b.w[k];
-#pragma unroll
-            for (int v = 0; v < kVec; ++v) fixed_point_add(dst + kLanes * v, wk * gyc[v], scale[v]);
-          }
+          for (int k = 0; k < 4; ++k)
+            if (b.in[k]) box.add(b.x0 + (k & 1), b.y0 + (k >> 1), gl * CG + lane, kLanes, mk * b.w[k], gyc, scale);
         }
         // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
-        if (p.has_cfs && wo >= tx0 && wo <= tx1 && ho >= ty0 && ho <= ty1) {
-          unsigned long long* dst = acc_g + ((ho - ty0) * kTile + (wo - tx0)) * kChans;
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) fixed_point_add(dst + kLanes * v, gy[v] * s, scale[v]);
-        }
+        if (p.has_cfs) box.add(wo, ho, gl * CG + lane, kLanes, s, gy, scale);
       }
       __syncthreads();  // the next chunk overwrites rows and logits
     }

@@ -34,37 +34,22 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   const int k_begin = blockIdx.z * p.k_per_split;
   const int k_end = min(p.K, k_begin + p.k_per_split);
   const T* a = static_cast<const T*>(p.a);
-  tile_gemm<T, BM, BN>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N, k_begin,
-               k_end);
-  if (p.tile_counters != nullptr && gridDim.z == 1) {
-    // One split: the tile is final (no partials), and so are the row sums of A (first column of tiles).
-    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
-      int r = idx / BN, c = idx % BN, m = m0 + r, n = n0 + c;
-      if (m >= p.M || n >= p.N) continue;
-      float v = acc[r * (BN + kAccPad) + c];
-      if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
-      static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
-    }
-    if (p.row_sum_out != nullptr && blockIdx.y == 0 && threadIdx.x < BM && m0 + int(threadIdx.x) < p.M) {
-      const int m = m0 + threadIdx.x;
-      float sum = 0.f;
-      for (int k = k_begin; k < k_end; ++k) sum += to_float(a[m * p.a_m + int64_t(k) * p.a_k]);
-      static_cast<T*>(p.row_sum_out)[m] = from_float<T>(sum);
-    }
-    return;
-  }
-  if (p.tile_counters != nullptr) {
-    // Split-K: this split's partial, and the row sums of A over its K range (first column of tiles only).
+  tile_gemm<T, BM, BN>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N,
+                       k_begin, k_end);
+  // Row sums of A over this split's K range (a bias gradient): the tiles of the first column, a row per thread.
+  const int sum_row = m0 + threadIdx.x;
+  const bool sums_row = p.row_sum_out != nullptr && blockIdx.y == 0 && int(threadIdx.x) < BM && sum_row < p.M;
+  float row_sum = 0.f;
+  if (sums_row)
+    for (int k = k_begin; k < k_end; ++k) row_sum += to_float(a[sum_row * p.a_m + int64_t(k) * p.a_k]);
+  if (gridDim.z > 1) {
+    // Split-K: write this split's partials and count the split in; the last split of the tile to arrive sums all
+    // of them in split order (into acc and row_sum) and goes on to the epilogue, the others are done.
     for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
       int r = idx / BN, c = idx % BN, m = m0 + r, n = n0 + c;
       if (m < p.M && n < p.N) p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = acc[r * (BN + kAccPad) + c];
     }
-    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < BM && m0 + int(threadIdx.x) < p.M) {
-      const int m = m0 + threadIdx.x;
-      float sum = 0.f;
-      for (int k = k_begin; k < k_end; ++k) sum += to_float(a[m * p.a_m + int64_t(k) * p.a_k]);
-      p.row_sum_partial[int64_t(blockIdx.z) * p.M + m] = sum;
-    }
+    if (sums_row) p.row_sum_partial[int64_t(blockIdx.z) * p.M + sum_row] = row_sum;
     __threadfence();  // this CTA's partials are visible before it counts itself
     __syncthreads();
     if (threadIdx.x == 0)
@@ -77,31 +62,24 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
       if (m >= p.M || n >= p.N) continue;
       float v = 0.f;
       for (unsigned z = 0; z < gridDim.z; ++z) v += p.out_f32[z * p.out_split_stride + int64_t(m) * p.N + n];
-      if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
-      static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
+      acc[r * (BN + kAccPad) + c] = v;  // each thread rewrites only the elements it reads
     }
-    if (p.row_sum_partial != nullptr && blockIdx.y == 0 && threadIdx.x < BM && m0 + int(threadIdx.x) < p.M) {
-      const int m = m0 + threadIdx.x;
-      float v = 0.f;
-      for (unsigned z = 0; z < gridDim.z; ++z) v += p.row_sum_partial[int64_t(z) * p.M + m];
-      static_cast<T*>(p.row_sum_out)[m] = from_float<T>(v);
+    if (sums_row) {
+      row_sum = 0.f;
+      for (unsigned z = 0; z < gridDim.z; ++z) row_sum += p.row_sum_partial[int64_t(z) * p.M + sum_row];
     }
-    return;
   }
+  if (sums_row) static_cast<T*>(p.row_sum_out)[sum_row] = from_float<T>(row_sum);
   // Epilogue: rows of the tile, n fastest across threads (coalesced stores).
   for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
     int r = idx / BN, c = idx % BN;
     int m = m0 + r, n = n0 + c;
     if (m >= p.M || n >= p.N) continue;
     float v = acc[r * (BN + kAccPad) + c];
-    if (p.out_f32 != nullptr) {
-      p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = v;
-    } else {
-      if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
-      const T out = from_float<T>(v);
-      static_cast<T*>(p.out)[int64_t(m) * p.N + n] = out;
-      if (p.absmax != nullptr) acc[r * (BN + kAccPad) + c] = to_float(out);  // the max of what was stored
-    }
+    if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
+    const T out = from_float<T>(v);
+    static_cast<T*>(p.out)[int64_t(m) * p.N + n] = out;
+    if (p.absmax != nullptr) acc[r * (BN + kAccPad) + c] = to_float(out);  // the max of what was stored
   }
   __syncthreads();
   if (p.absmax != nullptr && threadIdx.x < BN && n0 + int(threadIdx.x) < p.N) {

@@ -51,8 +51,7 @@ struct DcnParams {
 };
 
 // C (M, N) = A (M, K) . B (N, K)^T with arbitrary element strides (so transposed operands need no copy).
-// Split-K: blockIdx.z covers K range [z*k_per_split, (z+1)*k_per_split) and writes fp32 partials to
-// out_f32 + z*out_split_stride; a fixed-order reduction then sums the splits (deterministic).
+// Split-K: blockIdx.z covers K range [z*k_per_split, (z+1)*k_per_split).
 struct GemmParams {
   const void* a;
   int64_t a_m, a_k;  // A(m, k) = a[m*a_m + k*a_k]
@@ -60,19 +59,19 @@ struct GemmParams {
   int64_t b_n, b_k;  // B(n, k) = b[n*b_n + k*b_k]
   int M, N, K;
   int k_per_split;
-  float* out_f32;    // fp32 output (M, N) row-major per split; when null the T output below is used
-  int64_t out_split_stride;
   void* out;         // T output (M, N) row-major, + bias (N) when bias is non-null
   const void* bias;
-  // Split-K in one launch: every split writes its fp32 partial (out_f32, split stride out_split_stride) and
-  // counts itself in tile_counters (one per output tile, zeroed); the last to arrive sums the partials in split
-  // order (deterministic) into `out`.
+  // More than one split, in one launch: every split writes its fp32 partial (out_f32 (splits, M, N), split
+  // stride out_split_stride) and counts itself in tile_counters (one per output tile, zeroed); the last to
+  // arrive sums the partials in split order (deterministic) and writes `out`.
+  float* out_f32;
+  int64_t out_split_stride;
   unsigned* tile_counters;
-  // With split-K: also the row sums of A (a bias gradient), per split into row_sum_partial (splits, M) by the
-  // tiles of the first column, summed in split order into row_sum_out (T, M).
+  // When row_sum_out is set: also the row sums of A (a bias gradient, T (M)), by the tiles of the first column;
+  // with splits, per split into row_sum_partial (splits, M) first, summed in split order.
   float* row_sum_partial;
   void* row_sum_out;
-  // With an fp32 output: absmax (M / rows_per_group, N) |= max |out| over each group of rows (atomicMax on the
+  // When set: absmax (M / rows_per_group, N) |= max |out| (as stored) over each group of rows (atomicMax on the
   // bits of non-negative floats: exact and order-independent; +inf for a non-finite value). Zeroed first.
   float* absmax;
   int rows_per_group;
