@@ -195,7 +195,7 @@ def test_fake_impls_give_shapes_on_meta():
     with torch.device("meta"):
         v = torch.empty(3, 7, 9, 64, dtype=torch.bfloat16)
         wp, bp, wo, bo = torch.empty(128, 64), torch.empty(128), torch.empty(64, 64), torch.empty(64)
-        out, y, reach = cuda.fused_fwd(v, v, wp, bp, wo, bo, gl, 1.0, True, False)
+        out, y, reach = cuda.fused_fwd(v, v, wp, bp, wo, bo, gl, 1.0, True, False, True)
         assert out.shape == (3, 7, 9, 64) and y.shape == v.shape and out.dtype == torch.bfloat16
         assert reach.shape == (3, 1 + 1 * 2) and reach.dtype == torch.int32  # 7x9 pixels: 1x2 tiles of 8x8
         grads = cuda.fused_bwd(out, v, v, wp, bp, wo, y, reach, gl, 1.0, True, False)
@@ -224,6 +224,7 @@ def test_fake_impls_under_fake_tensor_mode():
             1.0,
             False,
             False,
+            True,
         )
         assert out.shape == (2, 5, 6, 32) and y.shape == (2, 5, 6, 32)
 
@@ -244,6 +245,7 @@ def test_opcheck(op):
         1.0,
         True,
         False,
+        True,
     )
     torch.library.opcheck(
         cuda.fused_fwd, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")

@@ -57,7 +57,7 @@ def test_grad_value_gathers_sources_from_every_tile_of_the_image(emu):
     wpack, bpack = cuda.pack_projection(params, geom, torch.float32)
     _, _, reach = cuda.fused_fwd(
         value.detach(), x1.detach(), wpack.detach(), bpack.detach(), params.output_weight.detach(),
-        params.output_bias.detach(), cuda.geometry_list(geom), geom.offset_scale, False, True,
+        params.output_bias.detach(), cuda.geometry_list(geom), geom.offset_scale, False, True, False,
     )  # fmt: skip
     assert reach.shape == (1, 1 + 6 * 6) and reach[0, 0] >= 44 and (reach[0, 1:] >= 24).sum() >= 33
     for dtype in (torch.float32, torch.bfloat16):
@@ -214,7 +214,8 @@ def test_grad_y_absmax_in_the_gemm_epilogue(emu):
 def test_counters_see_the_scatter_in_shared_memory(emu):
     """The backward's grad(value) scatter runs in shared memory (owner-computes): one 64-bit shared atomic per
     (point, corner inside, channel), no global atomic, no accumulator pass, and (stride 1) one sampling launch that
-    also writes grad logits. The forward's only global atomics record the reach (two per pixel and group)."""
+    also writes grad logits. The forward is one launch (the output projection is its epilogue) whose only global
+    atomics record the reach: two per 8x8 tile."""
     value, x1, params, geom, grad_out = make_inputs(CASES[0])
     value, x1, params = rounded(value, x1, params, torch.float32)
     with emulation.count() as fwd:
@@ -222,8 +223,9 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     with emulation.count() as launches:
         torch.autograd.grad(out, [value], grad_out.float())
     n, h, w, c = value.shape
-    [sample_fwd] = [launch for launch in fwd if launch["kernel"] == "dcn_fwd"]
-    assert 0 < sample_fwd["atomics"] <= 2 * n * h * w * geom.group
+    [sample_fwd] = fwd
+    assert sample_fwd["kernel"] == "dcn_fwd_out"
+    assert sample_fwd["atomics"] == 2 * n * -(-h // 8) * -(-w // 8)
     kernels = [launch["kernel"] for launch in launches]
     assert kernels.count("dcn_bwd_value") == 1 and "dcn_bwd" not in kernels, kernels
     assert "absmax_rows" not in kernels  # the grad_y GEMM's epilogue takes the fixed-point scales
@@ -236,6 +238,44 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     )  # grads, once
     assert bwd["mma"] == 0  # fp32 projections run as FFMA (no TF32), like PyTorch's default
     assert bwd["load_sectors"] >= bwd["unique_load_sectors"] > 0
+
+
+def test_forward_fuses_the_output_projection_and_stores_y_only_for_training(emu):
+    """One forward launch writes out (and y only when a gradient can flow: y is grad wout's input), and its output
+    equals the two-launch path's (sampling kernel, then GEMM) bitwise: the same products in the same order."""
+    value, x1, params, geom, _ = make_inputs(CASES[0])
+    value, x1, params = rounded(value, x1, params, torch.bfloat16)
+    with emulation.count() as train:
+        out = cuda.dcnv3_fused_emu(value, x1, params, geom)
+    with torch.no_grad(), emulation.count() as infer:
+        out_infer = cuda.dcnv3_fused_emu(value, x1, params, geom)
+    assert [launch["kernel"] for launch in train] == ["dcn_fwd_out"] == [launch["kernel"] for launch in infer]
+    tiles = value.shape[0] * -(-value.shape[1] // 8) * -(-value.shape[2] // 8)
+    out_bytes = out.numel() * 2  # the reach is recorded by atomics (counted apart): 2 per tile
+    assert infer[0]["unique_store_sectors"] * 32 == out_bytes and infer[0]["atomics"] == 2 * tiles
+    assert train[0]["unique_store_sectors"] * 32 == 2 * out_bytes  # out and y
+    assert torch.equal(out, out_infer)
+    wpack, bpack = cuda.pack_projection(params, geom, torch.bfloat16)
+    y, _ = emulation.extension().sample_fwd(
+        value.detach(), x1.detach(), wpack.detach(), bpack.detach(), None, *value.shape[1:3],
+        cuda.geometry_list(geom), geom.offset_scale, True, False,
+    )  # fmt: skip
+    two_launch = emulation.extension().linear_fwd(
+        y, params.output_weight.detach(), params.output_bias.detach()
+    )
+    assert torch.equal(out.detach(), two_launch)
+
+
+def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
+    """fp32 with C = 640: the tile's y (64 x 648 x 4 bytes) and the sampling state exceed 227 KiB of shared memory,
+    so the sampling kernel writes y and the GEMM projects it; results still match float64."""
+    case = Case("fp32-wide-fallback", n=1, h=5, w=6, c=640, group=20)
+    value, x1, params, geom, grad_out = make_inputs(case)
+    args = rounded(value, x1, params, torch.float32)
+    with emulation.count() as fwd:
+        cuda.dcnv3_fused_emu(*args, geom)
+    assert [launch["kernel"] for launch in fwd] == ["dcn_fwd", "gemm"]
+    check_block(cuda.dcnv3_fused_emu, case, torch.float32)
 
 
 def test_strided_core_op_takes_two_sampling_launches(emu):
@@ -362,7 +402,7 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     ]
     assert main([*args, "--dtypes", "bf16", "--out", str(out), "--marginal"]) == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith("| T | 1 |")]
-    assert len(lines) == 2 and "| 1x2x8x64 | 4 | fwd | 2 |" in lines[0] and "| fwd+bwd |" in lines[1]
+    assert len(lines) == 2 and "| 1x2x8x64 | 4 | fwd | 1 |" in lines[0] and "| fwd+bwd |" in lines[1]
     cells = lines[1].split("|")
     assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0  # L2 bytes, atomics, mma
     # Marginal DRAM floor per pixel (slice doubled): at least the activations' essential bytes, 8 x 64 x 2.

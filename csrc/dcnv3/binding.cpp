@@ -185,6 +185,54 @@ std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<
   return {y, reach};
 }
 
+bool fwd_out_fits(DT dt, int cg, int C) {
+  switch (dt) {
+    case DT::f32: return dcnv3::dcn_fwd_out_fits_f32(cg, C);
+    case DT::f16: return dcnv3::dcn_fwd_out_fits_f16(cg, C);
+    default: return dcnv3::dcn_fwd_out_fits_bf16(cg, C);
+  }
+}
+
+at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
+
+// The DCN block's forward from x1: -> (out (N, H, W, Cout) = y . wout^T + bout, y (N, H, W, C) when save_y (for
+// grad wout; else an empty tensor), reach). One launch, the output projection as the sampling kernel's epilogue,
+// when the tile's y fits in shared memory (fwd_out_fits); else the sampling kernel, then the GEMM.
+std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1, const at::Tensor& wpack,
+                                  const at::Tensor& bpack, const at::Tensor& wout, const at::Tensor& bout,
+                                  std::vector<int64_t> geom, double offset_scale, bool has_cfs, bool save_y) {
+  check_tensor(value, "value", value);
+  const DeviceGuard guard(value.device());
+  DT dt = dtype_of(value);
+  const int64_t h = value.size(1), w = value.size(2);
+  DcnParams p = make_params(value, h, w, geom, offset_scale, /*apply_softmax=*/true, has_cfs);
+  bind_logit_source(p, value, x1, wpack, bpack, c10::nullopt);
+  check_tensor(wout, "wout", value);
+  check_tensor(bout, "bout", value);
+  TORCH_CHECK(wout.dim() == 2 && wout.size(1) == p.C, "dcnv3 CUDA: wout must be (Cout, C) with C = ", p.C);
+  TORCH_CHECK(bout.numel() == wout.size(0), "dcnv3 CUDA: bout must be (Cout,)");
+  const int cg = p.C / p.G;
+  if (!fwd_out_fits(dt, cg, p.C)) {
+    std::vector<at::Tensor> y_reach = sample_fwd(value, x1, wpack, bpack, c10::nullopt, h, w, geom, offset_scale,
+                                                 true, has_cfs);
+    at::Tensor out = linear_fwd(y_reach[0], wout, bout);
+    return {out, save_y ? y_reach[0] : value.new_empty({0}), y_reach[1]};
+  }
+  at::Tensor out = new_output({p.N, h, w, wout.size(0)}, value.options());
+  at::Tensor y = save_y ? new_output(value.sizes(), value.options()) : value.new_empty({0});
+  at::Tensor reach = new_reach(value, h, w);
+  if (out.numel() == 0) return {out, y, reach};
+  p.y = save_y ? y.data_ptr() : nullptr;
+  p.reach = reach.data_ptr<int>();
+  p.wout = wout.data_ptr();
+  p.bout = bout.data_ptr();
+  p.out = out.data_ptr();
+  p.Cout = static_cast<int>(wout.size(0));
+  DCNV3_DISPATCH(dt, dcn_fwd, cg, p, stream());
+  check_launch();
+  return {out, y, reach};
+}
+
 // -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,G*32) dtype of value)
 // grad_y_absmax (N, C): max |grad_y| per image and channel when the caller has it (linear_bwd_input's epilogue),
 // else computed here.
@@ -378,6 +426,8 @@ py::list emu_stop_counting() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 kernels (CUTLASS/CuTe): sampling fused with the offset/mask projection, and GEMMs";
   m.def("sample_fwd", &sample_fwd, "(y, reach): y = sample(value, logits or x1.wpack^T+bpack)");
+  m.def("block_fwd", &block_fwd,
+        "(out, y or empty, reach): the block forward, output projection fused as the sampling epilogue if it fits");
   m.def("sample_bwd", &sample_bwd, "(grad_value, grad_logits) of sample_fwd, given its reach");
   m.def("linear_fwd", &linear_fwd, "a . w^T + bias (tensor-core tiles, fp32 accumulation)");
   m.def("linear_bwd_input", &linear_bwd_input, "grad . w");

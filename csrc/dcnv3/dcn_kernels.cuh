@@ -230,13 +230,29 @@ struct DcnFwdSmem {
   DcnSmem<T> dcn;
   ValueWindow<T, CG> window;
   int rows[kTileM];
-  int reach;
+  int reach;  // the group pair's
 };
 
-// One CTA per 8x8 tile of output pixels x 2 groups: logits, then the tile's reach (recorded for the backward and
-// sizing the value window), the window, and the aggregation.
-// grid (N * ceil(Ho/8) * ceil(Wo/8), ceil(G/2)), kThreads threads, sizeof(DcnFwdSmem<T, CG>) dynamic smem.
+// With the output projection fused (dcn_fwd_out), the tile's y (kTileM, C) in the activations' dtype follows
+// DcnFwdSmem in dynamic shared memory, row pitch C + kSmemPad (bank spread for the GEMM's staging reads).
+template <class T>
+__host__ __device__ constexpr size_t y_tile_bytes(int C) {
+  return size_t(kTileM) * (C + kSmemPad) * sizeof(T);
+}
 template <class T, int CG>
+__host__ __device__ constexpr size_t fwd_smem_bytes(bool fuse_out, int C) {
+  return sizeof(DcnFwdSmem<T, CG>) + (fuse_out ? y_tile_bytes<T>(C) : 0);
+}
+
+// The forward of an 8x8 tile of output pixels, per group pair: logits, then the pair's reach (sizing the value
+// window; the tile's largest over its pairs is recorded for the backward), the window, and the aggregation.
+// dcn_fwd: one group pair per CTA, grid (N * ceil(Ho/8) * ceil(Wo/8), ceil(G/2)); y is written.
+// dcn_fwd_out (kFuseOut): every group pair of the tile in one CTA, grid (N * ceil(Ho/8) * ceil(Wo/8)): y is kept
+//   whole in shared memory and the output projection runs as the epilogue (y tile . wout^T + bout, 64 columns
+//   at a time, wout streamed from L2), so y is not read back from HBM; it is stored only when p.y is set (for
+//   grad wout in training). The price is x1 and wout read from L2 per tile, as the separate GEMM's tiles do.
+// kThreads threads, fwd_smem_bytes<T, CG>(kFuseOut, C) dynamic smem.
+template <class T, int CG, bool kFuseOut>
 __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;  // lanes per (pixel, group) pair
@@ -244,70 +260,97 @@ __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
   static_assert(32 % kLanes == 0, "the lanes of a pair must sit in one warp");
   static_assert(kTileM * kGroupsPerCta == kThreads, "one thread per (pixel, group) pair finds its reach");
   DcnFwdSmem<T, CG>& sm = dynamic_smem<DcnFwdSmem<T, CG>>();
+  T* y_tile = reinterpret_cast<T*>(&sm + 1);  // kFuseOut only
+  const int y_pitch = p.C + kSmemPad;
 
   const int M = p.N * p.Ho * p.Wo;
-  const int g0 = blockIdx.y * kGroupsPerCta;
   int n, tx0, tx1, ty0, ty1;
   tile_rows(p, blockIdx.x, n, tx0, tx1, ty0, ty1, sm.rows);
-  if (threadIdx.x == 0) sm.reach = 0;
-  __syncthreads();
-  compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
+  const int g_first = kFuseOut ? 0 : blockIdx.y * kGroupsPerCta;
+  const int g_last = kFuseOut ? p.G : g_first + 1;
+  int tile_reach = 0;  // thread 0: the largest over the pairs
+  for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
+    if (threadIdx.x == 0) sm.reach = 0;
+    __syncthreads();  // rows; the previous pair is done with logits and window
+    compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
 
-  {  // The tile's reach: the largest over its pairs (one thread each).
-    const int pix = threadIdx.x / kGroupsPerCta, gl = threadIdx.x % kGroupsPerCta;
-    const int m = sm.rows[pix];
-    if (m >= 0 && g0 + gl < p.G) {
+    {  // The pair's reach: the largest over its (pixel, group) pairs (one thread each).
+      const int pix = threadIdx.x / kGroupsPerCta, gl = threadIdx.x % kGroupsPerCta;
+      const int m = sm.rows[pix];
+      if (m >= 0 && g0 + gl < p.G) {
+        const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+        const float* row = logit_row(sm.dcn.logits, pix, gl);
+        int reach = 0;
+        for (int q = 0; q < p.P; ++q) {
+          float x, y;
+          sample_xy(p, row, q, ho, wo, x, y);
+          reach = corner_reach(bilinear_at(x, y, p.H, p.W), base_x(p, wo), base_y(p, ho), reach);
+        }
+        atomicMax(&sm.reach, reach);
+      }
+    }
+    __syncthreads();
+    const int pair_reach = sm.reach;
+    tile_reach = max(tile_reach, pair_reach);
+    stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, pair_reach);
+
+    for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+      const int pair = item / kLanes, lane = item % kLanes;
+      const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
+      const int m = sm.rows[pix], g = g0 + gl;
+      if (m < 0 || g >= p.G) continue;  // no collective operations below: early exit is safe here
       const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+      const int ch = g * CG + lane * kVec, win_ch = gl * CG + lane * kVec;
       const float* row = logit_row(sm.dcn.logits, pix, gl);
-      int reach = 0;
+
+      float acc[kVec];
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
       for (int q = 0; q < p.P; ++q) {
         float x, y;
         sample_xy(p, row, q, ho, wo, x, y);
-        reach = corner_reach(bilinear_at(x, y, p.H, p.W), base_x(p, wo), base_y(p, ho), reach);
+        const float mk = row[2 * p.P + q];
+        Bilinear b = bilinear_at(x, y, p.H, p.W);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (!b.in[k]) continue;
+          float vals[kVec];
+          load_vec<T>(corner_ptr<T, CG>(p, &sm.window, n, b.x0 + (k & 1), b.y0 + (k >> 1), ch, win_ch), vals);
+          const float wk = mk * b.w[k];
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) acc[v] = fmaf(wk, vals[v], acc[v]);
+        }
       }
-      atomicMax(&sm.reach, reach);
+      if (p.has_cfs) {
+        const float s = row[3 * p.P];
+        float vc[kVec];
+        load_vec<T>(corner_ptr<T, CG>(p, &sm.window, n, wo, ho, ch, win_ch), vc);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) acc[v] = acc[v] * (1.f - s) + vc[v] * s;
+      }
+      if (p.y != nullptr) store_vec<T>(static_cast<T*>(p.y) + int64_t(m) * p.C + ch, acc);
+      if (kFuseOut) store_vec<T>(y_tile + pix * y_pitch + ch, acc);
     }
   }
-  __syncthreads();
-  const int tile_reach = sm.reach;
   if (threadIdx.x == 0) record_reach(p, n, ty0, tx0, tile_reach);
-  stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, tile_reach);
+  if (!kFuseOut) return;
 
-  for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
-    const int pair = item / kLanes, lane = item % kLanes;
-    const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
-    const int m = sm.rows[pix], g = g0 + gl;
-    if (m < 0 || g >= p.G) continue;  // no collective operations below: early exit is safe here
-    const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
-    const int ch = g * CG + lane * kVec, win_ch = gl * CG + lane * kVec;
-    const float* row = logit_row(sm.dcn.logits, pix, gl);
-
-    float acc[kVec];
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) acc[v] = 0.f;
-    for (int q = 0; q < p.P; ++q) {
-      float x, y;
-      sample_xy(p, row, q, ho, wo, x, y);
-      const float mk = row[2 * p.P + q];
-      Bilinear b = bilinear_at(x, y, p.H, p.W);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (!b.in[k]) continue;
-        float vals[kVec];
-        load_vec<T>(corner_ptr<T, CG>(p, &sm.window, n, b.x0 + (k & 1), b.y0 + (k >> 1), ch, win_ch), vals);
-        const float wk = mk * b.w[k];
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) acc[v] = fmaf(wk, vals[v], acc[v]);
-      }
+  // The epilogue: out rows of the tile = y tile . wout^T + bout, 64 output columns per step (the fp32 result in
+  // the logits' tile; rows outside the image are computed from whatever their y rows hold and not stored).
+  __syncthreads();  // the y tile is complete
+  const T* bout = static_cast<const T*>(p.bout);
+  T* out = static_cast<T*>(p.out);
+  for (int n0 = 0; n0 < p.Cout; n0 += kTileN) {
+    tile_gemm<T>(sm.dcn.gemm, sm.dcn.logits, y_tile, y_pitch, 1, 0, kTileM, static_cast<const T*>(p.wout), p.C, 1,
+                 n0, p.Cout, 0, p.C);
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      const int r = idx / kTileN, c = idx % kTileN, m = sm.rows[r], col = n0 + c;
+      if (m < 0 || col >= p.Cout) continue;
+      float v = sm.dcn.logits[r * (kTileN + kAccPad) + c];
+      if (bout != nullptr) v += to_float(bout[col]);
+      out[int64_t(m) * p.Cout + col] = from_float<T>(v);
     }
-    if (p.has_cfs) {
-      const float s = row[3 * p.P];
-      float vc[kVec];
-      load_vec<T>(corner_ptr<T, CG>(p, &sm.window, n, wo, ho, ch, win_ch), vc);
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) acc[v] = acc[v] * (1.f - s) + vc[v] * s;
-    }
-    store_vec<T>(static_cast<T*>(p.y) + int64_t(m) * p.C + ch, acc);
+    __syncthreads();  // the next step's result overwrites this one
   }
 }
 
@@ -674,11 +717,26 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
   }
 }
 
+// The largest dynamic shared memory a CTA may opt in to (sm_90: 227 KiB; the emulation enforces the same).
+constexpr size_t kMaxDynamicSmem = 227 * 1024;
+
+// Whether dcn_fwd_out's y tile fits for C channels (bf16/fp16 up to C = 1280, fp32 up to 640).
+template <class T, int CG>
+bool fwd_out_fits(int C) {
+  return fwd_smem_bytes<T, CG>(true, C) <= kMaxDynamicSmem;
+}
+
+// p.out set: the output projection fused (the caller checked fwd_out_fits); else y only.
 template <class T, int CG>
 void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
-  dim3 grid(p.N * ((p.Ho + kTile - 1) / kTile) * ((p.Wo + kTile - 1) / kTile),
-            (p.G + kGroupsPerCta - 1) / kGroupsPerCta);
-  launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG>, grid, dim3(kThreads), sizeof(DcnFwdSmem<T, CG>), stream, p);
+  const int tiles = p.N * ((p.Ho + kTile - 1) / kTile) * ((p.Wo + kTile - 1) / kTile);
+  if (p.out != nullptr) {
+    launch_kernel("dcn_fwd_out", dcn_fwd_kernel<T, CG, true>, dim3(tiles), dim3(kThreads),
+                  fwd_smem_bytes<T, CG>(true, p.C), stream, p);
+    return;
+  }
+  launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG, false>, dim3(tiles, (p.G + kGroupsPerCta - 1) / kGroupsPerCta),
+                dim3(kThreads), fwd_smem_bytes<T, CG>(false, p.C), stream, p);
 }
 
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the

@@ -11,6 +11,8 @@ namespace dcnv3 {
 
 #define DCNV3_DECLARE_LAUNCHERS(SUFFIX)                                                                         \
   void dcn_fwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
+  /* Whether the forward can fuse the output projection (p.out) for C channels: its y tile fits on chip. */    \
+  bool dcn_fwd_out_fits_##SUFFIX(int channels_per_group, int C);                                              \
   void dcn_bwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
   void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
   /* absmax (N, C) = max over rows of |x| for x (N, R, C); absmax must be zero-filled first. */                 \

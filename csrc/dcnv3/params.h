@@ -29,8 +29,15 @@ struct DcnParams {
   bool apply_softmax;  // fused: softmax over the mask logits; core: mask taken as given
   bool has_cfs;        // center-feature-scale blend y = y(1-s) + value*s, s = sigmoid(logit[3P])
 
-  // Forward output: y (N, Ho, Wo, C), the blended aggregate (input of output_proj).
+  // Forward output: y (N, Ho, Wo, C), the blended aggregate (input of output_proj); null: not stored (inference
+  // with the output projection fused: nothing needs y again).
   void* y;
+  // The output projection fused as the forward's epilogue (dcn_fwd_out): out (N, Ho, Wo, Cout) = y . wout^T + bout,
+  // wout (Cout, C) row-major, bout (Cout). Unused (null) by dcn_fwd.
+  const void* wout;
+  const void* bout;
+  void* out;
+  int Cout;
 
   // Backward inputs/outputs.
   const void* grad_y;            // (N*Ho*Wo, C) T: gradient w.r.t. y

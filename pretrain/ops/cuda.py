@@ -6,13 +6,13 @@ a GPU machine, `unavailable_reason` says so and `backend="auto"` keeps using the
 
 Kernel boundary (see csrc/dcnv3/dcn_kernels.cuh): the offset/mask(/center-feature-scale) projections are packed
 into one weight `wpack` (G*32, C): per group 2P offset rows, P mask rows, 1 cfs row, zero padding. The sampling
-kernel computes those logits on chip, then softmax, aggregation and the cfs blend; the output projection is a
-separate GEMM. Packing is done here with differentiable torch ops, so autograd maps grad(wpack) back onto the
+kernel computes those logits on chip, then softmax, aggregation and the cfs blend, and (where the tile's y fits
+in shared memory) the output projection as its epilogue; y is stored only for grad wout. Packing is done here with differentiable torch ops, so autograd maps grad(wpack) back onto the
 module's own offset/mask/cfs parameters.
 
 Ops (torch.library.custom_op, with fake implementations so torch.compile can trace them):
-    internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate)
-        -> (out, y, reach)
+    internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y)
+        -> (out, y (empty unless save_y), reach)
     internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, ..., emulate) -> 6 grads
     internimage_dcnv3::core_fwd(value, logits, ho, wo, geom, offset_scale, emulate) -> (y, reach)
     internimage_dcnv3::core_bwd(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate)
@@ -27,6 +27,7 @@ too). Neither is for speed: `auto` never routes CPU work here.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import importlib.util
 import warnings
@@ -266,29 +267,38 @@ def fused_fwd(
     offset_scale: float,
     has_cfs: bool,
     emulate: bool,
+    save_y: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out (N,H,W,Cout), y (N,H,W,C) the blended aggregate, saved for grad wout, reach for the backward)."""
+    """-> (out (N,H,W,Cout), y (N,H,W,C) the blended aggregate, saved for grad wout (an empty tensor unless
+    save_y: inference needs no y), reach for the backward)."""
     if emulate:
-        return _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate)
+        return _fused_fwd_cuda(
+            value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y
+        )
     g = _geom_from_list(geom, offset_scale)
     logits = F.linear(x1, wpack, bpack)
     y = sample_reference(value, logits, g, True, has_cfs)
     reach = _reach_like(value, *value.shape[1:3])
-    return F.linear(y, wout, bout).contiguous(), y.contiguous(), reach
+    return F.linear(y, wout, bout).contiguous(), _y_output(y.contiguous(), save_y), reach
+
+
+def _y_output(y: torch.Tensor, save_y: bool) -> torch.Tensor:
+    return y if save_y else y.new_empty(0)
 
 
 @fused_fwd.register_kernel("cuda")
-def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate):
-    ext = _kernels(value)
-    h, w = value.shape[1], value.shape[2]
-    y, reach = ext.sample_fwd(value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs)
-    return ext.linear_fwd(y, wout, bout), y, reach
+def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y):
+    # One launch where the tile's y fits on chip: the output projection is the sampling kernel's epilogue.
+    out, y, reach = _kernels(value).block_fwd(
+        value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, save_y
+    )
+    return out, y, reach
 
 
 @fused_fwd.register_fake
-def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate):
+def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y):
     out = value.new_empty((*value.shape[:3], wout.shape[0]))
-    return out, _like(value), _reach_like(value, *value.shape[1:3])
+    return out, _y_output(_like(value), save_y), _reach_like(value, *value.shape[1:3])
 
 
 @torch.library.custom_op(f"{_LIB}::fused_bwd", mutates_args=())
@@ -355,7 +365,7 @@ def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, off
 
 
 def _fused_setup(ctx, inputs, output):
-    value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate = inputs
+    value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, _save_y = inputs
     ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1], output[2])
     ctx.geom, ctx.offset_scale, ctx.has_cfs, ctx.emulate = geom, offset_scale, has_cfs, emulate
     # y and reach are internal outputs (kept for the backward) that the public wrapper never returns: without this,
@@ -366,7 +376,7 @@ def _fused_setup(ctx, inputs, output):
 def _fused_backward(ctx, grad_out, _grad_y, _grad_reach):
     value, x1, wpack, bpack, wout, y, reach = ctx.saved_tensors
     if grad_out is None:  # `out` did not reach the loss
-        return (None,) * 10
+        return (None,) * 11
     grads = fused_bwd(
         grad_out.contiguous(),
         value,
@@ -381,7 +391,7 @@ def _fused_backward(ctx, grad_out, _grad_y, _grad_reach):
         ctx.has_cfs,
         ctx.emulate,
     )
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -487,6 +497,11 @@ def _fused_call(
     """The op path without availability checks (emulate=False on CPU: the plumbing with the reference)."""
     dtype = value.dtype
     wpack, bpack = pack_projection(params, geom, dtype)
+    # y is kept for grad wout only when a gradient can flow (not under no_grad/inference_mode).
+    save_y = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (value, x1, *(getattr(params, f.name) for f in dataclasses.fields(params)))
+    )
     out, _, _ = fused_fwd(
         _aligned(value),
         _aligned(x1.to(dtype)),
@@ -498,6 +513,7 @@ def _fused_call(
         float(geom.offset_scale),
         params.cfs_weight is not None,
         emulate,
+        save_y,
     )
     return out
 

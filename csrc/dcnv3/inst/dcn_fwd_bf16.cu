@@ -14,4 +14,8 @@ void dcn_fwd_bf16(int channels_per_group, const DcnParams& p, cudaStream_t strea
   }
 }
 
+bool dcn_fwd_out_fits_bf16(int channels_per_group, int C) {
+  return channels_per_group == 16 ? fwd_out_fits<cutlass::bfloat16_t, 16>(C) : fwd_out_fits<cutlass::bfloat16_t, 32>(C);
+}
+
 }  // namespace dcnv3

@@ -14,4 +14,8 @@ void dcn_fwd_f32(int channels_per_group, const DcnParams& p, cudaStream_t stream
   }
 }
 
+bool dcn_fwd_out_fits_f32(int channels_per_group, int C) {
+  return channels_per_group == 16 ? fwd_out_fits<float, 16>(C) : fwd_out_fits<float, 32>(C);
+}
+
 }  // namespace dcnv3
