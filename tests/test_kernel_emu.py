@@ -14,7 +14,7 @@ import pytest
 import torch
 from kernel_cases import DTYPES, TOL, Case, check_block, check_core, make_inputs, rounded, run_block
 
-from pretrain.ops import DCNGeometry, cuda, emulation
+from pretrain.ops import DCNGeometry, cuda, dcnv3_fused_reference, emulation
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +137,24 @@ def test_grad_value_outlier_costs_no_precision_elsewhere(emu):
     assert err[0, 5] < 1e-5
 
 
+def test_fused_grad_value_scale_bound_keeps_images_apart(emu):
+    """The fused backward scales grad value by a bound of max |grad_y| (from grad_out's per-image maxima and |wout|):
+    a grad_out 1e10 x larger at one pixel of image 0 leaves image 1 at fp32 accuracy, and image 0 too (its bound
+    is about the outlier's own grad_y)."""
+    case = Case("outlier-fused", n=2, h=6, w=6, c=64, group=4)
+    value, x1, params, geom, grad_out = make_inputs(case)
+    grad_out[0, 2, 3, 5] = 1e10
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        v, x, p = rounded(value, x1, params, torch.float32, dtype)
+        fn = dcnv3_fused_reference if dtype == torch.float64 else cuda.dcnv3_fused_emu
+        (g,) = torch.autograd.grad(fn(v, x, p, geom), v, grad_out.float().to(dtype))
+        grads.append(g.double())
+    exact, kernel = grads
+    err = (kernel - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)  # per image
+    assert err.max() < 1e-5, err
+
+
 def test_unused_internal_output_gets_no_materialised_gradient(emu):
     """y (the internal output kept for grad W_out) never reaches the loss: autograd must not allocate and
     zero-fill a gradient of its size for the op's backward (128 MB per block at InternImage-H stage 1)."""
@@ -185,7 +203,7 @@ def test_weight_gradient_split_k_in_one_launch(emu, dtype):
     grad = torch.randn(3 * 4096, 20, generator=gen).to(dtype)
     a = torch.randn(3 * 4096, 16, generator=gen).to(dtype)
     with emulation.count() as launches:
-        gw, gb = emu.linear_bwd_weight(grad, a)
+        gw, gb, _ = emu.linear_bwd_weight(grad, a)
     [gemm] = launches
     assert gemm["kernel"] == "gemm" and gemm["grid"][2] > 8
     exact_w = grad.double().t() @ a.double()
@@ -194,21 +212,24 @@ def test_weight_gradient_split_k_in_one_launch(emu, dtype):
         err = ((got.double() - exact).norm() / exact.norm()).item()
         assert err < TOL[dtype], err
     with emulation.thread_order("shuffle", seed=3, ext=emu):
-        gw2, gb2 = emu.linear_bwd_weight(grad, a)
+        gw2, gb2, _ = emu.linear_bwd_weight(grad, a)
     assert torch.equal(gw, gw2) and torch.equal(gb, gb2)
 
 
-def test_grad_y_absmax_in_the_gemm_epilogue(emu):
-    """The grad_y GEMM's epilogue takes max |grad_y| per image and channel: equal to the plain max, with tiles that
-    straddle two images (5 x 7 pixels per image), and +inf for a non-finite value."""
+def test_grad_out_absmax_in_the_weight_gradient_launch(emu):
+    """grad wout's GEMM also takes max |grad_out| per image (400 rows) and channel while its first-column tiles read
+    grad_out for the bias gradient: equal to the plain max across 3 splits that straddle images, +inf for NaN."""
     gen = torch.Generator().manual_seed(6)
-    grad = torch.randn(3, 5, 7, 24, generator=gen).bfloat16()
-    w = torch.randn(24, 40, generator=gen).bfloat16()
-    grad[2, 1, 3, 5] = float("nan")
-    out, absmax = emu.linear_bwd_input(grad, w, 35)
-    expected = out.view(3, 35, 40).float().abs().amax(1)  # of the values as stored
-    assert torch.isinf(absmax[2]).sum() == 40 and torch.isinf(absmax).sum() == 40
-    assert torch.equal(absmax[:2], expected[:2])
+    grad = torch.randn(5 * 400, 24, generator=gen).bfloat16()
+    a = torch.randn(5 * 400, 40, generator=gen).bfloat16()
+    grad[3 * 400 + 17, 5] = float("nan")
+    with emulation.count() as launches:
+        _, _, absmax = emu.linear_bwd_weight(grad, a, 400)
+    assert [launch["kernel"] for launch in launches] == ["gemm"] and launches[0]["grid"][2] == 3
+    expected = grad.view(5, 400, 24).float().abs().amax(1)
+    assert torch.isinf(absmax[3, 5]) and torch.isinf(absmax).sum() == 1
+    expected[3, 5] = absmax[3, 5]
+    assert torch.equal(absmax, expected)
 
 
 def test_counters_see_the_scatter_in_shared_memory(emu):
@@ -227,8 +248,9 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     assert sample_fwd["kernel"] == "dcn_fwd_out"
     assert sample_fwd["atomics"] == 2 * n * -(-h // 8) * -(-w // 8)
     kernels = [launch["kernel"] for launch in launches]
-    assert kernels.count("dcn_bwd_value") == 1 and "dcn_bwd" not in kernels, kernels
-    assert "absmax_rows" not in kernels  # the grad_y GEMM's epilogue takes the fixed-point scales
+    # grad wout (and max |grad_out|: the fixed-point scales), the sampling backward (grad_y recomputed from
+    # grad_out per tile, never stored), grad x1, grad wpack: no grad_y GEMM, no absmax pass.
+    assert kernels == ["gemm", "dcn_bwd_value", "gemm", "gemm"], kernels
     bwd = launches[kernels.index("dcn_bwd_value")]
     # At most 4 corners x 9 points per pixel and channel; most corners are inside at these offsets.
     assert bwd["atomics"] == 0

@@ -233,15 +233,13 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   return {out, y, reach};
 }
 
-// -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,G*32) dtype of value)
-// grad_y_absmax (N, C): max |grad_y| per image and channel when the caller has it (linear_bwd_input's epilogue),
-// else computed here.
+// -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,G*32) dtype of value), the core op's backward:
+// max |grad_y| per image and channel (the fixed-point scales) first, then the sampling backward.
 std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& value,
                                    const c10::optional<at::Tensor>& x1, const c10::optional<at::Tensor>& wpack,
                                    const c10::optional<at::Tensor>& bpack, const c10::optional<at::Tensor>& logits,
                                    int64_t ho, int64_t wo, std::vector<int64_t> geom, double offset_scale,
-                                   bool apply_softmax, bool has_cfs, const at::Tensor& reach,
-                                   const c10::optional<at::Tensor>& grad_y_absmax) {
+                                   bool apply_softmax, bool has_cfs, const at::Tensor& reach) {
   check_tensor(value, "value", value);
   const DeviceGuard guard(value.device());
   DT dt = dtype_of(value);
@@ -249,27 +247,16 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   bind_logit_source(p, value, x1, wpack, bpack, logits);
   check_tensor(grad_y, "grad_y", value);
   TORCH_CHECK(grad_y.numel() == int64_t(p.N) * ho * wo * p.C, "dcnv3 CUDA: grad_y must be (N, Ho, Wo, C)");
-  auto f32 = value.options().dtype(at::kFloat);
-  at::Tensor absmax;  // per (image, channel): the fixed-point scales
-  if (grad_y_absmax.has_value()) {
-    check_tensor(*grad_y_absmax, "grad_y_absmax", value, /*same_dtype=*/false);
-    TORCH_CHECK(grad_y_absmax->scalar_type() == at::kFloat && grad_y_absmax->numel() == int64_t(p.N) * p.C,
-                "dcnv3 CUDA: grad_y_absmax must be float32 (N, C)");
-    absmax = *grad_y_absmax;
-  } else {
-    absmax = at::zeros({p.N, p.C}, f32);
-  }
+  at::Tensor absmax = at::zeros({p.N, p.C}, value.options().dtype(at::kFloat));
   check_tensor(reach, "reach", value, /*same_dtype=*/false);
   TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((ho + 7) / 8) * ((wo + 7) / 8)),
               "dcnv3 CUDA: reach must be sample_fwd's second output for these shapes");
   at::Tensor grad_logits = new_output({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
-  if (!grad_y_absmax.has_value()) {
-    DCNV3_DISPATCH(dt, absmax_rows, grad_y.data_ptr(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
-                   stream());
-    check_launch();
-  }
+  DCNV3_DISPATCH(dt, absmax_rows, grad_y.data_ptr(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
+                 stream());
+  check_launch();
   p.grad_y = grad_y.data_ptr();
   p.grad_y_absmax = absmax.data_ptr<float>();
   p.grad_logits = grad_logits.data_ptr();
@@ -308,23 +295,18 @@ at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optio
   return out;
 }
 
-// grad_a (M, K) = grad (M, N) . w (N, K). With absmax_rows > 0 the epilogue also takes max |grad_a| (as stored)
-// per group of absmax_rows rows and column (an image's pixels: the fixed-point scales of sample_bwd), returned as a
-// second tensor (M / absmax_rows, K).
-std::vector<at::Tensor> linear_bwd_input(const at::Tensor& grad, const at::Tensor& w, int64_t absmax_rows) {
+// grad_a (M, K) = grad (M, N) . w (N, K).
+at::Tensor linear_bwd_input(const at::Tensor& grad, const at::Tensor& w) {
   check_tensor(grad, "grad", grad);
   check_tensor(w, "weight", grad);
   const DeviceGuard guard(grad.device());
   DT dt = dtype_of(grad);
   TORCH_CHECK(w.dim() == 2 && grad.size(-1) == w.size(0), "dcnv3 CUDA: weight must be (N, K) with N = grad's last dim");
   const int64_t N = w.size(0), K = w.size(1), M = grad.numel() / std::max<int64_t>(N, 1);
-  TORCH_CHECK(absmax_rows == 0 || (absmax_rows > 0 && M % absmax_rows == 0),
-              "dcnv3 CUDA: absmax_rows must divide the output's rows");
   auto sizes = grad.sizes().vec();
   sizes.back() = K;
   at::Tensor out = new_output(sizes, grad.options());
-  at::Tensor absmax = at::zeros({absmax_rows > 0 ? M / absmax_rows : 0, K}, grad.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, absmax};
+  if (out.numel() == 0) return out;
   GemmParams p{};
   // A(m, n) = grad[m*N + n]; B(k, n) = w[n*K + k]  (w read transposed in place).
   p.a = grad.data_ptr(); p.a_m = N; p.a_k = 1;
@@ -332,18 +314,16 @@ std::vector<at::Tensor> linear_bwd_input(const at::Tensor& grad, const at::Tenso
   p.M = static_cast<int>(M); p.N = static_cast<int>(K); p.K = static_cast<int>(N);
   p.k_per_split = static_cast<int>(N);
   p.out = out.data_ptr();
-  if (absmax_rows > 0) {
-    p.absmax = absmax.data_ptr<float>();
-    p.rows_per_group = static_cast<int>(absmax_rows);
-  }
   DCNV3_DISPATCH(dt, gemm, p, 1, stream());
   check_launch();
-  return {out, absmax};
+  return out;
 }
 
 // grad_w (N, K) = grad (M, N)^T . a (M, K) and grad_b (N) = column sums of grad, in one launch: deterministic
-// split-K over the M rows, the last split of each output tile summing the fp32 partials in split order.
-std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tensor& a) {
+// split-K over the M rows, the last split of each output tile summing the fp32 partials in split order. With
+// grad_absmax_rows > 0 also max |grad| per group of that many rows and column (M / rows, N) fp32, a third output,
+// taken while the bias gradient's loop reads grad.
+std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tensor& a, int64_t grad_absmax_rows) {
   check_tensor(grad, "grad", grad);
   check_tensor(a, "input", grad);
   const DeviceGuard guard(grad.device());
@@ -352,7 +332,11 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   TORCH_CHECK(a.numel() == M * K, "dcnv3 CUDA: input and grad disagree on the number of rows");
   at::Tensor gw = new_output({N, K}, grad.options());
   at::Tensor gb = new_output({N}, grad.options());
-  if (M == 0) return {gw.zero_(), gb.zero_()};
+  TORCH_CHECK(grad_absmax_rows == 0 || (grad_absmax_rows > 0 && M % grad_absmax_rows == 0),
+              "dcnv3 CUDA: grad_absmax_rows must divide grad's rows");
+  at::Tensor absmax = at::zeros({grad_absmax_rows > 0 ? M / grad_absmax_rows : 0, N},
+                                grad.options().dtype(at::kFloat));
+  if (M == 0) return {gw.zero_(), gb.zero_(), absmax};
   const int sms = sm_count(grad);
   // Output tiles as launch_gemm picks them (128 wide where the matrix is wider than 64).
   const int64_t tile_m = N > 64 ? 128 : 64, tile_n = K > 64 ? 128 : 64;
@@ -379,9 +363,62 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   p.tile_counters = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
   p.row_sum_partial = row_partial.data_ptr<float>();
   p.row_sum_out = gb.data_ptr();
+  if (grad_absmax_rows > 0) {
+    p.a_absmax = absmax.data_ptr<float>();
+    p.a_rows_per_group = static_cast<int>(grad_absmax_rows);
+  }
   DCNV3_DISPATCH(dt, gemm, p, static_cast<int>(splits), stream());
   check_launch();
-  return {gw, gb};
+  return {gw, gb, absmax};
+}
+
+// The DCN block's backward -> grads of (value, x1, wpack, bpack, wout, bout), in four launches:
+//   1. grad wout, grad bout (split-K GEMM over grad_out and y), which also takes max |grad_out| per image and
+//      channel while it reads grad_out's rows: sum_k max|grad_out[n, :, k]| |wout[k, c]| bounds |grad_y[n, :, c]|,
+//      the fixed-point scale of grad value (a bound costs a few of its 24 spare bits, and no pass over grad_y);
+//   2. the sampling backward, grad_y recomputed per tile from grad_out (it never goes through HBM): grad value and
+//      grad logits;
+//   3. grad x1 = grad logits . wpack;  4. grad wpack, grad bpack.
+std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& x1,
+                                  const at::Tensor& wpack, const at::Tensor& bpack, const at::Tensor& wout,
+                                  const at::Tensor& y, const at::Tensor& reach, std::vector<int64_t> geom,
+                                  double offset_scale, bool has_cfs) {
+  check_tensor(value, "value", value);
+  const DeviceGuard guard(value.device());
+  DT dt = dtype_of(value);
+  const int64_t h = value.size(1), w = value.size(2);
+  DcnParams p = make_params(value, h, w, geom, offset_scale, /*apply_softmax=*/true, has_cfs);
+  bind_logit_source(p, value, x1, wpack, bpack, c10::nullopt);
+  check_tensor(grad_out, "grad_out", value);
+  check_tensor(wout, "wout", value);
+  TORCH_CHECK(wout.dim() == 2 && wout.size(1) == p.C, "dcnv3 CUDA: wout must be (Cout, C) with C = ", p.C);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == h && grad_out.size(2) == w &&
+                  grad_out.size(3) == wout.size(0), "dcnv3 CUDA: grad_out must be (N, H, W, Cout)");
+  TORCH_CHECK(y.sizes() == value.sizes(), "dcnv3 CUDA: y must be block_fwd's, saved with save_y");
+  check_tensor(reach, "reach", value, /*same_dtype=*/false);
+  TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((h + 7) / 8) * ((w + 7) / 8)),
+              "dcnv3 CUDA: reach must be block_fwd's third output for these shapes");
+  std::vector<at::Tensor> wout_grads = linear_bwd_weight(grad_out, y, h * w);
+  at::Tensor grad_logits = new_output({p.N, h, w, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
+  at::Tensor grad_value = new_output(value.sizes(), value.options());
+  at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
+  if (grad_out.numel() > 0) {
+    p.grad_out = grad_out.data_ptr();
+    p.wout = wout.data_ptr();
+    p.Cout = static_cast<int>(wout.size(0));
+    p.grad_y_absmax = grad_y_bound.data_ptr<float>();
+    p.grad_logits = grad_logits.data_ptr();
+    p.grad_value = grad_value.data_ptr();
+    p.reach = reach.data_ptr<int>();
+    DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
+    check_launch();
+  } else {
+    grad_value.zero_();
+    grad_logits.zero_();
+  }
+  at::Tensor grad_x1 = linear_bwd_input(grad_logits, wpack);
+  std::vector<at::Tensor> wpack_grads = linear_bwd_weight(grad_logits, x1, 0);
+  return {grad_value, grad_x1, wpack_grads[0], wpack_grads[1], wout_grads[0], wout_grads[1]};
 }
 
 #ifdef DCNV3_EMULATION
@@ -428,10 +465,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_fwd", &sample_fwd, "(y, reach): y = sample(value, logits or x1.wpack^T+bpack)");
   m.def("block_fwd", &block_fwd,
         "(out, y or empty, reach): the block forward, output projection fused as the sampling epilogue if it fits");
+  m.def("block_bwd", &block_bwd,
+        "grads of (value, x1, wpack, bpack, wout, bout): the block backward, grad_y recomputed in the sampling kernel");
   m.def("sample_bwd", &sample_bwd, "(grad_value, grad_logits) of sample_fwd, given its reach");
   m.def("linear_fwd", &linear_fwd, "a . w^T + bias (tensor-core tiles, fp32 accumulation)");
   m.def("linear_bwd_input", &linear_bwd_input, "grad . w");
-  m.def("linear_bwd_weight", &linear_bwd_weight, "(grad^T . a, column sums of grad), deterministic split-K");
+  m.def("linear_bwd_weight", &linear_bwd_weight,
+        "(grad^T . a, column sums of grad, max |grad| per group of grad_absmax_rows rows or empty): deterministic split-K",
+        py::arg("grad"), py::arg("a"), py::arg("grad_absmax_rows") = 0);
   m.attr("kMaxPoints") = dcnv3::kMaxPoints;
   m.attr("kGroupCols") = dcnv3::kGroupCols;
 #ifdef DCNV3_EMULATION

@@ -21,6 +21,8 @@
 // dcn_bwd: grad logits alone, for geometries whose output grid is not the value grid (strided core op).
 #pragma once
 
+#include <stdexcept>
+
 #include "params.h"
 #include "tile_gemm.cuh"
 
@@ -384,14 +386,14 @@ struct ScatterBox {
 };
 
 // Backward of one (pixel, group) pair, served by kLanes consecutive lanes, each owning one 16-byte channel
-// vector: recompute the samples, reduce the per-point dot products across the lanes (fixed shuffle tree), apply
+// vector, given the pair's grad_y (gy_row: its first channel, in global or shared memory): recompute the samples, reduce the per-point dot products across the lanes (fixed shuffle tree), apply
 // the softmax/sigmoid backward and write the pair's 32 grad logits (to global memory, or to `gl_row` in shared
 // memory for a coalesced store later); with `box`, also add its grad value terms. Whole warps must call it
 // (shuffles): an invalid pair runs with zeros and writes nothing.
 template <class T, int CG>
-__device__ __forceinline__ void pair_backward(const DcnParams& p, const float* row, int m, int g, int gl, int lane,
-                                              bool valid, const ScatterBox* box, const ValueWindow<T, CG>* win,
-                                              T* gl_row = nullptr) {
+__device__ __forceinline__ void pair_backward(const DcnParams& p, const float* row, const T* gy_row, int m, int g,
+                                              int gl, int lane, bool valid, const ScatterBox* box,
+                                              const ValueWindow<T, CG>* win, T* gl_row = nullptr) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;
   const int mm = valid ? m : 0, gg = valid ? g : 0;
@@ -402,7 +404,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
 
   float gy[kVec], gyc[kVec], ycore[kVec];
   if (valid) {
-    load_vec<T>(static_cast<const T*>(p.grad_y) + int64_t(mm) * p.C + ch, gy);
+    load_vec<T>(gy_row + lane * kVec, gy);
   } else {
 #pragma unroll
     for (int v = 0; v < kVec; ++v) gy[v] = 0.f;
@@ -521,7 +523,9 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
     const int pair = item / kLanes, lane = item % kLanes;
     const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
     const int m = m0 + pix, g = g0 + gl;
-    pair_backward<T, CG>(p, logit_row(sm.logits, pix, gl), m, g, gl, lane, m < M && g < p.G, nullptr, nullptr);
+    const bool valid = m < M && g < p.G;
+    const T* gy_row = valid ? static_cast<const T*>(p.grad_y) + int64_t(m) * p.C + g * CG : nullptr;
+    pair_backward<T, CG>(p, logit_row(sm.logits, pix, gl), gy_row, m, g, gl, lane, valid, nullptr, nullptr);
   }
 }
 
@@ -545,7 +549,8 @@ template <class T, int CG>
 struct DcnValueSmem {
   DcnSmem<T> dcn;
   ValueWindow<T, CG> window;                                   // for the own tile's value reads
-  T grad_logits[kTileM * kGroupsPerCta * kGroupCols];          // the own tile's, stored coalesced at the end
+  alignas(16) T grad_logits[kTileM * kGroupsPerCta * kGroupCols];  // the own tile's, stored coalesced at the end
+  alignas(16) T grad_y[kTileM * kGroupsPerCta * CG];               // the chunk's (load_grad_y)
   unsigned long long acc[kTile * kTile * kGroupsPerCta * CG];  // (target pixel, channel of the 2 groups)
   float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
   int rows[kTileM];                                            // the chunk's source pixels (-1: none)
@@ -603,6 +608,34 @@ __device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch
   }
 }
 
+// The grad_y of a chunk of 64 output pixels (rows: shared memory, < 0 for none) for the CTA's 2 groups, in T, into
+// gy (kTileM x the 2 groups' channels, shared). With p.wout: recomputed as grad_out rows . wout (the tile GEMM,
+// K = Cout, through sm's staging and logits tiles, so before compute_logits), rounded to T as a stored grad_y
+// would be; else copied from p.grad_y. All threads; ends with a barrier.
+template <class T, int CG>
+__device__ void load_grad_y(const DcnParams& p, DcnSmem<T>& sm, T* gy, int g0, int M, const int* rows) {
+  constexpr int kChans = kGroupsPerCta * CG;
+  static_assert(kChans <= kTileN, "the 2 groups' channels fit one GEMM tile");
+  const int c0 = g0 * CG;
+  if (p.wout != nullptr) {
+    // A(m, k) = grad_out[m*Cout + k], rows gathered; B(n, k) = wout[k*C + n]: wout read transposed in place.
+    tile_gemm<T>(sm.gemm, sm.logits, static_cast<const T*>(p.grad_out), p.Cout, 1, 0, M,
+                 static_cast<const T*>(p.wout), 1, p.C, c0, min(p.C, c0 + kChans), 0, p.Cout, rows);
+    for (int i = threadIdx.x; i < kTileM * kChans; i += kThreads)
+      gy[i] = from_float<T>(sm.logits[(i / kChans) * (kTileN + kAccPad) + i % kChans]);
+  } else {
+    constexpr int kRowVecs = kChans / Vec<T>::kN;
+    for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
+      const int r = i / kRowVecs, c = (i % kRowVecs) * Vec<T>::kN, m = rows[r];
+      uint4 v{0, 0, 0, 0};
+      if (m >= 0 && c0 + c < p.C)
+        v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.grad_y) + int64_t(m) * p.C + c0 + c);
+      *reinterpret_cast<uint4*>(gy + r * kChans + c) = v;
+    }
+  }
+  __syncthreads();
+}
+
 // grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)), kThreads threads, sizeof(DcnValueSmem<T, CG>) dynamic smem.
 // kOwnTile (output grid == value grid, sampling base == the pixel: stride 1, "same" padding): the CTA's own 8x8
 // tile of output pixels is taken first and whole, with its full backward (grad logits too: pair_backward), so
@@ -632,13 +665,14 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
     __syncthreads();  // rows, and the accumulator's zeros and scales
     const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
     stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
+    load_grad_y<T, CG>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
     compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
     for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
       const int pair = item / kLanes, lane = item % kLanes;
       const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
       const int m = sm.rows[pix], g = g0 + gl;
-      pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), m, g, gl, lane, m >= 0 && g < p.G, &box,
-                           &sm.window, sm.grad_logits + pair * kGroupCols);
+      pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), sm.grad_y + pix * kChans + gl * CG, m, g, gl, lane,
+                           m >= 0 && g < p.G, &box, &sm.window, sm.grad_logits + pair * kGroupCols);
     }
     __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
     constexpr int kRowVecs = kGroupsPerCta * kGroupCols / Vec<T>::kN;  // 16-byte vectors per pixel
@@ -669,6 +703,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
         sm.rows[threadIdx.x] = m;
       }
       __syncthreads();
+      load_grad_y<T, CG>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
       compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
 
       for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
@@ -680,11 +715,10 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
         const float* row = logit_row(sm.dcn.logits, pix, gl);
         const float s = p.has_cfs ? row[3 * p.P] : 0.f;
         // Lane l owns channels l, l + kLanes, ...: in each shared atomic the pair's lanes hit consecutive words.
-        const int ch = g * CG + lane;
         float gy[kVec], gyc[kVec], scale[kVec];
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          gy[v] = to_float(static_cast<const T*>(p.grad_y)[int64_t(m) * p.C + ch + kLanes * v]);
+          gy[v] = to_float(sm.grad_y[pix * kChans + gl * CG + lane + kLanes * v]);
           gyc[v] = gy[v] * (1.f - s);
           scale[v] = sm.scale[gl * CG + lane + kLanes * v];
         }
@@ -752,6 +786,7 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
                   sizeof(DcnValueSmem<T, CG>), stream, p);
     return;
   }
+  if (p.wout != nullptr) throw std::invalid_argument("dcnv3: grad_y from grad_out needs the one-launch geometry");
   const int M = p.N * p.Ho * p.Wo;
   launch_kernel("dcn_bwd", dcn_bwd_kernel<T, CG>, dim3((M + kTileM - 1) / kTileM, groups), dim3(kThreads), stream,
                 p);

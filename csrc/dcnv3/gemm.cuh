@@ -1,5 +1,6 @@
 // The projection GEMMs of the DCN block that are not fused into the sampling kernels, with their fixed-order
-// reductions (split-K sums and bias-gradient row sums in the same launch, max|grad| in the epilogue or alone).
+// reductions (split-K sums, bias-gradient row sums and per-image max|grad_out| in the same launch; max|grad_y|
+// alone for the core op).
 // Every reduction here has a fixed order: results are bitwise reproducible run to run.
 #pragma once
 
@@ -36,12 +37,27 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
   const T* a = static_cast<const T*>(p.a);
   tile_gemm<T, BM, BN>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N,
                        k_begin, k_end);
-  // Row sums of A over this split's K range (a bias gradient): the tiles of the first column, a row per thread.
+  // Row sums of A over this split's K range (a bias gradient) and/or A's per-group absmax: the tiles of the first
+  // column, a row per thread.
   const int sum_row = m0 + threadIdx.x;
-  const bool sums_row = p.row_sum_out != nullptr && blockIdx.y == 0 && int(threadIdx.x) < BM && sum_row < p.M;
+  const bool reads_row = (p.row_sum_out != nullptr || p.a_absmax != nullptr) && blockIdx.y == 0 &&
+                         int(threadIdx.x) < BM && sum_row < p.M;
+  const bool sums_row = reads_row && p.row_sum_out != nullptr;
   float row_sum = 0.f;
-  if (sums_row)
-    for (int k = k_begin; k < k_end; ++k) row_sum += to_float(a[sum_row * p.a_m + int64_t(k) * p.a_k]);
+  if (reads_row) {
+    float mx = 0.f;
+    for (int k = k_begin; k < k_end; ++k) {
+      const float v = to_float(a[sum_row * p.a_m + int64_t(k) * p.a_k]);
+      row_sum += v;
+      if (p.a_absmax == nullptr) continue;
+      mx = fmaxf(mx, abs_or_inf(v));
+      const int group = k / p.a_rows_per_group;
+      if (k + 1 == k_end || (k + 1) / p.a_rows_per_group != group) {
+        atomicMax(reinterpret_cast<int*>(p.a_absmax + int64_t(group) * p.M + sum_row), __float_as_int(mx));
+        mx = 0.f;
+      }
+    }
+  }
   if (gridDim.z > 1) {
     // Split-K: write this split's partials and count the split in; the last split of the tile to arrive sums all
     // of them in split order (into acc and row_sum) and goes on to the epilogue, the others are done.
@@ -77,23 +93,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
     if (m >= p.M || n >= p.N) continue;
     float v = acc[r * (BN + kAccPad) + c];
     if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
-    const T out = from_float<T>(v);
-    static_cast<T*>(p.out)[int64_t(m) * p.N + n] = out;
-    if (p.absmax != nullptr) acc[r * (BN + kAccPad) + c] = to_float(out);  // the max of what was stored
-  }
-  __syncthreads();
-  if (p.absmax != nullptr && threadIdx.x < BN && n0 + int(threadIdx.x) < p.N) {
-    // One column per thread, down the tile's rows: one atomicMax per (row group, column) the tile touches.
-    const int c = threadIdx.x, n = n0 + c;
-    float mx = 0.f;
-    for (int r = 0; r < BM && m0 + r < p.M; ++r) {
-      mx = fmaxf(mx, abs_or_inf(acc[r * (BN + kAccPad) + c]));
-      const int group = (m0 + r) / p.rows_per_group;
-      if (r + 1 == BM || m0 + r + 1 == p.M || (m0 + r + 1) / p.rows_per_group != group) {
-        atomicMax(reinterpret_cast<int*>(p.absmax + int64_t(group) * p.N + n), __float_as_int(mx));
-        mx = 0.f;
-      }
-    }
+    static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
   }
 }
 

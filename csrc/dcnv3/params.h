@@ -41,7 +41,12 @@ struct DcnParams {
 
   // Backward inputs/outputs.
   const void* grad_y;            // (N*Ho*Wo, C) T: gradient w.r.t. y
-  const float* grad_y_absmax;    // (N, C): max |grad_y[n, :, :, c]|, the fixed-point scale of grad value
+  // Or, with wout (Cout, C) set, grad_y is recomputed on chip per tile as grad_out (N*Ho*Wo, Cout) T . wout, the
+  // output projection's input gradient (like the logits: it never goes through HBM).
+  const void* grad_out;
+  // (N, C): an upper bound of max |grad_y[n, :, :, c]| (the max itself, or from grad_out's per-image maxima and
+  // |wout|), the fixed-point scale of grad value; +inf where grad_y is not finite.
+  const float* grad_y_absmax;
   void* grad_logits;             // (N*Ho*Wo, G*32) T: gradient w.r.t. packed logits (pre-softmax)
   void* grad_value;              // (N, H, W, C) T
   // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
@@ -78,10 +83,11 @@ struct GemmParams {
   // with splits, per split into row_sum_partial (splits, M) first, summed in split order.
   float* row_sum_partial;
   void* row_sum_out;
-  // When set: absmax (M / rows_per_group, N) |= max |out| (as stored) over each group of rows (atomicMax on the
-  // bits of non-negative floats: exact and order-independent; +inf for a non-finite value). Zeroed first.
-  float* absmax;
-  int rows_per_group;
+  // When set: a_absmax (K / a_rows_per_group, M) |= max |A(m, k)| over each group of K (an image's pixels), by the
+  // tiles of the first column while they read A's rows (the same loop as row_sum_out). atomicMax on the bits of
+  // non-negative floats: exact and order-independent; +inf for a non-finite value. Zeroed first.
+  float* a_absmax;
+  int a_rows_per_group;
 };
 
 }  // namespace dcnv3

@@ -338,18 +338,12 @@ def fused_bwd(
 
 @fused_bwd.register_kernel("cuda")
 def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate):
-    ext = _kernels(value)
-    h, w = value.shape[1], value.shape[2]
-    # grad_y (in the activations' dtype, as PyTorch's own backward gives it) feeds the sampling backward; the
-    # GEMM's epilogue also takes max |grad_y| per image and channel (the fixed-point scales of grad value).
-    grad_y, absmax = ext.linear_bwd_input(grad_out, wout, h * w)
-    grad_wout, grad_bout = ext.linear_bwd_weight(grad_out, y)
-    grad_value, grad_logits = ext.sample_bwd(
-        grad_y, value, x1, wpack, bpack, None, h, w, geom, offset_scale, True, has_cfs, reach, absmax
+    # grad wout first (its GEMM also takes max |grad_out| per image, bounding grad_y for the fixed-point scales),
+    # then one sampling launch that recomputes grad_y per tile from grad_out, then grad x1 and grad wpack/bpack.
+    grads = _kernels(value).block_bwd(
+        grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs
     )
-    grad_x1, _ = ext.linear_bwd_input(grad_logits, wpack, 0)
-    grad_wpack, grad_bpack = ext.linear_bwd_weight(grad_logits, x1)
-    return grad_value, grad_x1, grad_wpack, grad_bpack, grad_wout, grad_bout
+    return tuple(grads)
 
 
 @fused_bwd.register_fake
@@ -450,7 +444,7 @@ def core_bwd(
 @core_bwd.register_kernel("cuda")
 def _core_bwd_cuda(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate):
     gv, gl = _kernels(value).sample_bwd(
-        grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False, reach, None
+        grad_y, value, None, None, None, logits, ho, wo, geom, offset_scale, False, False, reach
     )
     return gv, gl
 
