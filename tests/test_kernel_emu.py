@@ -235,7 +235,7 @@ def test_grad_out_absmax_in_the_weight_gradient_launch(emu):
 def test_counters_see_the_scatter_in_shared_memory(emu):
     """The backward's grad(value) scatter runs in shared memory (owner-computes): one 64-bit shared atomic per
     (point, corner inside, channel), no global atomic, no accumulator pass, and (stride 1) one sampling launch that
-    also writes grad logits. The forward is one launch (the output projection is its epilogue) whose only global
+    also writes grad logits and grad x1 (its epilogue). The forward is one launch (the output projection is its epilogue) whose only global
     atomics record the reach: two per 8x8 tile."""
     value, x1, params, geom, grad_out = make_inputs(CASES[0])
     value, x1, params = rounded(value, x1, params, torch.float32)
@@ -249,15 +249,15 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     assert sample_fwd["atomics"] == 2 * n * -(-h // 8) * -(-w // 8)
     kernels = [launch["kernel"] for launch in launches]
     # grad wout (and max |grad_out|: the fixed-point scales), the sampling backward (grad_y recomputed from
-    # grad_out per tile, never stored), grad x1, grad wpack: no grad_y GEMM, no absmax pass.
-    assert kernels == ["gemm", "dcn_bwd_value", "gemm", "gemm"], kernels
-    bwd = launches[kernels.index("dcn_bwd_value")]
+    # grad_out per tile, never stored; grad x1 its epilogue), grad wpack: no grad_y GEMM, no absmax pass.
+    assert kernels == ["gemm", "dcn_bwd_x1", "gemm"], kernels
+    bwd = launches[1]
     # At most 4 corners x 9 points per pixel and channel; most corners are inside at these offsets.
     assert bwd["atomics"] == 0
     assert 0.5 * 36 * n * h * w * c < bwd["shared_atomics"] <= 36 * n * h * w * c
     assert (
-        bwd["unique_store_sectors"] * 32 == value.numel() * 4 + n * h * w * geom.group * 32 * 4
-    )  # grads, once
+        bwd["unique_store_sectors"] * 32 == 2 * value.numel() * 4 + n * h * w * geom.group * 32 * 4
+    )  # grad value, grad x1, grad logits, once each
     assert bwd["mma"] == 0  # fp32 projections run as FFMA (no TF32), like PyTorch's default
     assert bwd["load_sectors"] >= bwd["unique_load_sectors"] > 0
 
@@ -289,14 +289,18 @@ def test_forward_fuses_the_output_projection_and_stores_y_only_for_training(emu)
 
 
 def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
-    """fp32 with C = 640: the tile's y (64 x 648 x 4 bytes) and the sampling state exceed 227 KiB of shared memory,
-    so the sampling kernel writes y and the GEMM projects it; results still match float64."""
+    """fp32 with C = 640, G = 20: the tile's y (64 x 648 x 4 bytes) and the sampling state exceed 227 KiB of shared
+    memory, so the sampling kernel writes y and the GEMM projects it; likewise the backward's grad logits tile of
+    all groups, so grad x1 is a GEMM of its own. Results still match float64."""
     case = Case("fp32-wide-fallback", n=1, h=5, w=6, c=640, group=20)
     value, x1, params, geom, grad_out = make_inputs(case)
     args = rounded(value, x1, params, torch.float32)
     with emulation.count() as fwd:
-        cuda.dcnv3_fused_emu(*args, geom)
+        out = cuda.dcnv3_fused_emu(*args, geom)
+    with emulation.count() as bwd:
+        out.backward(grad_out.float())
     assert [launch["kernel"] for launch in fwd] == ["dcn_fwd", "gemm"]
+    assert [launch["kernel"] for launch in bwd] == ["gemm", "dcn_bwd_value", "gemm", "gemm"]
     check_block(cuda.dcnv3_fused_emu, case, torch.float32)
 
 

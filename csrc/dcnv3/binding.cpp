@@ -185,6 +185,14 @@ std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<
   return {y, reach};
 }
 
+bool bwd_x1_fits(DT dt, int cg, int G) {
+  switch (dt) {
+    case DT::f32: return dcnv3::dcn_bwd_x1_fits_f32(cg, G);
+    case DT::f16: return dcnv3::dcn_bwd_x1_fits_f16(cg, G);
+    default: return dcnv3::dcn_bwd_x1_fits_bf16(cg, G);
+  }
+}
+
 bool fwd_out_fits(DT dt, int cg, int C) {
   switch (dt) {
     case DT::f32: return dcnv3::dcn_fwd_out_fits_f32(cg, C);
@@ -372,13 +380,14 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
   return {gw, gb, absmax};
 }
 
-// The DCN block's backward -> grads of (value, x1, wpack, bpack, wout, bout), in four launches:
+// The DCN block's backward -> grads of (value, x1, wpack, bpack, wout, bout), in three launches:
 //   1. grad wout, grad bout (split-K GEMM over grad_out and y), which also takes max |grad_out| per image and
 //      channel while it reads grad_out's rows: sum_k max|grad_out[n, :, k]| |wout[k, c]| bounds |grad_y[n, :, c]|,
 //      the fixed-point scale of grad value (a bound costs a few of its 24 spare bits, and no pass over grad_y);
-//   2. the sampling backward, grad_y recomputed per tile from grad_out (it never goes through HBM): grad value and
-//      grad logits;
-//   3. grad x1 = grad logits . wpack;  4. grad wpack, grad bpack.
+//   2. the sampling backward, grad_y recomputed per tile from grad_out (it never goes through HBM): grad value,
+//      grad logits, and grad x1 = grad logits . wpack as its epilogue (where the tile's grad logits of all groups
+//      fit in shared memory; else a GEMM launch of its own);
+//   3. grad wpack, grad bpack.
 std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& x1,
                                   const at::Tensor& wpack, const at::Tensor& bpack, const at::Tensor& wout,
                                   const at::Tensor& y, const at::Tensor& reach, std::vector<int64_t> geom,
@@ -402,6 +411,8 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   at::Tensor grad_logits = new_output({p.N, h, w, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
+  const bool x1_fused = bwd_x1_fits(dt, p.C / p.G, p.G) && grad_out.numel() > 0;
+  at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
   if (grad_out.numel() > 0) {
     p.grad_out = grad_out.data_ptr();
     p.wout = wout.data_ptr();
@@ -410,13 +421,14 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
     p.grad_logits = grad_logits.data_ptr();
     p.grad_value = grad_value.data_ptr();
     p.reach = reach.data_ptr<int>();
+    p.grad_x1 = x1_fused ? grad_x1.data_ptr() : nullptr;
     DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
     check_launch();
   } else {
     grad_value.zero_();
     grad_logits.zero_();
   }
-  at::Tensor grad_x1 = linear_bwd_input(grad_logits, wpack);
+  if (!x1_fused) grad_x1 = linear_bwd_input(grad_logits, wpack);
   std::vector<at::Tensor> wpack_grads = linear_bwd_weight(grad_logits, x1, 0);
   return {grad_value, grad_x1, wpack_grads[0], wpack_grads[1], wout_grads[0], wout_grads[1]};
 }

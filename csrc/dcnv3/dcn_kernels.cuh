@@ -8,9 +8,10 @@
 //      bilinearly sampling the 4 corners of each of the P points (channels-last: a corner is one 16-byte load
 //      per lane), with fp32 accumulation, from the value window: the part of `value` the tile can touch, staged
 //      in shared memory (global memory for a corner outside it).
-// dcn_fwd: records the tile's reach (how far its samples land from their pixels), stages the window, blends
-//   with the center feature and writes y (the output projection runs as a separate GEMM: with C up to 2560 a
-//   full output row does not fit on chip, and y is needed again for grad W_out).
+// dcn_fwd_out: the forward, every group pair of a tile in one CTA: records the tile's reach (how far its samples
+//   land from their pixels), stages the window, blends with the center feature, keeps y whole in shared memory
+//   and runs the output projection as the epilogue (y is stored only for grad W_out in training). dcn_fwd: one
+//   pair per CTA, y written, for the core op and where the y tile does not fit (bf16 C > 1280, fp32 C > 620).
 // dcn_bwd_value: the backward, owner-computes. The CTA owns an 8x8 tile of *value* pixels and gathers every
 //   grad value term that lands in it into a 64-bit fixed-point accumulator in shared memory (integer adds
 //   commute exactly: deterministic), then writes the tile once: no global atomics, no accumulator in HBM, no
@@ -18,6 +19,7 @@
 //   (recomputed logits, like flash-attention; grad logits through a fixed shuffle tree and the softmax/sigmoid
 //   backward), then, from the forward's reach, every other output pixel that can sample the tile (a rectangle
 //   per nearby output tile, logits recomputed in 64-row chunks). The price is recomputing the halo's logits.
+//   In the fused block grad_y is recomputed per chunk too (grad_out rows . W_out): it never goes through HBM.
 // dcn_bwd: grad logits alone, for geometries whose output grid is not the value grid (strided core op).
 #pragma once
 
@@ -636,118 +638,167 @@ __device__ void load_grad_y(const DcnParams& p, DcnSmem<T>& sm, T* gy, int g0, i
   __syncthreads();
 }
 
-// grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)), kThreads threads, sizeof(DcnValueSmem<T, CG>) dynamic smem.
+// The grad logits tile of kAllPairs: (kTileM, G*32) in T after DcnValueSmem, row pitch G*32 + kSmemPad.
+template <class T>
+__host__ __device__ constexpr size_t grad_logits_tile_bytes(int G) {
+  return size_t(kTileM) * (G * kGroupCols + kSmemPad) * sizeof(T);
+}
+template <class T, int CG>
+__host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
+  return sizeof(DcnValueSmem<T, CG>) + (all_pairs ? grad_logits_tile_bytes<T>(G) : 0);
+}
+
+// grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)) (kAllPairs: (N * ceil(H/8) * ceil(W/8))), kThreads threads,
+// bwd_smem_bytes<T, CG>(kAllPairs, G) dynamic smem.
 // kOwnTile (output grid == value grid, sampling base == the pixel: stride 1, "same" padding): the CTA's own 8x8
 // tile of output pixels is taken first and whole, with its full backward (grad logits too: pair_backward), so
 // no separate grad-logits kernel runs; its terms are added as they are computed.
-template <class T, int CG, bool kOwnTile>
+// kAllPairs (with kOwnTile, the fused block: p.grad_x1 set): the CTA takes every group pair of its tile in turn,
+// keeps the own tile's grad logits of all groups in shared memory, and ends with grad x1 = grad logits . wpack for
+// its 64 pixels (64 columns per step, wpack streamed from L2): grad logits are stored for grad wpack but not read
+// back for grad x1.
+template <class T, int CG, bool kOwnTile, bool kAllPairs>
 __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
+  static_assert(kOwnTile || !kAllPairs, "grad x1 comes from the own tile's grad logits");
   check_pair_lanes<CG, T>();
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;  // lanes per (source pixel, group) pair, each kVec channels
   constexpr int kChans = kGroupsPerCta * CG;
   DcnValueSmem<T, CG>& sm = dynamic_smem<DcnValueSmem<T, CG>>();
+  T* gl_tile = reinterpret_cast<T*>(&sm + 1);  // kAllPairs only
+  const int n_cols = p.G * kGroupCols, gl_pitch = n_cols + kSmemPad;
 
   const int M = p.N * p.Ho * p.Wo;
   const int tiles_w = ceil_div(p.W, kTile), tiles = tiles_w * ceil_div(p.H, kTile);
   const int n = blockIdx.x / tiles, tile = blockIdx.x % tiles;
   const int tx0 = (tile % tiles_w) * kTile, ty0 = (tile / tiles_w) * kTile;
   const int tx1 = min(p.W, tx0 + kTile) - 1, ty1 = min(p.H, ty0 + kTile) - 1;
-  const int g0 = blockIdx.y * kGroupsPerCta;
-
-  for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) sm.acc[i] = 0;
-  for (int i = threadIdx.x; i < kChans; i += kThreads)
-    sm.scale[i] = g0 * CG + i < p.C ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i) : 0.f;
-  if (threadIdx.x == 0) sm.batch.next_tile = 0;
+  const int g_first = kAllPairs ? 0 : blockIdx.y * kGroupsPerCta;
+  const int g_last = kAllPairs ? p.G : g_first + 1;
   const ScatterBox box{sm.acc, sm.scale, kChans, tx0, tx1, ty0, ty1};
-  if (kOwnTile) {
-    fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
-    __syncthreads();  // rows, and the accumulator's zeros and scales
-    const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
-    stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
-    load_grad_y<T, CG>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
-    compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
-    for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
-      const int pair = item / kLanes, lane = item % kLanes;
-      const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
-      const int m = sm.rows[pix], g = g0 + gl;
-      pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), sm.grad_y + pix * kChans + gl * CG, m, g, gl, lane,
-                           m >= 0 && g < p.G, &box, &sm.window, sm.grad_logits + pair * kGroupCols);
-    }
-    __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
-    constexpr int kRowVecs = kGroupsPerCta * kGroupCols / Vec<T>::kN;  // 16-byte vectors per pixel
-    const int n_cols = p.G * kGroupCols, cols = min(kGroupsPerCta, p.G - g0) * kGroupCols;
-    for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
-      const int pix = i / kRowVecs, col = (i % kRowVecs) * Vec<T>::kN, m = sm.rows[pix];
-      if (m < 0 || col >= cols) continue;
-      *reinterpret_cast<uint4*>(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + g0 * kGroupCols + col) =
-          *reinterpret_cast<const uint4*>(sm.grad_logits + pix * kGroupsPerCta * kGroupCols + col);
-    }
-  }
-  __syncthreads();  // batch.next_tile
-  for (;;) {
-    collect_source_rects(p, sm.batch, n, tx0, tx1, ty0, ty1, kOwnTile);
-    const int n_rects = sm.batch.n_rects;
-    if (n_rects == 0) break;
-    const int n_sources = sm.batch.rects[n_rects - 1].end;
-    for (int s0 = 0; s0 < n_sources; s0 += kTileM) {
-      if (threadIdx.x < kTileM) {
-        const int slot = s0 + threadIdx.x;
-        int m = -1;
-        const SourceRect* rects = sm.batch.rects;
-        for (int i = 0, start = 0; i < n_rects && m < 0; start = rects[i].end, ++i) {
-          if (slot >= rects[i].end) continue;
-          const int local = slot - start;
-          m = (n * p.Ho + rects[i].ho0 + local / rects[i].w) * p.Wo + rects[i].wo0 + local % rects[i].w;
-        }
-        sm.rows[threadIdx.x] = m;
-      }
-      __syncthreads();
+
+  for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
+    for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) sm.acc[i] = 0;
+    for (int i = threadIdx.x; i < kChans; i += kThreads)
+      sm.scale[i] = g0 * CG + i < p.C ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i) : 0.f;
+    if (threadIdx.x == 0) sm.batch.next_tile = 0;
+    if (kOwnTile) {
+      fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
+      __syncthreads();  // rows, and the accumulator's zeros and scales
+      const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
+      stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
       load_grad_y<T, CG>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
       compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
-
       for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
         const int pair = item / kLanes, lane = item % kLanes;
         const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
         const int m = sm.rows[pix], g = g0 + gl;
-        if (m < 0 || g >= p.G) continue;  // no collective operations below
-        const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
-        const float* row = logit_row(sm.dcn.logits, pix, gl);
-        const float s = p.has_cfs ? row[3 * p.P] : 0.f;
-        // Lane l owns channels l, l + kLanes, ...: in each shared atomic the pair's lanes hit consecutive words.
-        float gy[kVec], gyc[kVec], scale[kVec];
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) {
-          gy[v] = to_float(sm.grad_y[pix * kChans + gl * CG + lane + kLanes * v]);
-          gyc[v] = gy[v] * (1.f - s);
-          scale[v] = sm.scale[gl * CG + lane + kLanes * v];
-        }
-        for (int q = 0; q < p.P; ++q) {
-          float x, y;
-          sample_xy(p, row, q, ho, wo, x, y);
-          const float mk = row[2 * p.P + q];
-          Bilinear b = bilinear_at(x, y, p.H, p.W);
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-            if (b.in[k]) box.add(b.x0 + (k & 1), b.y0 + (k >> 1), gl * CG + lane, kLanes, mk * b.w[k], gyc, scale);
-        }
-        // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
-        if (p.has_cfs) box.add(wo, ho, gl * CG + lane, kLanes, s, gy, scale);
+        T* gl_row = kAllPairs ? gl_tile + pix * gl_pitch + g * kGroupCols : sm.grad_logits + pair * kGroupCols;
+        pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), sm.grad_y + pix * kChans + gl * CG, m, g, gl, lane,
+                             m >= 0 && g < p.G, &box, &sm.window, gl_row);
       }
-      __syncthreads();  // the next chunk overwrites rows and logits
+      __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
+      if (!kAllPairs) {
+        constexpr int kRowVecs = kGroupsPerCta * kGroupCols / Vec<T>::kN;  // 16-byte vectors per pixel
+        const int cols = min(kGroupsPerCta, p.G - g0) * kGroupCols;
+        for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
+          const int pix = i / kRowVecs, col = (i % kRowVecs) * Vec<T>::kN, m = sm.rows[pix];
+          if (m < 0 || col >= cols) continue;
+          *reinterpret_cast<uint4*>(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + g0 * kGroupCols + col) =
+              *reinterpret_cast<const uint4*>(sm.grad_logits + pix * kGroupsPerCta * kGroupCols + col);
+        }
+      }
     }
-  }
+    __syncthreads();  // batch.next_tile
+    for (;;) {
+      collect_source_rects(p, sm.batch, n, tx0, tx1, ty0, ty1, kOwnTile);
+      const int n_rects = sm.batch.n_rects;
+      if (n_rects == 0) break;
+      const int n_sources = sm.batch.rects[n_rects - 1].end;
+      for (int s0 = 0; s0 < n_sources; s0 += kTileM) {
+        if (threadIdx.x < kTileM) {
+          const int slot = s0 + threadIdx.x;
+          int m = -1;
+          const SourceRect* rects = sm.batch.rects;
+          for (int i = 0, start = 0; i < n_rects && m < 0; start = rects[i].end, ++i) {
+            if (slot >= rects[i].end) continue;
+            const int local = slot - start;
+            m = (n * p.Ho + rects[i].ho0 + local / rects[i].w) * p.Wo + rects[i].wo0 + local % rects[i].w;
+          }
+          sm.rows[threadIdx.x] = m;
+        }
+        __syncthreads();
+        load_grad_y<T, CG>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
+        compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
 
-  // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite.
-  T* grad_value = static_cast<T*>(p.grad_value);
-  for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) {
-    const int pix = i / kChans, c = g0 * CG + i % kChans;
-    const int x = tx0 + pix % kTile, y = ty0 + pix / kTile;
-    if (x > tx1 || y > ty1 || c >= p.C) continue;
-    const float* absmax = p.grad_y_absmax + int64_t(n) * p.C + c;
-    const float v = static_cast<float>(static_cast<double>(static_cast<long long>(sm.acc[i])) /
-                                       fixed_point_scale(absmax));
-    grad_value[((int64_t(n) * p.H + y) * p.W + x) * p.C + c] = from_float<T>(isfinite(*absmax) ? v : NAN);
+        for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+          const int pair = item / kLanes, lane = item % kLanes;
+          const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
+          const int m = sm.rows[pix], g = g0 + gl;
+          if (m < 0 || g >= p.G) continue;  // no collective operations below
+          const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+          const float* row = logit_row(sm.dcn.logits, pix, gl);
+          const float s = p.has_cfs ? row[3 * p.P] : 0.f;
+          // Lane l owns channels l, l + kLanes, ...: in each shared atomic the pair's lanes hit consecutive words.
+          float gy[kVec], gyc[kVec], scale[kVec];
+  #pragma unroll
+          for (int v = 0; v < kVec; ++v) {
+            gy[v] = to_float(sm.grad_y[pix * kChans + gl * CG + lane + kLanes * v]);
+            gyc[v] = gy[v] * (1.f - s);
+            scale[v] = sm.scale[gl * CG + lane + kLanes * v];
+          }
+          for (int q = 0; q < p.P; ++q) {
+            float x, y;
+            sample_xy(p, row, q, ho, wo, x, y);
+            const float mk = row[2 * p.P + q];
+            Bilinear b = bilinear_at(x, y, p.H, p.W);
+  #pragma unroll
+            for (int k = 0; k < 4; ++k)
+              if (b.in[k]) box.add(b.x0 + (k & 1), b.y0 + (k >> 1), gl * CG + lane, kLanes, mk * b.w[k], gyc, scale);
+          }
+          // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
+          if (p.has_cfs) box.add(wo, ho, gl * CG + lane, kLanes, s, gy, scale);
+        }
+        __syncthreads();  // the next chunk overwrites rows and logits
+      }
+    }
+
+    // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite.
+    T* grad_value = static_cast<T*>(p.grad_value);
+    for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) {
+      const int pix = i / kChans, c = g0 * CG + i % kChans;
+      const int x = tx0 + pix % kTile, y = ty0 + pix / kTile;
+      if (x > tx1 || y > ty1 || c >= p.C) continue;
+      const float* absmax = p.grad_y_absmax + int64_t(n) * p.C + c;
+      const float v = static_cast<float>(static_cast<double>(static_cast<long long>(sm.acc[i])) /
+                                         fixed_point_scale(absmax));
+      grad_value[((int64_t(n) * p.H + y) * p.W + x) * p.C + c] = from_float<T>(isfinite(*absmax) ? v : NAN);
+    }
+    __syncthreads();  // the next pair zeroes the accumulator
+  }
+  if (!kAllPairs) return;
+
+  // The own tile's grad logits, all groups: stored (16-byte vectors, for grad wpack), and grad x1 = grad logits .
+  // wpack (K = G*32, B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per step.
+  fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
+  __syncthreads();
+  const int row_vecs = n_cols / Vec<T>::kN;
+  for (int i = threadIdx.x; i < kTileM * row_vecs; i += kThreads) {
+    const int pix = i / row_vecs, col = (i % row_vecs) * Vec<T>::kN, m = sm.rows[pix];
+    if (m < 0) continue;
+    *reinterpret_cast<uint4*>(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + col) =
+        *reinterpret_cast<const uint4*>(gl_tile + pix * gl_pitch + col);
+  }
+  T* grad_x1 = static_cast<T*>(p.grad_x1);
+  for (int n0 = 0; n0 < p.C; n0 += kTileN) {
+    tile_gemm<T>(sm.dcn.gemm, sm.dcn.logits, gl_tile, gl_pitch, 1, 0, kTileM, static_cast<const T*>(p.wpack), 1, p.C,
+                 n0, p.C, 0, n_cols);
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      const int r = idx / kTileN, c = idx % kTileN, m = sm.rows[r], col = n0 + c;
+      if (m >= 0 && col < p.C)
+        grad_x1[int64_t(m) * p.C + col] = from_float<T>(sm.dcn.logits[r * (kTileN + kAccPad) + c]);
+    }
+    __syncthreads();  // the next step's result overwrites this one
   }
 }
 
@@ -773,25 +824,38 @@ void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
                 dim3(kThreads), fwd_smem_bytes<T, CG>(false, p.C), stream, p);
 }
 
+// Whether the backward can fuse grad x1 (p.grad_x1) for G groups: its grad logits tile fits on chip.
+template <class T, int CG>
+bool bwd_x1_fits(int G) {
+  return bwd_smem_bytes<T, CG>(true, G) <= kMaxDynamicSmem;
+}
+
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the
-// sampling base on the pixel itself; else grad logits, then grad value.
+// sampling base on the pixel itself (with grad x1 as its epilogue when p.grad_x1 is set: the caller checked
+// bwd_x1_fits); else grad logits, then grad value.
 template <class T, int CG>
 void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const int groups = (p.G + kGroupsPerCta - 1) / kGroupsPerCta;
-  dim3 value_grid(p.N * ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile), groups);
+  const int tiles = p.N * ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile);
   const bool own_tile = p.Ho == p.H && p.Wo == p.W && p.stride_h == 1 && p.stride_w == 1 &&
                         p.pad_h == p.center_h && p.pad_w == p.center_w;
-  if (own_tile) {
-    launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true>, value_grid, dim3(kThreads),
-                  sizeof(DcnValueSmem<T, CG>), stream, p);
+  if (own_tile && p.grad_x1 != nullptr) {
+    launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true>, dim3(tiles), dim3(kThreads),
+                  bwd_smem_bytes<T, CG>(true, p.G), stream, p);
     return;
   }
-  if (p.wout != nullptr) throw std::invalid_argument("dcnv3: grad_y from grad_out needs the one-launch geometry");
+  if (own_tile) {
+    launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true, false>, dim3(tiles, groups), dim3(kThreads),
+                  bwd_smem_bytes<T, CG>(false, p.G), stream, p);
+    return;
+  }
+  if (p.wout != nullptr || p.grad_x1 != nullptr)
+    throw std::invalid_argument("dcnv3: grad_y from grad_out and grad x1 need the one-launch geometry");
   const int M = p.N * p.Ho * p.Wo;
   launch_kernel("dcn_bwd", dcn_bwd_kernel<T, CG>, dim3((M + kTileM - 1) / kTileM, groups), dim3(kThreads), stream,
                 p);
-  launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, false>, value_grid, dim3(kThreads),
-                sizeof(DcnValueSmem<T, CG>), stream, p);
+  launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, false, false>, dim3(tiles, groups), dim3(kThreads),
+                bwd_smem_bytes<T, CG>(false, p.G), stream, p);
 }
 
 }  // namespace dcnv3

@@ -49,6 +49,8 @@ struct DcnParams {
   const float* grad_y_absmax;
   void* grad_logits;             // (N*Ho*Wo, G*32) T: gradient w.r.t. packed logits (pre-softmax)
   void* grad_value;              // (N, H, W, C) T
+  // When set (the fused block): grad x1 (N, H, W, C) T = grad logits . wpack, the backward's epilogue.
+  void* grad_x1;
   // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
   // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it
   // scatters to. Zeroed by the caller, filled by dcn_bwd, read by dcn_bwd_value.
