@@ -234,7 +234,9 @@ struct DcnFwdSmem {
   DcnSmem<T> dcn;
   ValueWindow<T, CG> window;
   int rows[kTileM];
-  int reach;  // the group pair's
+  int reach;       // the group pair's
+  int tile_reach;  // the largest over the pairs so far (thread 0's; in shared memory: held in a register across
+                   // the pairs, with the tile's origin, it made ptxas spill)
 };
 
 // With the output projection fused (dcn_fwd_out), the tile's y (kTileM, C) in the activations' dtype follows
@@ -272,7 +274,7 @@ __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
   tile_rows(p, blockIdx.x, n, tx0, tx1, ty0, ty1, sm.rows);
   const int g_first = kFuseOut ? 0 : blockIdx.y * kGroupsPerCta;
   const int g_last = kFuseOut ? p.G : g_first + 1;
-  int tile_reach = 0;  // thread 0: the largest over the pairs
+  if (threadIdx.x == 0) sm.tile_reach = 0;
   for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
     if (threadIdx.x == 0) sm.reach = 0;
     __syncthreads();  // rows; the previous pair is done with logits and window
@@ -295,7 +297,10 @@ __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
     }
     __syncthreads();
     const int pair_reach = sm.reach;
-    tile_reach = max(tile_reach, pair_reach);
+    if (threadIdx.x == 0) {
+      sm.tile_reach = max(sm.tile_reach, pair_reach);
+      if (g0 + kGroupsPerCta >= g_last) record_reach(p, n, ty0, tx0, sm.tile_reach);  // after the last pair's
+    }
     stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, pair_reach);
 
     for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
@@ -336,7 +341,6 @@ __global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
       if (kFuseOut) store_vec<T>(y_tile + pix * y_pitch + ch, acc);
     }
   }
-  if (threadIdx.x == 0) record_reach(p, n, ty0, tx0, tile_reach);
   if (!kFuseOut) return;
 
   // The epilogue: out rows of the tile = y tile . wout^T + bout, 64 output columns per step (the fp32 result in
