@@ -428,7 +428,8 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     ]
     assert main([*args, "--dtypes", "bf16", "--out", str(out), "--marginal"]) == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith("| T | 1 |")]
-    assert len(lines) == 2 and "| 1x2x8x64 | 4 | fwd | 1 |" in lines[0] and "| fwd+bwd |" in lines[1]
+    assert len(lines) == 3 and "| 1x2x8x64 | 4 | fwd | 1 |" in lines[0] and "| fwd+bwd |" in lines[1]
+    assert "| fwd, no grad | 1 |" in lines[2]
     cells = lines[1].split("|")
     assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0  # L2 bytes, atomics, mma
     # Marginal DRAM floor per pixel (slice doubled): at least the activations' essential bytes, 8 x 64 x 2.

@@ -31,7 +31,8 @@ def essential_bytes_per_pixel(c, group, points, cfs, elem_bytes, pixels) -> tupl
 
 
 def count_block(n, h, w, c, group, cfs, dtype, seed=0) -> dict[str, list[dict]]:
-    """Per-launch counters of one fused block forward and backward in the emulation."""
+    """Per-launch counters of one fused block forward and backward in the emulation, and of the forward under
+    no_grad ("infer": nothing is kept for a backward)."""
     import torch
 
     from pretrain.ops import cuda, emulation
@@ -45,7 +46,9 @@ def count_block(n, h, w, c, group, cfs, dtype, seed=0) -> dict[str, list[dict]]:
         out = cuda.dcnv3_fused_emu(value, x1, params, geom)
     with emulation.count() as bwd:
         out.backward(grad)
-    return {"fwd": fwd, "bwd": bwd}
+    with torch.no_grad(), emulation.count() as infer:
+        cuda.dcnv3_fused_emu(value, x1, params, geom)
+    return {"fwd": fwd, "bwd": bwd, "infer": infer}
 
 
 def summarise(launches: list[dict], pixels: int) -> dict[str, float]:
@@ -98,11 +101,13 @@ def run(args) -> int:
             fwd_ess, fwdbwd_ess = essential_bytes_per_pixel(c, group, 9, cfs, elem, pixels)
             fwd = summarise(counted["fwd"], pixels)
             both = summarise(counted["fwd"] + counted["bwd"], pixels)
+            infer = summarise(counted["infer"], pixels)
             if args.marginal:
                 added = images2 * band2 * side - pixels
                 for s, launches, launches2 in (
                     (fwd, counted["fwd"], counted2["fwd"]),
                     (both, counted["fwd"] + counted["bwd"], counted2["fwd"] + counted2["bwd"]),
+                    (infer, counted["infer"], counted2["infer"]),
                 ):
                     s["marginal_floor_bytes"] = (
                         summarise(launches2, added)["dram_floor_bytes"]
@@ -111,6 +116,7 @@ def run(args) -> int:
             for name, s, ess, act in (
                 ("fwd", fwd, fwd_ess, 3 * c * elem),
                 ("fwd+bwd", both, fwdbwd_ess, 8 * c * elem),
+                ("fwd, no grad", infer, fwd_ess, 3 * c * elem),
             ):
                 s["activation_essential"] = act
                 rows_out.append(
@@ -159,7 +165,7 @@ def markdown(rows, args, dtype) -> str:
         "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache: a sector read after "
         "the launch wrote it counts once); atomics: global ones (shared-memory atomics apart); essential: value "
         "and x1 read and out written once (+ grad_out, grad value, grad x1 and the weights' reads and gradients "
-        "for fwd+bwd)."
+        "for fwd+bwd); fwd, no grad: the forward under torch.no_grad (y is not stored)."
         + (
             " Marginal floor: the DRAM floor per pixel added when the slice doubles (weights and other per-launch "
             "bytes cancel: what a large batch pays per pixel), against the activations' essential bytes (value, "
