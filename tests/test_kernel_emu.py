@@ -192,6 +192,22 @@ def test_counters_of_one_gemm_tile(emu):
     assert gemm["unique_store_sectors"] * 32 == 64 * 64 * 2
     assert gemm["load_bytes"] == 2 * 64 * 32 * 2 and gemm["atomics"] == 0
     assert gemm["shared_store_bytes"] >= 2 * 64 * 32 * 2
+    # Staged as 16-byte vectors: a warp request is 32 lanes x 16 bytes = 16 whole sectors.
+    assert gemm["load_sectors"] == 16 * gemm["load_requests"] == gemm["unique_load_sectors"]
+
+
+def test_transposed_operands_are_staged_as_vectors_too(emu):
+    """grad . w reads w transposed in place (the unit stride runs along the tile's rows): still one 16-byte load
+    per lane, 16 sectors per warp request, and the product is exact in fp32 accumulation."""
+    gen = torch.Generator().manual_seed(11)
+    grad = torch.randn(64, 64, generator=gen).bfloat16()
+    w = torch.randn(64, 128, generator=gen).bfloat16()
+    with emulation.count() as launches:
+        out = emu.linear_bwd_input(grad, w)
+    [gemm] = launches
+    assert gemm["load_sectors"] == 16 * gemm["load_requests"] == gemm["unique_load_sectors"]
+    exact = (grad.double() @ w.double()).bfloat16()
+    assert (out.float() - exact.float()).abs().max() <= exact.float().abs().max() * 2**-7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

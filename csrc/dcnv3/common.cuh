@@ -29,11 +29,29 @@ struct Vec {
   static_assert(16 % sizeof(T) == 0, "element size must divide 16 bytes");
 };
 
+// One 16-byte load / store (global or shared memory; 16-byte aligned): one LDG/STG.128 on a GPU, and one access
+// of this call site in the emulation's counters.
+__device__ __forceinline__ uint4 load16(const void* p) {
+#ifdef DCNV3_EMULATION
+  return emu::load16(p);
+#else
+  return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+
+__device__ __forceinline__ void store16(void* p, uint4 v) {
+#ifdef DCNV3_EMULATION
+  emu::store16(p, v);
+#else
+  *reinterpret_cast<uint4*>(p) = v;
+#endif
+}
+
 // 16-byte load of Vec<T>::kN elements, converted to fp32. ptr must be 16-byte aligned (binding checks the
 // base pointers; channel offsets are multiples of the vector since Cg is a multiple of it).
 template <class T>
 __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec<T>::kN]) {
-  uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+  uint4 raw = load16(ptr);
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < Vec<T>::kN; ++i) out[i] = to_float(e[i]);
@@ -45,7 +63,7 @@ __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec<T>::kN])
   T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
   for (int i = 0; i < Vec<T>::kN; ++i) e[i] = from_float<T>(in[i]);
-  *reinterpret_cast<uint4*>(ptr) = raw;
+  store16(ptr, raw);
 }
 
 template <int N>

@@ -190,7 +190,7 @@ __device__ void stage_window(const DcnParams& p, ValueWindow<T, CG>& win, int n,
     const int px = i / Win::kVecs, c = g0 * CG + (i % Win::kVecs) * Vec<T>::kN;
     if (c >= p.C) continue;  // the second group of an odd G: never read
     const int64_t at = ((int64_t(n) * p.H + y0 + px / w) * p.W + x0 + px % w) * p.C + c;
-    win.data[i] = *reinterpret_cast<const uint4*>(value + at);
+    store16(win.data + i, load16(value + at));
   }
   if (threadIdx.x == 0) win.x0 = x0, win.y0 = y0, win.w = w, win.h = h;
   __syncthreads();
@@ -259,7 +259,7 @@ __host__ __device__ constexpr size_t fwd_smem_bytes(bool fuse_out, int C) {
 //   grad wout in training). The price is x1 and wout read from L2 per tile, as the separate GEMM's tiles do.
 // kThreads threads, fwd_smem_bytes<T, CG>(kFuseOut, C) dynamic smem.
 template <class T, int CG, bool kFuseOut>
-__global__ void __launch_bounds__(kThreads) dcn_fwd_kernel(DcnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;  // lanes per (pixel, group) pair
   static_assert(CG % kVec == 0, "channels per group must be a multiple of the 16-byte vector");
@@ -518,7 +518,7 @@ constexpr void check_pair_lanes() {
 // grad logits only (geometries where output and value grids differ; grad value is dcn_bwd_value's).
 // grid (ceil(M/64), ceil(G/2)), kThreads threads.
 template <class T, int CG>
-__global__ void __launch_bounds__(kThreads) dcn_bwd_kernel(DcnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) dcn_bwd_kernel(DcnParams p) {
   constexpr int kLanes = CG / Vec<T>::kN;
   check_pair_lanes<CG, T>();
   __shared__ DcnSmem<T> sm;
@@ -634,9 +634,8 @@ __device__ void load_grad_y(const DcnParams& p, DcnSmem<T>& sm, T* gy, int g0, i
     for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
       const int r = i / kRowVecs, c = (i % kRowVecs) * Vec<T>::kN, m = rows[r];
       uint4 v{0, 0, 0, 0};
-      if (m >= 0 && c0 + c < p.C)
-        v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.grad_y) + int64_t(m) * p.C + c0 + c);
-      *reinterpret_cast<uint4*>(gy + r * kChans + c) = v;
+      if (m >= 0 && c0 + c < p.C) v = load16(static_cast<const T*>(p.grad_y) + int64_t(m) * p.C + c0 + c);
+      store16(gy + r * kChans + c, v);
     }
   }
   __syncthreads();
@@ -662,7 +661,7 @@ __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
 // its 64 pixels (64 columns per step, wpack streamed from L2): grad logits are stored for grad wpack but not read
 // back for grad x1.
 template <class T, int CG, bool kOwnTile, bool kAllPairs>
-__global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
+__global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p) {
   static_assert(kOwnTile || !kAllPairs, "grad x1 comes from the own tile's grad logits");
   check_pair_lanes<CG, T>();
   constexpr int kVec = Vec<T>::kN;
@@ -708,8 +707,8 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
         for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
           const int pix = i / kRowVecs, col = (i % kRowVecs) * Vec<T>::kN, m = sm.rows[pix];
           if (m < 0 || col >= cols) continue;
-          *reinterpret_cast<uint4*>(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + g0 * kGroupCols + col) =
-              *reinterpret_cast<const uint4*>(sm.grad_logits + pix * kGroupsPerCta * kGroupCols + col);
+          store16(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + g0 * kGroupCols + col,
+                  load16(sm.grad_logits + pix * kGroupsPerCta * kGroupCols + col));
         }
       }
     }
@@ -790,8 +789,7 @@ __global__ void __launch_bounds__(kThreads) dcn_bwd_value_kernel(DcnParams p) {
   for (int i = threadIdx.x; i < kTileM * row_vecs; i += kThreads) {
     const int pix = i / row_vecs, col = (i % row_vecs) * Vec<T>::kN, m = sm.rows[pix];
     if (m < 0) continue;
-    *reinterpret_cast<uint4*>(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + col) =
-        *reinterpret_cast<const uint4*>(gl_tile + pix * gl_pitch + col);
+    store16(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + col, load16(gl_tile + pix * gl_pitch + col));
   }
   T* grad_x1 = static_cast<T*>(p.grad_x1);
   for (int n0 = 0; n0 < p.C; n0 += kTileN) {

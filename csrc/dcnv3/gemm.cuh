@@ -27,7 +27,7 @@ union GemmSmem {
 // A BM x BN output tile per CTA (64 or 128 each, by the launcher: fewer re-reads of A and B from L2 than 64x64).
 // grid (ceil(M/BM), ceil(N/BN), splits), kThreads threads, sizeof(GemmSmem<T, BM, BN>) dynamic smem.
 template <class T, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams p) {
+__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
   GemmSmem<T, BM, BN>& sm = dynamic_smem<GemmSmem<T, BM, BN>>();
   float* acc = sm.acc;
   __shared__ bool last_split;

@@ -18,6 +18,8 @@ namespace dcnv3 {
 using namespace cute;
 
 constexpr int kThreads = 128;  // 4 warps per CTA for every kernel in this family
+// The kernels declare __launch_bounds__(kThreads, 1): shared memory, not registers, bounds them to 1-3 CTAs per
+// SM, so ptxas may use up to 255 registers (by default it held some at 96 or 128 and spilled).
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kTileK = 32;
@@ -85,23 +87,49 @@ constexpr int kAccPad = 4;
 
 template <class T, int BM = kTileM, int BN = kTileN>
 struct TileGemmSmem {
-  T a[BM * (kTileK + kSmemPad)];
-  T b[BN * (kTileK + kSmemPad)];
+  alignas(16) T a[BM * (kTileK + kSmemPad)];
+  alignas(16) T b[BN * (kTileK + kSmemPad)];
 };
 
 // Stage rows [r0, r0 + ROWS) x cols [k0, k0 + kTileK) of a strided matrix X(r, k) = x[r*s_r + k*s_k] into
 // smem (ROWS, kTileK) k-contiguous, zero-filling outside (rows, K). The thread order follows whichever index
-// has unit stride so the global reads coalesce for both plain and transposed operands. With `row_map` (ROWS
-// entries in shared memory), tile row r is matrix row row_map[r] instead of r0 + r (a gather; < 0: zeros).
+// has unit stride so the global reads coalesce for both plain and transposed operands, 16 bytes per load where
+// the unit-stride index runs in whole aligned vectors (every projection of the block: C and G*32 are multiples
+// of 16); element by element otherwise. With `row_map` (ROWS entries in shared memory), tile row r is matrix row
+// row_map[r] instead of r0 + r (a gather; < 0: zeros). k0 is a multiple of kTileK.
 template <class T, int ROWS>
 __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows,
                                            int k0, int K, const int* row_map = nullptr) {
   constexpr int kPitch = kTileK + kSmemPad;
-  if (s_k == 1) {
+  constexpr int kV = Vec<T>::kN;  // elements per 16-byte vector
+  static_assert(kTileK % kV == 0 && ROWS % kV == 0 && (kPitch * sizeof(T)) % 16 == 0, "whole vectors per row");
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (s_k == 1 && aligned && K % kV == 0 && s_r % kV == 0) {
+    // A row's kTileK elements as kTileK / kV vectors (a vector is wholly inside K or wholly outside).
+    constexpr int kRowVecs = kTileK / kV;
+    for (int idx = threadIdx.x; idx < ROWS * kRowVecs; idx += kThreads) {
+      const int r = idx / kRowVecs, k = (idx % kRowVecs) * kV;
+      const int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
+      uint4 v{0, 0, 0, 0};
+      if (gr >= 0 && gr < rows && gk < K) v = load16(x + gr * s_r + gk);
+      store16(smem + r * kPitch + k, v);
+    }
+  } else if (s_k == 1) {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
       int r = idx / kTileK, k = idx % kTileK;
       int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
       smem[r * kPitch + k] = (gr >= 0 && gr < rows && gk < K) ? x[gr * s_r + gk] : T(0.0f);
+    }
+  } else if (s_r == 1 && row_map == nullptr && aligned && rows % kV == 0 && s_k % kV == 0) {
+    // Transposed (r contiguous): kV rows of one k per 16-byte load, spread over kV shared-memory rows.
+    constexpr int kColVecs = ROWS / kV;
+    for (int idx = threadIdx.x; idx < kColVecs * kTileK; idx += kThreads) {
+      const int r = (idx % kColVecs) * kV, k = idx / kColVecs, gr = r0 + r, gk = k0 + k;
+      uint4 v{0, 0, 0, 0};
+      if (gr < rows && gk < K) v = load16(x + gr + int64_t(gk) * s_k);
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) smem[(r + i) * kPitch + k] = e[i];
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {

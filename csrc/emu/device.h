@@ -38,6 +38,10 @@ void syncthreads();
 uint32_t shfl_xor(uint32_t bits, int lane_mask, int width);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane passes its PTX fragments, like the instruction.
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c);
+// One 16-byte access (LDG/STG/LDS/STS.128 on a GPU), counted as one access of the calling site: a plain uint4
+// copy may compile to four 4-byte host accesses, which the counters would take for four warp requests.
+uint4 load16(const void* p);
+void store16(void* p, uint4 v);
 unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v);
 unsigned atomic_add_u32(unsigned* addr, unsigned v);
 int atomic_max_i32(int* addr, int v);

@@ -622,6 +622,23 @@ std::vector<LaunchCounters> stop_counting() {
 
 }  // namespace emu
 
+namespace emu {
+
+// Not instrumented (this file is compiled without -fsanitize=thread): the access is recorded once, at the caller.
+uint4 load16(const void* p) {
+  on_access(const_cast<void*>(p), 16, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+
+void store16(void* p, uint4 v) {
+  on_access(p, 16, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+  std::memcpy(p, &v, 16);
+}
+
+}  // namespace emu
+
 // ---------------------------------------------------------------------------------------------------------
 // ThreadSanitizer instrumentation entry points (compiled-in by -fsanitize=thread in the kernel TUs; no TSan
 // runtime is linked): each memory access of the kernels lands here.
