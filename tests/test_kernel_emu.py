@@ -304,6 +304,28 @@ def test_forward_fuses_the_output_projection_and_stores_y_only_for_training(emu)
     assert torch.equal(out.detach(), two_launch)
 
 
+def test_split_epilogues_give_the_same_bits(emu):
+    """With the epilogues split (cuda.fused_epilogues(False): the output projection and grad x1 as GEMMs of their
+    own, what `pretrain bench dcn` times as kernel-split), every output and gradient is bitwise the fused path's:
+    the same products summed in the same order."""
+    value, x1, params, geom, grad_out = make_inputs(CASES[1])
+    args = rounded(value, x1, params, torch.bfloat16)
+    fused = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+    with cuda.fused_epilogues(False, device="cpu"), emulation.count() as launches:
+        split = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+    assert [launch["kernel"] for launch in launches] == [
+        "dcn_fwd",
+        "gemm",
+        "gemm",
+        "dcn_bwd_value",
+        "gemm",
+        "gemm",
+    ]
+    assert emulation.extension().fused_epilogues()  # restored
+    for a, b in zip(fused, split, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
     """fp32 with C = 640, G = 20: the tile's y (64 x 648 x 4 bytes) and the sampling state exceed 227 KiB of shared
     memory, so the sampling kernel writes y and the GEMM projects it; likewise the backward's grad logits tile of

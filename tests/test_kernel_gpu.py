@@ -96,6 +96,18 @@ def test_repeated_runs_agree_bitwise(dtype):
             assert torch.equal(a, b), f"{name} differs between runs"
 
 
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
+def test_split_epilogues_give_the_same_bits(case):
+    """The output projection and grad x1 as GEMMs of their own (what `pretrain bench dcn` times as kernel-split)
+    give the fused epilogues' bits: the same products summed in the same order."""
+    args = _cuda_inputs(case, torch.bfloat16)
+    fused = run_block(cuda.dcnv3_fused_cuda, *args)
+    with cuda.fused_epilogues(False):
+        split = run_block(cuda.dcnv3_fused_cuda, *args)
+    for name, a, b in zip(NAMES, fused, split):
+        assert torch.equal(a, b), name
+
+
 def test_nonfinite_grad_propagates():
     """A NaN in the incoming gradient must reach grad(value) (loss-scaling overflow checks rely on it)."""
     value, x1, params, geom, grad_out = _cuda_inputs(Case("nan", 1, 7, 7, 64, 4), torch.float16)

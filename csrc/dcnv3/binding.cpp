@@ -185,6 +185,13 @@ std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<
   return {y, reach};
 }
 
+// Whether block_fwd/block_bwd fuse the output projection and grad x1 into the sampling kernels where they fit
+// (the default), or run them as GEMMs of their own: the GPU session times both (`pretrain bench dcn`, impls
+// kernel and kernel-split), since the fused tiles trade HBM bytes for shared memory, that is occupancy.
+bool g_fuse_epilogues = true;
+
+void set_fused_epilogues(bool enabled) { g_fuse_epilogues = enabled; }
+
 bool bwd_x1_fits(DT dt, int cg, int G) {
   switch (dt) {
     case DT::f32: return dcnv3::dcn_bwd_x1_fits_f32(cg, G);
@@ -220,7 +227,7 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   TORCH_CHECK(wout.dim() == 2 && wout.size(1) == p.C, "dcnv3 CUDA: wout must be (Cout, C) with C = ", p.C);
   TORCH_CHECK(bout.numel() == wout.size(0), "dcnv3 CUDA: bout must be (Cout,)");
   const int cg = p.C / p.G;
-  if (!fwd_out_fits(dt, cg, p.C)) {
+  if (!g_fuse_epilogues || !fwd_out_fits(dt, cg, p.C)) {
     std::vector<at::Tensor> y_reach = sample_fwd(value, x1, wpack, bpack, c10::nullopt, h, w, geom, offset_scale,
                                                  true, has_cfs);
     at::Tensor out = linear_fwd(y_reach[0], wout, bout);
@@ -411,7 +418,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   at::Tensor grad_logits = new_output({p.N, h, w, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
-  const bool x1_fused = bwd_x1_fits(dt, p.C / p.G, p.G) && grad_out.numel() > 0;
+  const bool x1_fused = g_fuse_epilogues && bwd_x1_fits(dt, p.C / p.G, p.G) && grad_out.numel() > 0;
   at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
   if (grad_out.numel() > 0) {
     p.grad_out = grad_out.data_ptr();
@@ -477,6 +484,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_fwd", &sample_fwd, "(y, reach): y = sample(value, logits or x1.wpack^T+bpack)");
   m.def("block_fwd", &block_fwd,
         "(out, y or empty, reach): the block forward, output projection fused as the sampling epilogue if it fits");
+  m.def("set_fused_epilogues", &set_fused_epilogues,
+        "fuse the output projection (forward) and grad x1 (backward) into the sampling kernels where they fit");
+  m.def("fused_epilogues", [] { return g_fuse_epilogues; }, "whether block_fwd/block_bwd fuse their epilogues");
   m.def("block_bwd", &block_bwd,
         "grads of (value, x1, wpack, bpack, wout, bout): the block backward, grad_y recomputed in the sampling kernel");
   m.def("sample_bwd", &sample_bwd, "(grad_value, grad_logits) of sample_fwd, given its reach");

@@ -2,6 +2,8 @@
 output projection), forward and forward+backward, per implementation, in one run on one GPU:
 
 * kernel      the fused CUDA kernels (pretrain.ops.cuda; needs `python -m pretrain.ops.build` first)
+* kernel-split  the same, with the output projection and grad x1 as GEMMs of their own instead of the sampling
+              kernels' epilogues (fewer HBM bytes against more shared memory per CTA: the GPU decides)
 * reference   pretrain.ops.dcnv3_fused_reference (PyTorch ops, grid_sample)
 * compiled    the reference under torch.compile
 * dcnv4       the DCNv4 package's op (pip `DCNv4`, built on the GPU machine) + PyTorch projections. Different
@@ -29,7 +31,7 @@ MODELS = {
     "b": (112, (7, 14, 28, 56), False),
     "h": (320, (10, 20, 40, 80), True),
 }
-IMPLS = ("kernel", "reference", "compiled", "dcnv4")
+IMPLS = ("kernel", "kernel-split", "reference", "compiled", "dcnv4")
 
 
 def add_arguments(parser) -> None:
@@ -178,9 +180,11 @@ def _impl_fn(impl, c, group, dtype, device):
         return dcnv3_fused_reference, None
     if impl == "compiled":
         return torch.compile(dcnv3_fused_reference), None
-    if impl == "kernel":
+    if impl in ("kernel", "kernel-split"):
         reason = cuda.unavailable_reason(torch.empty(0, device=device, dtype=dtype))
-        return (None, reason) if reason else (cuda.dcnv3_fused_cuda, None)
+        if reason:
+            return None, reason
+        return cuda.dcnv3_fused_cuda, None  # kernel-split: timed under cuda.fused_epilogues(False)
     if impl == "dcnv4":
         return _dcnv4_fn(c, group, dtype, device)
     raise ValueError(f"unknown impl {impl!r}")
@@ -251,6 +255,15 @@ def _write(path, text: str) -> None:
         os.replace(tmp, path)
 
 
+def _epilogues(impl):
+    """kernel-split: the block's epilogues as GEMMs of their own, for the whole forward and backward."""
+    import contextlib
+
+    from pretrain.ops import cuda
+
+    return cuda.fused_epilogues(False) if impl == "kernel-split" else contextlib.nullcontext()
+
+
 def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
     """(fwd ms, fwd+bwd ms) or a short note why there is no number."""
     import torch
@@ -268,8 +281,9 @@ def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
         def fwd_bwd():
             fn(value, x1, params, geom).backward(grad)
 
-        fwd_ms = _timer(fwd, args.warmup, args.iters, device)
-        both_ms = _timer(fwd_bwd, args.warmup, args.iters, device)
+        with _epilogues(impl):
+            fwd_ms = _timer(fwd, args.warmup, args.iters, device)
+            both_ms = _timer(fwd_bwd, args.warmup, args.iters, device)
         return fwd_ms, both_ms
     except torch.OutOfMemoryError:
         return "OOM"

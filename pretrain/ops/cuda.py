@@ -27,6 +27,7 @@ too). Neither is for speed: `auto` never routes CPU work here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.machinery
 import importlib.util
@@ -471,6 +472,22 @@ def _core_backward(ctx, grad_y, _grad_reach):
 
 
 core_fwd.register_autograd(_core_backward, setup_context=_core_setup)
+
+
+@contextlib.contextmanager
+def fused_epilogues(enabled: bool, device: str = "cuda"):
+    """Within the block, run the output projection (forward) and grad x1 (backward) fused into the sampling kernels
+    where their tiles fit (enabled, the default) or as GEMMs of their own: the same results, different occupancy
+    (`pretrain bench dcn` times both). device "cpu": the emulation build's switch."""
+    ext = extension() if device == "cuda" else emulation.extension()
+    if ext is None:
+        raise RuntimeError(extension_error() if device == "cuda" else emulation.error())
+    before = ext.fused_epilogues()
+    ext.set_fused_epilogues(enabled)
+    try:
+        yield
+    finally:
+        ext.set_fused_epilogues(before)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -394,8 +394,16 @@ class Run:
             # slow compile costs only its own rows.
             common = ["--image-size", "224", "--warmup", "2", "--iters", "5"]
             runs = [
-                ("c-dcn-t", ["--models", "t", "--impls", "kernel,reference,dcnv4", *common], 0.25),
-                ("c-dcn-h", ["--models", "h", "--impls", "kernel,reference,dcnv4", *common], 0.3),
+                (
+                    "c-dcn-t",
+                    ["--models", "t", "--impls", "kernel,kernel-split,reference,dcnv4", *common],
+                    0.25,
+                ),
+                (
+                    "c-dcn-h",
+                    ["--models", "h", "--impls", "kernel,kernel-split,reference,dcnv4", *common],
+                    0.3,
+                ),
                 (
                     "c-dcn-compiled-t",
                     ["--models", "t", "--impls", "compiled", "--dtypes", "bf16", *common],
