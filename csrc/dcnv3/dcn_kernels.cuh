@@ -20,6 +20,8 @@
 //   backward), then, from the forward's reach, every other output pixel that can sample the tile (a rectangle
 //   per nearby output tile, logits recomputed in 64-row chunks). The price is recomputing the halo's logits.
 //   In the fused block grad_y is recomputed per chunk too (grad_out rows . W_out): it never goes through HBM.
+//   dcn_bwd_x1 (kAllPairs): the same for every group pair of the tile in one CTA, which keeps the own tile's grad
+//   logits of all groups and ends with grad x1 = grad logits . wpack (where that tile fits).
 // dcn_bwd: grad logits alone, for geometries whose output grid is not the value grid (strided core op).
 #pragma once
 
