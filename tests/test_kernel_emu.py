@@ -511,6 +511,10 @@ emulation.build(verbose=False)
 for case in CASES:
     for dtype in DTYPES:
         check_block(cuda.dcnv3_fused_emu, case, dtype)
+with cuda.fused_epilogues(False, device="cpu"):  # the split forms: dcn_fwd + GEMM, dcn_bwd_value + GEMM
+    for case in CASES[:2]:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_block(cuda.dcnv3_fused_emu, case, dtype)
 for dtype in DTYPES:
     check_core(cuda.dcnv3_core_emu, dtype, 2)
 print("CLEAN")
@@ -526,9 +530,9 @@ SANITIZERS = {
 
 @pytest.mark.parametrize("sanitizer", sorted(SANITIZERS))
 def test_kernels_are_clean_under_sanitizers(emu, sanitizer):
-    """The whole block, every dtype and case, and the strided core op in an emulation build under UBSan or
-    ASan (in a fresh interpreter: ASan's runtime must be preloaded). A kernel reading one vector past a tensor,
-    or a signed overflow in the fixed-point scale, was reported when injected."""
+    """The whole block, every dtype and case (and its split-epilogue form on two), and the strided core op in an
+    emulation build under UBSan or ASan (in a fresh interpreter: ASan's runtime must be preloaded). A kernel
+    reading one vector past a tensor, or a signed overflow in the fixed-point scale, was reported when injected."""
     import os
     import subprocess
     import sys
