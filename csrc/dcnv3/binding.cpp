@@ -192,23 +192,24 @@ bool g_fuse_epilogues = true;
 
 void set_fused_epilogues(bool enabled) { g_fuse_epilogues = enabled; }
 
-bool bwd_x1_fits(DT dt, int cg, int G) {
-  switch (dt) {
-    case DT::f32: return dcnv3::dcn_bwd_x1_fits_f32(cg, G);
-    case DT::f16: return dcnv3::dcn_bwd_x1_fits_f16(cg, G);
-    default: return dcnv3::dcn_bwd_x1_fits_bf16(cg, G);
-  }
-}
-
-bool fwd_out_fits(DT dt, int cg, int C) {
-  switch (dt) {
-    case DT::f32: return dcnv3::dcn_fwd_out_fits_f32(cg, C);
-    case DT::f16: return dcnv3::dcn_fwd_out_fits_f16(cg, C);
-    default: return dcnv3::dcn_fwd_out_fits_bf16(cg, C);
-  }
-}
+// DCNV3_DISPATCH for a launcher-side query that returns a value.
+#define DCNV3_QUERY(dt, fn, ...)                                                   \
+  ((dt) == DT::f32 ? dcnv3::fn##_f32(__VA_ARGS__)                                  \
+                   : (dt) == DT::f16 ? dcnv3::fn##_f16(__VA_ARGS__) : dcnv3::fn##_bf16(__VA_ARGS__))
 
 at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
+
+// The block ops' common checks (value, x1 + wpack + bpack, wout (Cout, C)) -> the sampling parameters of the fused
+// geometry (output size == input size, softmax over the mask logits). The caller holds the device guard.
+DcnParams block_params(const at::Tensor& value, const at::Tensor& x1, const at::Tensor& wpack, const at::Tensor& bpack,
+                       const at::Tensor& wout, const std::vector<int64_t>& geom, double offset_scale, bool has_cfs) {
+  check_tensor(value, "value", value);
+  DcnParams p = make_params(value, value.size(1), value.size(2), geom, offset_scale, /*apply_softmax=*/true, has_cfs);
+  bind_logit_source(p, value, x1, wpack, bpack, c10::nullopt);
+  check_tensor(wout, "wout", value);
+  TORCH_CHECK(wout.dim() == 2 && wout.size(1) == p.C, "dcnv3 CUDA: wout must be (Cout, C) with C = ", p.C);
+  return p;
+}
 
 // The DCN block's forward from x1: -> (out (N, H, W, Cout) = y . wout^T + bout, y (N, H, W, C) when save_y (for
 // grad wout; else an empty tensor), reach). One launch, the output projection as the sampling kernel's epilogue,
@@ -216,18 +217,14 @@ at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optio
 std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1, const at::Tensor& wpack,
                                   const at::Tensor& bpack, const at::Tensor& wout, const at::Tensor& bout,
                                   std::vector<int64_t> geom, double offset_scale, bool has_cfs, bool save_y) {
-  check_tensor(value, "value", value);
   const DeviceGuard guard(value.device());
-  DT dt = dtype_of(value);
-  const int64_t h = value.size(1), w = value.size(2);
-  DcnParams p = make_params(value, h, w, geom, offset_scale, /*apply_softmax=*/true, has_cfs);
-  bind_logit_source(p, value, x1, wpack, bpack, c10::nullopt);
-  check_tensor(wout, "wout", value);
+  DcnParams p = block_params(value, x1, wpack, bpack, wout, geom, offset_scale, has_cfs);
   check_tensor(bout, "bout", value);
-  TORCH_CHECK(wout.dim() == 2 && wout.size(1) == p.C, "dcnv3 CUDA: wout must be (Cout, C) with C = ", p.C);
   TORCH_CHECK(bout.numel() == wout.size(0), "dcnv3 CUDA: bout must be (Cout,)");
+  const DT dt = dtype_of(value);
+  const int64_t h = p.H, w = p.W;
   const int cg = p.C / p.G;
-  if (!g_fuse_epilogues || !fwd_out_fits(dt, cg, p.C)) {
+  if (!g_fuse_epilogues || !DCNV3_QUERY(dt, dcn_fwd_out_fits, cg, p.C)) {
     std::vector<at::Tensor> y_reach = sample_fwd(value, x1, wpack, bpack, c10::nullopt, h, w, geom, offset_scale,
                                                  true, has_cfs);
     at::Tensor out = linear_fwd(y_reach[0], wout, bout);
@@ -399,15 +396,11 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& wpack, const at::Tensor& bpack, const at::Tensor& wout,
                                   const at::Tensor& y, const at::Tensor& reach, std::vector<int64_t> geom,
                                   double offset_scale, bool has_cfs) {
-  check_tensor(value, "value", value);
   const DeviceGuard guard(value.device());
-  DT dt = dtype_of(value);
-  const int64_t h = value.size(1), w = value.size(2);
-  DcnParams p = make_params(value, h, w, geom, offset_scale, /*apply_softmax=*/true, has_cfs);
-  bind_logit_source(p, value, x1, wpack, bpack, c10::nullopt);
+  DcnParams p = block_params(value, x1, wpack, bpack, wout, geom, offset_scale, has_cfs);
+  const DT dt = dtype_of(value);
+  const int64_t h = p.H, w = p.W;
   check_tensor(grad_out, "grad_out", value);
-  check_tensor(wout, "wout", value);
-  TORCH_CHECK(wout.dim() == 2 && wout.size(1) == p.C, "dcnv3 CUDA: wout must be (Cout, C) with C = ", p.C);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == h && grad_out.size(2) == w &&
                   grad_out.size(3) == wout.size(0), "dcnv3 CUDA: grad_out must be (N, H, W, Cout)");
   TORCH_CHECK(y.sizes() == value.sizes(), "dcnv3 CUDA: y must be block_fwd's, saved with save_y");
@@ -418,7 +411,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   at::Tensor grad_logits = new_output({p.N, h, w, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
-  const bool x1_fused = g_fuse_epilogues && bwd_x1_fits(dt, p.C / p.G, p.G) && grad_out.numel() > 0;
+  const bool x1_fused = g_fuse_epilogues && DCNV3_QUERY(dt, dcn_bwd_x1_fits, p.C / p.G, p.G) && grad_out.numel() > 0;
   at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
   if (grad_out.numel() > 0) {
     p.grad_out = grad_out.data_ptr();

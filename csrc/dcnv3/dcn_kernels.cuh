@@ -231,6 +231,27 @@ __device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, in
   fill_tile_rows(p, n, tx0, tx1, ty0, ty1, rows);
 }
 
+// out (rows of a 64-pixel tile, row pitch N) = a . B^T (+ bias): the fused epilogues (out = y . wout^T + bout in
+// the forward, grad x1 = grad logits . wpack in the backward). a is the tile in shared memory (64 x K, row pitch
+// a_pitch), B(n, k) = b[n*b_n + k*b_k] (N x K) is streamed from L2, 64 output columns per step through sm's staging
+// and logits tiles (the fp32 result). rows (shared memory): the tile's output rows, < 0 for pixels outside the
+// image, which are computed from whatever their a rows hold and not stored. All threads, after a is complete.
+template <class T>
+__device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_pitch, int K, const T* b, int64_t b_n,
+                             int64_t b_k, int N, const T* bias, T* out) {
+  for (int n0 = 0; n0 < N; n0 += kTileN) {
+    tile_gemm<T>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0, N, 0, K);
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+      const int r = idx / kTileN, c = idx % kTileN, m = rows[r], col = n0 + c;
+      if (m < 0 || col >= N) continue;
+      float v = sm.logits[r * (kTileN + kAccPad) + c];
+      if (bias != nullptr) v += to_float(bias[col]);
+      out[int64_t(m) * N + col] = from_float<T>(v);
+    }
+    __syncthreads();  // the next step's result overwrites this one
+  }
+}
+
 template <class T, int CG>
 struct DcnFwdSmem {
   DcnSmem<T> dcn;
@@ -345,23 +366,10 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
   }
   if (!kFuseOut) return;
 
-  // The epilogue: out rows of the tile = y tile . wout^T + bout, 64 output columns per step (the fp32 result in
-  // the logits' tile; rows outside the image are computed from whatever their y rows hold and not stored).
+  // The epilogue: out rows of the tile = y tile . wout^T + bout (wout (Cout, C) row-major).
   __syncthreads();  // the y tile is complete
-  const T* bout = static_cast<const T*>(p.bout);
-  T* out = static_cast<T*>(p.out);
-  for (int n0 = 0; n0 < p.Cout; n0 += kTileN) {
-    tile_gemm<T>(sm.dcn.gemm, sm.dcn.logits, y_tile, y_pitch, 1, 0, kTileM, static_cast<const T*>(p.wout), p.C, 1,
-                 n0, p.Cout, 0, p.C);
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-      const int r = idx / kTileN, c = idx % kTileN, m = sm.rows[r], col = n0 + c;
-      if (m < 0 || col >= p.Cout) continue;
-      float v = sm.dcn.logits[r * (kTileN + kAccPad) + c];
-      if (bout != nullptr) v += to_float(bout[col]);
-      out[int64_t(m) * p.Cout + col] = from_float<T>(v);
-    }
-    __syncthreads();  // the next step's result overwrites this one
-  }
+  project_tile<T>(sm.dcn, sm.rows, y_tile, y_pitch, p.C, static_cast<const T*>(p.wout), p.C, 1, p.Cout,
+                  static_cast<const T*>(p.bout), static_cast<T*>(p.out));
 }
 
 // Sum over the kLanes consecutive lanes serving one pair; every lane gets the total (fixed xor tree).
@@ -616,6 +624,19 @@ __device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch
   }
 }
 
+// Columns [col0, col0 + cols) of the own tile's grad logits into the (M, G*32) tensor, from shared memory (src: 64
+// rows of pitch src_pitch, holding those columns), as 16-byte vectors; rows < 0 (outside the image) are skipped.
+template <class T>
+__device__ void store_grad_logits(const DcnParams& p, const int* rows, const T* src, int src_pitch, int col0,
+                                  int cols) {
+  const int n_cols = p.G * kGroupCols, row_vecs = cols / Vec<T>::kN;
+  for (int i = threadIdx.x; i < kTileM * row_vecs; i += kThreads) {
+    const int pix = i / row_vecs, col = (i % row_vecs) * Vec<T>::kN, m = rows[pix];
+    if (m >= 0)
+      store16(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + col0 + col, load16(src + pix * src_pitch + col));
+  }
+}
+
 // The grad_y of a chunk of 64 output pixels (rows: shared memory, < 0 for none) for the CTA's 2 groups, in T, into
 // gy (kTileM x the 2 groups' channels, shared). With p.wout: recomputed as grad_out rows . wout (the tile GEMM,
 // K = Cout, through sm's staging and logits tiles, so before compute_logits), rounded to T as a stored grad_y
@@ -703,16 +724,9 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
                              m >= 0 && g < p.G, &box, &sm.window, gl_row);
       }
       __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
-      if (!kAllPairs) {
-        constexpr int kRowVecs = kGroupsPerCta * kGroupCols / Vec<T>::kN;  // 16-byte vectors per pixel
-        const int cols = min(kGroupsPerCta, p.G - g0) * kGroupCols;
-        for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
-          const int pix = i / kRowVecs, col = (i % kRowVecs) * Vec<T>::kN, m = sm.rows[pix];
-          if (m < 0 || col >= cols) continue;
-          store16(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + g0 * kGroupCols + col,
-                  load16(sm.grad_logits + pix * kGroupsPerCta * kGroupCols + col));
-        }
-      }
+      if (!kAllPairs)
+        store_grad_logits<T>(p, sm.rows, sm.grad_logits, kGroupsPerCta * kGroupCols, g0 * kGroupCols,
+                             min(kGroupsPerCta, p.G - g0) * kGroupCols);
     }
     __syncthreads();  // batch.next_tile
     for (;;) {
@@ -787,23 +801,9 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   // wpack (K = G*32, B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per step.
   fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
   __syncthreads();
-  const int row_vecs = n_cols / Vec<T>::kN;
-  for (int i = threadIdx.x; i < kTileM * row_vecs; i += kThreads) {
-    const int pix = i / row_vecs, col = (i % row_vecs) * Vec<T>::kN, m = sm.rows[pix];
-    if (m < 0) continue;
-    store16(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + col, load16(gl_tile + pix * gl_pitch + col));
-  }
-  T* grad_x1 = static_cast<T*>(p.grad_x1);
-  for (int n0 = 0; n0 < p.C; n0 += kTileN) {
-    tile_gemm<T>(sm.dcn.gemm, sm.dcn.logits, gl_tile, gl_pitch, 1, 0, kTileM, static_cast<const T*>(p.wpack), 1, p.C,
-                 n0, p.C, 0, n_cols);
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-      const int r = idx / kTileN, c = idx % kTileN, m = sm.rows[r], col = n0 + c;
-      if (m >= 0 && col < p.C)
-        grad_x1[int64_t(m) * p.C + col] = from_float<T>(sm.dcn.logits[r * (kTileN + kAccPad) + c]);
-    }
-    __syncthreads();  // the next step's result overwrites this one
-  }
+  store_grad_logits<T>(p, sm.rows, gl_tile, gl_pitch, 0, n_cols);
+  project_tile<T>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C, nullptr,
+                  static_cast<T*>(p.grad_x1));
 }
 
 // The largest dynamic shared memory a CTA may opt in to (sm_90: 227 KiB; the emulation enforces the same).
