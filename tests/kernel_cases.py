@@ -113,19 +113,19 @@ def check_block(fn, case: Case, dtype, device="cpu"):
     return kernel
 
 
-def check_core(fn, dtype, stride, device="cpu"):
+def check_core(fn, dtype, stride, device="cpu", group=4):
     """The aggregation alone (offsets and normalised masks given), stride 1 or 2, against float64."""
-    geom = DCNGeometry.make(3, stride, 1, 1, group=4, offset_scale=1.0)
-    n, h, w, c = 2, 9, 11, 64
+    geom = DCNGeometry.make(3, stride, 1, 1, group=group, offset_scale=1.0)
+    n, h, w, c = 2, 9, 11, 16 * group
     ho, wo = geom.output_size(h, w)
     gen = torch.Generator().manual_seed(7 + stride)
     value = torch.randn(n, h, w, c, dtype=torch.float64, generator=gen)
     # Offsets of a few pixels, never within 0.1 px of an integer: in bf16 an offset near 4 is a multiple of 1/32,
     # so a random one would land exactly on a bilinear cell edge 1 time in 32, where the offset gradient jumps
     # (its left and right derivatives differ) and float64 and the kernel may legitimately take different sides.
-    o = torch.randn(n, ho, wo, 4 * 2 * 9, dtype=torch.float64, generator=gen) * 2
+    o = torch.randn(n, ho, wo, group * 2 * 9, dtype=torch.float64, generator=gen) * 2
     offset = o.floor() + 0.1 + 0.8 * torch.rand(o.shape, dtype=torch.float64, generator=gen)
-    mask = torch.softmax(torch.randn(n, ho, wo, 4, 9, dtype=torch.float64, generator=gen), -1).flatten(3)
+    mask = torch.softmax(torch.randn(n, ho, wo, group, 9, dtype=torch.float64, generator=gen), -1).flatten(3)
     grad = torch.randn(n, ho, wo, c, dtype=torch.float64, generator=gen).to(dtype).double()
 
     def run(f, as_dtype):

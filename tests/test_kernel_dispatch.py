@@ -135,17 +135,21 @@ def test_unsupported_falls_back_to_reference_with_warning(monkeypatch):
     torch.testing.assert_close(out, dcnv3_fused_reference(value, x1, params, geom))
 
 
-def test_pack_projection_layout():
-    _, _, params, geom = _inputs(c=32, group=2)
+@pytest.mark.parametrize("group", [2, 3])
+def test_pack_projection_layout(group):
+    """28 rows per group (offsets, masks, cfs, zeros), rows padded to a multiple of 8 (odd G: 4 zero rows)."""
+    _, _, params, geom = _inputs(c=16 * group, group=group)
     w, b = cuda.pack_projection(params, geom, torch.float64)
-    p = geom.points
-    assert w.shape == (2 * 32, 32) and b.shape == (64,)
-    for g in range(2):
-        row = g * 32
+    p, rows = geom.points, cuda.packed_cols(group)
+    assert rows == -(-group * 28 // 8) * 8 and rows % 8 == 0
+    assert w.shape == (rows, 16 * group) and b.shape == (rows,)
+    for g in range(group):
+        row = g * 28
         torch.testing.assert_close(w[row : row + 2 * p], params.offset_weight[g * 2 * p : (g + 1) * 2 * p])
         torch.testing.assert_close(w[row + 2 * p : row + 3 * p], params.mask_weight[g * p : (g + 1) * p])
         torch.testing.assert_close(w[row + 3 * p], params.cfs_weight[g])
-        assert not w[row + 3 * p + 1 : row + 32].any() and not b[row + 3 * p + 1 : row + 32].any()
+        assert not w[row + 3 * p + 1 : row + 28].any() and not b[row + 3 * p + 1 : row + 28].any()
+    assert not w[group * 28 :].any() and not b[group * 28 :].any()
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from pretrain.ops import DCNGeometry, cuda, dcnv3_fused_reference, emulation
 pytestmark = pytest.mark.slow
 
 # Small shapes chosen for coverage: pixels M = n*h*w not a multiple of the 64-pixel tile, packed-logit columns
-# G*32 not a multiple of the 64-column tile (odd G: a CTA with one live group), K = C not a multiple of 32.
+# G*28 not a multiple of 8 (odd G: rows padded with zeros; a CTA with one live group), K = C not a multiple of 32.
 CASES = [
     Case("cg16-tails-k48", n=1, h=5, w=13, c=48, group=3),
     Case("cg32-cfs-scale2", n=2, h=6, w=7, c=96, group=3, offset_scale=2.0, cfs=True),
@@ -68,6 +68,25 @@ def test_grad_value_gathers_sources_from_every_tile_of_the_image(emu):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_core_op_matches_float64(emu, dtype, stride):
     check_core(cuda.dcnv3_core_emu, dtype, stride)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_packed_rows_of_odd_groups_end_in_zeros(emu, stride):
+    """G = 3: a packed row holds 84 live columns padded to 88 (16-byte rows). The core op's backward writes zeros
+    into the padding of grad logits (stride 2 stores them from the grad-logits kernel directly, stride 1 through
+    shared memory), so a GEMM over whole rows adds nothing there; results match float64."""
+    check_core(cuda.dcnv3_core_emu, torch.float32, stride, group=3)
+    geom = DCNGeometry.make(3, stride, 1, 1, group=3, offset_scale=1.0)
+    value = torch.randn(1, 9, 11, 48)
+    ho, wo = geom.output_size(9, 11)
+    offset, mask = torch.randn(1, ho, wo, 3 * 18), torch.rand(1, ho, wo, 3 * 9)
+    logits = cuda.pack_logits(offset, mask, geom, torch.float32)
+    assert logits.shape[-1] == cuda.packed_cols(3) == 88
+    ext, args = emulation.extension(), (ho, wo, cuda.geometry_list(geom), 1.0, False, False)
+    _, reach = ext.sample_fwd(value, None, None, None, logits, *args)
+    _, grad_logits = ext.sample_bwd(torch.randn(1, ho, wo, 48), value, None, None, None, logits, *args, reach)
+    assert torch.isfinite(grad_logits).all() and not grad_logits[..., 84:].any()
+    assert grad_logits[..., :84].abs().sum() > 0
 
 
 def _block(case, dtype, grad_scale=None):
@@ -272,7 +291,8 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     assert bwd["atomics"] == 0
     assert 0.5 * 36 * n * h * w * c < bwd["shared_atomics"] <= 36 * n * h * w * c
     assert (
-        bwd["unique_store_sectors"] * 32 == 2 * value.numel() * 4 + n * h * w * geom.group * 32 * 4
+        bwd["unique_store_sectors"] * 32
+        == 2 * value.numel() * 4 + n * h * w * cuda.packed_cols(geom.group) * 4
     )  # grad value, grad x1, grad logits, once each
     assert bwd["mma"] == 0  # fp32 projections run as FFMA (no TF32), like PyTorch's default
     assert bwd["load_sectors"] >= bwd["unique_load_sectors"] > 0
@@ -344,16 +364,18 @@ def test_epilogue_tiles_that_do_not_fit_in_shared_memory_go_through_l2(emu):
     m, c = value.shape[0] * value.shape[1] * value.shape[2], value.shape[3]
     # The forward stores out and y once each and reads y back without a second DRAM pass over it.
     assert fwd[0]["unique_store_sectors"] * 32 == 2 * m * c * 4
-    packed = geom.group * 32 * (c + 1)  # wpack, bpack
+    packed = cuda.packed_cols(geom.group) * (c + 1)  # wpack, bpack
     inputs = (2 * m * c + packed + params.output_weight.numel() + params.output_bias.numel()) * 4
     assert fwd[0]["unique_load_sectors"] * 32 == inputs  # value, x1 and the weights: y's reads hit its stores
     # The backward stores grad value, grad x1 and grad logits once each; its loads are grad_out, value, x1, the
     # weights and a few KB of scales and reach: the grad logits it reads back (m x G*32) hit its stores.
-    assert bwd[1]["unique_store_sectors"] * 32 == (2 * m * c + m * geom.group * 32) * 4
+    assert bwd[1]["unique_store_sectors"] * 32 == (2 * m * c + m * cuda.packed_cols(geom.group)) * 4
     assert bwd[1]["unique_load_sectors"] * 32 <= inputs + m * c * 4 + 4096
     with torch.no_grad(), emulation.count() as infer:
         out_infer = cuda.dcnv3_fused_emu(*args, geom)
-    assert [launch["kernel"] for launch in infer] == ["dcn_fwd_out_l2"] and torch.equal(out.detach(), out_infer)
+    assert [launch["kernel"] for launch in infer] == ["dcn_fwd_out_l2"] and torch.equal(
+        out.detach(), out_infer
+    )
     fused = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
     with cuda.fused_epilogues(False, device="cpu"):
         split = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)

@@ -133,14 +133,16 @@ DcnParams make_params(const at::Tensor& value, int64_t ho, int64_t wo, const std
     case DT::bf16: dcnv3::fn##_bf16(__VA_ARGS__); break; \
   }
 
-// Packed-logits source: either (x1 (N,Ho,Wo,C), wpack (G*32, C), bpack (G*32)) or logits (N,Ho,Wo,G*32).
+// Packed-logits source: either (x1 (N,Ho,Wo,C), wpack (L, C), bpack (L)) or logits (N,Ho,Wo,L), L = packed_cols(G)
+// (params.h: 28 columns per group, rows padded to 8).
 void bind_logit_source(DcnParams& p, const at::Tensor& value, const c10::optional<at::Tensor>& x1,
                        const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
                        const c10::optional<at::Tensor>& logits) {
-  const int64_t cols = int64_t(p.G) * dcnv3::kGroupCols;
+  const int64_t cols = dcnv3::packed_cols(p.G);
   if (logits.has_value()) {
     check_tensor(*logits, "logits", value);
-    TORCH_CHECK(logits->numel() == int64_t(p.N) * p.Ho * p.Wo * cols, "dcnv3 CUDA: logits must be (N, Ho, Wo, G*32)");
+    TORCH_CHECK(logits->numel() == int64_t(p.N) * p.Ho * p.Wo * cols, "dcnv3 CUDA: logits must be (N, Ho, Wo, ",
+                cols, ")");
     p.logits = logits->data_ptr();
   } else {
     TORCH_CHECK(x1.has_value() && wpack.has_value() && bpack.has_value(),
@@ -152,8 +154,8 @@ void bind_logit_source(DcnParams& p, const at::Tensor& value, const c10::optiona
                     x1->size(3) == p.C, "dcnv3 CUDA: x1 must be (N, Ho, Wo, C) = (", p.N, ", ", p.Ho, ", ", p.Wo,
                 ", ", p.C, ")");
     TORCH_CHECK(wpack->dim() == 2 && wpack->size(0) == cols && wpack->size(1) == p.C,
-                "dcnv3 CUDA: wpack must be (G*32, C)");
-    TORCH_CHECK(bpack->numel() == cols, "dcnv3 CUDA: bpack must be (G*32,)");
+                "dcnv3 CUDA: wpack must be (", cols, ", C)");
+    TORCH_CHECK(bpack->numel() == cols, "dcnv3 CUDA: bpack must be (", cols, ",)");
     p.x1 = x1->data_ptr();
     p.wpack = wpack->data_ptr();
     p.bpack = bpack->data_ptr();
@@ -247,8 +249,8 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   return {out, save_y ? y : value.new_empty({0}), reach};
 }
 
-// -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,G*32) dtype of value), the core op's backward:
-// max |grad_y| per image and channel (the fixed-point scales) first, then the sampling backward.
+// -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,packed_cols(G)) dtype of value), the core op's
+// backward: max |grad_y| per image and channel (the fixed-point scales) first, then the sampling backward.
 std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& value,
                                    const c10::optional<at::Tensor>& x1, const c10::optional<at::Tensor>& wpack,
                                    const c10::optional<at::Tensor>& bpack, const c10::optional<at::Tensor>& logits,
@@ -265,7 +267,7 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   check_tensor(reach, "reach", value, /*same_dtype=*/false);
   TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((ho + 7) / 8) * ((wo + 7) / 8)),
               "dcnv3 CUDA: reach must be sample_fwd's second output for these shapes");
-  at::Tensor grad_logits = new_output({p.N, ho, wo, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
+  at::Tensor grad_logits = new_output({p.N, ho, wo, dcnv3::packed_cols(p.G)}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
   DCNV3_DISPATCH(dt, absmax_rows, grad_y.data_ptr(), p.N, static_cast<int>(ho * wo), p.C, absmax.data_ptr<float>(),
@@ -410,7 +412,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((h + 7) / 8) * ((w + 7) / 8)),
               "dcnv3 CUDA: reach must be block_fwd's third output for these shapes");
   std::vector<at::Tensor> wout_grads = linear_bwd_weight(grad_out, y, h * w);
-  at::Tensor grad_logits = new_output({p.N, h, w, int64_t(p.G) * dcnv3::kGroupCols}, value.options());
+  at::Tensor grad_logits = new_output({p.N, h, w, dcnv3::packed_cols(p.G)}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
   const bool x1_fused = g_fuse_epilogues && grad_out.numel() > 0;
@@ -492,6 +494,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("a"), py::arg("grad_absmax_rows") = 0);
   m.attr("kMaxPoints") = dcnv3::kMaxPoints;
   m.attr("kGroupCols") = dcnv3::kGroupCols;
+  m.def("packed_cols", [](int64_t G) { return dcnv3::packed_cols(static_cast<int>(G)); },
+        "row length of the packed logits for G groups (28 per group, padded to 8)");
 #ifdef DCNV3_EMULATION
   m.attr("emulation") = true;
   m.def("emu_set_order", &emu_set_order, "resume order of a CTA's threads: forward, reverse or shuffle (seeded)");

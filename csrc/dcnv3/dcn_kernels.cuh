@@ -1,7 +1,7 @@
 // The DCNv3 sampling kernels, forward and backward, each fused with the offset/mask(/cfs) projection.
 //
 // A CTA owns an 8x8 tile of pixels x kGroupsPerCta = 2 groups (128 threads). Its sampling work:
-//   1. the packed logits of 64 pixels (2 groups x 32 columns) = x1 rows . wpack^T + bpack with the tensor-core
+//   1. the packed logits of 64 pixels (2 groups x 28 columns) = x1 rows . wpack^T + bpack with the tensor-core
 //      tile GEMM (K = C; rows gathered), into shared memory: offsets and masks never touch HBM;
 //   2. normalised in place (softmax over the P mask logits of each pixel/group, sigmoid of the cfs logit);
 //   3. each (pixel, group) pair is served by Cg / Vec lanes, each lane owning one 16-byte channel vector,
@@ -32,8 +32,8 @@
 
 namespace dcnv3 {
 
-constexpr int kGroupsPerCta = kTileN / kGroupCols;  // 2
-static_assert(kTileN % kGroupCols == 0, "a CTA's GEMM columns must hold whole groups");
+constexpr int kGroupsPerCta = 2;
+static_assert(kGroupsPerCta * kGroupCols <= kTileN, "a CTA's GEMM columns must hold its groups' logits");
 
 template <class T>
 struct DcnSmem {
@@ -50,9 +50,9 @@ __device__ __forceinline__ float* logit_row(float* logits, int pix, int gl) {
 template <class T>
 __device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g0, int M,
                                const int* rows = nullptr) {
-  const int n_cols = p.G * kGroupCols;
+  const int n_cols = p.G * kGroupCols;  // the live columns (the 64-column tile's last 8 are the next pair's)
   if (p.logits == nullptr) {
-    // x1 (M, C) row-major: A(m, k) = x1[m*C + k]; wpack (G*32, C): B(n, k) = wpack[n*C + k].
+    // x1 (M, C) row-major: A(m, k) = x1[m*C + k]; wpack (packed_cols(G), C): B(n, k) = wpack[n*C + k].
     tile_gemm<T>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0, M, static_cast<const T*>(p.wpack),
                  p.C, 1, g0 * kGroupCols, n_cols, 0, p.C, rows);
     const T* bias = static_cast<const T*>(p.bpack);
@@ -65,7 +65,7 @@ __device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g
     for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
       int r = idx / kTileN, c = idx % kTileN, m = rows != nullptr ? rows[r] : m0 + r, n = g0 * kGroupCols + c;
       sm.logits[r * (kTileN + kAccPad) + c] =
-          (m >= 0 && m < M && n < n_cols) ? to_float(src[int64_t(m) * n_cols + n]) : 0.f;
+          (m >= 0 && m < M && n < n_cols) ? to_float(src[int64_t(m) * packed_cols(p.G) + n]) : 0.f;
     }
   }
   __syncthreads();
@@ -421,7 +421,6 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
   const int mm = valid ? m : 0, gg = valid ? g : 0;
   const int wo = mm % p.Wo, ho = (mm / p.Wo) % p.Ho, n = mm / (p.Wo * p.Ho);
   const int ch = gg * CG + lane * kVec;
-  const int n_cols = p.G * kGroupCols;
   const float s = p.has_cfs ? row[3 * p.P] : 0.f;
 
   float gy[kVec], gyc[kVec], ycore[kVec];
@@ -503,11 +502,15 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
       if (q < p.P) dot = fmaf(row[2 * p.P + q], g_mask[q], dot);
   }
   if (valid) {
-    T* out = gl_row != nullptr ? gl_row : static_cast<T*>(p.grad_logits) + int64_t(mm) * n_cols + gg * kGroupCols;
-    // The pair's lanes share the 32 columns; all values are lane-uniform after the reductions.
+    const int ld = packed_cols(p.G);
+    T* out = gl_row != nullptr ? gl_row : static_cast<T*>(p.grad_logits) + int64_t(mm) * ld + gg * kGroupCols;
+    // The pair's lanes share the 28 columns (and, stored directly, the last group the row's zero padding); all
+    // values are lane-uniform after the reductions.
+    const int cols = gl_row == nullptr && gg == p.G - 1 ? ld - gg * kGroupCols : kGroupCols;
 #pragma unroll
-    for (int j0 = 0; j0 < kGroupCols; j0 += kLanes) {
+    for (int j0 = 0; j0 < kGroupCols + 4; j0 += kLanes) {
       const int j = j0 + lane;
+      if (j >= cols) break;
       float v = 0.f;
 #pragma unroll
       for (int q = 0; q < kMaxPoints; ++q) {
@@ -630,16 +633,25 @@ __device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch
   }
 }
 
-// Columns [col0, col0 + cols) of the own tile's grad logits into the (M, G*32) tensor, from shared memory (src: 64
-// rows of pitch src_pitch, holding those columns), as 16-byte vectors; rows < 0 (outside the image) are skipped.
+// Columns [col0, col0 + cols) of the own tile's grad logits into the (M, packed_cols(G)) tensor, from shared memory
+// (src: 64 rows of pitch src_pitch, holding those columns), as 16-byte vectors; rows < 0 (outside the image) are
+// skipped. Where the columns end at the last group's, the row's zero padding (odd G) is written too: src holds
+// whatever there, zeros are stored.
 template <class T>
 __device__ void store_grad_logits(const DcnParams& p, const int* rows, const T* src, int src_pitch, int col0,
                                   int cols) {
-  const int n_cols = p.G * kGroupCols, row_vecs = cols / Vec<T>::kN;
+  constexpr int kV = Vec<T>::kN;
+  const int ld = packed_cols(p.G), span = col0 + cols == p.G * kGroupCols ? ld - col0 : cols;
+  const int row_vecs = (span + kV - 1) / kV;
   for (int i = threadIdx.x; i < kTileM * row_vecs; i += kThreads) {
-    const int pix = i / row_vecs, col = (i % row_vecs) * Vec<T>::kN, m = rows[pix];
-    if (m >= 0)
-      store16(static_cast<T*>(p.grad_logits) + int64_t(m) * n_cols + col0 + col, load16(src + pix * src_pitch + col));
+    const int pix = i / row_vecs, col = (i % row_vecs) * kV, m = rows[pix];
+    if (m < 0) continue;
+    uint4 v = load16(src + pix * src_pitch + col);
+    if (col + kV > cols) {
+      T* e = reinterpret_cast<T*>(&v);
+      for (int j = cols - col; j < kV; ++j) e[j] = T(0.f);
+    }
+    store16(static_cast<T*>(p.grad_logits) + int64_t(m) * ld + col0 + col, v);
   }
 }
 
@@ -670,10 +682,10 @@ __device__ void load_grad_y(const DcnParams& p, DcnSmem<T>& sm, T* gy, int g0, i
   __syncthreads();
 }
 
-// The grad logits tile of kAllPairs: (kTileM, G*32) in T after DcnValueSmem, row pitch G*32 + kSmemPad.
+// The grad logits tile of kAllPairs: (kTileM, packed_cols(G)) in T after DcnValueSmem, row pitch + kSmemPad.
 template <class T>
 __host__ __device__ constexpr size_t grad_logits_tile_bytes(int G) {
-  return size_t(kTileM) * (G * kGroupCols + kSmemPad) * sizeof(T);
+  return size_t(kTileM) * (packed_cols(G) + kSmemPad) * sizeof(T);
 }
 template <class T, int CG>
 __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
@@ -688,9 +700,9 @@ __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
 // kAllPairs (with kOwnTile, the fused block: p.grad_x1 set): the CTA takes every group pair of its tile in turn,
 // keeps the own tile's grad logits of all groups in shared memory, and ends with grad x1 = grad logits . wpack for
 // its 64 pixels (64 columns per step, wpack streamed from L2): grad logits are stored for grad wpack but not read
-// back for grad x1. Where that tile does not fit in shared memory (p.tile_in_l2: bf16 G > 29, fp32 G > 10), each
-// pair's grad logits are stored as they are complete and the epilogue reads the tile's rows back from L2, as the
-// CTA has just written them (the separate GEMM would read them back from HBM).
+// back for grad x1. Where that tile does not fit in shared memory (p.tile_in_l2; at 32 channels per group: bf16
+// G > 33, fp32 G > 12), each pair's grad logits are stored as they are complete and the epilogue reads the tile's
+// rows back from L2, as the CTA has just written them (the separate GEMM would read them back from HBM).
 template <class T, int CG, bool kOwnTile, bool kAllPairs>
 __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p) {
   static_assert(kOwnTile || !kAllPairs, "grad x1 comes from the own tile's grad logits");
@@ -701,7 +713,11 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   DcnValueSmem<T, CG>& sm = dynamic_smem<DcnValueSmem<T, CG>>();
   const bool gl_in_smem = kAllPairs && !p.tile_in_l2;
   T* gl_tile = gl_in_smem ? reinterpret_cast<T*>(&sm + 1) : static_cast<T*>(p.grad_logits);  // kAllPairs only
-  const int n_cols = p.G * kGroupCols, gl_pitch = gl_in_smem ? n_cols + kSmemPad : n_cols;
+  const int n_cols = packed_cols(p.G), gl_pitch = gl_in_smem ? n_cols + kSmemPad : n_cols;
+  if (gl_in_smem) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
+    const int live = p.G * kGroupCols, pad = n_cols - live;
+    for (int i = threadIdx.x; i < kTileM * pad; i += kThreads) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
+  }
 
   const int M = p.N * p.Ho * p.Wo;
   const int tiles_w = ceil_div(p.W, kTile), tiles = tiles_w * ceil_div(p.H, kTile);
@@ -807,10 +823,11 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   if (!kAllPairs) return;
 
   // The own tile's grad logits, all groups: stored (16-byte vectors, for grad wpack; in L2: already), and grad x1 =
-  // grad logits . wpack (K = G*32, B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per step.
+  // grad logits . wpack (K = packed_cols(G), B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per
+  // step.
   fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
   __syncthreads();
-  if (gl_in_smem) store_grad_logits<T>(p, sm.rows, gl_tile, gl_pitch, 0, n_cols);
+  if (gl_in_smem) store_grad_logits<T>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
   project_tile<T>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, !gl_in_smem, static_cast<const T*>(p.wpack), 1, p.C,
                   p.C, nullptr, static_cast<T*>(p.grad_x1));
 }
@@ -843,8 +860,8 @@ void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
                 dim3(kThreads), fwd_smem_bytes<T, CG>(false, p.C), stream, p);
 }
 
-// Whether dcn_bwd_x1's grad logits tile of all groups fits in shared memory for G groups (bf16/fp16 up to 29, fp32
-// up to 10); else it goes through L2.
+// Whether dcn_bwd_x1's grad logits tile of all groups fits in shared memory for G groups (at 32 channels per group:
+// bf16/fp16 up to 33, fp32 up to 12); else it goes through L2.
 template <class T, int CG>
 bool bwd_x1_fits(int G) {
   return bwd_smem_bytes<T, CG>(true, G) <= kMaxDynamicSmem;

@@ -6,25 +6,29 @@
 
 namespace dcnv3 {
 
-// Sampling points per group the kernels handle: one 32-wide column block of packed logits per group holds
-// 2P offsets + P mask logits + 1 center-feature-scale logit, so 3P + 1 <= 32 (3x3 kernels: P = 9, or 8).
-constexpr int kMaxPoints = 10;
-constexpr int kGroupCols = 32;
+// Sampling points per group the kernels handle: a 28-wide column block of packed logits per group holds 2P offsets
+// + P mask logits + 1 center-feature-scale logit, so 3P + 1 <= 28 (3x3 kernels: P = 9, or 8 without the center).
+constexpr int kMaxPoints = 9;
+constexpr int kGroupCols = 28;
+// The packed tensors' row length: G blocks of 28 columns, padded to whole 16-byte vectors of every dtype (8
+// columns; 4 zero columns when G is odd), so each row starts 16-byte aligned.
+constexpr int packed_cols(int G) { return (G * kGroupCols + 7) / 8 * 8; }  // device code too: relaxed constexpr
 
-// Packed-logit layout (per pixel, per group g, columns g*32 + j):
+// Packed-logit layout (per pixel, per group g, columns g*28 + j; columns from G*28 on are zero):
 //   j in [0, 2P)      offset logits, j = 2p + {0: x/width, 1: y/height}   (official offset order)
 //   j in [2P, 3P)     mask logits of point p = j - 2P                      (softmax over P)
 //   j == 3P           center-feature-scale logit                           (sigmoid), zero weight if unused
-//   j in (3P, 32)     zero padding
+//   j in (3P, 28)     zero padding (P = 8: 3 columns)
 struct DcnParams {
   // value (N, H, W, C) channels-last contiguous, C = G * Cg.
   const void* value;
   // x1 (N, Ho, Wo, C): the projection input; the fused path needs Ho == H, Wo == W (checked by the binding).
   const void* x1;
-  // wpack (G*32, C) row-major and bpack (G*32): the packed offset/mask/cfs projection (see layout above).
+  // wpack (packed_cols(G), C) row-major and bpack (packed_cols(G)): the packed offset/mask/cfs projection (see
+  // layout above; its padding rows are zero).
   const void* wpack;
   const void* bpack;
-  // Core mode: logits (N*Ho*Wo, G*32) given directly (offset and already-normalised mask); x1/wpack unused.
+  // Core mode: logits (N*Ho*Wo, packed_cols(G)) given directly (offset and already-normalised mask); x1/wpack unused.
   const void* logits;
   bool apply_softmax;  // fused: softmax over the mask logits; core: mask taken as given
   bool has_cfs;        // center-feature-scale blend y = y(1-s) + value*s, s = sigmoid(logit[3P])
@@ -47,7 +51,7 @@ struct DcnParams {
   // (N, C): an upper bound of max |grad_y[n, :, :, c]| (the max itself, or from grad_out's per-image maxima and
   // |wout|), the fixed-point scale of grad value; +inf where grad_y is not finite.
   const float* grad_y_absmax;
-  void* grad_logits;             // (N*Ho*Wo, G*32) T: gradient w.r.t. packed logits (pre-softmax)
+  void* grad_logits;             // (N*Ho*Wo, packed_cols(G)) T: gradient w.r.t. packed logits (pre-softmax)
   void* grad_value;              // (N, H, W, C) T
   // When set (the fused block): grad x1 (N, H, W, C) T = grad logits . wpack, the backward's epilogue.
   void* grad_x1;

@@ -5,7 +5,8 @@ lazily from the directory `python -m pretrain.ops.build` writes to. Until that e
 a GPU machine, `unavailable_reason` says so and `backend="auto"` keeps using the reference op.
 
 Kernel boundary (see csrc/dcnv3/dcn_kernels.cuh): the offset/mask(/center-feature-scale) projections are packed
-into one weight `wpack` (G*32, C): per group 2P offset rows, P mask rows, 1 cfs row, zero padding. The sampling
+into one weight `wpack` (L, C): per group 28 rows (2P offset rows, P mask rows, 1 cfs row, zero padding), L = G*28
+padded to a multiple of 8 (`packed_cols`). The sampling
 kernel computes those logits on chip, then softmax, aggregation and the cfs blend, and the output projection as
 its epilogue; y is stored for grad wout (and where the tile's y does not fit in shared memory). Packing is done
 here with differentiable torch ops, so autograd maps grad(wpack) back onto the module's own offset/mask/cfs
@@ -42,7 +43,14 @@ from .fused import FusedParams, dcnv3_fused_reference
 from .geometry import DCNGeometry
 from .reference import dcnv3_core_reference
 
-GROUP_COLS = 32  # packed logit columns per group (csrc/dcnv3/params.h: kGroupCols)
+GROUP_COLS = 28  # packed logit columns per group (csrc/dcnv3/params.h: kGroupCols)
+
+
+def packed_cols(groups: int) -> int:
+    """Row length of the packed logits: G blocks of GROUP_COLS, padded to whole 16-byte vectors (params.h)."""
+    return -(-groups * GROUP_COLS // 8) * 8
+
+
 CHANNELS_PER_GROUP = (16, 32)  # compiled kernel variants (csrc/dcnv3/launch.h)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BUILD_COMMAND = "python -m pretrain.ops.build"
@@ -182,13 +190,13 @@ def _fallback(reason: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Packing (differentiable): module parameters -> the kernel's per-group 32-column logit layout.
+# Packing (differentiable): module parameters -> the kernel's per-group 28-column logit layout.
 
 
 def pack_projection(
     params: FusedParams, geom: DCNGeometry, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(wpack (G*32, C), bpack (G*32,)) in `dtype` from the offset/mask/cfs projections."""
+    """(wpack (L, C), bpack (L,)) in `dtype` from the offset/mask/cfs projections, L = packed_cols(G)."""
     g, p = geom.group, geom.points
     c = params.offset_weight.shape[-1]
     ws = [params.offset_weight.view(g, 2 * p, c), params.mask_weight.view(g, p, c)]
@@ -198,22 +206,23 @@ def pack_projection(
         bs.append(params.cfs_bias.view(g, 1))
     w = torch.cat([t.to(dtype) for t in ws], dim=1)
     b = torch.cat([t.to(dtype) for t in bs], dim=1)
-    pad = GROUP_COLS - w.shape[1]
-    w = F.pad(w, (0, 0, 0, pad)).reshape(g * GROUP_COLS, c).contiguous()
-    b = F.pad(b, (0, pad)).reshape(g * GROUP_COLS).contiguous()
+    pad, tail = GROUP_COLS - w.shape[1], packed_cols(g) - g * GROUP_COLS
+    w = F.pad(F.pad(w, (0, 0, 0, pad)).reshape(g * GROUP_COLS, c), (0, 0, 0, tail)).contiguous()
+    b = F.pad(F.pad(b, (0, pad)).reshape(g * GROUP_COLS), (0, tail)).contiguous()
     return w, b
 
 
 def pack_logits(
     offset: torch.Tensor, mask: torch.Tensor, geom: DCNGeometry, dtype: torch.dtype
 ) -> torch.Tensor:
-    """(N, Ho, Wo, G*32) packed logits from offset (N,Ho,Wo,G*2P) and (normalised) mask (N,Ho,Wo,G*P)."""
+    """(N, Ho, Wo, L) packed logits from offset (N,Ho,Wo,G*2P) and (normalised) mask (N,Ho,Wo,G*P)."""
     n, ho, wo, _ = offset.shape
     g, p = geom.group, geom.points
     packed = torch.cat(
         [offset.to(dtype).view(n, ho, wo, g, 2 * p), mask.to(dtype).view(n, ho, wo, g, p)], dim=-1
     )
-    return F.pad(packed, (0, GROUP_COLS - 3 * p)).reshape(n, ho, wo, g * GROUP_COLS).contiguous()
+    packed = F.pad(packed, (0, GROUP_COLS - 3 * p)).reshape(n, ho, wo, g * GROUP_COLS)
+    return F.pad(packed, (0, packed_cols(g) - g * GROUP_COLS)).contiguous()
 
 
 def _geom_from_list(geom: list[int], offset_scale: float) -> DCNGeometry:
@@ -224,10 +233,10 @@ def _geom_from_list(geom: list[int], offset_scale: float) -> DCNGeometry:
 def sample_reference(
     value: torch.Tensor, logits: torch.Tensor, geom: DCNGeometry, apply_softmax: bool, has_cfs: bool
 ) -> torch.Tensor:
-    """The sampling kernel's contract in torch ops: packed logits (N,Ho,Wo,G*32) -> y (N,Ho,Wo,C)."""
+    """The sampling kernel's contract in torch ops: packed logits (N,Ho,Wo,L) -> y (N,Ho,Wo,C)."""
     n, ho, wo, _ = logits.shape
     g, p = geom.group, geom.points
-    lg = logits.view(n, ho, wo, g, GROUP_COLS)
+    lg = logits[..., : g * GROUP_COLS].reshape(n, ho, wo, g, GROUP_COLS)
     offset = lg[..., : 2 * p].reshape(n, ho, wo, g * 2 * p)
     mask = lg[..., 2 * p : 3 * p]
     if apply_softmax:
