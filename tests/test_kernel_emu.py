@@ -197,8 +197,8 @@ def test_unused_internal_output_gets_no_materialised_gradient(emu):
 
 
 def test_counters_of_one_gemm_tile(emu):
-    """One 64x64 output tile with K = 32 in bf16: 64 mma.sync (m16n8k16) per CTA; A and B read once (8 KiB),
-    the output written once (8 KiB), every request fully coalesced."""
+    """One 64x64 output tile with K = 32 in bf16: 64 mma.sync (m16n8k16) per CTA, fed by ldmatrix; A and B read
+    once (8 KiB), the output written once (8 KiB), every request fully coalesced."""
     a = torch.randn(64, 32).bfloat16()
     w = torch.randn(64, 32).bfloat16()
     with emulation.count() as launches:
@@ -211,6 +211,11 @@ def test_counters_of_one_gemm_tile(emu):
     assert gemm["unique_store_sectors"] * 32 == 64 * 64 * 2
     assert gemm["load_bytes"] == 2 * 64 * 32 * 2 and gemm["atomics"] == 0
     assert gemm["shared_store_bytes"] >= 2 * 64 * 32 * 2
+    # The mma fragments come through ldmatrix.x4: per warp (a 32x32 piece) 4 for A and 4 for B, one 16-byte row
+    # per lane each (element-wise fragment loads were 8192 2-byte loads per CTA); the epilogue reads the fp32
+    # result tile once per element.
+    assert gemm["shared_loads"] == 4 * 8 * 32 + 64 * 64
+    assert gemm["shared_load_bytes"] == 4 * 8 * 32 * 16 + 64 * 64 * 4
     # Staged as 16-byte vectors: a warp request is 32 lanes x 16 bytes = 16 whole sectors.
     assert gemm["load_sectors"] == 16 * gemm["load_requests"] == gemm["unique_load_sectors"]
 
@@ -511,9 +516,10 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     assert len(lines) == 3 and "| 1x2x8x64 | 4 | fwd | 1 |" in lines[0] and "| fwd+bwd |" in lines[1]
     assert "| fwd, no grad | 1 |" in lines[2]
     cells = lines[1].split("|")
-    assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0  # L2 bytes, atomics, mma
+    # L2 bytes, atomics, shared loads, mma
+    assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0 and float(cells[14]) > 0
     # Marginal DRAM floor per pixel (slice doubled): at least the activations' essential bytes, 8 x 64 x 2.
-    assert len(cells) == 19 and float(cells[16]) >= 8 * 64 * 2 and float(cells[17]) >= 1.0
+    assert len(cells) == 20 and float(cells[17]) >= 8 * 64 * 2 and float(cells[18]) >= 1.0
 
 
 def test_shared_memory_starts_poisoned_in_every_cta(emu):

@@ -467,6 +467,7 @@ py::list emu_stop_counting() {
     d["unique_atomic_sectors"] = c.unique_atomic_sectors;
     d["shared_load_bytes"] = c.shared_load_bytes;
     d["shared_store_bytes"] = c.shared_store_bytes;
+    d["shared_loads"] = c.shared_loads;
     d["mma"] = c.mma;
     out.append(d);
   }

@@ -2,13 +2,15 @@
 //   acc (BM, BN) fp32 = sum_k A(m0 + m, k) * B(n0 + n, k)
 // A and B are read from global memory with arbitrary strides (so transposed operands need no copy), staged
 // through shared memory and multiplied with a CuTe TiledMMA: mma.sync tensor cores (SM80 atoms, also the
-// instruction these kernels use on sm_90a) for bf16/fp16, FFMA for fp32 (matching PyTorch's default of no
-// TF32 in fp32 matmuls). The result is left in a shared-memory fp32 tile so that epilogues (bias, softmax,
+// instruction these kernels use on sm_90a) for bf16/fp16, their fragments loaded with ldmatrix, FFMA for fp32
+// (matching PyTorch's default of no TF32 in fp32 matmuls). The result is left in a shared-memory fp32 tile so that epilogues (bias, softmax,
 // aggregation, split-K partials) index it plainly, independent of the MMA fragment layout.
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cute/atom/copy_atom.hpp>
 #include <cute/atom/mma_atom.hpp>
+#include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
 #include "common.cuh"
@@ -52,13 +54,35 @@ struct Mma16x8x16 {
 using MmaBf16 = Mma16x8x16<SM80_16x8x16_F32BF16BF16F32_TN, true>;
 using MmaF16 = Mma16x8x16<SM80_16x8x16_F32F16F16F32_TN, false>;
 
+// ldmatrix.x4 (four 8x8 16-bit matrices from shared memory straight into mma.sync fragment registers: one
+// 16-byte row address per lane, one instruction where element-wise fragment loads take eight) as a CuTe copy
+// operation. On the GPU it is CuTe's SM75 atom; in the emulation the warp's row addresses are exchanged and each
+// lane takes its words per the PTX ISA's layout (csrc/emu), which checks CuTe's partitioning for it too.
+struct Ldsm4 {
+  using SRegisters = uint128_t[1];
+  using DRegisters = uint32_t[4];
+
+  CUTE_HOST_DEVICE static void copy(uint128_t const& smem_src, uint32_t& d0, uint32_t& d1, uint32_t& d2,
+                                    uint32_t& d3) {
+#ifdef DCNV3_EMULATION
+    uint32_t d[4];
+    emu::ldmatrix_x4(&smem_src, d);
+    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+#else
+    SM75_U32x4_LDSM_N::copy(smem_src, d0, d1, d2, d3);
+#endif
+  }
+};
+
 }  // namespace dcnv3
 
-// The wrappers have exactly the SM80 atoms' types and fragment layouts.
+// The wrappers have exactly the SM80/SM75 atoms' types and fragment layouts.
 template <>
 struct cute::MMA_Traits<dcnv3::MmaBf16> : cute::MMA_Traits<cute::SM80_16x8x16_F32BF16BF16F32_TN> {};
 template <>
 struct cute::MMA_Traits<dcnv3::MmaF16> : cute::MMA_Traits<cute::SM80_16x8x16_F32F16F16F32_TN> {};
+template <>
+struct cute::Copy_Traits<dcnv3::Ldsm4> : cute::Copy_Traits<cute::SM75_U32x4_LDSM_N> {};
 
 namespace dcnv3 {
 
@@ -166,15 +190,27 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN>& sm, float* acc_smem, const T*
   Tensor tCsC = thr.partition_C(sC);              // (MMA, MMA_M, MMA_N)
   Tensor acc = thr.partition_fragment_C(sC);      // fp32 accumulators
   clear(acc);
+  // 16-bit types: the fragments come through ldmatrix (each 8x8 matrix row is 16 contiguous, 16-byte aligned bytes
+  // of a k-contiguous smem row; the +8 pad keeps a matrix's 8 rows on distinct banks).
+  constexpr bool kLdsm = sizeof(T) == 2;
 
   for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
     stage_tile<T, BM>(sm.a, a, a_m, a_k, m0, M, k0, k_end, a_rows);
     stage_tile<T, BN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
     __syncthreads();
-    CUTE_UNROLL
-    for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(i);
-    CUTE_UNROLL
-    for (int i = 0; i < size(tCrB); ++i) tCrB(i) = tCsB(i);
+    if constexpr (kLdsm) {
+      auto s2r_a = make_tiled_copy_A(Copy_Atom<Ldsm4, T>{}, mma);
+      auto s2r_b = make_tiled_copy_B(Copy_Atom<Ldsm4, T>{}, mma);
+      auto thr_a = s2r_a.get_slice(threadIdx.x);
+      auto thr_b = s2r_b.get_slice(threadIdx.x);
+      copy(s2r_a, thr_a.partition_S(sA), thr_a.retile_D(tCrA));
+      copy(s2r_b, thr_b.partition_S(sB), thr_b.retile_D(tCrB));
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(i);
+      CUTE_UNROLL
+      for (int i = 0; i < size(tCrB); ++i) tCrB(i) = tCsB(i);
+    }
     cute::gemm(mma, tCrA, tCrB, acc);
     __syncthreads();
   }

@@ -38,6 +38,9 @@ void syncthreads();
 uint32_t shfl_xor(uint32_t bits, int lane_mask, int width);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane passes its PTX fragments, like the instruction.
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c);
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: each lane passes the 16-byte row it addresses (lanes 8i..8i+7: the
+// rows of matrix i) and gets d[i] = the two elements of matrix i at row lane / 4, columns 2 (lane % 4) + {0, 1}.
+void ldmatrix_x4(const void* row, uint32_t* d);
 // One 16-byte access (LDG/STG/LDS/STS.128 on a GPU), counted as one access of the calling site: a plain uint4
 // copy may compile to four 4-byte host accesses, which the counters would take for four warp requests.
 uint4 load16(const void* p);

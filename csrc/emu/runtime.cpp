@@ -111,6 +111,7 @@ struct WarpStage {  // double-buffered: exchange k uses buffer k & 1
   uint32_t shfl[2][kWarp];
   uint32_t a[2][kWarp][4], b[2][kWarp][2];
   float c[2][kWarp][4];
+  const char* rows[2][kWarp];  // ldmatrix row addresses
 };
 
 struct Scheduler {
@@ -267,6 +268,7 @@ inline void on_access(void* p, size_t size, bool write, uintptr_t site) {
   if (a >= ctx && a < ctx + sizeof(g_ctx)) return;           // threadIdx & co. are registers on a GPU
   if (is_shared(a)) {
     (write ? g_cur->shared_store_bytes : g_cur->shared_load_bytes) += size;
+    if (!write) g_cur->shared_loads += 1;
     return;
   }
   record_global(a, size, write ? 1 : 0, site);
@@ -543,6 +545,18 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
     for (int k = 0; k < 16; ++k) acc = std::fma(a_at(row, k), b_at(k, col), acc);  // exact products
     d[i] = acc;
   }
+}
+
+void ldmatrix_x4(const void* row, uint32_t* d) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address that is not 16-byte aligned");
+  if (g_in_kernel && !is_shared(reinterpret_cast<uintptr_t>(row))) fail("ldmatrix: a row outside shared memory");
+  on_access(const_cast<void*>(row), 16, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
+  int lane;
+  unsigned buf;
+  WarpStage& w = my_warp_stage(lane, buf);
+  w.rows[buf][lane] = static_cast<const char*>(row);
+  warp_exchange_wait();
+  for (int i = 0; i < 4; ++i) std::memcpy(&d[i], w.rows[buf][8 * i + lane / 4] + 4 * (lane % 4), 4);
 }
 
 void* dynamic_smem() {

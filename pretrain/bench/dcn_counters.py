@@ -65,6 +65,7 @@ def summarise(launches: list[dict], pixels: int) -> dict[str, float]:
         "atomics": total("atomics"),
         "shared_atomics": total("shared_atomics"),
         "shared_bytes": total("shared_load_bytes") + total("shared_store_bytes"),
+        "shared_loads": total("shared_loads"),
         "mma": total("mma"),
     }
 
@@ -140,8 +141,8 @@ def markdown(rows, args, dtype) -> str:
         f"DCNv3 fused block, emulation counters per output pixel ({_dt.date.today().isoformat()}, "
         f"{str(dtype).replace('torch.', '')}, {args.image_size} px)\n\n"
         "| model | stage | slice (NxHxWxC) | G | pass | launches | essential B | L2 B (sectors) | x essential "
-        "| DRAM floor B | atomics | shared B | mma | floor x essential | shared atomics |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| DRAM floor B | atomics | shared B | shared loads | mma | floor x essential | shared atomics |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     marginal = getattr(args, "marginal", False)
     if marginal:
@@ -152,7 +153,7 @@ def markdown(rows, args, dtype) -> str:
         line = (
             f"| {model} | {stage} | {shape} | {group} | {name} | {s['launches']} | {ess:.0f} | {s['l2_bytes']:.0f} "
             f"| {s['l2_bytes'] / ess:.1f} | {s['dram_floor_bytes']:.0f} | {s['atomics']:.0f} "
-            f"| {s['shared_bytes']:.0f} | {s['mma']:.2f} | {s['dram_floor_bytes'] / ess:.2f} "
+            f"| {s['shared_bytes']:.0f} | {s['shared_loads']:.0f} | {s['mma']:.2f} | {s['dram_floor_bytes'] / ess:.2f} "
             f"| {s['shared_atomics']:.0f} |"
         )
         if marginal:
@@ -163,7 +164,8 @@ def markdown(rows, args, dtype) -> str:
     lines.append(
         "L2 B: 32 x the distinct sectors of each warp-wide request, summed (what the memory system serves); DRAM "
         "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache: a sector read after "
-        "the launch wrote it counts once); atomics: global ones (shared-memory atomics apart); essential: value "
+        "the launch wrote it counts once); atomics: global ones (shared-memory atomics apart); shared loads: "
+        "shared-memory load instructions per thread (any width; an ldmatrix.x4 lane counts one); essential: value "
         "and x1 read and out written once (+ grad_out, grad value, grad x1 and the weights' reads and gradients "
         "for fwd+bwd); fwd, no grad: the forward under torch.no_grad (y is not stored)."
         + (
