@@ -214,9 +214,8 @@ DcnParams block_params(const at::Tensor& value, const at::Tensor& x1, const at::
 }
 
 // The DCN block's forward from x1: -> (out (N, H, W, Cout) = y . wout^T + bout, y (N, H, W, C) when save_y (for
-// grad wout; else an empty tensor), reach). One launch, the output projection as the sampling kernel's epilogue:
-// the tile's y stays in shared memory where it fits (fwd_out_fits), else it is stored and read back from L2, so y
-// is allocated then even without save_y. With the epilogues split: the sampling kernel, then the GEMM.
+// grad wout; else an empty tensor), reach). One launch, the output projection as the sampling kernel's epilogue,
+// when the tile's y fits in shared memory (fwd_out_fits); else the sampling kernel, then the GEMM.
 std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1, const at::Tensor& wpack,
                                   const at::Tensor& bpack, const at::Tensor& wout, const at::Tensor& bout,
                                   std::vector<int64_t> geom, double offset_scale, bool has_cfs, bool save_y) {
@@ -227,18 +226,17 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   const DT dt = dtype_of(value);
   const int64_t h = p.H, w = p.W;
   const int cg = p.C / p.G;
-  if (!g_fuse_epilogues) {
+  if (!g_fuse_epilogues || !DCNV3_QUERY(dt, dcn_fwd_out_fits, cg, p.C)) {
     std::vector<at::Tensor> y_reach = sample_fwd(value, x1, wpack, bpack, c10::nullopt, h, w, geom, offset_scale,
                                                  true, has_cfs);
     at::Tensor out = linear_fwd(y_reach[0], wout, bout);
     return {out, save_y ? y_reach[0] : value.new_empty({0}), y_reach[1]};
   }
   at::Tensor out = new_output({p.N, h, w, wout.size(0)}, value.options());
-  const bool store_y = save_y || !DCNV3_QUERY(dt, dcn_fwd_out_fits, cg, p.C);
-  at::Tensor y = store_y ? new_output(value.sizes(), value.options()) : value.new_empty({0});
+  at::Tensor y = save_y ? new_output(value.sizes(), value.options()) : value.new_empty({0});
   at::Tensor reach = new_reach(value, h, w);
-  if (out.numel() == 0) return {out, save_y ? y : value.new_empty({0}), reach};
-  p.y = store_y ? y.data_ptr() : nullptr;
+  if (out.numel() == 0) return {out, y, reach};
+  p.y = save_y ? y.data_ptr() : nullptr;
   p.reach = reach.data_ptr<int>();
   p.wout = wout.data_ptr();
   p.bout = bout.data_ptr();
@@ -246,7 +244,7 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   p.Cout = static_cast<int>(wout.size(0));
   DCNV3_DISPATCH(dt, dcn_fwd, cg, p, stream());
   check_launch();
-  return {out, save_y ? y : value.new_empty({0}), reach};
+  return {out, y, reach};
 }
 
 // -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,packed_cols(G)) dtype of value), the core op's
@@ -393,8 +391,8 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
 //      channel while it reads grad_out's rows: sum_k max|grad_out[n, :, k]| |wout[k, c]| bounds |grad_y[n, :, c]|,
 //      the fixed-point scale of grad value (a bound costs a few of its 24 spare bits, and no pass over grad_y);
 //   2. the sampling backward, grad_y recomputed per tile from grad_out (it never goes through HBM): grad value,
-//      grad logits, and grad x1 = grad logits . wpack as its epilogue (the tile's grad logits of all groups kept in
-//      shared memory where they fit, else read back from L2); with the epilogues split, a GEMM launch of its own;
+//      grad logits, and grad x1 = grad logits . wpack as its epilogue (where the tile's grad logits of all groups
+//      fit in shared memory; else a GEMM launch of its own);
 //   3. grad wpack, grad bpack.
 std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& x1,
                                   const at::Tensor& wpack, const at::Tensor& bpack, const at::Tensor& wout,
@@ -415,7 +413,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   at::Tensor grad_logits = new_output({p.N, h, w, dcnv3::packed_cols(p.G)}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
-  const bool x1_fused = g_fuse_epilogues && grad_out.numel() > 0;
+  const bool x1_fused = g_fuse_epilogues && DCNV3_QUERY(dt, dcn_bwd_x1_fits, p.C / p.G, p.G) && grad_out.numel() > 0;
   at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
   if (grad_out.numel() > 0) {
     p.grad_out = grad_out.data_ptr();
@@ -481,9 +479,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 kernels (CUTLASS/CuTe): sampling fused with the offset/mask projection, and GEMMs";
   m.def("sample_fwd", &sample_fwd, "(y, reach): y = sample(value, logits or x1.wpack^T+bpack)");
   m.def("block_fwd", &block_fwd,
-        "(out, y or empty, reach): the block forward, output projection fused as the sampling epilogue");
+        "(out, y or empty, reach): the block forward, output projection fused as the sampling epilogue if it fits");
   m.def("set_fused_epilogues", &set_fused_epilogues,
-        "fuse the output projection (forward) and grad x1 (backward) into the sampling kernels");
+        "fuse the output projection (forward) and grad x1 (backward) into the sampling kernels where they fit");
   m.def("fused_epilogues", [] { return g_fuse_epilogues; }, "whether block_fwd/block_bwd fuse their epilogues");
   m.def("block_bwd", &block_bwd,
         "grads of (value, x1, wpack, bpack, wout, bout): the block backward, grad_y recomputed in the sampling kernel");

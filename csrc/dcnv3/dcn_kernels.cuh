@@ -232,17 +232,15 @@ __device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, in
 }
 
 // out (rows of a 64-pixel tile, row pitch N) = a . B^T (+ bias): the fused epilogues (out = y . wout^T + bout in
-// the forward, grad x1 = grad logits . wpack in the backward). a is the tile (64 x K, row pitch a_pitch): in shared
-// memory, or, with in_l2, the tile's rows of the stored tensor (row rows[r] for tile row r), which this CTA has
-// just written. B(n, k) = b[n*b_n + k*b_k] (N x K) is streamed from L2, 64 output columns per step through sm's
-// staging and logits tiles (the fp32 result). rows (shared memory): the tile's output rows, < 0 for pixels outside
-// the image, which are not stored (and read as zeros with in_l2). All threads, after a is complete and a barrier.
+// the forward, grad x1 = grad logits . wpack in the backward). a is the tile in shared memory (64 x K, row pitch
+// a_pitch), B(n, k) = b[n*b_n + k*b_k] (N x K) is streamed from L2, 64 output columns per step through sm's staging
+// and logits tiles (the fp32 result). rows (shared memory): the tile's output rows, < 0 for pixels outside the
+// image, which are computed from whatever their a rows hold and not stored. All threads, after a is complete.
 template <class T>
-__device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_pitch, int K, bool in_l2, const T* b,
-                             int64_t b_n, int64_t b_k, int N, const T* bias, T* out) {
-  const int a_rows = in_l2 ? INT32_MAX : kTileM;  // row bound of the gather (rows < 0 are zeros)
+__device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_pitch, int K, const T* b, int64_t b_n,
+                             int64_t b_k, int N, const T* bias, T* out) {
   for (int n0 = 0; n0 < N; n0 += kTileN) {
-    tile_gemm<T>(sm.gemm, sm.logits, a, a_pitch, 1, 0, a_rows, b, b_n, b_k, n0, N, 0, K, in_l2 ? rows : nullptr);
+    tile_gemm<T>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0, N, 0, K);
     for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
       const int r = idx / kTileN, c = idx % kTileN, m = rows[r], col = n0 + c;
       if (m < 0 || col >= N) continue;
@@ -282,10 +280,7 @@ __host__ __device__ constexpr size_t fwd_smem_bytes(bool fuse_out, int C) {
 //   whole in shared memory and the output projection runs as the epilogue (y tile . wout^T + bout, 64 columns
 //   at a time, wout streamed from L2), so y is not read back from HBM; it is stored only when p.y is set (for
 //   grad wout in training). The price is x1 and wout read from L2 per tile, as the separate GEMM's tiles do.
-//   Where the y tile does not fit in shared memory (p.tile_in_l2: bf16 C > 1280, fp32 C > 620), y is stored and
-//   the epilogue reads the tile's rows back: from L2, as the CTA has just written them, where the separate GEMM
-//   would read y back from HBM.
-// kThreads threads, fwd_smem_bytes<T, CG>(kFuseOut && !p.tile_in_l2, C) dynamic smem.
+// kThreads threads, fwd_smem_bytes<T, CG>(kFuseOut, C) dynamic smem.
 template <class T, int CG, bool kFuseOut>
 __global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
   constexpr int kVec = Vec<T>::kN;
@@ -294,9 +289,8 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
   static_assert(32 % kLanes == 0, "the lanes of a pair must sit in one warp");
   static_assert(kTileM * kGroupsPerCta == kThreads, "one thread per (pixel, group) pair finds its reach");
   DcnFwdSmem<T, CG>& sm = dynamic_smem<DcnFwdSmem<T, CG>>();
-  const bool y_in_smem = kFuseOut && !p.tile_in_l2;
-  T* y_tile = y_in_smem ? reinterpret_cast<T*>(&sm + 1) : static_cast<T*>(p.y);  // kFuseOut only
-  const int y_pitch = y_in_smem ? p.C + kSmemPad : p.C;
+  T* y_tile = reinterpret_cast<T*>(&sm + 1);  // kFuseOut only
+  const int y_pitch = p.C + kSmemPad;
 
   const int M = p.N * p.Ho * p.Wo;
   int n, tx0, tx1, ty0, ty1;
@@ -367,14 +361,14 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
         for (int v = 0; v < kVec; ++v) acc[v] = acc[v] * (1.f - s) + vc[v] * s;
       }
       if (p.y != nullptr) store_vec<T>(static_cast<T*>(p.y) + int64_t(m) * p.C + ch, acc);
-      if (y_in_smem) store_vec<T>(y_tile + pix * y_pitch + ch, acc);
+      if (kFuseOut) store_vec<T>(y_tile + pix * y_pitch + ch, acc);
     }
   }
   if (!kFuseOut) return;
 
   // The epilogue: out rows of the tile = y tile . wout^T + bout (wout (Cout, C) row-major).
-  __syncthreads();  // the y tile is complete (and, in L2, visible to the CTA)
-  project_tile<T>(sm.dcn, sm.rows, y_tile, y_pitch, p.C, !y_in_smem, static_cast<const T*>(p.wout), p.C, 1, p.Cout,
+  __syncthreads();  // the y tile is complete
+  project_tile<T>(sm.dcn, sm.rows, y_tile, y_pitch, p.C, static_cast<const T*>(p.wout), p.C, 1, p.Cout,
                   static_cast<const T*>(p.bout), static_cast<T*>(p.out));
 }
 
@@ -700,9 +694,7 @@ __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
 // kAllPairs (with kOwnTile, the fused block: p.grad_x1 set): the CTA takes every group pair of its tile in turn,
 // keeps the own tile's grad logits of all groups in shared memory, and ends with grad x1 = grad logits . wpack for
 // its 64 pixels (64 columns per step, wpack streamed from L2): grad logits are stored for grad wpack but not read
-// back for grad x1. Where that tile does not fit in shared memory (p.tile_in_l2; at 32 channels per group: bf16
-// G > 33, fp32 G > 12), each pair's grad logits are stored as they are complete and the epilogue reads the tile's
-// rows back from L2, as the CTA has just written them (the separate GEMM would read them back from HBM).
+// back for grad x1.
 template <class T, int CG, bool kOwnTile, bool kAllPairs>
 __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p) {
   static_assert(kOwnTile || !kAllPairs, "grad x1 comes from the own tile's grad logits");
@@ -711,10 +703,9 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   constexpr int kLanes = CG / kVec;  // lanes per (source pixel, group) pair, each kVec channels
   constexpr int kChans = kGroupsPerCta * CG;
   DcnValueSmem<T, CG>& sm = dynamic_smem<DcnValueSmem<T, CG>>();
-  const bool gl_in_smem = kAllPairs && !p.tile_in_l2;
-  T* gl_tile = gl_in_smem ? reinterpret_cast<T*>(&sm + 1) : static_cast<T*>(p.grad_logits);  // kAllPairs only
-  const int n_cols = packed_cols(p.G), gl_pitch = gl_in_smem ? n_cols + kSmemPad : n_cols;
-  if (gl_in_smem) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
+  T* gl_tile = reinterpret_cast<T*>(&sm + 1);  // kAllPairs only
+  const int n_cols = packed_cols(p.G), gl_pitch = n_cols + kSmemPad;
+  if (kAllPairs) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
     const int live = p.G * kGroupCols, pad = n_cols - live;
     for (int i = threadIdx.x; i < kTileM * pad; i += kThreads) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
   }
@@ -744,12 +735,12 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
         const int pair = item / kLanes, lane = item % kLanes;
         const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
         const int m = sm.rows[pix], g = g0 + gl;
-        T* gl_row = gl_in_smem ? gl_tile + pix * gl_pitch + g * kGroupCols : sm.grad_logits + pair * kGroupCols;
+        T* gl_row = kAllPairs ? gl_tile + pix * gl_pitch + g * kGroupCols : sm.grad_logits + pair * kGroupCols;
         pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), sm.grad_y + pix * kChans + gl * CG, m, g, gl, lane,
                              m >= 0 && g < p.G, &box, &sm.window, gl_row);
       }
       __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
-      if (!gl_in_smem)
+      if (!kAllPairs)
         store_grad_logits<T>(p, sm.rows, sm.grad_logits, kGroupsPerCta * kGroupCols, g0 * kGroupCols,
                              min(kGroupsPerCta, p.G - g0) * kGroupCols);
     }
@@ -822,54 +813,47 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   }
   if (!kAllPairs) return;
 
-  // The own tile's grad logits, all groups: stored (16-byte vectors, for grad wpack; in L2: already), and grad x1 =
-  // grad logits . wpack (K = packed_cols(G), B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per
-  // step.
+  // The own tile's grad logits, all groups: stored (16-byte vectors, for grad wpack), and grad x1 = grad logits .
+  // wpack (K = packed_cols(G), B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per step.
   fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
   __syncthreads();
-  if (gl_in_smem) store_grad_logits<T>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
-  project_tile<T>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, !gl_in_smem, static_cast<const T*>(p.wpack), 1, p.C,
-                  p.C, nullptr, static_cast<T*>(p.grad_x1));
+  store_grad_logits<T>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
+  project_tile<T>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C, nullptr,
+                  static_cast<T*>(p.grad_x1));
 }
 
 // The largest dynamic shared memory a CTA may opt in to (sm_90: 227 KiB; the emulation enforces the same).
 constexpr size_t kMaxDynamicSmem = 227 * 1024;
 
-// Whether dcn_fwd_out's y tile fits in shared memory for C channels (bf16/fp16 up to C = 1280, fp32 up to 620);
-// else it goes through L2 (p.y must then be set, in inference too).
+// Whether dcn_fwd_out's y tile fits for C channels (bf16/fp16 up to C = 1280, fp32 up to 640).
 template <class T, int CG>
 bool fwd_out_fits(int C) {
   return fwd_smem_bytes<T, CG>(true, C) <= kMaxDynamicSmem;
 }
 
-// p.out set: the output projection fused (y stored where p.y is set, which it must be where the y tile does not
-// fit: fwd_out_fits); else y only.
+// p.out set: the output projection fused (the caller checked fwd_out_fits); else y only.
 template <class T, int CG>
 void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
   const int tiles = p.N * ((p.Ho + kTile - 1) / kTile) * ((p.Wo + kTile - 1) / kTile);
   if (p.out != nullptr) {
-    DcnParams q = p;
-    q.tile_in_l2 = !fwd_out_fits<T, CG>(p.C);
-    if (q.tile_in_l2 && q.y == nullptr)
-      throw std::invalid_argument("dcnv3: the y tile does not fit in shared memory at this C; y must be stored");
-    launch_kernel(q.tile_in_l2 ? "dcn_fwd_out_l2" : "dcn_fwd_out", dcn_fwd_kernel<T, CG, true>, dim3(tiles),
-                  dim3(kThreads), fwd_smem_bytes<T, CG>(!q.tile_in_l2, p.C), stream, q);
+    launch_kernel("dcn_fwd_out", dcn_fwd_kernel<T, CG, true>, dim3(tiles), dim3(kThreads),
+                  fwd_smem_bytes<T, CG>(true, p.C), stream, p);
     return;
   }
   launch_kernel("dcn_fwd", dcn_fwd_kernel<T, CG, false>, dim3(tiles, (p.G + kGroupsPerCta - 1) / kGroupsPerCta),
                 dim3(kThreads), fwd_smem_bytes<T, CG>(false, p.C), stream, p);
 }
 
-// Whether dcn_bwd_x1's grad logits tile of all groups fits in shared memory for G groups (at 32 channels per group:
-// bf16/fp16 up to 33, fp32 up to 12); else it goes through L2.
+// Whether the backward can fuse grad x1 (p.grad_x1) for G groups: its grad logits tile fits on chip (at 32 channels
+// per group: bf16/fp16 up to 33 groups, fp32 up to 12).
 template <class T, int CG>
 bool bwd_x1_fits(int G) {
   return bwd_smem_bytes<T, CG>(true, G) <= kMaxDynamicSmem;
 }
 
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the
-// sampling base on the pixel itself (with grad x1 as its epilogue when p.grad_x1 is set); else grad logits, then
-// grad value.
+// sampling base on the pixel itself (with grad x1 as its epilogue when p.grad_x1 is set: the caller checked
+// bwd_x1_fits); else grad logits, then grad value.
 template <class T, int CG>
 void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const int groups = (p.G + kGroupsPerCta - 1) / kGroupsPerCta;
@@ -877,10 +861,8 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const bool own_tile = p.Ho == p.H && p.Wo == p.W && p.stride_h == 1 && p.stride_w == 1 &&
                         p.pad_h == p.center_h && p.pad_w == p.center_w;
   if (own_tile && p.grad_x1 != nullptr) {
-    DcnParams q = p;
-    q.tile_in_l2 = !bwd_x1_fits<T, CG>(p.G);
-    launch_kernel(q.tile_in_l2 ? "dcn_bwd_x1_l2" : "dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true>, dim3(tiles),
-                  dim3(kThreads), bwd_smem_bytes<T, CG>(!q.tile_in_l2, p.G), stream, q);
+    launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true>, dim3(tiles), dim3(kThreads),
+                  bwd_smem_bytes<T, CG>(true, p.G), stream, p);
     return;
   }
   if (own_tile) {

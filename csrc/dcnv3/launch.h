@@ -11,9 +11,11 @@ namespace dcnv3 {
 
 #define DCNV3_DECLARE_LAUNCHERS(SUFFIX)                                                                         \
   void dcn_fwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
-  /* Whether the fused forward (p.out) keeps its y tile on chip for C channels; else p.y must be set. */       \
+  /* Whether the forward can fuse the output projection (p.out) for C channels: its y tile fits on chip. */    \
   bool dcn_fwd_out_fits_##SUFFIX(int channels_per_group, int C);                                              \
   void dcn_bwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
+  /* Whether the backward can fuse grad x1 (p.grad_x1) for G groups: its grad logits tile fits on chip. */     \
+  bool dcn_bwd_x1_fits_##SUFFIX(int channels_per_group, int G);                                               \
   void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
   /* absmax (N, C) = max over rows of |x| for x (N, R, C); absmax must be zero-filled first. */                 \
   void absmax_rows_##SUFFIX(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream);

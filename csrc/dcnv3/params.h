@@ -55,11 +55,6 @@ struct DcnParams {
   void* grad_value;              // (N, H, W, C) T
   // When set (the fused block): grad x1 (N, H, W, C) T = grad logits . wpack, the backward's epilogue.
   void* grad_x1;
-  // Set by the launcher for dcn_fwd_out and dcn_bwd_x1 where the epilogue's tile (the forward's y of all channels,
-  // the backward's grad logits of all groups, 64 rows) does not fit in shared memory: the tile is then read back
-  // from the stored output itself (p.y, which the caller must supply; p.grad_logits), which the same CTA has just
-  // written, so the read is served by L2 rather than HBM (see dcn_kernels.cuh).
-  bool tile_in_l2;
   // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
   // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it
   // scatters to. Zeroed by the caller, filled by dcn_bwd, read by dcn_bwd_value.

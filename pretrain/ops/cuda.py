@@ -6,11 +6,10 @@ a GPU machine, `unavailable_reason` says so and `backend="auto"` keeps using the
 
 Kernel boundary (see csrc/dcnv3/dcn_kernels.cuh): the offset/mask(/center-feature-scale) projections are packed
 into one weight `wpack` (L, C): per group 28 rows (2P offset rows, P mask rows, 1 cfs row, zero padding), L = G*28
-padded to a multiple of 8 (`packed_cols`). The sampling
-kernel computes those logits on chip, then softmax, aggregation and the cfs blend, and the output projection as
-its epilogue; y is stored for grad wout (and where the tile's y does not fit in shared memory). Packing is done
-here with differentiable torch ops, so autograd maps grad(wpack) back onto the module's own offset/mask/cfs
-parameters.
+padded to a multiple of 8 (`packed_cols`). The sampling kernel computes those logits on chip, then softmax,
+aggregation and the cfs blend, and (where the tile's y fits in shared memory) the output projection as its
+epilogue; y is stored only for grad wout. Packing is done here with differentiable torch ops, so autograd maps
+grad(wpack) back onto the module's own offset/mask/cfs parameters.
 
 Ops (torch.library.custom_op, with fake implementations so torch.compile can trace them):
     internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y)
@@ -299,7 +298,7 @@ def _y_output(y: torch.Tensor, save_y: bool) -> torch.Tensor:
 
 @fused_fwd.register_kernel("cuda")
 def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y):
-    # One launch: the output projection is the sampling kernel's epilogue (its y tile on chip, or through L2).
+    # One launch where the tile's y fits on chip: the output projection is the sampling kernel's epilogue.
     out, y, reach = _kernels(value).block_fwd(
         value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, save_y
     )

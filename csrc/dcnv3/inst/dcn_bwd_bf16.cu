@@ -14,4 +14,8 @@ void dcn_bwd_bf16(int channels_per_group, const DcnParams& p, cudaStream_t strea
   }
 }
 
+bool dcn_bwd_x1_fits_bf16(int channels_per_group, int G) {
+  return channels_per_group == 16 ? bwd_x1_fits<cutlass::bfloat16_t, 16>(G) : bwd_x1_fits<cutlass::bfloat16_t, 32>(G);
+}
+
 }  // namespace dcnv3

@@ -14,4 +14,8 @@ void dcn_bwd_f32(int channels_per_group, const DcnParams& p, cudaStream_t stream
   }
 }
 
+bool dcn_bwd_x1_fits_f32(int channels_per_group, int G) {
+  return channels_per_group == 16 ? bwd_x1_fits<float, 16>(G) : bwd_x1_fits<float, 32>(G);
+}
+
 }  // namespace dcnv3
