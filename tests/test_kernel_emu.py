@@ -316,6 +316,10 @@ def test_forward_fuses_the_output_projection_and_stores_y_only_for_training(emu)
     tiles = value.shape[0] * -(-value.shape[1] // 8) * -(-value.shape[2] // 8)
     out_bytes = out.numel() * 2  # the reach is recorded by atomics (counted apart): 2 per tile
     assert infer[0]["unique_store_sectors"] * 32 == out_bytes and infer[0]["atomics"] == 2 * tiles
+    # out is stored in 16-byte vectors per lane (a warp request of whole rows: 512 bytes where the tile is full).
+    assert (
+        infer[0]["store_bytes"] == out_bytes and infer[0]["store_bytes"] >= 256 * infer[0]["store_requests"]
+    )
     assert train[0]["unique_store_sectors"] * 32 == 2 * out_bytes  # out and y
     assert torch.equal(out, out_infer)
     wpack, bpack = cuda.pack_projection(params, geom, torch.bfloat16)
