@@ -81,7 +81,7 @@ def test_packed_rows_of_odd_groups_end_in_zeros(emu, stride):
     ho, wo = geom.output_size(9, 11)
     offset, mask = torch.randn(1, ho, wo, 3 * 18), torch.rand(1, ho, wo, 3 * 9)
     logits = cuda.pack_logits(offset, mask, geom, torch.float32)
-    assert logits.shape[-1] == cuda.packed_cols(3) == 88
+    assert logits.shape[-1] == cuda.packed_cols(3) == emulation.extension().packed_cols(3) == 88
     ext, args = emulation.extension(), (ho, wo, cuda.geometry_list(geom), 1.0, False, False)
     _, reach = ext.sample_fwd(value, None, None, None, logits, *args)
     _, grad_logits = ext.sample_bwd(torch.randn(1, ho, wo, 48), value, None, None, None, logits, *args, reach)

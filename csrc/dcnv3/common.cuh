@@ -66,16 +66,16 @@ __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec<T>::kN])
   store16(ptr, raw);
 }
 
+// N fp32 values as N / 4 16-byte loads (ptr 16-byte aligned).
 template <int N>
 __device__ __forceinline__ void load_f32(const float* ptr, float (&out)[N]) {
-  static_assert(N % 4 == 0, "fp32 vectors are loaded as float4");
+  static_assert(N % 4 == 0, "fp32 vectors are loaded 4 at a time");
 #pragma unroll
   for (int i = 0; i < N; i += 4) {
-    float4 v = *reinterpret_cast<const float4*>(ptr + i);
-    out[i] = v.x;
-    out[i + 1] = v.y;
-    out[i + 2] = v.z;
-    out[i + 3] = v.w;
+    const uint4 raw = load16(ptr + i);
+    const float* f = reinterpret_cast<const float*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[i + j] = f[j];
   }
 }
 

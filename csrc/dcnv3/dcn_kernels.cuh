@@ -252,13 +252,7 @@ __device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_
         const int r = idx / kRowVecs, c = (idx % kRowVecs) * kV, m = rows[r], col = n0 + c;
         if (m < 0 || col >= N) continue;  // a vector is wholly inside N or wholly outside
         float v[kV], bv[kV];
-#pragma unroll
-        for (int i = 0; i < kV; i += 4) {
-          const uint4 raw = load16(sm.logits + r * (kTileN + kAccPad) + c + i);
-          const float* f = reinterpret_cast<const float*>(&raw);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) v[i + j] = f[j];
-        }
+        load_f32<kV>(sm.logits + r * (kTileN + kAccPad) + c, v);
         if (bias != nullptr) {
           load_vec<T>(bias + col, bv);
 #pragma unroll
@@ -527,9 +521,10 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     T* out = gl_row != nullptr ? gl_row : static_cast<T*>(p.grad_logits) + int64_t(mm) * ld + gg * kGroupCols;
     // The pair's lanes share the 28 columns (and, stored directly, the last group the row's zero padding); all
     // values are lane-uniform after the reductions.
+    constexpr int kMaxRowCols = packed_cols(1);  // a group's columns + the most row padding (odd G: 4)
     const int cols = gl_row == nullptr && gg == p.G - 1 ? ld - gg * kGroupCols : kGroupCols;
 #pragma unroll
-    for (int j0 = 0; j0 < kGroupCols + 4; j0 += kLanes) {
+    for (int j0 = 0; j0 < kMaxRowCols; j0 += kLanes) {
       const int j = j0 + lane;
       if (j >= cols) break;
       float v = 0.f;

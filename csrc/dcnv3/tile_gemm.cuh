@@ -3,8 +3,8 @@
 // A and B are read from global memory with arbitrary strides (so transposed operands need no copy), staged
 // through shared memory and multiplied with a CuTe TiledMMA: mma.sync tensor cores (SM80 atoms, also the
 // instruction these kernels use on sm_90a) for bf16/fp16, their fragments loaded with ldmatrix, FFMA for fp32
-// (matching PyTorch's default of no TF32 in fp32 matmuls). The result is left in a shared-memory fp32 tile so that epilogues (bias, softmax,
-// aggregation, split-K partials) index it plainly, independent of the MMA fragment layout.
+// (matching PyTorch's default of no TF32 in fp32 matmuls). The result is left in a shared-memory fp32 tile so that
+// epilogues (bias, softmax, aggregation, split-K partials) index it plainly, independent of the MMA fragment layout.
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -192,6 +192,14 @@ def _fallback(reason: str) -> None:
 # Packing (differentiable): module parameters -> the kernel's per-group 28-column logit layout.
 
 
+def _pack_groups(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (..., G, k, *trail) with G at `dim`: each group's k entries padded to GROUP_COLS, the groups flattened and
+    the result padded to packed_cols(G) (zeros everywhere else)."""
+    g, k, trail = x.shape[dim], x.shape[dim + 1], x.dim() - dim - 2
+    x = F.pad(x, (0, 0) * trail + (0, GROUP_COLS - k)).flatten(dim, dim + 1)
+    return F.pad(x, (0, 0) * trail + (0, packed_cols(g) - g * GROUP_COLS)).contiguous()
+
+
 def pack_projection(
     params: FusedParams, geom: DCNGeometry, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,10 +213,7 @@ def pack_projection(
         bs.append(params.cfs_bias.view(g, 1))
     w = torch.cat([t.to(dtype) for t in ws], dim=1)
     b = torch.cat([t.to(dtype) for t in bs], dim=1)
-    pad, tail = GROUP_COLS - w.shape[1], packed_cols(g) - g * GROUP_COLS
-    w = F.pad(F.pad(w, (0, 0, 0, pad)).reshape(g * GROUP_COLS, c), (0, 0, 0, tail)).contiguous()
-    b = F.pad(F.pad(b, (0, pad)).reshape(g * GROUP_COLS), (0, tail)).contiguous()
-    return w, b
+    return _pack_groups(w, 0), _pack_groups(b, 0)
 
 
 def pack_logits(
@@ -220,8 +225,7 @@ def pack_logits(
     packed = torch.cat(
         [offset.to(dtype).view(n, ho, wo, g, 2 * p), mask.to(dtype).view(n, ho, wo, g, p)], dim=-1
     )
-    packed = F.pad(packed, (0, GROUP_COLS - 3 * p)).reshape(n, ho, wo, g * GROUP_COLS)
-    return F.pad(packed, (0, packed_cols(g) - g * GROUP_COLS)).contiguous()
+    return _pack_groups(packed, 3)
 
 
 def _geom_from_list(geom: list[int], offset_scale: float) -> DCNGeometry:
