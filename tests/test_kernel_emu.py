@@ -213,9 +213,14 @@ def test_counters_of_one_gemm_tile(emu):
     assert gemm["shared_store_bytes"] >= 2 * 64 * 32 * 2
     # The mma fragments come through ldmatrix.x4: per warp (a 32x32 piece) 4 for A and 4 for B, one 16-byte row
     # per lane each (element-wise fragment loads were 8192 2-byte loads per CTA); the epilogue reads the fp32
-    # result tile once per element.
-    assert gemm["shared_loads"] == 4 * 8 * 32 + 64 * 64
+    # result tile once, 4 values per 16-byte load.
+    assert gemm["shared_loads"] == 4 * 8 * 32 + 64 * 64 // 4
     assert gemm["shared_load_bytes"] == 4 * 8 * 32 * 16 + 64 * 64 * 4
+    # ... and stores 8 outputs per 16-byte vector: 512 bytes per warp request (2-byte element stores took 128).
+    assert gemm["store_requests"] == 64 * 64 * 2 // 512
+    # Staging: one 16-byte store per 16-byte load (64 rows x 32 k of A and of B: 512 vectors), then the fp32
+    # result tile (64 x 64 elements).
+    assert gemm["shared_stores"] == 512 + 64 * 64
     # Staged as 16-byte vectors: a warp request is 32 lanes x 16 bytes = 16 whole sectors.
     assert gemm["load_sectors"] == 16 * gemm["load_requests"] == gemm["unique_load_sectors"]
 
@@ -230,18 +235,23 @@ def test_transposed_operands_are_staged_as_vectors_too(emu):
         out = emu.linear_bwd_input(grad, w)
     [gemm] = launches
     assert gemm["load_sectors"] == 16 * gemm["load_requests"] == gemm["unique_load_sectors"]
+    # w is staged MN-major, as it lies: a 16-byte load is one 16-byte shared store, not 8 element stores (B: 128
+    # rows x 64 k, A: 64 x 64, over 2 K-steps: 1536 vectors), then the fp32 result tile (64 x 128).
+    assert gemm["shared_stores"] == (128 * 64 + 64 * 64) // 8 + 64 * 128
     exact = (grad.double() @ w.double()).bfloat16()
     assert (out.float() - exact.float()).abs().max() <= exact.float().abs().max() * 2**-7
 
 
+@pytest.mark.parametrize("width", [16, 13], ids=["vector-rows", "element-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_weight_gradient_split_k_in_one_launch(emu, dtype):
+def test_weight_gradient_split_k_in_one_launch(emu, dtype, width):
     """grad W and grad b of a projection over many rows: split-K (over 8 splits here), the last split of each output
     tile summing the fp32 partials in split order, bias gradient in the same launch; against float64, and bitwise
-    the same when the CTAs run in another order (which split arrives last must not matter)."""
+    the same when the CTAs run in another order (which split arrives last must not matter). Rows of 16 move as
+    16-byte vectors (partials, sums, output), rows of 13 element by element."""
     gen = torch.Generator().manual_seed(5)
     grad = torch.randn(3 * 4096, 20, generator=gen).to(dtype)
-    a = torch.randn(3 * 4096, 16, generator=gen).to(dtype)
+    a = torch.randn(3 * 4096, width, generator=gen).to(dtype)
     with emulation.count() as launches:
         gw, gb, _ = emu.linear_bwd_weight(grad, a)
     [gemm] = launches
@@ -254,6 +264,19 @@ def test_weight_gradient_split_k_in_one_launch(emu, dtype):
     with emulation.thread_order("shuffle", seed=3, ext=emu):
         gw2, gb2, _ = emu.linear_bwd_weight(grad, a)
     assert torch.equal(gw, gw2) and torch.equal(gb, gb2)
+
+
+@pytest.mark.parametrize("n", [24, 13], ids=["vector-rows", "element-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_with_bias_on_either_epilogue_path(emu, dtype, n):
+    """out = a . w^T + bias over two row tiles: whole 16-byte output vectors where the row width allows (24), one
+    element at a time otherwise (13); against float64 on the same rounded inputs."""
+    gen = torch.Generator().manual_seed(8)
+    a, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((70, 40), (n, 40), (n,)))
+    out = emu.linear_fwd(a, w, b)
+    exact = a.double() @ w.double().t() + b.double()
+    err = ((out.double() - exact).norm() / exact.norm()).item()
+    assert out.shape == (70, n) and err < TOL[dtype], err
 
 
 def test_grad_out_absmax_in_the_weight_gradient_launch(emu):
@@ -498,10 +521,10 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     assert len(lines) == 3 and "| 1x2x8x64 | 4 | fwd | 1 |" in lines[0] and "| fwd+bwd |" in lines[1]
     assert "| fwd, no grad | 1 |" in lines[2]
     cells = lines[1].split("|")
-    # L2 bytes, atomics, shared loads, mma
-    assert float(cells[8]) > 0 and float(cells[11]) > 0 and float(cells[13]) > 0 and float(cells[14]) > 0
+    # L2 bytes, atomics, shared loads, shared stores, mma
+    assert all(float(cells[i]) > 0 for i in (8, 11, 13, 14, 15))
     # Marginal DRAM floor per pixel (slice doubled): at least the activations' essential bytes, 8 x 64 x 2.
-    assert len(cells) == 20 and float(cells[17]) >= 8 * 64 * 2 and float(cells[18]) >= 1.0
+    assert len(cells) == 21 and float(cells[18]) >= 8 * 64 * 2 and float(cells[19]) >= 1.0
 
 
 def test_shared_memory_starts_poisoned_in_every_cta(emu):

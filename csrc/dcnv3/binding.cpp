@@ -466,6 +466,7 @@ py::list emu_stop_counting() {
     d["shared_load_bytes"] = c.shared_load_bytes;
     d["shared_store_bytes"] = c.shared_store_bytes;
     d["shared_loads"] = c.shared_loads;
+    d["shared_stores"] = c.shared_stores;
     d["mma"] = c.mma;
     out.append(d);
   }

@@ -79,6 +79,20 @@ __device__ __forceinline__ void load_f32(const float* ptr, float (&out)[N]) {
   }
 }
 
+// N fp32 values as N / 4 16-byte stores (ptr 16-byte aligned).
+template <int N>
+__device__ __forceinline__ void store_f32(float* ptr, const float (&in)[N]) {
+  static_assert(N % 4 == 0, "fp32 vectors are stored 4 at a time");
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    uint4 raw;
+    float* f = reinterpret_cast<float*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[j] = in[i + j];
+    store16(ptr + i, raw);
+  }
+}
+
 // Every kernel launch goes through here, so that the CPU emulation (csrc/emu) runs the same kernels: there a
 // launch is a loop over the grid, each CTA's threads run as fibers. `name` labels the emulation's counters.
 // `smem_bytes` of dynamic shared memory (see dynamic_smem) may exceed the 48 KiB default: the kernel is opted in.

@@ -235,8 +235,9 @@ __device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, in
 // the forward, grad x1 = grad logits . wpack in the backward). a is the tile in shared memory (64 x K, row pitch
 // a_pitch), B(n, k) = b[n*b_n + k*b_k] (N x K) is streamed from L2, 64 output columns per step through sm's staging
 // and logits tiles (the fp32 result). rows (shared memory): the tile's output rows, < 0 for pixels outside the
-// image, which are computed from whatever their a rows hold and not stored. All threads, after a is complete.
-template <class T>
+// image, which are computed from whatever their a rows hold and not stored. kBMN: b has unit stride along n (read
+// transposed, staged MN-major). All threads, after a is complete.
+template <class T, bool kBMN>
 __device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_pitch, int K, const T* b, int64_t b_n,
                              int64_t b_k, int N, const T* bias, T* out) {
   // A thread stores 16-byte vectors of a row (kV columns: 4 fp32 loads of 16 bytes from the result tile at most)
@@ -246,7 +247,8 @@ __device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_
   const bool vec = N % kV == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
                    (bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
   for (int n0 = 0; n0 < N; n0 += kTileN) {
-    tile_gemm<T>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0, N, 0, K);
+    tile_gemm<T, kTileM, kTileN, false, kBMN>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0, N, 0,
+                                              K);
     if (vec) {
       for (int idx = threadIdx.x; idx < kTileM * kRowVecs; idx += kThreads) {
         const int r = idx / kRowVecs, c = (idx % kRowVecs) * kV, m = rows[r], col = n0 + c;
@@ -389,7 +391,7 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
 
   // The epilogue: out rows of the tile = y tile . wout^T + bout (wout (Cout, C) row-major).
   __syncthreads();  // the y tile is complete
-  project_tile<T>(sm.dcn, sm.rows, y_tile, y_pitch, p.C, static_cast<const T*>(p.wout), p.C, 1, p.Cout,
+  project_tile<T, false>(sm.dcn, sm.rows, y_tile, y_pitch, p.C, static_cast<const T*>(p.wout), p.C, 1, p.Cout,
                   static_cast<const T*>(p.bout), static_cast<T*>(p.out));
 }
 
@@ -682,8 +684,9 @@ __device__ void load_grad_y(const DcnParams& p, DcnSmem<T>& sm, T* gy, int g0, i
   const int c0 = g0 * CG;
   if (p.wout != nullptr) {
     // A(m, k) = grad_out[m*Cout + k], rows gathered; B(n, k) = wout[k*C + n]: wout read transposed in place.
-    tile_gemm<T>(sm.gemm, sm.logits, static_cast<const T*>(p.grad_out), p.Cout, 1, 0, M,
-                 static_cast<const T*>(p.wout), 1, p.C, c0, min(p.C, c0 + kChans), 0, p.Cout, rows);
+    tile_gemm<T, kTileM, kTileN, false, true>(sm.gemm, sm.logits, static_cast<const T*>(p.grad_out), p.Cout, 1, 0,
+                                              M, static_cast<const T*>(p.wout), 1, p.C, c0, min(p.C, c0 + kChans), 0,
+                                              p.Cout, rows);
     for (int i = threadIdx.x; i < kTileM * kChans; i += kThreads)
       gy[i] = from_float<T>(sm.logits[(i / kChans) * (kTileN + kAccPad) + i % kChans]);
   } else {
@@ -840,8 +843,8 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
   __syncthreads();
   store_grad_logits<T>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
-  project_tile<T>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C, nullptr,
-                  static_cast<T*>(p.grad_x1));
+  project_tile<T, true>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C,
+                        nullptr, static_cast<T*>(p.grad_x1));
 }
 
 // The largest dynamic shared memory a CTA may opt in to (sm_90: 227 KiB; the emulation enforces the same).

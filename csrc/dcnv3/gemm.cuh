@@ -25,8 +25,9 @@ union GemmSmem {
 };
 
 // A BM x BN output tile per CTA (64 or 128 each, by the launcher: fewer re-reads of A and B from L2 than 64x64).
+// kAMN / kBMN: the operand is read transposed in place (unit stride along its rows) and staged MN-major.
 // grid (ceil(M/BM), ceil(N/BN), splits), kThreads threads, sizeof(GemmSmem<T, BM, BN>) dynamic smem.
-template <class T, int BM, int BN>
+template <class T, int BM, int BN, bool kAMN, bool kBMN>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
   GemmSmem<T, BM, BN>& sm = dynamic_smem<GemmSmem<T, BM, BN>>();
   float* acc = sm.acc;
@@ -35,8 +36,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
   const int k_begin = blockIdx.z * p.k_per_split;
   const int k_end = min(p.K, k_begin + p.k_per_split);
   const T* a = static_cast<const T*>(p.a);
-  tile_gemm<T, BM, BN>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k, n0, p.N,
-                       k_begin, k_end);
+  tile_gemm<T, BM, BN, kAMN, kBMN>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k,
+                                   n0, p.N, k_begin, k_end);
   // Row sums of A over this split's K range (a bias gradient) and/or A's per-group absmax: the tiles of the first
   // column, a row per thread.
   const int sum_row = m0 + threadIdx.x;
@@ -58,12 +59,28 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
       }
     }
   }
+  // Rows of the tile move as 16-byte vectors (kV elements of T, 4 fp32) where every row is whole vectors (N a
+  // multiple of kV, aligned bases: every projection of the block), element by element otherwise; n is fastest
+  // across threads (coalesced).
+  constexpr int kV = Vec<T>::kN;
+  static_assert(((BN + kAccPad) * sizeof(float)) % 16 == 0 && BN % kV == 0, "result rows in whole vectors");
+  const bool vec = p.N % kV == 0 && reinterpret_cast<uintptr_t>(p.out) % 16 == 0 &&
+                   (p.bias == nullptr || reinterpret_cast<uintptr_t>(p.bias) % 16 == 0) &&
+                   (p.out_f32 == nullptr || reinterpret_cast<uintptr_t>(p.out_f32) % 16 == 0);
+  const int step = vec ? kV : 1;  // columns per thread per item
   if (gridDim.z > 1) {
     // Split-K: write this split's partials and count the split in; the last split of the tile to arrive sums all
     // of them in split order (into acc and row_sum) and goes on to the epilogue, the others are done.
-    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
-      int r = idx / BN, c = idx % BN, m = m0 + r, n = n0 + c;
-      if (m < p.M && n < p.N) p.out_f32[blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n] = acc[r * (BN + kAccPad) + c];
+    for (int idx = threadIdx.x; idx < BM * BN / step; idx += kThreads) {
+      const int r = idx / (BN / step), c = idx % (BN / step) * step, m = m0 + r, n = n0 + c;
+      if (m >= p.M || n >= p.N) continue;
+      float* dst = p.out_f32 + blockIdx.z * p.out_split_stride + int64_t(m) * p.N + n;
+      const float* src = acc + r * (BN + kAccPad) + c;
+      if (!vec) {
+        *dst = *src;
+        continue;
+      }
+      for (int i = 0; i < kV; i += 4) store16(dst + i, load16(src + i));
     }
     if (sums_row) p.row_sum_partial[int64_t(blockIdx.z) * p.M + sum_row] = row_sum;
     __threadfence();  // this CTA's partials are visible before it counts itself
@@ -73,12 +90,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
     __syncthreads();
     if (!last_split) return;
     __threadfence();
-    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
-      int r = idx / BN, c = idx % BN, m = m0 + r, n = n0 + c;
+    for (int idx = threadIdx.x; idx < BM * BN / step; idx += kThreads) {
+      const int r = idx / (BN / step), c = idx % (BN / step) * step, m = m0 + r, n = n0 + c;
       if (m >= p.M || n >= p.N) continue;
-      float v = 0.f;
-      for (unsigned z = 0; z < gridDim.z; ++z) v += p.out_f32[z * p.out_split_stride + int64_t(m) * p.N + n];
-      acc[r * (BN + kAccPad) + c] = v;  // each thread rewrites only the elements it reads
+      const float* src = p.out_f32 + int64_t(m) * p.N + n;
+      float* dst = acc + r * (BN + kAccPad) + c;  // each thread rewrites only the elements it reads
+      if (!vec) {
+        float v = 0.f;
+        for (unsigned z = 0; z < gridDim.z; ++z) v += src[z * p.out_split_stride];
+        *dst = v;
+        continue;
+      }
+      for (int i = 0; i < kV; i += 4) {
+        float v[4] = {0.f, 0.f, 0.f, 0.f}, part[4];
+        for (unsigned z = 0; z < gridDim.z; ++z) {
+          load_f32<4>(src + z * p.out_split_stride + i, part);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) v[j] += part[j];
+        }
+        store_f32<4>(dst + i, v);
+      }
     }
     if (sums_row) {
       row_sum = 0.f;
@@ -86,14 +117,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
     }
   }
   if (sums_row) static_cast<T*>(p.row_sum_out)[sum_row] = from_float<T>(row_sum);
-  // Epilogue: rows of the tile, n fastest across threads (coalesced stores).
-  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
-    int r = idx / BN, c = idx % BN;
-    int m = m0 + r, n = n0 + c;
+  // Epilogue: + bias, rounded to T.
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  for (int idx = threadIdx.x; idx < BM * BN / step; idx += kThreads) {
+    const int r = idx / (BN / step), c = idx % (BN / step) * step, m = m0 + r, n = n0 + c;
     if (m >= p.M || n >= p.N) continue;
-    float v = acc[r * (BN + kAccPad) + c];
-    if (p.bias != nullptr) v += to_float(static_cast<const T*>(p.bias)[n]);
-    static_cast<T*>(p.out)[int64_t(m) * p.N + n] = from_float<T>(v);
+    if (!vec) {
+      float v = acc[r * (BN + kAccPad) + c];
+      if (bias != nullptr) v += to_float(bias[n]);
+      out[int64_t(m) * p.N + n] = from_float<T>(v);
+      continue;
+    }
+    float v[kV], bv[kV];
+    load_f32<kV>(acc + r * (BN + kAccPad) + c, v);
+    if (bias != nullptr) {
+      load_vec<T>(bias + n, bv);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) v[i] += bv[i];
+    }
+    store_vec<T>(out + int64_t(m) * p.N + n, v);
   }
 }
 
@@ -114,10 +157,15 @@ __global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const T* x, int R, 
   atomicMax(reinterpret_cast<int*>(absmax + int64_t(n) * C + c), __float_as_int(m));
 }
 
+// An operand is staged MN-major when its unit stride runs along its rows (a transposed weight or a weight
+// gradient's operand): one 16-byte shared store per 16-byte load, fragments through ldmatrix.trans.
 template <class T, int BM, int BN>
 void launch_gemm_tiles(const GemmParams& p, int splits, cudaStream_t stream) {
   dim3 grid((p.M + BM - 1) / BM, (p.N + BN - 1) / BN, splits);
-  launch_kernel("gemm", gemm_kernel<T, BM, BN>, grid, dim3(kThreads), sizeof(GemmSmem<T, BM, BN>), stream, p);
+  const bool a_mn = p.a_k != 1 && p.a_m == 1, b_mn = p.b_k != 1 && p.b_n == 1;
+  auto kernel = a_mn ? (b_mn ? gemm_kernel<T, BM, BN, true, true> : gemm_kernel<T, BM, BN, true, false>)
+                     : (b_mn ? gemm_kernel<T, BM, BN, false, true> : gemm_kernel<T, BM, BN, false, false>);
+  launch_kernel("gemm", kernel, grid, dim3(kThreads), sizeof(GemmSmem<T, BM, BN>), stream, p);
 }
 
 // 128-wide tiles where the matrix is wider than 64 (a 64-wide matrix would waste half of one).

@@ -7,6 +7,8 @@
 // epilogues (bias, softmax, aggregation, split-K partials) index it plainly, independent of the MMA fragment layout.
 #pragma once
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_atom.hpp>
 #include <cute/atom/mma_atom.hpp>
@@ -74,6 +76,25 @@ struct Ldsm4 {
   }
 };
 
+// ldmatrix.x4.trans: the same for an operand stored MN-major (its rows contiguous, k the strided index): each
+// 16-byte row holds 8 rows of the operand at one k, and the transposed load hands out the fragments mma.sync
+// takes. On the GPU CuTe's SM75 atom; in the emulation a twin per the PTX layout.
+struct Ldsm4T {
+  using SRegisters = uint128_t[1];
+  using DRegisters = uint32_t[4];
+
+  CUTE_HOST_DEVICE static void copy(uint128_t const& smem_src, uint32_t& d0, uint32_t& d1, uint32_t& d2,
+                                    uint32_t& d3) {
+#ifdef DCNV3_EMULATION
+    uint32_t d[4];
+    emu::ldmatrix_x4_trans(&smem_src, d);
+    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+#else
+    SM75_U16x8_LDSM_T::copy(smem_src, d0, d1, d2, d3);
+#endif
+  }
+};
+
 }  // namespace dcnv3
 
 // The wrappers have exactly the SM80/SM75 atoms' types and fragment layouts.
@@ -83,6 +104,8 @@ template <>
 struct cute::MMA_Traits<dcnv3::MmaF16> : cute::MMA_Traits<cute::SM80_16x8x16_F32F16F16F32_TN> {};
 template <>
 struct cute::Copy_Traits<dcnv3::Ldsm4> : cute::Copy_Traits<cute::SM75_U32x4_LDSM_N> {};
+template <>
+struct cute::Copy_Traits<dcnv3::Ldsm4T> : cute::Copy_Traits<cute::SM75_U16x8_LDSM_T> {};
 
 namespace dcnv3 {
 
@@ -109,18 +132,34 @@ struct MmaTraits<float> {
 constexpr int kSmemPad = 8;
 constexpr int kAccPad = 4;
 
+// A staged operand tile in shared memory, ROWS x kTileK, in one of two layouts:
+//   K-major (kMN false): each row's kTileK elements contiguous, pitch kTileK + kSmemPad (an operand whose k has
+//     unit stride in global memory: activations, k-contiguous weights);
+//   MN-major (kMN true): each k's ROWS elements contiguous, pitch ROWS + kSmemPad (an operand read transposed in
+//     place, its unit stride along the rows: both weight-gradient operands, W_out and wpack read as B^T). Staged as
+//     it lies, a 16-byte global load is one 16-byte shared store (K-major it took kV scalar stores), and the mma
+//     fragments come through ldmatrix.trans.
+template <int ROWS, bool kMN>
+using OperandLayout = std::conditional_t<kMN, Layout<Shape<Int<ROWS>, Int<kTileK>>, Stride<_1, Int<ROWS + kSmemPad>>>,
+                                         Layout<Shape<Int<ROWS>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>>;
+
+// Sized for the larger (K-major) layout, so the union with a result tile and callers' byte counts do not depend on
+// which layout a launch stages.
 template <class T, int BM = kTileM, int BN = kTileN>
 struct TileGemmSmem {
+  static_assert(BM * (kTileK + kSmemPad) >= kTileK * (BM + kSmemPad) &&
+                BN * (kTileK + kSmemPad) >= kTileK * (BN + kSmemPad), "either layout fits");
   alignas(16) T a[BM * (kTileK + kSmemPad)];
   alignas(16) T b[BN * (kTileK + kSmemPad)];
 };
 
 // Stage rows [r0, r0 + ROWS) x cols [k0, k0 + kTileK) of a strided matrix X(r, k) = x[r*s_r + k*s_k] into
-// smem (ROWS, kTileK) k-contiguous, zero-filling outside (rows, K). The thread order follows whichever index
-// has unit stride so the global reads coalesce for both plain and transposed operands, 16 bytes per load where
-// the unit-stride index runs in whole aligned vectors (every projection of the block: C and G*32 are multiples
-// of 16); element by element otherwise. With `row_map` (ROWS entries in shared memory), tile row r is matrix row
-// row_map[r] instead of r0 + r (a gather; < 0: zeros). k0 is a multiple of kTileK.
+// smem (ROWS, kTileK) K-major, zero-filling outside (rows, K): 16 bytes per load where k has unit stride and runs
+// in whole aligned vectors (every projection of the block: C and G*28 padded are multiples of 8); element by
+// element otherwise, the thread order following whichever index has unit stride so the global reads coalesce
+// (operands with unit stride along their rows are staged MN-major instead: stage_tile_mn). With `row_map` (ROWS
+// entries in shared memory), tile row r is matrix row row_map[r] instead of r0 + r (a gather; < 0: zeros). k0 is a
+// multiple of kTileK.
 template <class T, int ROWS>
 __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows,
                                            int k0, int K, const int* row_map = nullptr) {
@@ -144,17 +183,6 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
       int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
       smem[r * kPitch + k] = (gr >= 0 && gr < rows && gk < K) ? x[gr * s_r + gk] : T(0.0f);
     }
-  } else if (s_r == 1 && row_map == nullptr && aligned && rows % kV == 0 && s_k % kV == 0) {
-    // Transposed (r contiguous): kV rows of one k per 16-byte load, spread over kV shared-memory rows.
-    constexpr int kColVecs = ROWS / kV;
-    for (int idx = threadIdx.x; idx < kColVecs * kTileK; idx += kThreads) {
-      const int r = (idx % kColVecs) * kV, k = idx / kColVecs, gr = r0 + r, gk = k0 + k;
-      uint4 v{0, 0, 0, 0};
-      if (gr < rows && gk < K) v = load16(x + gr + int64_t(gk) * s_k);
-      const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-      for (int i = 0; i < kV; ++i) smem[(r + i) * kPitch + k] = e[i];
-    }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
       int r = idx % ROWS, k = idx / ROWS;
@@ -164,10 +192,38 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
   }
 }
 
+// stage_tile for an MN-major tile (OperandLayout<ROWS, true>): smem[k * (ROWS + kSmemPad) + r] = X(r0 + r, k0 + k).
+// With the rows' unit stride (s_r == 1) a 16-byte load of kV rows at one k is one 16-byte store; element by
+// element otherwise (any strides). No row gather: gathered operands are activations, K-major.
+template <class T, int ROWS>
+__device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows, int k0,
+                                              int K) {
+  constexpr int kPitch = ROWS + kSmemPad;
+  constexpr int kV = Vec<T>::kN;
+  static_assert(ROWS % kV == 0 && (kPitch * sizeof(T)) % 16 == 0, "whole vectors per k");
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (s_r == 1 && aligned && rows % kV == 0 && r0 % kV == 0 && s_k % kV == 0) {
+    constexpr int kColVecs = ROWS / kV;
+    for (int idx = threadIdx.x; idx < kColVecs * kTileK; idx += kThreads) {
+      const int r = (idx % kColVecs) * kV, k = idx / kColVecs, gr = r0 + r, gk = k0 + k;
+      uint4 v{0, 0, 0, 0};
+      if (gr < rows && gk < K) v = load16(x + gr + int64_t(gk) * s_k);
+      store16(smem + k * kPitch + r, v);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
+      const int r = idx % ROWS, k = idx / ROWS, gr = r0 + r, gk = k0 + k;
+      smem[k * kPitch + r] = (gr < rows && gk < K) ? x[gr * s_r + int64_t(gk) * s_k] : T(0.0f);
+    }
+  }
+}
+
 // acc_smem (BM, BN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T, or A's rows gathered
-// through a_rows (BM entries in shared memory, see stage_tile). All kThreads threads must call it; it ends with a
-// __syncthreads so acc_smem is readable by everyone. acc_smem may alias sm: it is written after the last stage.
-template <class T, int BM = kTileM, int BN = kTileN>
+// through a_rows (BM entries in shared memory, see stage_tile; K-major A only). kAMN / kBMN: the operand is
+// staged MN-major (OperandLayout), for operands whose unit stride runs along their rows. All kThreads threads must
+// call it; it ends with a __syncthreads so acc_smem is readable by everyone. acc_smem may alias sm: it is written
+// after the last stage.
+template <class T, int BM = kTileM, int BN = kTileN, bool kAMN = false, bool kBMN = false>
 __device__ void tile_gemm(TileGemmSmem<T, BM, BN>& sm, float* acc_smem, const T* a, int64_t a_m, int64_t a_k,
                           int m0, int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin, int k_end,
                           const int* a_rows = nullptr) {
@@ -175,9 +231,9 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN>& sm, float* acc_smem, const T*
   static_assert(size(TiledMma{}) == kThreads, "the tiled MMA must use exactly the CTA's threads");
   static_assert(BM % 32 == 0 && BN % 32 == 0 && kTileK % 16 == 0, "tile must cover whole MMA steps");
 
-  // sA: (BM, kTileK) -> row pitch kTileK+pad, k contiguous.   sB: (BN, kTileK), same.
-  Tensor sA = make_tensor(make_smem_ptr(sm.a), Layout<Shape<Int<BM>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
-  Tensor sB = make_tensor(make_smem_ptr(sm.b), Layout<Shape<Int<BN>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>{});
+  // sA: (BM, kTileK), sB: (BN, kTileK), each K-major or MN-major.
+  Tensor sA = make_tensor(make_smem_ptr(sm.a), OperandLayout<BM, kAMN>{});
+  Tensor sB = make_tensor(make_smem_ptr(sm.b), OperandLayout<BN, kBMN>{});
   // sC: (BM, BN) fp32 -> row pitch BN+pad, n contiguous.
   Tensor sC = make_tensor(make_smem_ptr(acc_smem), Layout<Shape<Int<BM>, Int<BN>>, Stride<Int<BN + kAccPad>, _1>>{});
 
@@ -195,12 +251,14 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN>& sm, float* acc_smem, const T*
   constexpr bool kLdsm = sizeof(T) == 2;
 
   for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
-    stage_tile<T, BM>(sm.a, a, a_m, a_k, m0, M, k0, k_end, a_rows);
-    stage_tile<T, BN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
+    if constexpr (kAMN) stage_tile_mn<T, BM>(sm.a, a, a_m, a_k, m0, M, k0, k_end);
+    else stage_tile<T, BM>(sm.a, a, a_m, a_k, m0, M, k0, k_end, a_rows);
+    if constexpr (kBMN) stage_tile_mn<T, BN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
+    else stage_tile<T, BN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
     __syncthreads();
     if constexpr (kLdsm) {
-      auto s2r_a = make_tiled_copy_A(Copy_Atom<Ldsm4, T>{}, mma);
-      auto s2r_b = make_tiled_copy_B(Copy_Atom<Ldsm4, T>{}, mma);
+      auto s2r_a = make_tiled_copy_A(Copy_Atom<std::conditional_t<kAMN, Ldsm4T, Ldsm4>, T>{}, mma);
+      auto s2r_b = make_tiled_copy_B(Copy_Atom<std::conditional_t<kBMN, Ldsm4T, Ldsm4>, T>{}, mma);
       auto thr_a = s2r_a.get_slice(threadIdx.x);
       auto thr_b = s2r_b.get_slice(threadIdx.x);
       copy(s2r_a, thr_a.partition_S(sA), thr_a.retile_D(tCrA));

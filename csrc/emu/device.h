@@ -41,6 +41,9 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: each lane passes the 16-byte row it addresses (lanes 8i..8i+7: the
 // rows of matrix i) and gets d[i] = the two elements of matrix i at row lane / 4, columns 2 (lane % 4) + {0, 1}.
 void ldmatrix_x4(const void* row, uint32_t* d);
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16: the same rows, transposed: d[i] = the elements of matrix i at
+// column lane / 4, rows 2 (lane % 4) + {0, 1} (a fragment of an operand stored MN-major).
+void ldmatrix_x4_trans(const void* row, uint32_t* d);
 // One 16-byte access (LDG/STG/LDS/STS.128 on a GPU), counted as one access of the calling site: a plain uint4
 // copy may compile to four 4-byte host accesses, which the counters would take for four warp requests.
 uint4 load16(const void* p);

@@ -268,7 +268,7 @@ inline void on_access(void* p, size_t size, bool write, uintptr_t site) {
   if (a >= ctx && a < ctx + sizeof(g_ctx)) return;           // threadIdx & co. are registers on a GPU
   if (is_shared(a)) {
     (write ? g_cur->shared_store_bytes : g_cur->shared_load_bytes) += size;
-    if (!write) g_cur->shared_loads += 1;
+    (write ? g_cur->shared_stores : g_cur->shared_loads) += 1;
     return;
   }
   record_global(a, size, write ? 1 : 0, site);
@@ -547,16 +547,34 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
   }
 }
 
-void ldmatrix_x4(const void* row, uint32_t* d) {
+// The warp's 16-byte row addresses, exchanged: lanes 8i..8i+7 hold the rows of matrix i (checked like a GPU
+// would; shared memory only, so the access site does not matter to the counters).
+const char* const* ldmatrix_rows(const void* row, int& lane) {
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address that is not 16-byte aligned");
   if (g_in_kernel && !is_shared(reinterpret_cast<uintptr_t>(row))) fail("ldmatrix: a row outside shared memory");
   on_access(const_cast<void*>(row), 16, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
-  int lane;
   unsigned buf;
   WarpStage& w = my_warp_stage(lane, buf);
   w.rows[buf][lane] = static_cast<const char*>(row);
   warp_exchange_wait();
-  for (int i = 0; i < 4; ++i) std::memcpy(&d[i], w.rows[buf][8 * i + lane / 4] + 4 * (lane % 4), 4);
+  return w.rows[buf];
+}
+
+void ldmatrix_x4(const void* row, uint32_t* d) {
+  int lane;
+  const char* const* rows = ldmatrix_rows(row, lane);
+  for (int i = 0; i < 4; ++i) std::memcpy(&d[i], rows[8 * i + lane / 4] + 4 * (lane % 4), 4);
+}
+
+void ldmatrix_x4_trans(const void* row, uint32_t* d) {
+  int lane;
+  const char* const* rows = ldmatrix_rows(row, lane);
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;  // column lane / 4 of rows 2 (lane % 4) and 2 (lane % 4) + 1: the transposed fragment
+    std::memcpy(&lo, rows[8 * i + 2 * (lane % 4)] + 2 * (lane / 4), 2);
+    std::memcpy(&hi, rows[8 * i + 2 * (lane % 4) + 1] + 2 * (lane / 4), 2);
+    d[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
 }
 
 void* dynamic_smem() {

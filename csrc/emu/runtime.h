@@ -27,6 +27,7 @@ struct LaunchCounters {
   uint64_t atomics = 0, atomic_sectors = 0, atomic_requests = 0, unique_atomic_sectors = 0;
   uint64_t shared_load_bytes = 0, shared_store_bytes = 0;
   uint64_t shared_loads = 0;                         // shared-memory loads per thread (any width; an ldmatrix lane: 1)
+  uint64_t shared_stores = 0;                        // shared-memory stores per thread (any width)
   uint64_t shared_atomics = 0;                       // atomics on shared memory (not in `atomics`)
   uint64_t mma = 0;                                  // warp-wide mma.sync instructions
 };

@@ -66,6 +66,7 @@ def summarise(launches: list[dict], pixels: int) -> dict[str, float]:
         "shared_atomics": total("shared_atomics"),
         "shared_bytes": total("shared_load_bytes") + total("shared_store_bytes"),
         "shared_loads": total("shared_loads"),
+        "shared_stores": total("shared_stores"),
         "mma": total("mma"),
     }
 
@@ -141,8 +142,9 @@ def markdown(rows, args, dtype) -> str:
         f"DCNv3 fused block, emulation counters per output pixel ({_dt.date.today().isoformat()}, "
         f"{str(dtype).replace('torch.', '')}, {args.image_size} px)\n\n"
         "| model | stage | slice (NxHxWxC) | G | pass | launches | essential B | L2 B (sectors) | x essential "
-        "| DRAM floor B | atomics | shared B | shared loads | mma | floor x essential | shared atomics |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| DRAM floor B | atomics | shared B | shared loads | shared stores | mma | floor x essential "
+        "| shared atomics |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     marginal = getattr(args, "marginal", False)
     if marginal:
@@ -153,7 +155,7 @@ def markdown(rows, args, dtype) -> str:
         line = (
             f"| {model} | {stage} | {shape} | {group} | {name} | {s['launches']} | {ess:.0f} | {s['l2_bytes']:.0f} "
             f"| {s['l2_bytes'] / ess:.1f} | {s['dram_floor_bytes']:.0f} | {s['atomics']:.0f} "
-            f"| {s['shared_bytes']:.0f} | {s['shared_loads']:.0f} | {s['mma']:.2f} | {s['dram_floor_bytes'] / ess:.2f} "
+            f"| {s['shared_bytes']:.0f} | {s['shared_loads']:.0f} | {s['shared_stores']:.0f} | {s['mma']:.2f} | {s['dram_floor_bytes'] / ess:.2f} "
             f"| {s['shared_atomics']:.0f} |"
         )
         if marginal:
@@ -165,7 +167,8 @@ def markdown(rows, args, dtype) -> str:
         "L2 B: 32 x the distinct sectors of each warp-wide request, summed (what the memory system serves); DRAM "
         "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache: a sector read after "
         "the launch wrote it counts once); atomics: global ones (shared-memory atomics apart); shared loads: "
-        "shared-memory load instructions per thread (any width; an ldmatrix.x4 lane counts one); essential: value "
+        "shared-memory load instructions per thread (any width; an ldmatrix.x4 lane counts one); shared stores: the "
+        "same for stores; essential: value "
         "and x1 read and out written once (+ grad_out, grad value, grad x1 and the weights' reads and gradients "
         "for fwd+bwd); fwd, no grad: the forward under torch.no_grad (y is not stored)."
         + (
