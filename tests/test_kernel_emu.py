@@ -535,8 +535,10 @@ def test_shared_memory_starts_poisoned_in_every_cta(emu):
     import ctypes
 
     emu.linear_fwd(torch.randn(64, 32), torch.randn(64, 32), None)
-    dynamic = emu.emu_last_dynamic_smem()  # GemmSmem<float, 64, 64>: staging a, b; the result tile over them
-    last_b_row = dynamic[64 * 40 * 4 + 63 * 40 * 4 :][: 40 * 4]  # beyond the 64 x 68 result tile
+    # GemmSmem<float, 64, 64>: staging a (2 cp.async slots of 64 x 40), b (2 slots); the result tile over them.
+    # K = 32 is one K-step: slot 0 of each.
+    dynamic = emu.emu_last_dynamic_smem()
+    last_b_row = dynamic[2 * 64 * 40 * 4 + 63 * 40 * 4 :][: 40 * 4]  # beyond the 64 x 68 result tile
     assert last_b_row[32 * 4 :] == b"\xff" * 32 and last_b_row[: 32 * 4] != b"\xff" * 128
 
     geom = DCNGeometry.make(3, 2, 1, 1, group=2)

@@ -17,10 +17,15 @@ __device__ __forceinline__ float abs_or_inf(float x) {
   return a <= 3.402823466e38f ? a : INFINITY;
 }
 
-// The staging tiles and the fp32 result tile share shared memory (the result is written after the last stage).
+// K-steps in flight in the standalone GEMM's cp.async pipeline: 3 for 16-bit types (their slots fit under the
+// 128x128 result tile they share memory with), 2 for fp32.
+template <class T>
+constexpr int kGemmStages = sizeof(T) == 2 ? 3 : 2;
+
+// The staging slots and the fp32 result tile share shared memory (the result is written after the last stage).
 template <class T, int BM, int BN>
 union GemmSmem {
-  TileGemmSmem<T, BM, BN> stage;
+  TileGemmSmem<T, BM, BN, kGemmStages<T>> stage;
   float acc[BM * (BN + kAccPad)];
 };
 
@@ -36,8 +41,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
   const int k_begin = blockIdx.z * p.k_per_split;
   const int k_end = min(p.K, k_begin + p.k_per_split);
   const T* a = static_cast<const T*>(p.a);
-  tile_gemm<T, BM, BN, kAMN, kBMN>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b), p.b_n, p.b_k,
-                                   n0, p.N, k_begin, k_end);
+  tile_gemm<T, BM, BN, kAMN, kBMN, kGemmStages<T>>(sm.stage, acc, a, p.a_m, p.a_k, m0, p.M, static_cast<const T*>(p.b),
+                                                   p.b_n, p.b_k, n0, p.N, k_begin, k_end);
   // Row sums of A over this split's K range (a bias gradient) and/or A's per-group absmax: the tiles of the first
   // column, a row per thread.
   const int sum_row = m0 + threadIdx.x;

@@ -13,6 +13,7 @@
 #include <cute/atom/copy_atom.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
 
 #include "common.cuh"
@@ -95,6 +96,36 @@ struct Ldsm4T {
   }
 };
 
+// cp.async (sm_80+): a 16-byte global -> shared copy that skips the registers, so the next K-step's tiles load while
+// this one's mma run; valid false zero-fills (src-size 0). On the GPU CuTe's SM80 copy and group fence/wait; in the
+// emulation twins whose copies land only at the wait (csrc/emu), so a missing wait or barrier shows.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+#ifdef DCNV3_EMULATION
+  emu::cp_async16(smem_dst, gmem_src, valid);
+#else
+  SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*static_cast<const uint128_t*>(gmem_src),
+                                                   *static_cast<uint128_t*>(smem_dst), valid);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef DCNV3_EMULATION
+  emu::cp_async_commit();
+#else
+  cp_async_fence();
+#endif
+}
+
+// Wait until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_groups() {
+#ifdef DCNV3_EMULATION
+  emu::cp_async_wait(kPending);
+#else
+  cp_async_wait<kPending>();
+#endif
+}
+
 }  // namespace dcnv3
 
 // The wrappers have exactly the SM80/SM75 atoms' types and fragment layouts.
@@ -143,14 +174,14 @@ template <int ROWS, bool kMN>
 using OperandLayout = std::conditional_t<kMN, Layout<Shape<Int<ROWS>, Int<kTileK>>, Stride<_1, Int<ROWS + kSmemPad>>>,
                                          Layout<Shape<Int<ROWS>, Int<kTileK>>, Stride<Int<kTileK + kSmemPad>, _1>>>;
 
-// Sized for the larger (K-major) layout, so the union with a result tile and callers' byte counts do not depend on
-// which layout a launch stages.
-template <class T, int BM = kTileM, int BN = kTileN>
+// kStages slots per operand (the K-steps in flight, see tile_gemm), each sized for the larger (K-major) layout, so
+// the union with a result tile and callers' byte counts do not depend on which layout a launch stages.
+template <class T, int BM = kTileM, int BN = kTileN, int kStages = 1>
 struct TileGemmSmem {
-  static_assert(BM * (kTileK + kSmemPad) >= kTileK * (BM + kSmemPad) &&
-                BN * (kTileK + kSmemPad) >= kTileK * (BN + kSmemPad), "either layout fits");
-  alignas(16) T a[BM * (kTileK + kSmemPad)];
-  alignas(16) T b[BN * (kTileK + kSmemPad)];
+  static constexpr int kSlotA = BM * (kTileK + kSmemPad), kSlotB = BN * (kTileK + kSmemPad);
+  static_assert(kSlotA >= kTileK * (BM + kSmemPad) && kSlotB >= kTileK * (BN + kSmemPad), "either layout fits");
+  alignas(16) T a[kStages * kSlotA];
+  alignas(16) T b[kStages * kSlotB];
 };
 
 // Stage rows [r0, r0 + ROWS) x cols [k0, k0 + kTileK) of a strided matrix X(r, k) = x[r*s_r + k*s_k] into
@@ -159,8 +190,9 @@ struct TileGemmSmem {
 // element otherwise, the thread order following whichever index has unit stride so the global reads coalesce
 // (operands with unit stride along their rows are staged MN-major instead: stage_tile_mn). With `row_map` (ROWS
 // entries in shared memory), tile row r is matrix row row_map[r] instead of r0 + r (a gather; < 0: zeros). k0 is a
-// multiple of kTileK.
-template <class T, int ROWS>
+// multiple of kTileK. kAsync: the vectors go by cp.async (the caller commits and waits); element paths store
+// synchronously either way.
+template <class T, int ROWS, bool kAsync = false>
 __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows,
                                            int k0, int K, const int* row_map = nullptr) {
   constexpr int kPitch = kTileK + kSmemPad;
@@ -173,9 +205,9 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
     for (int idx = threadIdx.x; idx < ROWS * kRowVecs; idx += kThreads) {
       const int r = idx / kRowVecs, k = (idx % kRowVecs) * kV;
       const int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
-      uint4 v{0, 0, 0, 0};
-      if (gr >= 0 && gr < rows && gk < K) v = load16(x + gr * s_r + gk);
-      store16(smem + r * kPitch + k, v);
+      const bool in = gr >= 0 && gr < rows && gk < K;
+      if constexpr (kAsync) cp_async16(smem + r * kPitch + k, in ? x + gr * s_r + gk : x, in);
+      else store16(smem + r * kPitch + k, in ? load16(x + gr * s_r + gk) : uint4{0, 0, 0, 0});
     }
   } else if (s_k == 1) {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
@@ -195,7 +227,7 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
 // stage_tile for an MN-major tile (OperandLayout<ROWS, true>): smem[k * (ROWS + kSmemPad) + r] = X(r0 + r, k0 + k).
 // With the rows' unit stride (s_r == 1) a 16-byte load of kV rows at one k is one 16-byte store; element by
 // element otherwise (any strides). No row gather: gathered operands are activations, K-major.
-template <class T, int ROWS>
+template <class T, int ROWS, bool kAsync = false>
 __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows, int k0,
                                               int K) {
   constexpr int kPitch = ROWS + kSmemPad;
@@ -206,9 +238,9 @@ __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, 
     constexpr int kColVecs = ROWS / kV;
     for (int idx = threadIdx.x; idx < kColVecs * kTileK; idx += kThreads) {
       const int r = (idx % kColVecs) * kV, k = idx / kColVecs, gr = r0 + r, gk = k0 + k;
-      uint4 v{0, 0, 0, 0};
-      if (gr < rows && gk < K) v = load16(x + gr + int64_t(gk) * s_k);
-      store16(smem + k * kPitch + r, v);
+      const bool in = gr < rows && gk < K;
+      if constexpr (kAsync) cp_async16(smem + k * kPitch + r, in ? x + gr + int64_t(gk) * s_k : x, in);
+      else store16(smem + k * kPitch + r, in ? load16(x + gr + int64_t(gk) * s_k) : uint4{0, 0, 0, 0});
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
@@ -220,43 +252,48 @@ __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, 
 
 // acc_smem (BM, BN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T, or A's rows gathered
 // through a_rows (BM entries in shared memory, see stage_tile; K-major A only). kAMN / kBMN: the operand is
-// staged MN-major (OperandLayout), for operands whose unit stride runs along their rows. All kThreads threads must
-// call it; it ends with a __syncthreads so acc_smem is readable by everyone. acc_smem may alias sm: it is written
-// after the last stage.
-template <class T, int BM = kTileM, int BN = kTileN, bool kAMN = false, bool kBMN = false>
-__device__ void tile_gemm(TileGemmSmem<T, BM, BN>& sm, float* acc_smem, const T* a, int64_t a_m, int64_t a_k,
-                          int m0, int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin, int k_end,
-                          const int* a_rows = nullptr) {
+// staged MN-major (OperandLayout), for operands whose unit stride runs along their rows. kStages > 1: a cp.async
+// pipeline, K-steps kt+1 .. kt+kStages-1 loading while kt's mma run (the standalone GEMMs, whose shared memory is
+// free; the fused kernels' is not, they stage one K-step at a time). All kThreads threads must call it; it ends with
+// a __syncthreads so acc_smem is readable by everyone. acc_smem may alias sm: it is written after the last stage.
+template <class T, int BM = kTileM, int BN = kTileN, bool kAMN = false, bool kBMN = false, int kStages = 1>
+__device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem, const T* a, int64_t a_m,
+                          int64_t a_k, int m0, int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin,
+                          int k_end, const int* a_rows = nullptr) {
   using TiledMma = typename MmaTraits<T>::TiledMma;
+  using Smem = TileGemmSmem<T, BM, BN, kStages>;
   static_assert(size(TiledMma{}) == kThreads, "the tiled MMA must use exactly the CTA's threads");
   static_assert(BM % 32 == 0 && BN % 32 == 0 && kTileK % 16 == 0, "tile must cover whole MMA steps");
+  constexpr bool kAsync = kStages > 1;
 
-  // sA: (BM, kTileK), sB: (BN, kTileK), each K-major or MN-major.
-  Tensor sA = make_tensor(make_smem_ptr(sm.a), OperandLayout<BM, kAMN>{});
-  Tensor sB = make_tensor(make_smem_ptr(sm.b), OperandLayout<BN, kBMN>{});
+  // Slot s of sA: (BM, kTileK), of sB: (BN, kTileK), each K-major or MN-major.
+  auto slot_a = [&](int s) { return make_tensor(make_smem_ptr(sm.a + s * Smem::kSlotA), OperandLayout<BM, kAMN>{}); };
+  auto slot_b = [&](int s) { return make_tensor(make_smem_ptr(sm.b + s * Smem::kSlotB), OperandLayout<BN, kBMN>{}); };
   // sC: (BM, BN) fp32 -> row pitch BN+pad, n contiguous.
   Tensor sC = make_tensor(make_smem_ptr(acc_smem), Layout<Shape<Int<BM>, Int<BN>>, Stride<Int<BN + kAccPad>, _1>>{});
 
   TiledMma mma;
   auto thr = mma.get_slice(threadIdx.x);
-  Tensor tCsA = thr.partition_A(sA);              // (MMA, MMA_M, MMA_K) view of sA for this thread
-  Tensor tCsB = thr.partition_B(sB);              // (MMA, MMA_N, MMA_K)
-  Tensor tCrA = thr.partition_fragment_A(sA);     // registers, same shape
-  Tensor tCrB = thr.partition_fragment_B(sB);
-  Tensor tCsC = thr.partition_C(sC);              // (MMA, MMA_M, MMA_N)
-  Tensor acc = thr.partition_fragment_C(sC);      // fp32 accumulators
+  Tensor tCrA = thr.partition_fragment_A(slot_a(0));  // registers: (MMA, MMA_M, MMA_K)
+  Tensor tCrB = thr.partition_fragment_B(slot_b(0));  // (MMA, MMA_N, MMA_K)
+  Tensor tCsC = thr.partition_C(sC);                  // (MMA, MMA_M, MMA_N)
+  Tensor acc = thr.partition_fragment_C(sC);          // fp32 accumulators
   clear(acc);
-  // 16-bit types: the fragments come through ldmatrix (each 8x8 matrix row is 16 contiguous, 16-byte aligned bytes
-  // of a k-contiguous smem row; the +8 pad keeps a matrix's 8 rows on distinct banks).
-  constexpr bool kLdsm = sizeof(T) == 2;
 
-  for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
-    if constexpr (kAMN) stage_tile_mn<T, BM>(sm.a, a, a_m, a_k, m0, M, k0, k_end);
-    else stage_tile<T, BM>(sm.a, a, a_m, a_k, m0, M, k0, k_end, a_rows);
-    if constexpr (kBMN) stage_tile_mn<T, BN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
-    else stage_tile<T, BN>(sm.b, b, b_n, b_k, n0, N, k0, k_end);
-    __syncthreads();
-    if constexpr (kLdsm) {
+  // K-step at k0 into slot s (kAsync: cp.async where the operand runs in vectors, uncommitted).
+  auto stage = [&](int s, int k0) {
+    if constexpr (kAMN) stage_tile_mn<T, BM, kAsync>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end);
+    else stage_tile<T, BM, kAsync>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end, a_rows);
+    if constexpr (kBMN) stage_tile_mn<T, BN, kAsync>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
+    else stage_tile<T, BN, kAsync>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
+  };
+  // The mma of the K-step in slot s. 16-bit types: the fragments come through ldmatrix (.trans for MN-major; each
+  // 8x8 matrix row is 16 contiguous, 16-byte aligned bytes of a smem row; the +8 pad keeps a matrix's 8 rows on
+  // distinct banks).
+  auto multiply = [&](int s) {
+    Tensor sA = slot_a(s);
+    Tensor sB = slot_b(s);
+    if constexpr (sizeof(T) == 2) {
       auto s2r_a = make_tiled_copy_A(Copy_Atom<std::conditional_t<kAMN, Ldsm4T, Ldsm4>, T>{}, mma);
       auto s2r_b = make_tiled_copy_B(Copy_Atom<std::conditional_t<kBMN, Ldsm4T, Ldsm4>, T>{}, mma);
       auto thr_a = s2r_a.get_slice(threadIdx.x);
@@ -264,13 +301,42 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN>& sm, float* acc_smem, const T*
       copy(s2r_a, thr_a.partition_S(sA), thr_a.retile_D(tCrA));
       copy(s2r_b, thr_b.partition_S(sB), thr_b.retile_D(tCrB));
     } else {
+      Tensor tCsA = thr.partition_A(sA);
+      Tensor tCsB = thr.partition_B(sB);
       CUTE_UNROLL
       for (int i = 0; i < size(tCrA); ++i) tCrA(i) = tCsA(i);
       CUTE_UNROLL
       for (int i = 0; i < size(tCrB); ++i) tCrB(i) = tCsB(i);
     }
     cute::gemm(mma, tCrA, tCrB, acc);
-    __syncthreads();
+  };
+
+  if constexpr (kStages == 1) {
+    for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
+      stage(0, k0);
+      __syncthreads();
+      multiply(0);
+      __syncthreads();
+    }
+  } else {
+    // One cp.async group per K-step (empty past the end, so the wait count stays uniform): at step kt, groups
+    // 0..kt must have landed, kStages - 2 may still fly. The barrier after the wait publishes every thread's copies
+    // and tells that all are done with step kt-1's slot, which step kt + kStages - 1 refills.
+    const int steps = (k_end - k_begin + kTileK - 1) / kTileK;
+    for (int kt = 0; kt < kStages - 1; ++kt) {
+      if (kt < steps) stage(kt, k_begin + kt * kTileK);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < steps; ++kt) {
+      cp_async_wait_groups<kStages - 2>();
+      __syncthreads();
+      const int next = kt + kStages - 1;
+      if (next < steps) stage(next % kStages, k_begin + next * kTileK);
+      cp_async_commit();
+      multiply(kt % kStages);
+    }
+    cp_async_wait_groups<0>();
+    __syncthreads();  // acc_smem may alias the slots
   }
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) tCsC(i) = acc(i);

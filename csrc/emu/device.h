@@ -48,6 +48,12 @@ void ldmatrix_x4_trans(const void* row, uint32_t* d);
 // copy may compile to four 4-byte host accesses, which the counters would take for four warp requests.
 uint4 load16(const void* p);
 void store16(void* p, uint4 v);
+// cp.async.cg.shared.global (16 bytes; valid false: src-size 0, zero-fill), cp.async.commit_group and
+// cp.async.wait_group n: a thread's copies land when it waits for their group (the destination reads as 0xFF bytes
+// before), and a thread that exits with copies in flight is an error.
+void cp_async16(void* smem_dst, const void* gmem_src, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending);
 unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v);
 unsigned atomic_add_u32(unsigned* addr, unsigned v);
 int atomic_max_i32(int* addr, int v);

@@ -98,6 +98,12 @@ constexpr int kWarp = 32;
 
 enum class State { Runnable, AtBarrier, AtWarpExchange, Done };
 
+// A 16-byte cp.async in flight: the bytes it will land (read at issue: the kernels' sources are read-only).
+struct AsyncCopy {
+  void* dst;
+  uint4 data;
+};
+
 struct Fiber {
   void* sp = nullptr;
   char* stack = nullptr;
@@ -105,6 +111,9 @@ struct Fiber {
   uint3 tid{};
   unsigned seq = 0;  // warp exchanges this thread has completed (selects the staging buffer)
   std::unordered_map<uintptr_t, uint32_t> site_count;  // counters: executions per call site
+  // cp.async groups of this thread: committed ones (oldest first), then the copies not yet committed.
+  std::vector<std::vector<AsyncCopy>> async_groups;
+  std::vector<AsyncCopy> async_open;
 };
 
 struct WarpStage {  // double-buffered: exchange k uses buffer k & 1
@@ -303,6 +312,8 @@ void prepare_fiber(Fiber& f) {
   f.state = State::Runnable;
   f.seq = 0;
   f.site_count.clear();
+  f.async_groups.clear();
+  f.async_open.clear();
 }
 
 void set_order(int n) {
@@ -428,6 +439,8 @@ extern "C" void emu_fiber_main(void* fiber) {
 #endif
   try {
     (*g_sched.body)();
+    if (!f->async_groups.empty() || !f->async_open.empty())
+      fail("a thread exited with cp.async copies it never waited for (cp.async.wait_group)");
   } catch (const std::exception& e) {
     g_sched.error = e.what();
   } catch (...) {
@@ -667,6 +680,42 @@ uint4 load16(const void* p) {
 void store16(void* p, uint4 v) {
   on_access(p, 16, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   std::memcpy(p, &v, 16);
+}
+
+// cp.async: the copy lands only when the thread waits for its group. Until then the destination holds 0xFF bytes
+// (NaN), so a read that comes before the wait (or before the barrier that publishes other threads' copies) sees
+// garbage instead of the data, as it may on a GPU.
+void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
+  const uintptr_t site = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+  if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0))
+    fail("cp.async: a 16-byte copy with an unaligned address");
+  if (g_in_kernel && !is_shared(reinterpret_cast<uintptr_t>(smem_dst)))
+    fail("cp.async: a destination outside shared memory");
+  if (g_sched.current < 0) fail("cp.async outside a kernel thread");
+  AsyncCopy c{smem_dst, uint4{0, 0, 0, 0}};
+  if (valid) {  // src-size 0 reads nothing and zero-fills
+    on_access(const_cast<void*>(gmem_src), 16, false, site);
+    std::memcpy(&c.data, gmem_src, 16);
+  }
+  on_access(smem_dst, 16, true, site);
+  std::memset(smem_dst, 0xFF, 16);
+  g_sched.fibers[g_sched.current].async_open.push_back(c);
+}
+
+void cp_async_commit() {
+  if (g_sched.current < 0) fail("cp.async.commit_group outside a kernel thread");
+  Fiber& f = g_sched.fibers[g_sched.current];
+  f.async_groups.push_back(std::move(f.async_open));
+  f.async_open.clear();
+}
+
+void cp_async_wait(int pending) {
+  if (g_sched.current < 0) fail("cp.async.wait_group outside a kernel thread");
+  Fiber& f = g_sched.fibers[g_sched.current];
+  while (f.async_groups.size() > static_cast<size_t>(pending)) {  // all but the `pending` most recent groups land
+    for (const AsyncCopy& c : f.async_groups.front()) std::memcpy(c.dst, &c.data, 16);
+    f.async_groups.erase(f.async_groups.begin());
+  }
 }
 
 }  // namespace emu
