@@ -823,16 +823,24 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
       }
     }
 
-    // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite.
+    // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite;
+    // a thread converts kVec channels of a pixel and stores them as one 16-byte vector (a vector lies wholly in one
+    // group: Cg is a multiple of it).
     T* grad_value = static_cast<T*>(p.grad_value);
-    for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) {
-      const int pix = i / kChans, c = g0 * CG + i % kChans;
+    constexpr int kPixVecs = kChans / kVec;
+    for (int i = threadIdx.x; i < kTile * kTile * kPixVecs; i += kThreads) {
+      const int pix = i / kPixVecs, cl = (i % kPixVecs) * kVec, c = g0 * CG + cl;
       const int x = tx0 + pix % kTile, y = ty0 + pix / kTile;
       if (x > tx1 || y > ty1 || c >= p.C) continue;
-      const float* absmax = p.grad_y_absmax + int64_t(n) * p.C + c;
-      const float v = static_cast<float>(static_cast<double>(static_cast<long long>(sm.acc[i])) /
-                                         fixed_point_scale(absmax));
-      grad_value[((int64_t(n) * p.H + y) * p.W + x) * p.C + c] = from_float<T>(isfinite(*absmax) ? v : NAN);
+      float absmax[kVec], v[kVec];
+      load_f32<kVec>(p.grad_y_absmax + int64_t(n) * p.C + c, absmax);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float q = static_cast<float>(static_cast<double>(static_cast<long long>(sm.acc[pix * kChans + cl + j])) /
+                                           sm.scale[cl + j]);
+        v[j] = isfinite(absmax[j]) ? q : NAN;
+      }
+      store_vec<T>(grad_value + ((int64_t(n) * p.H + y) * p.W + x) * p.C + c, v);
     }
     __syncthreads();  // the next pair zeroes the accumulator
   }
