@@ -225,6 +225,24 @@ def test_counters_of_one_gemm_tile(emu):
     assert gemm["load_sectors"] == 16 * gemm["load_requests"] == gemm["unique_load_sectors"]
 
 
+def test_counters_name_the_source_lines_of_their_traffic(emu):
+    """Each launch's traffic per call site adds up to its totals, and the sites resolve to source lines through
+    the build's line tables: one GEMM tile's loads are the operand staging of tile_gemm.cuh (its cp.async), its
+    stores the epilogue of gemm.cuh (through common.cuh's vector store)."""
+    a, w = torch.randn(64, 32).bfloat16(), torch.randn(64, 32).bfloat16()
+    with emulation.count() as launches:
+        emu.linear_fwd(a, w, None)
+    [gemm] = launches
+    sites = gemm["sites"]
+    assert sum(s[3] for s in sites if s[1] == 0) == gemm["load_sectors"]
+    assert sum(s[2] for s in sites if s[1] == 1) == gemm["store_requests"]
+    lines = emulation.source_lines([s[0] for s in sites])
+    loads = [lines[s[0]].split(" < ") for s in sites if s[1] == 0]
+    stores = [lines[s[0]].split(" < ") for s in sites if s[1] == 1]
+    assert loads and all(x[0].startswith("tile_gemm.cuh:") for x in loads), loads
+    assert stores and all(x[-1].startswith("gemm.cuh:") for x in stores), stores
+
+
 def test_transposed_operands_are_staged_as_vectors_too(emu):
     """grad . w reads w transposed in place (the unit stride runs along the tile's rows): still one 16-byte load
     per lane, 16 sectors per warp request, and the product is exact in fp32 accumulation."""
@@ -516,7 +534,7 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
         "--rows",
         "2",
     ]
-    assert main([*args, "--dtypes", "bf16", "--out", str(out), "--marginal"]) == 0
+    assert main([*args, "--dtypes", "bf16", "--out", str(out), "--marginal", "--by-line", "3"]) == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith("| T | 1 |")]
     assert len(lines) == 3 and "| 1x2x8x64 | 4 | fwd | 1 |" in lines[0] and "| fwd+bwd |" in lines[1]
     assert "| fwd, no grad | 1 |" in lines[2]
@@ -525,6 +543,11 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     assert all(float(cells[i]) > 0 for i in (8, 11, 13, 14, 15))
     # Marginal DRAM floor per pixel (slice doubled): at least the activations' essential bytes, 8 x 64 x 2.
     assert len(cells) == 21 and float(cells[18]) >= 8 * 64 * 2 and float(cells[19]) >= 1.0
+    # --by-line: the stage's 3 heaviest source lines by L2 bytes, each a line of the kernel sources.
+    text = out.read_text()
+    assert "T stage 1 (1x2x8x64): the source lines that move the most L2 bytes" in text
+    heavy = [line for line in text.splitlines() if line.startswith(("| fwd ", "| bwd "))]
+    assert len(heavy) == 3 and all(".cuh:" in line for line in heavy), heavy
 
 
 def test_shared_memory_starts_poisoned_in_every_cta(emu):

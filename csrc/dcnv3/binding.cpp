@@ -468,6 +468,9 @@ py::list emu_stop_counting() {
     d["shared_loads"] = c.shared_loads;
     d["shared_stores"] = c.shared_stores;
     d["mma"] = c.mma;
+    py::list sites;
+    for (const auto& t : c.sites) sites.append(py::make_tuple(t.offset, t.kind, t.requests, t.sectors));
+    d["sites"] = sites;
     out.append(d);
   }
   return out;

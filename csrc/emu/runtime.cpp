@@ -203,6 +203,7 @@ struct Request {
 };
 std::unordered_map<SiteKey, Request, SiteHash> g_requests;  // per CTA
 std::unordered_set<uint64_t> g_unique[3];                    // per launch: distinct sectors by kind
+std::unordered_map<uint64_t, SiteTraffic> g_sites;           // per launch: by (call site << 2 | kind)
 
 int writable_segment(struct dl_phdr_info* info, size_t, void* data) {
   const uintptr_t self = reinterpret_cast<uintptr_t>(data);
@@ -242,6 +243,9 @@ void flush_requests() {
   for (auto& [key, req] : g_requests) {
     std::sort(req.sectors.begin(), req.sectors.end());
     const uint64_t n = std::unique(req.sectors.begin(), req.sectors.end()) - req.sectors.begin();
+    SiteTraffic& site = g_sites[(uint64_t(key.site) << 2) | uint64_t(req.kind)];
+    site.requests += 1;
+    site.sectors += n;
     switch (req.kind) {
       case 0: g_cur->load_sectors += n; g_cur->load_requests += 1; break;
       case 1: g_cur->store_sectors += n; g_cur->store_requests += 1; break;
@@ -473,6 +477,7 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, 
     g_cur->grid = {grid.x, grid.y, grid.z};
     g_cur->block = block.x * block.y * block.z;
     for (auto& u : g_unique) u.clear();
+    g_sites.clear();
   }
   g_sched.body = &body;
   g_ctx.grid_dim = grid;
@@ -506,6 +511,16 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, 
     g_cur->unique_load_sectors = g_unique[0].size();
     g_cur->unique_store_sectors = g_unique[1].size();
     g_cur->unique_atomic_sectors = g_unique[2].size();
+    for (const auto& [key, traffic] : g_sites) {
+      SiteTraffic t = traffic;
+      const uintptr_t site = uintptr_t(key >> 2);
+      Dl_info info{};
+      t.offset = dladdr(reinterpret_cast<void*>(site), &info) != 0 ? site - uintptr_t(info.dli_fbase) : site;
+      t.kind = int(key & 3);
+      g_cur->sites.push_back(t);
+    }
+    std::sort(g_cur->sites.begin(), g_cur->sites.end(),
+              [](const SiteTraffic& a, const SiteTraffic& b) { return a.sectors > b.sectors; });
     g_cur = nullptr;
   }
 }

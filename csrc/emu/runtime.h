@@ -13,6 +13,15 @@ namespace emu {
 enum class OrderMode { Forward, Reverse, Shuffle };
 void set_order(OrderMode mode, uint64_t seed);
 
+// Global-memory traffic of one call site (a load, store or atomic in the kernel code) in a launch. `offset`: the
+// site's return address minus the library's load address; in a build with line tables (-g1) addr2line maps
+// offset - 1 to the source line and its inline chain (pretrain.ops.emulation.source_lines).
+struct SiteTraffic {
+  uint64_t offset = 0;
+  int kind = 0;  // 0 load, 1 store, 2 atomic
+  uint64_t requests = 0, sectors = 0;
+};
+
 // Per kernel launch. Sectors are 32-byte; a request is one warp-wide memory instruction.
 struct LaunchCounters {
   std::string name;
@@ -30,6 +39,7 @@ struct LaunchCounters {
   uint64_t shared_stores = 0;                        // shared-memory stores per thread (any width)
   uint64_t shared_atomics = 0;                       // atomics on shared memory (not in `atomics`)
   uint64_t mma = 0;                                  // warp-wide mma.sync instructions
+  std::vector<SiteTraffic> sites;                    // the requests and sectors above, per call site and kind
 };
 // The library's `__shared__` statics as (offset from the load base, size): each CTA starts with them filled
 // with 0xFF bytes (NaN in fp32/fp16/bf16), as uninitialised as a real SM's shared memory, so a read before a write

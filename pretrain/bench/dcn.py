@@ -65,6 +65,14 @@ def add_arguments(parser) -> None:
         help="--emulate: also count a slice twice as large, and give the DRAM floor per added pixel (what a "
         "large batch pays per pixel, weights amortised) against the activations' essential bytes",
     )
+    parser.add_argument(
+        "--by-line",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--emulate: also list, per stage, the N source lines that move the most L2 bytes in the forward + "
+        "backward (per launch, per output pixel): where the traffic comes from",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

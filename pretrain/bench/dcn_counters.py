@@ -8,7 +8,8 @@ is smaller; several images for the small late-stage maps, about --rows x (image_
 every figure is given per output pixel of the slice, beside the essential bytes of the same slice: value and x1
 read once, out written once (forward); plus grad_out read, grad value and grad x1 written (forward + backward);
 and every weight (and weight gradient) once per slice, as the kernels read them once per launch at best. These counts are the speed measure available without a GPU; GPU
-timings (`pretrain bench dcn` on a GPU) confirm them.
+timings (`pretrain bench dcn` on a GPU) confirm them. With --by-line N, each stage also gets the N source lines that
+move the most L2 bytes (the emulation's per-call-site counters, mapped to lines by its build's line tables).
 """
 
 from __future__ import annotations
@@ -71,6 +72,38 @@ def summarise(launches: list[dict], pixels: int) -> dict[str, float]:
     }
 
 
+def traffic_by_line(
+    launches: list[tuple[str, dict]], pixels: int, top: int
+) -> list[tuple[str, str, str, float, float]]:
+    """The `top` (launch, kind, source line) entries by L2 bytes per pixel over the (label, counters) `launches`,
+    with their warp requests per pixel: (label, kind, line, bytes, requests)."""
+    from pretrain.ops import emulation
+
+    totals: dict[tuple[str, int, int], list[float]] = {}
+    for label, launch in launches:
+        for offset, kind, requests, sectors in launch["sites"]:
+            t = totals.setdefault((label, kind, offset), [0.0, 0.0])
+            t[0] += 32 * sectors / pixels
+            t[1] += requests / pixels
+    best = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    lines = emulation.source_lines(sorted({offset for (_, _, offset), _ in best}))
+    kinds = ("load", "store", "atomic")
+    return [(k, kinds[kind], lines[offset], b, r) for (k, kind, offset), (b, r) in best]
+
+
+def by_line_markdown(title: str, rows: list[tuple[str, str, str, float, float]], total: float) -> str:
+    out = [
+        f"{title}: the source lines that move the most L2 bytes (forward + backward, per output pixel, of "
+        f"{total:.0f} in all; the line of the access, then the lines it is inlined into)",
+        "",
+        "| launch | kind | L2 B | share | requests | source line < inlined into |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kernel, kind, line, b, r in rows:
+        out.append(f"| {kernel} | {kind} | {b:.0f} | {b / total:.1%} | {r:.2f} | {line} |")
+    return "\n".join(out)
+
+
 def run(args) -> int:
     import torch
 
@@ -82,6 +115,7 @@ def run(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtypes.split(",")[0]]
     elem = torch.finfo(dtype).bits // 8
     rows_out = []
+    by_line: list[str] = []
     for model in args.models.split(","):
         if model not in STAGE_GROUPS:
             print(f"error: --emulate knows models {sorted(STAGE_GROUPS)}, not {model!r}", file=sys.stderr)
@@ -115,6 +149,16 @@ def run(args) -> int:
                         summarise(launches2, added)["dram_floor_bytes"]
                         - summarise(launches, added)["dram_floor_bytes"]
                     )
+            if getattr(args, "by_line", 0):
+                launches = [(f"fwd {x['kernel']}", x) for x in counted["fwd"]]
+                launches += [(f"bwd {i + 1} {x['kernel']}", x) for i, x in enumerate(counted["bwd"])]
+                by_line.append(
+                    by_line_markdown(
+                        f"{model.upper()} stage {stage} ({images}x{band}x{side}x{c})",
+                        traffic_by_line(launches, pixels, args.by_line),
+                        both["l2_bytes"],
+                    )
+                )
             for name, s, ess, act in (
                 ("fwd", fwd, fwd_ess, 3 * c * elem),
                 ("fwd+bwd", both, fwdbwd_ess, 8 * c * elem),
@@ -129,7 +173,7 @@ def run(args) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    table = markdown(rows_out, args, dtype)
+    table = "\n\n".join([markdown(rows_out, args, dtype), *by_line])
     print(table)
     if args.out:
         with open(args.out, "w") as f:

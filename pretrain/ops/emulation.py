@@ -36,7 +36,8 @@ from .toolchain import csrc_dir, cuda_include, cutlass_include
 
 EXT_NAME = "internimage_dcnv3_emu"
 # -fno-strict-aliasing: load_vec/store_vec reinterpret a uint4 as the element type (fine in CUDA, UB for g++).
-CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-fno-strict-aliasing", "-DDCNV3_EMULATION", "-w")
+# -g1: line tables, so the counters' call sites map to source lines (source_lines, `bench dcn --emulate --by-line`).
+CXX_FLAGS = ("-std=c++17", "-O2", "-g1", "-fPIC", "-fno-strict-aliasing", "-DDCNV3_EMULATION", "-w")
 # Extra flags for every unit and the link, e.g. an undefined-behaviour check of the kernels:
 #   PRETRAIN_DCNV3_EMU_FLAGS="-fsanitize=undefined -fno-sanitize-recover=all" python -m pytest tests/test_kernel_emu.py
 # (their own cache entry). With -fsanitize=address the counters' TSan hooks are left out (the two exclude each
@@ -351,6 +352,46 @@ def thread_order(mode: str, seed: int = 0, ext=None):
         yield
     finally:
         ext.emu_set_order("forward", 0)
+
+
+def source_lines(offsets: list[int], lib: Path | None = None) -> dict[int, str]:
+    """Call sites of the counters (each launch's "sites": (offset, kind, requests, sectors)) as source lines:
+    offset -> "file:line < file:line < ... (function)": the access, then the lines it was inlined into, and the
+    function they were compiled into (its template arguments tell e.g. which tile_gemm instantiation), by
+    addr2line on the emulation library (built with CXX_FLAGS' -g1 line tables). "?" where a site has no line."""
+    lib = lib or built_library()
+    if lib is None or not offsets or shutil.which("addr2line") is None:
+        return {o: "?" for o in offsets}
+    # An offset is a return address: offset - 1 lies inside the call of the access hook. -a heads each address's
+    # chain of (function, file:line) frames with the address itself.
+    res = subprocess.run(
+        ["addr2line", "-a", "-f", "-C", "-i", "-e", str(lib), *(hex(o - 1) for o in offsets)],
+        capture_output=True,
+        text=True,
+    )
+    chains: dict[int, list[list[str]]] = {}
+    current = None
+    for line in res.stdout.splitlines():
+        if line.startswith("0x"):
+            current = int(line, 16) + 1
+            chains[current] = []
+        elif current is not None:
+            frames = chains[current]
+            if frames and len(frames[-1]) == 1:
+                frames[-1].append(Path(line.split(" (discriminator")[0]).name)  # the frame's file:line
+            else:
+                frames.append([line])  # the frame's function
+
+    def describe(frames: list[list[str]]) -> str:
+        where = [f[1] for f in frames if len(f) == 2 and not f[1].startswith("??")]
+        if not where:
+            return "?"
+        function = (
+            frames[-1][0].split("(")[0].removeprefix("void ").replace("dcnv3::", "").replace("cutlass::", "")
+        )
+        return " < ".join(where) + f" ({function})"
+
+    return {o: describe(chains.get(o, [])) for o in offsets}
 
 
 @contextlib.contextmanager
