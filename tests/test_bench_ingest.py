@@ -62,3 +62,24 @@ def test_a_measuring_process_that_dies_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="died .exit code 3"):
         _result(q, [job], "bare")
     job.join()
+
+
+def test_merging_runs_too_short_for_the_cpu_clock():
+    """bare_busy merges its processes' results; a smoke run shorter than the CPU clock's 10 ms tick reads 0 CPU
+    seconds in every process, which must give a (huge) rate, not a ZeroDivisionError (seen in CI)."""
+    from pretrain.bench.ingest import _merge
+
+    part = {
+        "mode": "bare_busy",
+        "views": 2,
+        "samples": 40,
+        "seconds": 0.008,
+        "cpu_seconds": {"consumer": 0.0, "decode": 0.0, "infra": 0.0},
+        "per_s": 5000.0,
+        "per_core_s": 5000.0,
+        "per_cpu_s": 4e7,
+        "infra_share": 0.0,
+        "peak_rss_mib": 500.0,
+    }
+    merged = _merge([part, dict(part)])
+    assert merged["samples"] == 80 and merged["processes"] == 2 and merged["per_cpu_s"] > 0

@@ -226,8 +226,7 @@ def _measure(
         ray.shutdown()
     stop.set()
     peak[0] = max(peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    # CPU clocks tick in 10 ms: a very short smoke run can read 0 s, which must not kill the measuring process.
-    pipeline = max(cpu["consumer"] + cpu["decode"], 1e-6)
+    pipeline = _pipeline_cpu(cpu)
     q.put(
         {
             "mode": mode,
@@ -244,6 +243,12 @@ def _measure(
     )
 
 
+def _pipeline_cpu(cpu: dict[str, float]) -> float:
+    """CPU seconds of the consumer and the decode steps. CPU clocks tick in 10 ms: a very short smoke run can read
+    0 s, which must not kill the measuring process (a division by zero), so at least 1 us."""
+    return max(cpu["consumer"] + cpu["decode"], 1e-6)
+
+
 def _merge(parts: list[dict]) -> dict:
     """bare_busy: its processes ran at once; rates add up, CPU per sample is the total's."""
     if len(parts) == 1:
@@ -254,7 +259,7 @@ def _merge(parts: list[dict]) -> dict:
     out["cpu_seconds"] = {k: sum(r["cpu_seconds"][k] for r in parts) for k in out["cpu_seconds"]}
     out["per_s"] = sum(r["per_s"] for r in parts)
     out["per_core_s"] = out["per_s"] / len(parts)
-    out["per_cpu_s"] = out["samples"] / (out["cpu_seconds"]["consumer"] + out["cpu_seconds"]["decode"])
+    out["per_cpu_s"] = out["samples"] / _pipeline_cpu(out["cpu_seconds"])
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in parts)  # per process
     out["processes"] = len(parts)
     return out
