@@ -240,37 +240,10 @@ __device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, in
 template <class T, bool kBMN>
 __device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_pitch, int K, const T* b, int64_t b_n,
                              int64_t b_k, int N, const T* bias, T* out) {
-  // A thread stores 16-byte vectors of a row (kV columns: 4 fp32 loads of 16 bytes from the result tile at most)
-  // where the rows allow it (N a multiple of kV: every projection of the block), else single elements.
-  constexpr int kV = Vec<T>::kN, kRowVecs = kTileN / kV;
-  static_assert(((kTileN + kAccPad) * sizeof(float)) % 16 == 0 && kV % 4 == 0, "result rows in whole float4s");
-  const bool vec = N % kV == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                   (bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
   for (int n0 = 0; n0 < N; n0 += kTileN) {
     tile_gemm<T, kTileM, kTileN, false, kBMN>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0, N, 0,
                                               K);
-    if (vec) {
-      for (int idx = threadIdx.x; idx < kTileM * kRowVecs; idx += kThreads) {
-        const int r = idx / kRowVecs, c = (idx % kRowVecs) * kV, m = rows[r], col = n0 + c;
-        if (m < 0 || col >= N) continue;  // a vector is wholly inside N or wholly outside
-        float v[kV], bv[kV];
-        load_f32<kV>(sm.logits + r * (kTileN + kAccPad) + c, v);
-        if (bias != nullptr) {
-          load_vec<T>(bias + col, bv);
-#pragma unroll
-          for (int i = 0; i < kV; ++i) v[i] += bv[i];
-        }
-        store_vec<T>(out + int64_t(m) * N + col, v);
-      }
-    } else {
-      for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
-        const int r = idx / kTileN, c = idx % kTileN, m = rows[r], col = n0 + c;
-        if (m < 0 || col >= N) continue;
-        float v = sm.logits[r * (kTileN + kAccPad) + c];
-        if (bias != nullptr) v += to_float(bias[col]);
-        out[int64_t(m) * N + col] = from_float<T>(v);
-      }
-    }
+    store_result_tile<T, kTileM, kTileN>(sm.logits, [&](int r) { return int64_t(rows[r]); }, n0, N, bias, out);
     __syncthreads();  // the next step's result overwrites this one
   }
 }

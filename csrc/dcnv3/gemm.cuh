@@ -64,14 +64,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
       }
     }
   }
-  // Rows of the tile move as 16-byte vectors (kV elements of T, 4 fp32) where every row is whole vectors (N a
-  // multiple of kV, aligned bases: every projection of the block), element by element otherwise; n is fastest
-  // across threads (coalesced).
+  // Split-K partials and their sums move as 16-byte vectors (kV values per thread) where every row is whole
+  // vectors (N a multiple of kV, aligned: every projection of the block), element by element otherwise; n is
+  // fastest across threads (coalesced).
   constexpr int kV = Vec<T>::kN;
   static_assert(((BN + kAccPad) * sizeof(float)) % 16 == 0 && BN % kV == 0, "result rows in whole vectors");
-  const bool vec = p.N % kV == 0 && reinterpret_cast<uintptr_t>(p.out) % 16 == 0 &&
-                   (p.bias == nullptr || reinterpret_cast<uintptr_t>(p.bias) % 16 == 0) &&
-                   (p.out_f32 == nullptr || reinterpret_cast<uintptr_t>(p.out_f32) % 16 == 0);
+  const bool vec = p.N % kV == 0 && reinterpret_cast<uintptr_t>(p.out_f32) % 16 == 0;
   const int step = vec ? kV : 1;  // columns per thread per item
   if (gridDim.z > 1) {
     // Split-K: write this split's partials and count the split in; the last split of the tile to arrive sums all
@@ -123,26 +121,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(GemmParams p) {
   }
   if (sums_row) static_cast<T*>(p.row_sum_out)[sum_row] = from_float<T>(row_sum);
   // Epilogue: + bias, rounded to T.
-  const T* bias = static_cast<const T*>(p.bias);
-  T* out = static_cast<T*>(p.out);
-  for (int idx = threadIdx.x; idx < BM * BN / step; idx += kThreads) {
-    const int r = idx / (BN / step), c = idx % (BN / step) * step, m = m0 + r, n = n0 + c;
-    if (m >= p.M || n >= p.N) continue;
-    if (!vec) {
-      float v = acc[r * (BN + kAccPad) + c];
-      if (bias != nullptr) v += to_float(bias[n]);
-      out[int64_t(m) * p.N + n] = from_float<T>(v);
-      continue;
-    }
-    float v[kV], bv[kV];
-    load_f32<kV>(acc + r * (BN + kAccPad) + c, v);
-    if (bias != nullptr) {
-      load_vec<T>(bias + n, bv);
-#pragma unroll
-      for (int i = 0; i < kV; ++i) v[i] += bv[i];
-    }
-    store_vec<T>(out + int64_t(m) * p.N + n, v);
-  }
+  store_result_tile<T, BM, BN>(acc, [&](int r) { return m0 + r < p.M ? int64_t(m0 + r) : int64_t(-1); }, n0, p.N,
+                               static_cast<const T*>(p.bias), static_cast<T*>(p.out));
 }
 
 // absmax (N, C) fp32 = max |x[n, r, c]| over the rows r of x (N, R, C) T (absmax must start at 0): the

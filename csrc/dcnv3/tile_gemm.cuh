@@ -59,9 +59,12 @@ using MmaF16 = Mma16x8x16<SM80_16x8x16_F32F16F16F32_TN, false>;
 
 // ldmatrix.x4 (four 8x8 16-bit matrices from shared memory straight into mma.sync fragment registers: one
 // 16-byte row address per lane, one instruction where element-wise fragment loads take eight) as a CuTe copy
-// operation. On the GPU it is CuTe's SM75 atom; in the emulation the warp's row addresses are exchanged and each
-// lane takes its words per the PTX ISA's layout (csrc/emu), which checks CuTe's partitioning for it too.
-struct Ldsm4 {
+// operation; kTrans: ldmatrix.x4.trans, for an operand stored MN-major (its rows contiguous, k the strided index:
+// each 16-byte row holds 8 rows of the operand at one k, and the transposed load hands out the fragments mma.sync
+// takes). On the GPU it is CuTe's SM75 atom; in the emulation the warp's row addresses are exchanged and each lane
+// takes its words per the PTX ISA's layout (csrc/emu), which checks CuTe's partitioning for it too.
+template <class Sm75Op, bool kTrans>
+struct Ldsm4x4 {
   using SRegisters = uint128_t[1];
   using DRegisters = uint32_t[4];
 
@@ -69,32 +72,16 @@ struct Ldsm4 {
                                     uint32_t& d3) {
 #ifdef DCNV3_EMULATION
     uint32_t d[4];
-    emu::ldmatrix_x4(&smem_src, d);
+    if constexpr (kTrans) emu::ldmatrix_x4_trans(&smem_src, d);
+    else emu::ldmatrix_x4(&smem_src, d);
     d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
 #else
-    SM75_U32x4_LDSM_N::copy(smem_src, d0, d1, d2, d3);
+    Sm75Op::copy(smem_src, d0, d1, d2, d3);
 #endif
   }
 };
-
-// ldmatrix.x4.trans: the same for an operand stored MN-major (its rows contiguous, k the strided index): each
-// 16-byte row holds 8 rows of the operand at one k, and the transposed load hands out the fragments mma.sync
-// takes. On the GPU CuTe's SM75 atom; in the emulation a twin per the PTX layout.
-struct Ldsm4T {
-  using SRegisters = uint128_t[1];
-  using DRegisters = uint32_t[4];
-
-  CUTE_HOST_DEVICE static void copy(uint128_t const& smem_src, uint32_t& d0, uint32_t& d1, uint32_t& d2,
-                                    uint32_t& d3) {
-#ifdef DCNV3_EMULATION
-    uint32_t d[4];
-    emu::ldmatrix_x4_trans(&smem_src, d);
-    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
-#else
-    SM75_U16x8_LDSM_T::copy(smem_src, d0, d1, d2, d3);
-#endif
-  }
-};
+using Ldsm4 = Ldsm4x4<SM75_U32x4_LDSM_N, false>;
+using Ldsm4T = Ldsm4x4<SM75_U16x8_LDSM_T, true>;
 
 // cp.async (sm_80+): a 16-byte global -> shared copy that skips the registers, so the next K-step's tiles load while
 // this one's mma run; valid false zero-fills (src-size 0). On the GPU CuTe's SM80 copy and group fence/wait; in the
@@ -133,10 +120,8 @@ template <>
 struct cute::MMA_Traits<dcnv3::MmaBf16> : cute::MMA_Traits<cute::SM80_16x8x16_F32BF16BF16F32_TN> {};
 template <>
 struct cute::MMA_Traits<dcnv3::MmaF16> : cute::MMA_Traits<cute::SM80_16x8x16_F32F16F16F32_TN> {};
-template <>
-struct cute::Copy_Traits<dcnv3::Ldsm4> : cute::Copy_Traits<cute::SM75_U32x4_LDSM_N> {};
-template <>
-struct cute::Copy_Traits<dcnv3::Ldsm4T> : cute::Copy_Traits<cute::SM75_U16x8_LDSM_T> {};
+template <class Sm75Op, bool kTrans>
+struct cute::Copy_Traits<dcnv3::Ldsm4x4<Sm75Op, kTrans>> : cute::Copy_Traits<Sm75Op> {};
 
 namespace dcnv3 {
 
@@ -341,6 +326,44 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) tCsC(i) = acc(i);
   __syncthreads();
+}
+
+// The epilogue of a tile GEMM: out[row_of(r) * N + n0 + c] = T(acc[r][c] + bias[n0 + c]) for the BM x BN fp32
+// result tile acc (row pitch BN + kAccPad), skipping rows with row_of(r) < 0 and columns from N on. A thread stores
+// 16-byte vectors of a row (kV columns, read as float4s from the tile, the bias as one vector) where every row is
+// whole aligned vectors (N a multiple of kV: every projection of the block), else single elements; n is fastest
+// across threads (coalesced). All threads; no barrier.
+template <class T, int BM, int BN, class RowOf>
+__device__ __forceinline__ void store_result_tile(const float* acc, RowOf row_of, int n0, int N, const T* bias,
+                                                  T* out) {
+  constexpr int kV = Vec<T>::kN, kRowVecs = BN / kV, kPitch = BN + kAccPad;
+  static_assert((kPitch * sizeof(float)) % 16 == 0 && BN % kV == 0 && kV % 4 == 0, "result rows in whole float4s");
+  const bool vec = N % kV == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                   (bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
+  if (vec) {
+    for (int idx = threadIdx.x; idx < BM * kRowVecs; idx += kThreads) {
+      const int r = idx / kRowVecs, c = (idx % kRowVecs) * kV, col = n0 + c;
+      const int64_t m = row_of(r);
+      if (m < 0 || col >= N) continue;  // a vector is wholly inside N or wholly outside
+      float v[kV], bv[kV];
+      load_f32<kV>(acc + r * kPitch + c, v);
+      if (bias != nullptr) {
+        load_vec<T>(bias + col, bv);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) v[i] += bv[i];
+      }
+      store_vec<T>(out + m * N + col, v);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+      const int r = idx / BN, c = idx % BN, col = n0 + c;
+      const int64_t m = row_of(r);
+      if (m < 0 || col >= N) continue;
+      float v = acc[r * kPitch + c];
+      if (bias != nullptr) v += to_float(bias[col]);
+      out[m * N + col] = from_float<T>(v);
+    }
+  }
 }
 
 }  // namespace dcnv3
