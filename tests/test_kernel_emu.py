@@ -51,7 +51,9 @@ def test_grad_value_gathers_sources_from_every_tile_of_the_image(emu):
     """Offsets of up to about 30 pixels on a 48x44 map: every 8x8 value tile's sources come from all 36 output
     tiles (more than one batch of source rectangles, kMaxRects = 32), and the value window is too small for the
     reach (corners outside it come from global memory)."""
-    case = Case("cg16-reach-over-many-tiles", n=1, h=48, w=44, c=32, group=2, offset_scale=8.0)
+    case = Case(
+        "cg16-reach-over-many-tiles", n=1, h=48, w=44, c=32, group=2, offset_scale=8.0, offset_cells=40
+    )
     value, x1, params, geom, _ = make_inputs(case)
     value, x1, params = rounded(value, x1, params, torch.float32)
     wpack, bpack = cuda.pack_projection(params, geom, torch.float32)
@@ -514,6 +516,52 @@ def test_self_check_accepts_the_kernels_and_rejects_a_wrong_one(emu, monkeypatch
     assert cuda.self_check(device="cpu") is None
     monkeypatch.setattr(cuda, "_fused_call", lambda v, x, p, g: real(v, x, p, g, emulate=True) * 1.01)
     assert "relative error" in cuda.self_check(device="cpu")
+
+
+def test_self_check_inside_a_checkpointed_forward_under_no_grad(emu, monkeypatch):
+    """The self-check runs where the kernels are first asked for: inside a checkpointed block (its saved tensors
+    must not count as the block's, or the recompute, which has no self-check, fails: seen on an H200) and under
+    no_grad (an EMA teacher's first forward: it must still run autograd, not fail and disable the kernels)."""
+    real = cuda._fused_call
+    monkeypatch.setattr(cuda, "_fused_call", lambda v, x, p, g: real(v, x, p, g, emulate=True))
+    with torch.no_grad():
+        assert cuda.self_check(device="cpu") is None
+    with torch.inference_mode():
+        assert cuda.self_check(device="cpu") is None
+    first_call = [True]
+
+    def block(x):
+        if first_call[0]:  # the extension loads once: the recompute does not check again
+            first_call[0] = False
+            assert cuda.self_check(device="cpu") is None
+        return x.sin() * 2
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert torch.allclose(x.grad, 2 * x.detach().cos())
+
+
+def test_parameters_as_views_at_odd_offsets_give_the_same_bits(emu):
+    """DeepSpeed flattens parameters into one buffer, so each is a view at an arbitrary offset (an H200 run stopped
+    on `bout must be 16-byte aligned`): the op copies what the kernels' 16-byte loads cannot take."""
+    case = CASES[1]
+    value, x1, params, geom, grad_out = make_inputs(case)
+    value, x1, params = rounded(value, x1, params, torch.bfloat16)
+    first = run_block(cuda.dcnv3_fused_emu, value, x1, params, geom, grad_out)
+    fields = {k: t for k, t in vars(params).items() if t is not None}
+    flat = torch.zeros(1 + sum(t.numel() + 1 for t in fields.values()), dtype=torch.bfloat16)
+    views, at = {}, 1  # every view starts 2 bytes (plus whole elements) past an aligned start
+    for k, t in fields.items():
+        views[k] = flat[at : at + t.numel()].view_as(t)
+        views[k].copy_(t.detach())
+        at += t.numel() + 1
+    assert any(v.data_ptr() % 16 for v in views.values())
+    odd = type(params)(**{k: views.get(k) for k in vars(params)})
+    for t in views.values():
+        t.requires_grad_()
+    again = run_block(cuda.dcnv3_fused_emu, value, x1, odd, geom, grad_out)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):

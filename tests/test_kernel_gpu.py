@@ -22,7 +22,7 @@ from kernel_cases import (
     run_block,
 )
 
-from pretrain.ops import cuda, dcnv3_fused_reference, dispatch
+from pretrain.ops import cuda, dispatch
 
 pytestmark = pytest.mark.gpu
 
@@ -63,13 +63,11 @@ def test_core_forward_and_gradients(dtype, stride):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_large_batch(dtype):
-    """T stage 1 at batch 64: grid sizes and 64-bit offsets in the big-tensor regime (vs the reference in dtype)."""
-    value, x1, params, geom, grad_out = _cuda_inputs(Case("T-stage1-b64", 64, 56, 56, 64, 4), dtype)
-    ref = run_block(dcnv3_fused_reference, value, x1, params, geom, grad_out)
-    ker = run_block(cuda.dcnv3_fused_cuda, value, x1, params, geom, grad_out)
-    for name, r, k in zip(NAMES, ref, ker):
-        rel = (k.float() - r.float()).norm() / r.float().norm().clamp_min(1e-12)
-        assert rel < (2e-2 if dtype == torch.bfloat16 else 1e-4), f"{name}: relative error {rel:.3g}"
+    """T stage 1 at batch 64: grid sizes and 64-bit offsets in the big-tensor regime, against float64 like every
+    case. Not against the reference in dtype, as it was: PyTorch's bf16 grid_sample holds the sampling grid in bf16
+    (0.2 px steps at 56 px), which puts that reference itself 7% (CPU, these inputs) to 15% (H200, 2026-11-30) away
+    from float64, and TF32 may round the fp32 one."""
+    check_block(cuda.dcnv3_fused_cuda, Case("T-stage1-b64", 64, 56, 56, 64, 4), dtype, device="cuda")
 
 
 def test_poisoned_memory_is_fully_overwritten():

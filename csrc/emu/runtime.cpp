@@ -685,7 +685,18 @@ std::vector<LaunchCounters> stop_counting() {
 namespace emu {
 
 // Not instrumented (this file is compiled without -fsanitize=thread): the access is recorded once, at the caller.
+// A GPU faults on a 16-byte access that is not 16-byte aligned (cudaErrorMisalignedAddress, which ends the
+// process's CUDA context); here it is an error naming the access.
+void check_aligned16(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    char at[32];
+    std::snprintf(at, sizeof at, "%p", p);
+    fail(std::string(what) + ": a 16-byte access at " + at + ", not 16-byte aligned (a GPU faults: misaligned address)");
+  }
+}
+
 uint4 load16(const void* p) {
+  check_aligned16(p, "load16");
   on_access(const_cast<void*>(p), 16, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   uint4 v;
   std::memcpy(&v, p, 16);
@@ -693,6 +704,7 @@ uint4 load16(const void* p) {
 }
 
 void store16(void* p, uint4 v) {
+  check_aligned16(p, "store16");
   on_access(p, 16, true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   std::memcpy(p, &v, 16);
 }

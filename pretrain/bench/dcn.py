@@ -48,6 +48,14 @@ def add_arguments(parser) -> None:
         "--allow-cpu", action="store_true", help="without a GPU: tiny reference-only smoke run"
     )
     parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time each kernel of one fwd+bwd per shape and impl (torch.profiler) and list the N slowest: "
+        "which launch the time goes to",
+    )
+    parser.add_argument(
         "--emulate",
         action="store_true",
         help="no GPU needed: count the kernels' memory traffic, atomics and mma in the CPU emulation "
@@ -292,6 +300,9 @@ def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
         with _epilogues(impl):
             fwd_ms = _timer(fwd, args.warmup, args.iters, device)
             both_ms = _timer(fwd_bwd, args.warmup, args.iters, device)
+            if getattr(args, "profile", 0) and device.type == "cuda":
+                shape = f"{n}x{h}x{w}x{c}, G={group}, {str(dtype).removeprefix('torch.')}"
+                PROFILES.append((shape, impl, both_ms, kernel_times(fwd_bwd)[: args.profile]))
         return fwd_ms, both_ms
     except torch.OutOfMemoryError:
         return "OOM"
@@ -300,6 +311,44 @@ def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# (shape, impl, fwd+bwd ms, [(kernel, ms, launches)]) per profiled call, listed under the table (--profile).
+PROFILES: list[tuple[str, str, float, list[tuple[str, float, int]]]] = []
+
+
+def kernel_times(fn) -> list[tuple[str, float, int]]:
+    """[(kernel name, total GPU ms, launches)] of one call of fn, slowest first (torch.profiler, CUDA activity)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = us if us is not None else getattr(e, "cuda_time_total", 0)
+        if us > 0 and e.key:
+            out.append((e.key, us / 1e3, e.count))
+    return sorted(out, key=lambda r: -r[1])
+
+
+def profile_markdown(profiles) -> list[str]:
+    lines = [
+        "",
+        "Per-kernel GPU time of one fwd+bwd (torch.profiler; the launches of the whole call, slowest first):",
+        "",
+    ]
+    lines += ["| shape | impl | fwd+bwd ms (timed) | kernel | ms | launches |", "|---|---|---|---|---|---|"]
+    for shape, impl, both_ms, kernels in profiles:
+        for name, ms, count in kernels:
+            short = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(
+                f"| {shape} | {impl} | {both_ms:.3f} | `{short.replace('|', '/')}` | {ms:.3f} | {count} |"
+            )
+    return lines
 
 
 def _rows(model, stage, n, h, w, c, group, dname, timings, cost, ceilings):
@@ -373,4 +422,6 @@ def _markdown(rows, ceilings, device, args) -> str:
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     lines.extend("| " + " | ".join(r) + " |" for r in rows)
+    if PROFILES:
+        lines.extend(profile_markdown(PROFILES))
     return "\n".join(lines)

@@ -97,7 +97,18 @@ def self_check(device="cuda") -> str | None:
 
     -> None, or what went wrong. A build whose kernels error out or compute wrong values on this GPU (a new
     architecture, a driver or toolchain issue) must never be picked by `backend="auto"`.
+
+    It runs where the kernels are first asked for, often inside a model's forward: it needs autograd whatever the
+    caller's grad mode (the first call may come under no_grad, as an EMA teacher's does), and its saved tensors must
+    stay its own (inside activation checkpointing, they were counted as the block's, and the recompute, which has no
+    self-check, failed with a CheckpointError on an H200).
     """
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)  # the innermost pair wins
+    with torch.inference_mode(False), torch.enable_grad(), hooks:
+        return _self_check(device)
+
+
+def _self_check(device: str) -> str | None:
     tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
     gen = torch.Generator().manual_seed(0)
     geom = DCNGeometry.make(3, 1, 1, 1, group=2)
@@ -106,7 +117,9 @@ def self_check(device="cuda") -> str | None:
     def r(*shape, std=1.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * std
 
-    tensors = [r(1, 9, 11, c), r(1, 9, 11, c), r(g * p * 2, c, std=0.2), r(g * p * 2), r(g * p, c, std=0.1),
+    # Samples kept off bilinear cell edges, where the offset gradient jumps (tests/kernel_cases.make_inputs).
+    cells = torch.randint(-3, 4, (g * p * 2,), generator=gen).double() + 0.5
+    tensors = [r(1, 9, 11, c), r(1, 9, 11, c), r(g * p * 2, c, std=0.0125 / c**0.5), cells, r(g * p, c, std=0.1),
                r(g * p), r(c, c, std=0.1), r(c), r(g, c, std=0.1), r(g)]  # fmt: skip
     grad = r(1, 9, 11, c)
 
@@ -386,7 +399,7 @@ def _fused_backward(ctx, grad_out, _grad_y, _grad_reach):
     if grad_out is None:  # `out` did not reach the loss
         return (None,) * 11
     grads = fused_bwd(
-        grad_out.contiguous(),
+        _aligned(grad_out),
         value,
         x1,
         wpack,
@@ -479,7 +492,7 @@ def _core_backward(ctx, grad_y, _grad_reach):
     value, logits, reach = ctx.saved_tensors
     if grad_y is None:
         return (None,) * 7
-    grad_y = grad_y.to(value.dtype).contiguous()  # the kernels take grad_y in the activations' dtype
+    grad_y = _aligned(grad_y.to(value.dtype))  # the kernels take grad_y in the activations' dtype
     gv, gl = core_bwd(grad_y, value, logits, reach, *ctx.args)
     return gv, gl, None, None, None, None, None
 
@@ -508,7 +521,8 @@ def fused_epilogues(enabled: bool, device: str = "cuda"):
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 16-byte aligned (the kernels use 16-byte vector loads); views at odd offsets are copied."""
+    """Contiguous and 16-byte aligned (the kernels use 16-byte vector loads); views at odd offsets are copied.
+    Parameters are such views under DeepSpeed, which flattens them into one buffer (an H200 run stopped on it)."""
     t = t.contiguous()
     if not torch.compiler.is_compiling() and t.data_ptr() % 16:
         t = t.clone()
@@ -531,8 +545,8 @@ def _fused_call(
         _aligned(x1.to(dtype)),
         wpack,
         bpack,
-        params.output_weight.to(dtype).contiguous(),
-        params.output_bias.to(dtype).contiguous(),
+        _aligned(params.output_weight.to(dtype)),
+        _aligned(params.output_bias.to(dtype)),
         geometry_list(geom),
         float(geom.offset_scale),
         params.cfs_weight is not None,
