@@ -30,3 +30,19 @@ def test_block_cost_counts_projections_and_traffic():
     m = 2 * 56 * 56
     assert cost["fwd_bytes"] == 3 * m * 64 * 2 and cost["fwdbwd_bytes"] == 8 * m * 64 * 2
     assert cost["fwd_flops"] == 2 * m * 64 * (4 * 27) + 2 * m * 64 * 64 + m * 64 * 9 * 8
+
+
+def test_profile_lists_each_shapes_slowest_kernels_under_the_table(monkeypatch):
+    """--profile: the per-kernel GPU times of one fwd+bwd go under the timing table, one row per kernel, names cut
+    to fit and free of the table's column bars (the H200 run's report held them)."""
+    long_name = "void dcnv3::dcn_bwd_value_kernel<cutlass::bfloat16_t, 16, true, true>(dcnv3::DcnParams)|" + "x" * 40
+    monkeypatch.setattr(
+        dcn, "PROFILES", [("1024x56x56x64, G=4, bfloat16", "kernel", 327.479, [(long_name, 306.938, 1)])]
+    )
+    lines = dcn.profile_markdown(dcn.PROFILES)
+    rows = [ln for ln in lines if ln.startswith("| 1024x56x56x64")]
+    assert len(rows) == 1 and "| 306.938 | 1 |" in rows[0] and "327.479" in rows[0]
+    name = rows[0].split("`")[1]
+    assert len(name) <= 90 and name.endswith("...") and "|" not in name
+    table = dcn._markdown([], {}, torch.device("cpu"), type("Args", (), {})())
+    assert "Per-kernel GPU time" in table
