@@ -35,7 +35,9 @@ def test_block_cost_counts_projections_and_traffic():
 def test_profile_lists_each_shapes_slowest_kernels_under_the_table(monkeypatch):
     """--profile: the per-kernel GPU times of one fwd+bwd go under the timing table, one row per kernel, names cut
     to fit and free of the table's column bars (the H200 run's report held them)."""
-    long_name = "void dcnv3::dcn_bwd_value_kernel<cutlass::bfloat16_t, 16, true, true>(dcnv3::DcnParams)|" + "x" * 40
+    long_name = (
+        "void dcnv3::dcn_bwd_value_kernel<cutlass::bfloat16_t, 16, true, true>(dcnv3::DcnParams)|" + "x" * 40
+    )
     monkeypatch.setattr(
         dcn, "PROFILES", [("1024x56x56x64, G=4, bfloat16", "kernel", 327.479, [(long_name, 306.938, 1)])]
     )
