@@ -12,6 +12,7 @@ same machine included -- skip the compile; the binding check (~30 s CPU) always 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.ops import build
+from pretrain.ops import build, toolchain
 
 ARCHS = ("80", "90a")
 # Objects keyed by a hash of every kernel source, flag, arch, nvcc and CUTLASS version: an unchanged kernel is
@@ -68,6 +69,28 @@ def test_kernel_units_link_into_one_library(compiled):
         pytest.skip("a unit failed to compile (reported by its own test)")
     err = build.link_check(objects)
     assert err is None, f"the kernel units do not link:\n{err}"
+
+
+@pytest.mark.parametrize("unit", ["dcn_bwd_f32.cu", "dcn_bwd_f16.cu", "dcn_bwd_bf16.cu"])
+def test_grad_value_scatter_uses_native_shared_atomics(compiled, unit):
+    """The backward's fixed-point scatter (two 32-bit words per element) compiles to native shared-memory adds
+    (ATOMS.ADD) for every arch. A 64-bit shared atomic add has no instruction of its own: nvcc turns it into a
+    compare-and-swap loop (ATOMS.CAST.SPIN.64 on sm_90a), which took 70-95% of the H200's backward time
+    (BENCHMARKS.md). Read from the compiled object with cuobjdump -sass."""
+    tool = toolchain.cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found: pip install 'nvidia-cuda-cuobjdump>=13.0,<14' (a test extra)")
+    _, err, obj = compiled[unit]
+    if obj is None:
+        pytest.skip("the unit failed to compile (reported by its own test)")
+    res = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    sass = res.stdout
+    for arch in ARCHS:
+        assert f"arch = sm_{arch}" in sass, f"no sm_{arch} code in {unit}"
+    assert "ATOMS.ADD" in sass
+    loops = sorted(set(re.findall(r"ATOMS\.CAS[.\w]*", sass)))
+    assert not loops, f"{unit}: shared-memory compare-and-swap loops ({', '.join(loops)})"
 
 
 def test_link_check_catches_a_kernel_defined_twice(tmp_path):

@@ -467,6 +467,10 @@ py::list emu_stop_counting() {
     d["shared_store_bytes"] = c.shared_store_bytes;
     d["shared_loads"] = c.shared_loads;
     d["shared_stores"] = c.shared_stores;
+    d["shared_requests"] = c.shared_requests;
+    d["shared_wavefronts"] = c.shared_wavefronts;
+    d["shared_atomic_requests"] = c.shared_atomic_requests;
+    d["shared_atomic_wavefronts"] = c.shared_atomic_wavefronts;
     d["mma"] = c.mma;
     py::list sites;
     for (const auto& t : c.sites) sites.append(py::make_tuple(t.offset, t.kind, t.requests, t.sectors));

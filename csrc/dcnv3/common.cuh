@@ -1,6 +1,9 @@
 // Element types, conversions and vector memory helpers shared by every kernel.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+
 #ifdef DCNV3_EMULATION
 #include "../emu/device.h"  // the kernels run as host C++ on CPU fibers (csrc/emu)
 #else
@@ -129,22 +132,49 @@ __device__ __forceinline__ S& dynamic_smem() {
 #endif
 }
 
-// Deterministic scatter-add: grad_value is accumulated in 64-bit fixed point, where addition is associative,
-// so the result does not depend on the order in which blocks arrive. One scale per (image, channel): a term
+// Deterministic scatter-add: grad_value is accumulated in fixed point, where addition is associative, so the
+// result does not depend on the order in which threads or blocks arrive. One scale per (image, channel): a term
 // scattered into grad_value[n, :, :, c] comes from grad_y[n, :, :, c] times softmax and bilinear weights <= 1,
-// so it is bounded by m = max|grad_y[n, :, :, c]|, and the scale 2^(40 - ceil(log2 m)) maps it into
-// (2^39, 2^40]: an element overflows only after 2^23 full-magnitude terms, and each term carries at most
-// m * 2^-40 absolute rounding error. A large gradient in one channel or image costs no precision elsewhere.
-__device__ __forceinline__ float fixed_point_scale(const float* absmax) {
+// so it is bounded by m = max|grad_y[n, :, :, c]|, and the scale 2^(E - ceil(log2 m)) maps it into [-2^E, 2^E]
+// (E: fixed_point_bits). Each term carries at most m * 2^-(E+1) absolute rounding error; a large gradient in one
+// channel or image costs no precision elsewhere.
+//
+// An element is two 32-bit words, hi * 2^kFixedLowBits + lo: a term q adds q >> 22 (signed) to hi and its low
+// 22 bits to lo, each with a native 32-bit shared-memory atomic (sm_90 has no 64-bit shared atomic add: nvcc
+// turns one into a compare-and-swap loop). lo takes at most kTileM * (kMaxPoints + 1) terms, one source chunk's,
+// before carry_low_words moves its high bits into hi; hi is exact while the element's true sum stays under 2^52,
+// which fixed_point_bits guarantees for any input.
+constexpr int kFixedLowBits = 22;
+constexpr unsigned kFixedLowMask = (1u << kFixedLowBits) - 1;
+
+// E for an output grid of Ho x Wo pixels with P points: an element takes at most Ho * Wo * (P + cfs) terms (one
+// per point and output pixel: a sample's 4 corners are 4 pixels), so |sum| <= terms * 2^E <= 2^52. Masks given
+// by the caller (no softmax) may exceed 1: 8 bits of headroom keep |mask| <= 256 exact. At most 40 (an ample
+// fraction of an fp32 ulp of m); 37 at InternImage's stage 1 of a 224-pixel image.
+inline int fixed_point_bits(int Ho, int Wo, int P, bool has_cfs, bool apply_softmax) {
+  const double terms = std::max(1.0, double(Ho) * Wo * (P + (has_cfs ? 1 : 0)));
+  int bits = 52 - static_cast<int>(std::ceil(std::log2(terms))) - (apply_softmax ? 0 : 8);
+  return std::min(40, bits);
+}
+
+__device__ __forceinline__ float fixed_point_scale(const float* absmax, int bits) {
   float m = fminf(fmaxf(*absmax, 1e-30f), 1e30f);  // +inf (non-finite grad_y) still gives a usable scale
-  int e = 40 - static_cast<int>(ceilf(log2f(m)));
+  int e = bits - static_cast<int>(ceilf(log2f(m)));
   e = max(min(e, 126), -126);
   return ldexpf(1.0f, e);
 }
 
-__device__ __forceinline__ void fixed_point_add(unsigned long long* dst, float v, float scale) {
-  long long q = __float2ll_rn(v * scale);  // v * 2^e is exact; only the fixed-point rounding remains
-  if (q != 0) atomicAdd(dst, static_cast<unsigned long long>(q));
+__device__ __forceinline__ void fixed_point_add(unsigned* hi, unsigned* lo, float v, float scale) {
+  const long long q = __float2ll_rn(v * scale);  // v * 2^e is exact; only the fixed-point rounding remains
+  const unsigned h = static_cast<unsigned>(static_cast<int>(q >> kFixedLowBits));
+  const unsigned l = static_cast<unsigned>(q) & kFixedLowMask;
+  if (h != 0) atomicAdd(hi, h);
+  if (l != 0) atomicAdd(lo, l);
+}
+
+// The accumulated element as one signed integer (exact: hi is the sum's bits from 22 on, lo any remainder).
+__device__ __forceinline__ long long fixed_point_value(unsigned hi, unsigned lo) {
+  return static_cast<long long>(static_cast<int>(hi)) * (1ll << kFixedLowBits) + static_cast<long long>(lo);
 }
 
 }  // namespace dcnv3

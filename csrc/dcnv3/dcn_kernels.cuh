@@ -13,9 +13,10 @@
 //   and runs the output projection as the epilogue (y is stored only for grad W_out in training). dcn_fwd: one
 //   pair per CTA, y written, for the core op and where the y tile does not fit (bf16 C > 1280, fp32 C > 620).
 // dcn_bwd_value: the backward, owner-computes. The CTA owns an 8x8 tile of *value* pixels and gathers every
-//   grad value term that lands in it into a 64-bit fixed-point accumulator in shared memory (integer adds
-//   commute exactly: deterministic), then writes the tile once: no global atomics, no accumulator in HBM, no
-//   zeroing or finalising pass. With stride 1 and same padding it first takes its own output tile whole
+//   grad value term that lands in it into a fixed-point accumulator in shared memory (integer adds commute
+//   exactly: deterministic; two 32-bit words per element, for native shared atomics, laid out against bank
+//   conflicts: AccLayout), then writes the tile once: no global atomics, no accumulator in HBM, no zeroing or
+//   finalising pass. With stride 1 and same padding it first takes its own output tile whole
 //   (recomputed logits, like flash-attention; grad logits through a fixed shuffle tree and the softmax/sigmoid
 //   backward), then, from the forward's reach, every other output pixel that can sample the tile (a rectangle
 //   per nearby output tile, logits recomputed in 64-row chunks). The price is recomputing the halo's logits.
@@ -376,24 +377,64 @@ __device__ __forceinline__ float lane_sum(float v) {
   return v;
 }
 
-// Where a pair's own grad value terms go: the 64-bit fixed-point accumulator of the CTA's target box (shared
-// memory, (target pixel, channel of the CTA's groups)) and its per-channel scales; only terms landing in the
-// box are added (the others belong to the CTAs that own their boxes).
+// The CTA's grad value accumulator: (target pixel, channel of the CTA's groups) elements, each a hi and a lo word
+// (fixed_point_add) in two arrays of the same layout, laid out so that a warp's 32 atomics of one instruction fall
+// in 32 banks when its pixels' targets are consecutive (neighbouring pixels sampling alike). Source terms: lane l of
+// a pair adds channels l, l + kLanes, ...: a row interleaves the two groups in blocks of kLanes channels, and the
+// row pitch is 2 kLanes (mod 32), so the warp's pixels take consecutive bank ranges. Own-tile terms: lane l adds
+// its kVec consecutive channels, which puts the lanes of a pair kVec channels apart: the position within a block
+// is xor-ed with the owning lane's index, which moves them to distinct banks (and only permutes a source block).
+template <class T, int CG>
+struct AccLayout {
+  static constexpr int kLanes = CG / Vec<T>::kN;
+  static constexpr int kBlock = kGroupsPerCta * kLanes;  // one channel of each lane of both groups
+  static constexpr int kRow = kGroupsPerCta * CG + kBlock % 32;
+  static constexpr int kElems = kTile * kTile * kRow;
+  static constexpr int kBlocksPerVec = Vec<T>::kN > kLanes ? Vec<T>::kN / kLanes : 1;
+  static_assert((kLanes & (kLanes - 1)) == 0, "lanes per pair are a power of 2");
+  __host__ __device__ static constexpr int at(int pix, int gl, int c) {
+    const int block = c / kLanes;
+    return pix * kRow + block * kBlock + gl * kLanes + ((c % kLanes) ^ ((block / kBlocksPerVec) % kLanes));
+  }
+};
+static_assert(uint64_t(kTileM) * (kMaxPoints + 1) * kFixedLowMask + kFixedLowMask < (1ull << 32),
+              "a lo word takes a source chunk's terms (<= P + 1 per source pixel) between carries");
+
+// All threads, after a barrier that ends a chunk's adds and before one that starts the next: move each lo word's
+// bits from kFixedLowBits on into its hi word, so lo can take another chunk.
+template <class T, int CG>
+__device__ void carry_low_words(unsigned* hi, unsigned* lo) {
+  for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kThreads) {
+    const unsigned l = lo[i];
+    if (l > kFixedLowMask) {
+      hi[i] += l >> kFixedLowBits;
+      lo[i] = l & kFixedLowMask;
+    }
+  }
+}
+
+// Where a pair's own grad value terms go: the fixed-point accumulator of the CTA's target box (shared memory,
+// AccLayout) and its per-channel scales; only terms landing in the box are added (the others belong to the CTAs
+// that own their boxes).
+template <class T, int CG>
 struct ScatterBox {
-  unsigned long long* acc;
+  unsigned* hi;
+  unsigned* lo;
   const float* scale;
-  int chans;  // accumulator row length: channels of the CTA's groups
   int tx0, tx1, ty0, ty1;
 
-  // Add w * g[v] at value pixel (x, y), accumulator channel ch + step * v, with fixed-point scale scale[v], for
+  // Add w * g[v] at value pixel (x, y), channel c0 + step * v of group gl, with fixed-point scale scale_v[v], for
   // v < N; nothing when the pixel is outside the box.
   template <int N>
-  __device__ __forceinline__ void add(int x, int y, int ch, int step, float w, const float (&g)[N],
+  __device__ __forceinline__ void add(int x, int y, int gl, int c0, int step, float w, const float (&g)[N],
                                       const float* scale_v) const {
     if (x < tx0 || x > tx1 || y < ty0 || y > ty1) return;
-    unsigned long long* dst = acc + ((y - ty0) * kTile + (x - tx0)) * chans + ch;
+    const int pix = (y - ty0) * kTile + (x - tx0);
 #pragma unroll
-    for (int v = 0; v < N; ++v) fixed_point_add(dst + step * v, w * g[v], scale_v[v]);
+    for (int v = 0; v < N; ++v) {
+      const int at = AccLayout<T, CG>::at(pix, gl, c0 + step * v);
+      fixed_point_add(hi + at, lo + at, w * g[v], scale_v[v]);
+    }
   }
 };
 
@@ -404,7 +445,7 @@ struct ScatterBox {
 // (shuffles): an invalid pair runs with zeros and writes nothing.
 template <class T, int CG>
 __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* row, const T* gy_row, int m, int g,
-                                              int gl, int lane, bool valid, const ScatterBox* box,
+                                              int gl, int lane, bool valid, const ScatterBox<T, CG>* box,
                                               const ValueWindow<T, CG>* win, T* gl_row = nullptr) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;
@@ -425,7 +466,10 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     gyc[v] = gy[v] * (1.f - s);  // gradient reaching the core aggregate through the cfs blend
     ycore[v] = 0.f;
   }
-  const int acc_ch = gl * CG + lane * kVec;  // this lane's first channel in the box's accumulator rows
+  const int acc_ch = gl * CG + lane * kVec;  // this lane's first channel of the CTA's groups (window, scales)
+  float scale[kVec];                         // the fixed-point scales of its channels, when it scatters
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) scale[v] = box != nullptr ? box->scale[acc_ch + v] : 0.f;
 
   float g_mask[kMaxPoints], g_x[kMaxPoints], g_y[kMaxPoints];
 #pragma unroll
@@ -463,7 +507,8 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     if (box != nullptr && valid) {
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        if (b.in[k]) box->add(b.x0 + (k & 1), b.y0 + (k >> 1), acc_ch, 1, mk * b.w[k], gyc, box->scale + acc_ch);
+        if (b.in[k])
+          box->add(b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane * kVec, 1, mk * b.w[k], gyc, scale);
     }
   }
 
@@ -481,7 +526,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
     g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
     // The blend's own grad value term lands on the pair's pixel (output grid == input grid with cfs).
-    if (box != nullptr && valid) box->add(wo, ho, acc_ch, 1, s, gy, box->scale + acc_ch);
+    if (box != nullptr && valid) box->add(wo, ho, gl, lane * kVec, 1, s, gy, scale);
   }
 
   // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
@@ -567,8 +612,9 @@ struct DcnValueSmem {
   ValueWindow<T, CG> window;                                   // for the own tile's value reads
   alignas(16) T grad_logits[kTileM * kGroupsPerCta * kGroupCols];  // the own tile's, stored coalesced at the end
   alignas(16) T grad_y[kTileM * kGroupsPerCta * CG];               // the chunk's (load_grad_y)
-  unsigned long long acc[kTile * kTile * kGroupsPerCta * CG];  // (target pixel, channel of the 2 groups)
-  float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
+  unsigned acc_hi[AccLayout<T, CG>::kElems];  // the target box's fixed-point accumulator (AccLayout)
+  unsigned acc_lo[AccLayout<T, CG>::kElems];
+  float scale[kGroupsPerCta * CG];  // fixed-point scale per channel of the image
   int rows[kTileM];                                            // the chunk's source pixels (-1: none)
   RectBatch batch;
 };
@@ -715,12 +761,14 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   const int tx1 = min(p.W, tx0 + kTile) - 1, ty1 = min(p.H, ty0 + kTile) - 1;
   const int g_first = kAllPairs ? 0 : blockIdx.y * kGroupsPerCta;
   const int g_last = kAllPairs ? p.G : g_first + 1;
-  const ScatterBox box{sm.acc, sm.scale, kChans, tx0, tx1, ty0, ty1};
+  const ScatterBox<T, CG> box{sm.acc_hi, sm.acc_lo, sm.scale, tx0, tx1, ty0, ty1};
 
   for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
-    for (int i = threadIdx.x; i < kTile * kTile * kChans; i += kThreads) sm.acc[i] = 0;
+    for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kThreads) sm.acc_hi[i] = sm.acc_lo[i] = 0;
     for (int i = threadIdx.x; i < kChans; i += kThreads)
-      sm.scale[i] = g0 * CG + i < p.C ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i) : 0.f;
+      sm.scale[i] = g0 * CG + i < p.C
+                        ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i, p.fixed_point_bits)
+                        : 0.f;
     if (threadIdx.x == 0) sm.batch.next_tile = 0;
     if (kOwnTile) {
       fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
@@ -738,6 +786,7 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
                              m >= 0 && g < p.G, &box, &sm.window, gl_row);
       }
       __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
+      carry_low_words<T, CG>(sm.acc_hi, sm.acc_lo);  // (the source chunk's rows barrier comes before its adds)
       if (!kAllPairs)
         store_grad_logits<T>(p, sm.rows, sm.grad_logits, kGroupsPerCta * kGroupCols, g0 * kGroupCols,
                              min(kGroupsPerCta, p.G - g0) * kGroupCols);
@@ -787,14 +836,16 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
             Bilinear b = bilinear_at(x, y, p.H, p.W);
   #pragma unroll
             for (int k = 0; k < 4; ++k)
-              if (b.in[k]) box.add(b.x0 + (k & 1), b.y0 + (k >> 1), gl * CG + lane, kLanes, mk * b.w[k], gyc, scale);
+              if (b.in[k]) box.add(b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane, kLanes, mk * b.w[k], gyc, scale);
           }
           // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
-          if (p.has_cfs) box.add(wo, ho, gl * CG + lane, kLanes, s, gy, scale);
+          if (p.has_cfs) box.add(wo, ho, gl, lane, kLanes, s, gy, scale);
         }
         __syncthreads();  // the next chunk overwrites rows and logits
+        carry_low_words<T, CG>(sm.acc_hi, sm.acc_lo);  // (its rows barrier comes before its adds)
       }
     }
+    __syncthreads();  // the last carries
 
     // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite;
     // a thread converts kVec channels of a pixel and stores them as one 16-byte vector (a vector lies wholly in one
@@ -809,8 +860,9 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
       load_f32<kVec>(p.grad_y_absmax + int64_t(n) * p.C + c, absmax);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const float q = static_cast<float>(static_cast<double>(static_cast<long long>(sm.acc[pix * kChans + cl + j])) /
-                                           sm.scale[cl + j]);
+        const int at = AccLayout<T, CG>::at(pix, (cl + j) / CG, (cl + j) % CG);
+        const float q =
+            static_cast<float>(static_cast<double>(fixed_point_value(sm.acc_hi[at], sm.acc_lo[at])) / sm.scale[cl + j]);
         v[j] = isfinite(absmax[j]) ? q : NAN;
       }
       store_vec<T>(grad_value + ((int64_t(n) * p.H + y) * p.W + x) * p.C + c, v);
@@ -866,14 +918,16 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const int tiles = p.N * ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile);
   const bool own_tile = p.Ho == p.H && p.Wo == p.W && p.stride_h == 1 && p.stride_w == 1 &&
                         p.pad_h == p.center_h && p.pad_w == p.center_w;
+  DcnParams q = p;
+  q.fixed_point_bits = fixed_point_bits(p.Ho, p.Wo, p.P, p.has_cfs, p.apply_softmax);
   if (own_tile && p.grad_x1 != nullptr) {
     launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true>, dim3(tiles), dim3(kThreads),
-                  bwd_smem_bytes<T, CG>(true, p.G), stream, p);
+                  bwd_smem_bytes<T, CG>(true, p.G), stream, q);
     return;
   }
   if (own_tile) {
     launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true, false>, dim3(tiles, groups), dim3(kThreads),
-                  bwd_smem_bytes<T, CG>(false, p.G), stream, p);
+                  bwd_smem_bytes<T, CG>(false, p.G), stream, q);
     return;
   }
   if (p.wout != nullptr || p.grad_x1 != nullptr)
@@ -882,7 +936,7 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   launch_kernel("dcn_bwd", dcn_bwd_kernel<T, CG>, dim3((M + kTileM - 1) / kTileM, groups), dim3(kThreads), stream,
                 p);
   launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, false, false>, dim3(tiles, groups), dim3(kThreads),
-                bwd_smem_bytes<T, CG>(false, p.G), stream, p);
+                bwd_smem_bytes<T, CG>(false, p.G), stream, q);
 }
 
 }  // namespace dcnv3

@@ -59,6 +59,8 @@ struct DcnParams {
   // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it
   // scatters to. Zeroed by the caller, filled by dcn_bwd, read by dcn_bwd_value.
   int* reach;
+  // The grad value accumulator's fixed-point exponent (fixed_point_bits below), set by launch_dcn_bwd.
+  int fixed_point_bits;
 
   int N, H, W, C, G, Ho, Wo;
   int P;

@@ -12,7 +12,10 @@
 // to the fiber's own stack, the launcher's stack and the index registers are local; addresses inside this
 // library's writable segment are `__shared__` statics; everything else is global memory (the torch tensors).
 // Global accesses are grouped per warp instruction -- (warp, call site, n-th execution by the lane) -- and each
-// group counts its distinct 32-byte sectors, which is how the memory system sees a warp's request.
+// group counts its distinct 32-byte sectors, which is how the memory system sees a warp's request. Shared
+// accesses are grouped the same way and each group counts its wavefronts: the passes the 32 banks (4-byte words,
+// bank = word % 32) need to serve it, i.e. the most distinct words any one bank holds (a word read by several
+// lanes is broadcast; every atomic on a bank is a pass of its own).
 #include <dlfcn.h>
 #include <link.h>
 #include <pthread.h>
@@ -36,6 +39,8 @@
 namespace emu {
 
 ThreadContext g_ctx;
+
+void check_aligned16(const void* p, const char* what);  // below, beside load16
 
 // ---------------------------------------------------------------------------------------------------------
 // Context switch (System V x86-64): save the callee-saved registers, MXCSR and the x87 control word on the
@@ -202,8 +207,14 @@ struct Request {
   std::vector<uint64_t> sectors;
 };
 std::unordered_map<SiteKey, Request, SiteHash> g_requests;  // per CTA
+struct SharedRequest {
+  int kind;            // 0 load, 1 store, 2 atomic
+  bool wide = false;   // a 64-bit atomic add: a load and a compare-and-swap loop on the GPU
+  std::vector<uint32_t> words;  // the 4-byte words touched, one entry per lane and word
+};
+std::unordered_map<SiteKey, SharedRequest, SiteHash> g_shared_requests;  // per CTA
 std::unordered_set<uint64_t> g_unique[3];                    // per launch: distinct sectors by kind
-std::unordered_map<uint64_t, SiteTraffic> g_sites;           // per launch: by (call site << 2 | kind)
+std::unordered_map<uint64_t, SiteTraffic> g_sites;           // per launch: by (call site << 3 | kind)
 
 int writable_segment(struct dl_phdr_info* info, size_t, void* data) {
   const uintptr_t self = reinterpret_cast<uintptr_t>(data);
@@ -243,7 +254,7 @@ void flush_requests() {
   for (auto& [key, req] : g_requests) {
     std::sort(req.sectors.begin(), req.sectors.end());
     const uint64_t n = std::unique(req.sectors.begin(), req.sectors.end()) - req.sectors.begin();
-    SiteTraffic& site = g_sites[(uint64_t(key.site) << 2) | uint64_t(req.kind)];
+    SiteTraffic& site = g_sites[(uint64_t(key.site) << 3) | uint64_t(req.kind)];
     site.requests += 1;
     site.sectors += n;
     switch (req.kind) {
@@ -253,6 +264,38 @@ void flush_requests() {
     }
   }
   g_requests.clear();
+  uint32_t per_bank[32];
+  for (auto& [key, req] : g_shared_requests) {
+    std::sort(req.words.begin(), req.words.end());
+    if (req.kind != 2) req.words.erase(std::unique(req.words.begin(), req.words.end()), req.words.end());
+    std::fill(per_bank, per_bank + 32, 0u);
+    uint32_t passes = 1;
+    for (uint32_t w : req.words) passes = std::max(passes, ++per_bank[w % 32]);
+    const uint64_t requests = req.wide ? 2 : 1, wavefronts = requests * passes;
+    SiteTraffic& site = g_sites[(uint64_t(key.site) << 3) | uint64_t(3 + req.kind)];
+    site.requests += requests;
+    site.sectors += wavefronts;
+    g_cur->shared_requests += requests;
+    g_cur->shared_wavefronts += wavefronts;
+    if (req.kind == 2) {
+      g_cur->shared_atomic_requests += requests;
+      g_cur->shared_atomic_wavefronts += wavefronts;
+    }
+  }
+  g_shared_requests.clear();
+}
+
+// A shared access of `size` bytes at a into the warp request of its call site: its words, numbered from the start
+// of the dynamic shared memory (the banks a GPU would use; statics: from their segment, an approximation).
+void record_shared(uintptr_t a, size_t size, int kind, uintptr_t site, bool wide = false) {
+  Fiber& f = g_sched.fibers[g_sched.current];
+  const int warp = g_sched.current / kWarp;
+  const uint32_t occurrence = f.site_count[site]++;
+  SharedRequest& req = g_shared_requests[SiteKey{warp, site, occurrence}];
+  req.kind = kind;
+  req.wide = req.wide || wide;
+  const uintptr_t base = a >= g_dynamic_lo && a < g_dynamic_hi ? g_dynamic_lo : g_writable_lo;
+  for (uintptr_t w = (a - base) >> 2; w <= (a - base + size - 1) >> 2; ++w) req.words.push_back(uint32_t(w));
 }
 
 void record_global(uintptr_t addr, size_t size, int kind, uintptr_t site) {
@@ -282,6 +325,7 @@ inline void on_access(void* p, size_t size, bool write, uintptr_t site) {
   if (is_shared(a)) {
     (write ? g_cur->shared_store_bytes : g_cur->shared_load_bytes) += size;
     (write ? g_cur->shared_stores : g_cur->shared_loads) += 1;
+    record_shared(a, size, write ? 1 : 0, site);
     return;
   }
   record_global(a, size, write ? 1 : 0, site);
@@ -504,6 +548,7 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, 
   } catch (...) {
     g_in_kernel = false;
     g_requests.clear();
+    g_shared_requests.clear();
     throw;
   }
   g_in_kernel = false;
@@ -513,10 +558,10 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, 
     g_cur->unique_atomic_sectors = g_unique[2].size();
     for (const auto& [key, traffic] : g_sites) {
       SiteTraffic t = traffic;
-      const uintptr_t site = uintptr_t(key >> 2);
+      const uintptr_t site = uintptr_t(key >> 3);
       Dl_info info{};
       t.offset = dladdr(reinterpret_cast<void*>(site), &info) != 0 ? site - uintptr_t(info.dli_fbase) : site;
-      t.kind = int(key & 3);
+      t.kind = int(key & 7);
       g_cur->sites.push_back(t);
     }
     std::sort(g_cur->sites.begin(), g_cur->sites.end(),
@@ -578,7 +623,7 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
 // The warp's 16-byte row addresses, exchanged: lanes 8i..8i+7 hold the rows of matrix i (checked like a GPU
 // would; shared memory only, so the access site does not matter to the counters).
 const char* const* ldmatrix_rows(const void* row, int& lane) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: a row address that is not 16-byte aligned");
+  check_aligned16(row, "ldmatrix (row address)");
   if (g_in_kernel && !is_shared(reinterpret_cast<uintptr_t>(row))) fail("ldmatrix: a row outside shared memory");
   on_access(const_cast<void*>(row), 16, false, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   unsigned buf;
@@ -610,11 +655,19 @@ void* dynamic_smem() {
   return g_dynamic_smem.data();
 }
 
+// An atomic on shared memory: an SM-local read-modify-write (no L2 traffic), a pass of the banks per access.
+void count_shared_atomic(void* addr, size_t size, uintptr_t site, bool wide) {
+  g_cur->shared_atomics += 1;
+  g_cur->shared_load_bytes += size;
+  g_cur->shared_store_bytes += size;
+  record_shared(reinterpret_cast<uintptr_t>(addr), size, 2, site, wide);
+}
+
+// sm_90 has no 64-bit shared-memory atomic add: nvcc emits a load and an ATOMS.CAST.SPIN.64 compare-and-swap
+// loop (cuobjdump -sass), counted as two requests (a lower bound: a lost race spins again).
 unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v) {
   if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
-    g_cur->shared_atomics += 1;  // an SM-local read-modify-write: no L2 traffic
-    g_cur->shared_load_bytes += 8;
-    g_cur->shared_store_bytes += 8;
+    count_shared_atomic(addr, 8, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), true);
   } else if (g_counting && g_cur && g_in_kernel) {
     g_cur->atomics += 1;
     record_global(reinterpret_cast<uintptr_t>(addr), 8, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
@@ -625,7 +678,9 @@ unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v
 }
 
 unsigned atomic_add_u32(unsigned* addr, unsigned v) {
-  if (g_counting && g_cur && g_in_kernel) {
+  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
+    count_shared_atomic(addr, 4, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false);
+  } else if (g_counting && g_cur && g_in_kernel) {
     g_cur->atomics += 1;
     record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
   }
@@ -636,9 +691,7 @@ unsigned atomic_add_u32(unsigned* addr, unsigned v) {
 
 int atomic_max_i32(int* addr, int v) {
   if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
-    g_cur->shared_atomics += 1;
-    g_cur->shared_load_bytes += 4;
-    g_cur->shared_store_bytes += 4;
+    count_shared_atomic(addr, 4, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false);
   } else if (g_counting && g_cur && g_in_kernel) {
     g_cur->atomics += 1;
     record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
@@ -714,8 +767,8 @@ void store16(void* p, uint4 v) {
 // garbage instead of the data, as it may on a GPU.
 void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
   const uintptr_t site = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
-  if (reinterpret_cast<uintptr_t>(smem_dst) % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0))
-    fail("cp.async: a 16-byte copy with an unaligned address");
+  check_aligned16(smem_dst, "cp.async (shared destination)");
+  if (valid) check_aligned16(gmem_src, "cp.async (global source)");
   if (g_in_kernel && !is_shared(reinterpret_cast<uintptr_t>(smem_dst)))
     fail("cp.async: a destination outside shared memory");
   if (g_sched.current < 0) fail("cp.async outside a kernel thread");

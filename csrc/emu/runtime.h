@@ -18,8 +18,8 @@ void set_order(OrderMode mode, uint64_t seed);
 // offset - 1 to the source line and its inline chain (pretrain.ops.emulation.source_lines).
 struct SiteTraffic {
   uint64_t offset = 0;
-  int kind = 0;  // 0 load, 1 store, 2 atomic
-  uint64_t requests = 0, sectors = 0;
+  int kind = 0;  // global: 0 load, 1 store, 2 atomic; shared: 3 load, 4 store, 5 atomic
+  uint64_t requests = 0, sectors = 0;  // shared: sectors are wavefronts (bank passes)
 };
 
 // Per kernel launch. Sectors are 32-byte; a request is one warp-wide memory instruction.
@@ -38,6 +38,8 @@ struct LaunchCounters {
   uint64_t shared_loads = 0;                         // shared-memory loads per thread (any width; an ldmatrix lane: 1)
   uint64_t shared_stores = 0;                        // shared-memory stores per thread (any width)
   uint64_t shared_atomics = 0;                       // atomics on shared memory (not in `atomics`)
+  uint64_t shared_requests = 0, shared_wavefronts = 0;  // warp-wide shared accesses and their bank passes
+  uint64_t shared_atomic_requests = 0, shared_atomic_wavefronts = 0;  // the atomics among them
   uint64_t mma = 0;                                  // warp-wide mma.sync instructions
   std::vector<SiteTraffic> sites;                    // the requests and sectors above, per call site and kind
 };

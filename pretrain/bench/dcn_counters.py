@@ -68,39 +68,49 @@ def summarise(launches: list[dict], pixels: int) -> dict[str, float]:
         "shared_bytes": total("shared_load_bytes") + total("shared_store_bytes"),
         "shared_loads": total("shared_loads"),
         "shared_stores": total("shared_stores"),
+        "shared_wavefronts": total("shared_wavefronts"),
+        "shared_atomic_wavefronts": total("shared_atomic_wavefronts"),
         "mma": total("mma"),
     }
 
 
 def traffic_by_line(
-    launches: list[tuple[str, dict]], pixels: int, top: int
+    launches: list[tuple[str, dict]], pixels: int, top: int, shared: bool = False
 ) -> list[tuple[str, str, str, float, float]]:
     """The `top` (launch, kind, source line) entries by L2 bytes per pixel over the (label, counters) `launches`,
-    with their warp requests per pixel: (label, kind, line, bytes, requests)."""
+    with their warp requests per pixel: (label, kind, line, bytes, requests). shared: by shared-memory bank passes
+    (wavefronts) per pixel instead: (label, kind, line, passes, requests)."""
     from pretrain.ops import emulation
 
+    kinds = ("load", "store", "atomic") * 2  # the sites' kinds: global 0-2, shared 3-5
     totals: dict[tuple[str, int, int], list[float]] = {}
     for label, launch in launches:
         for offset, kind, requests, sectors in launch["sites"]:
+            if (kind >= 3) != shared:
+                continue
             t = totals.setdefault((label, kind, offset), [0.0, 0.0])
-            t[0] += 32 * sectors / pixels
+            t[0] += (sectors if shared else 32 * sectors) / pixels
             t[1] += requests / pixels
     best = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     lines = emulation.source_lines(sorted({offset for (_, _, offset), _ in best}))
-    kinds = ("load", "store", "atomic")
     return [(k, kinds[kind], lines[offset], b, r) for (k, kind, offset), (b, r) in best]
 
 
-def by_line_markdown(title: str, rows: list[tuple[str, str, str, float, float]], total: float) -> str:
+def by_line_markdown(
+    title: str, rows: list[tuple[str, str, str, float, float]], total: float, shared: bool = False
+) -> str:
+    what = "take the most shared-memory bank passes" if shared else "move the most L2 bytes"
+    measure = "bank passes | share | requests | passes / request" if shared else "L2 B | share | requests"
     out = [
-        f"{title}: the source lines that move the most L2 bytes (forward + backward, per output pixel, of "
+        f"{title}: the source lines that {what} (forward + backward, per output pixel, of "
         f"{total:.0f} in all; the line of the access, then the lines it is inlined into)",
         "",
-        "| launch | kind | L2 B | share | requests | source line < inlined into |",
-        "|---|---|---|---|---|---|",
+        f"| launch | kind | {measure} | source line < inlined into |",
+        "|---|---|---|---|---|" + ("---|" if shared else "") + "---|",
     ]
     for kernel, kind, line, b, r in rows:
-        out.append(f"| {kernel} | {kind} | {b:.0f} | {b / total:.1%} | {r:.2f} | {line} |")
+        ratio = f" {b / r:.2f} |" if shared else ""
+        out.append(f"| {kernel} | {kind} | {b:.0f} | {b / total:.1%} | {r:.2f} |{ratio} {line} |")
     return "\n".join(out)
 
 
@@ -152,11 +162,16 @@ def run(args) -> int:
             if getattr(args, "by_line", 0):
                 launches = [(f"fwd {x['kernel']}", x) for x in counted["fwd"]]
                 launches += [(f"bwd {i + 1} {x['kernel']}", x) for i, x in enumerate(counted["bwd"])]
+                title = f"{model.upper()} stage {stage} ({images}x{band}x{side}x{c})"
+                by_line.append(
+                    by_line_markdown(title, traffic_by_line(launches, pixels, args.by_line), both["l2_bytes"])
+                )
                 by_line.append(
                     by_line_markdown(
-                        f"{model.upper()} stage {stage} ({images}x{band}x{side}x{c})",
-                        traffic_by_line(launches, pixels, args.by_line),
-                        both["l2_bytes"],
+                        title,
+                        traffic_by_line(launches, pixels, args.by_line, shared=True),
+                        both["shared_wavefronts"],
+                        shared=True,
                     )
                 )
             for name, s, ess, act in (
@@ -187,12 +202,12 @@ def markdown(rows, args, dtype) -> str:
         f"{str(dtype).replace('torch.', '')}, {args.image_size} px)\n\n"
         "| model | stage | slice (NxHxWxC) | G | pass | launches | essential B | L2 B (sectors) | x essential "
         "| DRAM floor B | atomics | shared B | shared loads | shared stores | mma | floor x essential "
-        "| shared atomics |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| shared atomics | shared passes | atomic passes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     marginal = getattr(args, "marginal", False)
     if marginal:
-        head = head.replace(" shared atomics |\n", " shared atomics | marginal floor B | x activations |\n")
+        head = head.replace(" atomic passes |\n", " atomic passes | marginal floor B | x activations |\n")
         head += "---|---|"
     lines = [head]
     for model, stage, shape, group, name, s, ess, _ in rows:
@@ -200,7 +215,7 @@ def markdown(rows, args, dtype) -> str:
             f"| {model} | {stage} | {shape} | {group} | {name} | {s['launches']} | {ess:.0f} | {s['l2_bytes']:.0f} "
             f"| {s['l2_bytes'] / ess:.1f} | {s['dram_floor_bytes']:.0f} | {s['atomics']:.0f} "
             f"| {s['shared_bytes']:.0f} | {s['shared_loads']:.0f} | {s['shared_stores']:.0f} | {s['mma']:.2f} | {s['dram_floor_bytes'] / ess:.2f} "
-            f"| {s['shared_atomics']:.0f} |"
+            f"| {s['shared_atomics']:.0f} | {s['shared_wavefronts']:.0f} | {s['shared_atomic_wavefronts']:.0f} |"
         )
         if marginal:
             m = s["marginal_floor_bytes"]
@@ -212,7 +227,9 @@ def markdown(rows, args, dtype) -> str:
         "floor: 32 x the distinct sectors of each launch, summed over launches (a perfect cache: a sector read after "
         "the launch wrote it counts once); atomics: global ones (shared-memory atomics apart); shared loads: "
         "shared-memory load instructions per thread (any width; an ldmatrix.x4 lane counts one); shared stores: the "
-        "same for stores; essential: value "
+        "same for stores; shared passes: the bank passes (wavefronts) of every warp-wide shared-memory request, "
+        "summed (a pass serves at most one 4-byte word per bank; a 64-bit atomic add counts twice, as its "
+        "compare-and-swap loop needs a load too); atomic passes: those of the shared atomics; essential: value "
         "and x1 read and out written once (+ grad_out, grad value, grad x1 and the weights' reads and gradients "
         "for fwd+bwd); fwd, no grad: the forward under torch.no_grad (y is not stored)."
         + (

@@ -49,3 +49,22 @@ def cuda_include() -> Path | None:
         if (Path(root) / "include" / "cuda_runtime.h").exists():
             return Path(root) / "include"
     return None
+
+
+def cuobjdump() -> str | None:
+    """cuobjdump (reads the SASS of compiled kernels): on PATH, beside nvcc, else from the `nvidia-cuda-cuobjdump`
+    pip package (a test extra: the compile check reads the kernels' instructions with it)."""
+    found = shutil.which("cuobjdump")
+    if found is None and nvcc() is not None:
+        beside = Path(nvcc()).resolve().parent / "cuobjdump"
+        found = str(beside) if beside.exists() else None
+    if found is None:
+        try:
+            import nvidia  # namespace package of NVIDIA's CUDA wheels
+
+            for root in nvidia.__path__:
+                for tool in sorted(Path(root).glob("*/bin/cuobjdump")):
+                    return str(tool)
+        except ImportError:
+            pass
+    return found
