@@ -79,7 +79,9 @@ def test_grad_value_scatter_uses_native_shared_atomics(compiled, unit):
     (BENCHMARKS.md). Read from the compiled object with cuobjdump -sass."""
     tool = toolchain.cuobjdump()
     if tool is None:
-        pytest.skip("cuobjdump not found: pip install 'nvidia-cuda-cuobjdump>=13.0,<14' (a test extra)")
+        pytest.skip(
+            "cuobjdump/nvdisasm not found: pip install -e '.[test]' (nvidia-cuda-cuobjdump, -nvdisasm)"
+        )
     _, err, obj = compiled[unit]
     if obj is None:
         pytest.skip("the unit failed to compile (reported by its own test)")

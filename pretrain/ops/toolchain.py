@@ -52,19 +52,19 @@ def cuda_include() -> Path | None:
 
 
 def cuobjdump() -> str | None:
-    """cuobjdump (reads the SASS of compiled kernels): on PATH, beside nvcc, else from the `nvidia-cuda-cuobjdump`
-    pip package (a test extra: the compile check reads the kernels' instructions with it)."""
-    found = shutil.which("cuobjdump")
-    if found is None and nvcc() is not None:
-        beside = Path(nvcc()).resolve().parent / "cuobjdump"
-        found = str(beside) if beside.exists() else None
-    if found is None:
-        try:
-            import nvidia  # namespace package of NVIDIA's CUDA wheels
+    """cuobjdump (reads the SASS of compiled kernels; it runs nvdisasm, which must sit beside it or on PATH): on
+    PATH, beside nvcc, else from the `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` pip packages (test extras:
+    the compile check reads the kernels' instructions with them). None when either is missing."""
+    candidates = [shutil.which("cuobjdump")]
+    if nvcc() is not None:
+        candidates.append(str(Path(nvcc()).resolve().parent / "cuobjdump"))
+    try:
+        import nvidia  # namespace package of NVIDIA's CUDA wheels
 
-            for root in nvidia.__path__:
-                for tool in sorted(Path(root).glob("*/bin/cuobjdump")):
-                    return str(tool)
-        except ImportError:
-            pass
-    return found
+        candidates += [str(t) for root in nvidia.__path__ for t in sorted(Path(root).glob("*/bin/cuobjdump"))]
+    except ImportError:
+        pass
+    for tool in filter(None, candidates):
+        if Path(tool).exists() and ((Path(tool).parent / "nvdisasm").exists() or shutil.which("nvdisasm")):
+            return tool
+    return None
