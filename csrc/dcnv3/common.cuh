@@ -164,12 +164,23 @@ __device__ __forceinline__ float fixed_point_scale(const float* absmax, int bits
   return ldexpf(1.0f, e);
 }
 
-__device__ __forceinline__ void fixed_point_add(unsigned* hi, unsigned* lo, float v, float scale) {
+// `if (pred) atomicAdd(addr, v)` on a 32-bit word: what the GPU runs; the emulation's twin keeps every lane in
+// the warp's request (see emu::atomic_add_u32_if), so its bank-pass counts group the right lanes.
+__device__ __forceinline__ void atomic_add_if(bool pred, unsigned* addr, unsigned v) {
+#ifdef DCNV3_EMULATION
+  emu::atomic_add_u32_if(pred, addr, v);
+#else
+  if (pred) atomicAdd(addr, v);
+#endif
+}
+
+// Adds v (a term, when live) to the element (hi, lo); the zero parts of a term are skipped.
+__device__ __forceinline__ void fixed_point_add(bool live, unsigned* hi, unsigned* lo, float v, float scale) {
   const long long q = __float2ll_rn(v * scale);  // v * 2^e is exact; only the fixed-point rounding remains
   const unsigned h = static_cast<unsigned>(static_cast<int>(q >> kFixedLowBits));
   const unsigned l = static_cast<unsigned>(q) & kFixedLowMask;
-  if (h != 0) atomicAdd(hi, h);
-  if (l != 0) atomicAdd(lo, l);
+  atomic_add_if(live && h != 0, hi, h);
+  atomic_add_if(live && l != 0, lo, l);
 }
 
 // The accumulated element as one signed integer (exact: hi is the sum's bits from 22 on, lo any remainder).

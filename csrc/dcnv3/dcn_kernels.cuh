@@ -423,17 +423,18 @@ struct ScatterBox {
   const float* scale;
   int tx0, tx1, ty0, ty1;
 
-  // Add w * g[v] at value pixel (x, y), channel c0 + step * v of group gl, with fixed-point scale scale_v[v], for
-  // v < N; nothing when the pixel is outside the box.
+  // If live: add w * g[v] at value pixel (x, y), channel c0 + step * v of group gl, with fixed-point scale
+  // scale_v[v], for v < N; nothing when the pixel is outside the box. (Predicated, not branched around: see
+  // atomic_add_if.)
   template <int N>
-  __device__ __forceinline__ void add(int x, int y, int gl, int c0, int step, float w, const float (&g)[N],
-                                      const float* scale_v) const {
-    if (x < tx0 || x > tx1 || y < ty0 || y > ty1) return;
-    const int pix = (y - ty0) * kTile + (x - tx0);
+  __device__ __forceinline__ void add(bool live, int x, int y, int gl, int c0, int step, float w,
+                                      const float (&g)[N], const float* scale_v) const {
+    const bool inside = live && x >= tx0 && x <= tx1 && y >= ty0 && y <= ty1;
+    const int pix = inside ? (y - ty0) * kTile + (x - tx0) : 0;
 #pragma unroll
     for (int v = 0; v < N; ++v) {
       const int at = AccLayout<T, CG>::at(pix, gl, c0 + step * v);
-      fixed_point_add(hi + at, lo + at, w * g[v], scale_v[v]);
+      fixed_point_add(inside, hi + at, lo + at, w * g[v], scale_v[v]);
     }
   }
 };
@@ -504,11 +505,10 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     g_mask[q] = lane_sum<kLanes>(dm);
     g_x[q] = lane_sum<kLanes>(dx) * mk * p.offset_scale;
     g_y[q] = lane_sum<kLanes>(dy) * mk * p.offset_scale;
-    if (box != nullptr && valid) {
+    if (box != nullptr) {
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        if (b.in[k])
-          box->add(b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane * kVec, 1, mk * b.w[k], gyc, scale);
+        box->add(valid && b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane * kVec, 1, mk * b.w[k], gyc, scale);
     }
   }
 
@@ -526,7 +526,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
     g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
     // The blend's own grad value term lands on the pair's pixel (output grid == input grid with cfs).
-    if (box != nullptr && valid) box->add(wo, ho, gl, lane * kVec, 1, s, gy, scale);
+    if (box != nullptr) box->add(valid, wo, ho, gl, lane * kVec, 1, s, gy, scale);
   }
 
   // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
@@ -836,10 +836,10 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
             Bilinear b = bilinear_at(x, y, p.H, p.W);
   #pragma unroll
             for (int k = 0; k < 4; ++k)
-              if (b.in[k]) box.add(b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane, kLanes, mk * b.w[k], gyc, scale);
+              box.add(b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane, kLanes, mk * b.w[k], gyc, scale);
           }
           // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
-          if (p.has_cfs) box.add(wo, ho, gl, lane, kLanes, s, gy, scale);
+          if (p.has_cfs) box.add(true, wo, ho, gl, lane, kLanes, s, gy, scale);
         }
         __syncthreads();  // the next chunk overwrites rows and logits
         carry_low_words<T, CG>(sm.acc_hi, sm.acc_lo);  // (its rows barrier comes before its adds)

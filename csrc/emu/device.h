@@ -56,6 +56,10 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v);
 unsigned atomic_add_u32(unsigned* addr, unsigned v);
+// `if (pred) atomicAdd(addr, v)`, where the lane passes through the warp's request even when pred is false (it
+// takes no part in it): the counters group a warp's accesses by each lane's n-th pass through a call site, which a
+// skipped call would shift against its neighbours'.
+void atomic_add_u32_if(bool pred, unsigned* addr, unsigned v);
 int atomic_max_i32(int* addr, int v);
 
 }  // namespace emu

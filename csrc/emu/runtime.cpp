@@ -689,6 +689,21 @@ unsigned atomic_add_u32(unsigned* addr, unsigned v) {
   return old;
 }
 
+void atomic_add_u32_if(bool pred, unsigned* addr, unsigned v) {
+  const uintptr_t site = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+  if (!pred) {
+    if (g_counting && g_cur && g_in_kernel && g_sched.current >= 0) g_sched.fibers[g_sched.current].site_count[site]++;
+    return;
+  }
+  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
+    count_shared_atomic(addr, 4, site, false);
+  } else if (g_counting && g_cur && g_in_kernel) {
+    g_cur->atomics += 1;
+    record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, site);
+  }
+  *addr += v;
+}
+
 int atomic_max_i32(int* addr, int v) {
   if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
     count_shared_atomic(addr, 4, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false);
