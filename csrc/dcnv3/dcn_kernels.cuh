@@ -612,9 +612,9 @@ struct DcnValueSmem {
   ValueWindow<T, CG> window;                                   // for the own tile's value reads
   alignas(16) T grad_logits[kTileM * kGroupsPerCta * kGroupCols];  // the own tile's, stored coalesced at the end
   alignas(16) T grad_y[kTileM * kGroupsPerCta * CG];               // the chunk's (load_grad_y)
-  unsigned acc_hi[AccLayout<T, CG>::kElems];  // the target box's fixed-point accumulator (AccLayout)
-  unsigned acc_lo[AccLayout<T, CG>::kElems];
-  float scale[kGroupsPerCta * CG];  // fixed-point scale per channel of the image
+  unsigned acc_hi[AccLayout<T, CG>::kElems];                   // the target box's fixed-point accumulator:
+  unsigned acc_lo[AccLayout<T, CG>::kElems];                   //   hi and lo words (AccLayout)
+  float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
   int rows[kTileM];                                            // the chunk's source pixels (-1: none)
   RectBatch batch;
 };
