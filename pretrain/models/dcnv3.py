@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..ops import DCNGeometry, FusedParams, dcnv3_fused
-from .layers import build_act_layer, build_norm_layer
+from .layers import AlignedConv2d, build_act_layer, build_norm_layer
 
 
 class DCNv3(nn.Module):
@@ -52,7 +52,7 @@ class DCNv3(nn.Module):
         points = self.geom.points
 
         self.dw_conv = nn.Sequential(
-            nn.Conv2d(
+            AlignedConv2d(
                 channels,
                 channels,
                 dw_kernel_size,

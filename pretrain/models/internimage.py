@@ -17,7 +17,15 @@ from torch import nn
 
 from .dcnv3 import DCNv3
 from .heads import AttentionPoolingBlock
-from .layers import DownsampleLayer, DropPath, MLPLayer, StemLayer, build_act_layer, build_norm_layer
+from .layers import (
+    AlignedConv2d,
+    DownsampleLayer,
+    DropPath,
+    MLPLayer,
+    StemLayer,
+    build_act_layer,
+    build_norm_layer,
+)
 
 # Official `core_op` names; both have the same parameters, only the op implementation differs.
 _CORE_OP_BACKENDS = {"DCNv3": "auto", "DCNv3_pytorch": "reference"}
@@ -259,7 +267,7 @@ class InternImage(nn.Module):
         if not use_clip_projector:  # T/S/B/L/XL
             head_dim = int(self.num_features * cls_scale)
             self.conv_head = nn.Sequential(
-                nn.Conv2d(self.num_features, head_dim, kernel_size=1, bias=False),
+                AlignedConv2d(self.num_features, head_dim, kernel_size=1, bias=False),
                 build_norm_layer(head_dim, "BN", "channels_first", "channels_first"),
                 build_act_layer(act_layer),
             )
@@ -267,9 +275,9 @@ class InternImage(nn.Module):
         else:  # H/G
             embed, stride = self.PRETRAIN_EMBED_DIM, 2
             self.dcnv3_head_x4 = nn.Sequential(
-                nn.Conv2d(self.num_features, embed * stride**2, kernel_size=1), nn.PixelShuffle(stride)
+                AlignedConv2d(self.num_features, embed * stride**2, kernel_size=1), nn.PixelShuffle(stride)
             )
-            self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, embed, kernel_size=1)
+            self.dcnv3_head_x3 = AlignedConv2d(self.num_features // 2, embed, kernel_size=1)
             self.clip_projector = AttentionPoolingBlock(
                 embed,
                 num_heads=self.ATTNPOOL_HEADS,

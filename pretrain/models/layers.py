@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.alignment import aligned16
+
 
 class ToChannelsFirst(nn.Module):
     """(N, H, W, C) -> (N, C, H, W)."""
@@ -80,6 +82,16 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+class AlignedConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state-dict keys) whose weight and bias reach the convolution 16-byte
+    aligned: under DeepSpeed ZeRO-3 they are views into a flat buffer, often 8-byte aligned in bf16, which cuDNN's
+    engines refuse (pretrain.ops.alignment). An aligned parameter passes as is; a misaligned one is copied."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = aligned16(self.bias) if self.bias is not None else None
+        return self._conv_forward(x, aligned16(self.weight), bias)
+
+
 class StemLayer(nn.Module):
     """Two stride-2 3x3 convs: (N, 3, H, W) -> (N, H/4, W/4, C) channels-last."""
 
@@ -87,10 +99,10 @@ class StemLayer(nn.Module):
         self, in_chans: int = 3, out_chans: int = 96, act_layer: str = "GELU", norm_layer: str = "LN"
     ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, out_chans // 2, kernel_size=3, stride=2, padding=1)
+        self.conv1 = AlignedConv2d(in_chans, out_chans // 2, kernel_size=3, stride=2, padding=1)
         self.norm1 = build_norm_layer(out_chans // 2, norm_layer, "channels_first", "channels_first")
         self.act = build_act_layer(act_layer)
-        self.conv2 = nn.Conv2d(out_chans // 2, out_chans, kernel_size=3, stride=2, padding=1)
+        self.conv2 = AlignedConv2d(out_chans // 2, out_chans, kernel_size=3, stride=2, padding=1)
         self.norm2 = build_norm_layer(out_chans, norm_layer, "channels_first", "channels_last")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +114,7 @@ class DownsampleLayer(nn.Module):
 
     def __init__(self, channels: int, norm_layer: str = "LN"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = AlignedConv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
         self.norm = build_norm_layer(2 * channels, norm_layer, "channels_first", "channels_last")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

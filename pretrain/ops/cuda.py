@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import emulation
+from .alignment import aligned16
 from .fused import FusedParams, dcnv3_fused_reference
 from .geometry import DCNGeometry
 from .reference import dcnv3_core_reference
@@ -399,7 +400,7 @@ def _fused_backward(ctx, grad_out, _grad_y, _grad_reach):
     if grad_out is None:  # `out` did not reach the loss
         return (None,) * 11
     grads = fused_bwd(
-        _aligned(grad_out),
+        aligned16(grad_out),
         value,
         x1,
         wpack,
@@ -492,7 +493,7 @@ def _core_backward(ctx, grad_y, _grad_reach):
     value, logits, reach = ctx.saved_tensors
     if grad_y is None:
         return (None,) * 7
-    grad_y = _aligned(grad_y.to(value.dtype))  # the kernels take grad_y in the activations' dtype
+    grad_y = aligned16(grad_y.to(value.dtype))  # the kernels take grad_y in the activations' dtype
     gv, gl = core_bwd(grad_y, value, logits, reach, *ctx.args)
     return gv, gl, None, None, None, None, None
 
@@ -520,15 +521,6 @@ def fused_epilogues(enabled: bool, device: str = "cuda"):
 # Backend entry points (the dispatch contract of pretrain/ops/dispatch.py).
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 16-byte aligned (the kernels use 16-byte vector loads); views at odd offsets are copied.
-    Parameters are such views under DeepSpeed, which flattens them into one buffer (an H200 run stopped on it)."""
-    t = t.contiguous()
-    if not torch.compiler.is_compiling() and t.data_ptr() % 16:
-        t = t.clone()
-    return t
-
-
 def _fused_call(
     value: torch.Tensor, x1: torch.Tensor, params: FusedParams, geom: DCNGeometry, emulate: bool = False
 ) -> torch.Tensor:
@@ -541,12 +533,12 @@ def _fused_call(
         for t in (value, x1, *(getattr(params, f.name) for f in dataclasses.fields(params)))
     )
     out, _, _ = fused_fwd(
-        _aligned(value),
-        _aligned(x1.to(dtype)),
+        aligned16(value),
+        aligned16(x1.to(dtype)),
         wpack,
         bpack,
-        _aligned(params.output_weight.to(dtype)),
-        _aligned(params.output_bias.to(dtype)),
+        aligned16(params.output_weight.to(dtype)),
+        aligned16(params.output_bias.to(dtype)),
         geometry_list(geom),
         float(geom.offset_scale),
         params.cfs_weight is not None,
@@ -562,7 +554,7 @@ def _core_call(
     geom.check(value, offset, mask)
     _, ho, wo, _ = offset.shape
     logits = pack_logits(offset, mask, geom, value.dtype)
-    y, _ = core_fwd(_aligned(value), logits, ho, wo, geometry_list(geom), float(geom.offset_scale), emulate)
+    y, _ = core_fwd(aligned16(value), logits, ho, wo, geometry_list(geom), float(geom.offset_scale), emulate)
     return y
 
 
