@@ -357,10 +357,9 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     """The backward's grad(value) scatter runs in shared memory (owner-computes): one or two 32-bit shared atomics
     (the fixed point's hi and lo words) per (point, corner inside, channel), spread over the banks (about one
     pass per warp request here; the 64-bit accumulator's took about 13 at T and H), no global atomic, no
-    accumulator pass, and
-    (stride 1) one sampling launch that also writes grad logits and grad x1 (its epilogue). The forward is one
-    launch (the output projection is its epilogue) whose only global atomics record the reach: two per 8x8
-    tile."""
+    accumulator pass, and (stride 1) one sampling launch that also writes grad logits and grad x1 (its
+    epilogue). The forward is one launch (the output projection is its epilogue) whose only global atomics record
+    the reach: two per 8x8 tile."""
     value, x1, params, geom, grad_out = make_inputs(CASES[0])
     value, x1, params = rounded(value, x1, params, torch.float32)
     with emulation.count() as fwd:
