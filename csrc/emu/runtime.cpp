@@ -285,13 +285,17 @@ void flush_requests() {
   g_shared_requests.clear();
 }
 
+// The warp request the running thread's next pass through `site` belongs to: (its warp, the site, how many times
+// the thread passed it before). Every pass counts, accesses or not (see atomic_add_u32_if).
+SiteKey next_request(uintptr_t site) {
+  Fiber& f = g_sched.fibers[g_sched.current];
+  return SiteKey{g_sched.current / kWarp, site, f.site_count[site]++};
+}
+
 // A shared access of `size` bytes at a into the warp request of its call site: its words, numbered from the start
 // of the dynamic shared memory (the banks a GPU would use; statics: from their segment, an approximation).
 void record_shared(uintptr_t a, size_t size, int kind, uintptr_t site, bool wide = false) {
-  Fiber& f = g_sched.fibers[g_sched.current];
-  const int warp = g_sched.current / kWarp;
-  const uint32_t occurrence = f.site_count[site]++;
-  SharedRequest& req = g_shared_requests[SiteKey{warp, site, occurrence}];
+  SharedRequest& req = g_shared_requests[next_request(site)];
   req.kind = kind;
   req.wide = req.wide || wide;
   const uintptr_t base = a >= g_dynamic_lo && a < g_dynamic_hi ? g_dynamic_lo : g_writable_lo;
@@ -299,10 +303,7 @@ void record_shared(uintptr_t a, size_t size, int kind, uintptr_t site, bool wide
 }
 
 void record_global(uintptr_t addr, size_t size, int kind, uintptr_t site) {
-  Fiber& f = g_sched.fibers[g_sched.current];
-  const int warp = g_sched.current / kWarp;
-  const uint32_t occurrence = f.site_count[site]++;
-  Request& req = g_requests[SiteKey{warp, site, occurrence}];
+  Request& req = g_requests[next_request(site)];
   req.kind = kind;
   for (uint64_t s = addr >> 5; s <= (addr + size - 1) >> 5; ++s) {
     req.sectors.push_back(s);
@@ -655,66 +656,57 @@ void* dynamic_smem() {
   return g_dynamic_smem.data();
 }
 
-// An atomic on shared memory: an SM-local read-modify-write (no L2 traffic), a pass of the banks per access.
-void count_shared_atomic(void* addr, size_t size, uintptr_t site, bool wide) {
-  g_cur->shared_atomics += 1;
-  g_cur->shared_load_bytes += size;
-  g_cur->shared_store_bytes += size;
-  record_shared(reinterpret_cast<uintptr_t>(addr), size, 2, site, wide);
+// Counts an atomic of `size` bytes at addr from call site `site`, when counting: on shared memory an SM-local
+// read-modify-write (no L2 traffic; a pass of the banks per access; `wide`: two requests), else a global one.
+void count_atomic(void* addr, size_t size, uintptr_t site, bool wide = false) {
+  if (!g_counting || !g_cur || !g_in_kernel) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(addr);
+  if (is_shared(a)) {
+    g_cur->shared_atomics += 1;
+    g_cur->shared_load_bytes += size;
+    g_cur->shared_store_bytes += size;
+    record_shared(a, size, 2, site, wide);
+  } else {
+    g_cur->atomics += 1;
+    record_global(a, size, 2, site);
+  }
 }
+
+#define EMU_CALL_SITE reinterpret_cast<uintptr_t>(__builtin_return_address(0))
 
 // sm_90 has no 64-bit shared-memory atomic add: nvcc emits a load and an ATOMS.CAST.SPIN.64 compare-and-swap
 // loop (cuobjdump -sass), counted as two requests (a lower bound: a lost race spins again).
 unsigned long long atomic_add_u64(unsigned long long* addr, unsigned long long v) {
-  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
-    count_shared_atomic(addr, 8, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), true);
-  } else if (g_counting && g_cur && g_in_kernel) {
-    g_cur->atomics += 1;
-    record_global(reinterpret_cast<uintptr_t>(addr), 8, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
-  }
+  count_atomic(addr, 8, EMU_CALL_SITE, /*wide=*/true);
   const unsigned long long old = *addr;
   *addr = old + v;
   return old;
 }
 
 unsigned atomic_add_u32(unsigned* addr, unsigned v) {
-  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
-    count_shared_atomic(addr, 4, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false);
-  } else if (g_counting && g_cur && g_in_kernel) {
-    g_cur->atomics += 1;
-    record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
-  }
+  count_atomic(addr, 4, EMU_CALL_SITE);
   const unsigned old = *addr;
   *addr = old + v;
   return old;
 }
 
 void atomic_add_u32_if(bool pred, unsigned* addr, unsigned v) {
-  const uintptr_t site = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
-  if (!pred) {
-    if (g_counting && g_cur && g_in_kernel && g_sched.current >= 0) g_sched.fibers[g_sched.current].site_count[site]++;
+  if (!pred) {  // the lane passes the site without an access
+    if (g_counting && g_cur && g_in_kernel && g_sched.current >= 0) next_request(EMU_CALL_SITE);
     return;
   }
-  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
-    count_shared_atomic(addr, 4, site, false);
-  } else if (g_counting && g_cur && g_in_kernel) {
-    g_cur->atomics += 1;
-    record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, site);
-  }
+  count_atomic(addr, 4, EMU_CALL_SITE);
   *addr += v;
 }
 
 int atomic_max_i32(int* addr, int v) {
-  if (g_counting && g_cur && g_in_kernel && is_shared(reinterpret_cast<uintptr_t>(addr))) {
-    count_shared_atomic(addr, 4, reinterpret_cast<uintptr_t>(__builtin_return_address(0)), false);
-  } else if (g_counting && g_cur && g_in_kernel) {
-    g_cur->atomics += 1;
-    record_global(reinterpret_cast<uintptr_t>(addr), 4, 2, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
-  }
+  count_atomic(addr, 4, EMU_CALL_SITE);
   const int old = *addr;
   *addr = std::max(old, v);
   return old;
 }
+
+#undef EMU_CALL_SITE
 
 // ---------------------------------------------------------------------------------------------------------
 // Control (bound into Python by the binding).
