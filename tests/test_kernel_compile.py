@@ -71,23 +71,76 @@ def test_kernel_units_link_into_one_library(compiled):
     assert err is None, f"the kernel units do not link:\n{err}"
 
 
+def _cuobjdump(compiled, unit: str, option: str) -> str:
+    """cuobjdump's report (`option`: -sass, -res-usage) of a unit's compiled object; skips without the tool."""
+    tool = toolchain.cuobjdump()
+    if tool is None:
+        pytest.skip(
+            "cuobjdump/nvdisasm not found: pip install -e '.[test]' (nvidia-cuda-cuobjdump, -nvdisasm)"
+        )
+    _, _, obj = compiled[unit]
+    if obj is None:
+        pytest.skip("the unit failed to compile (reported by its own test)")
+    res = subprocess.run([tool, option, str(obj)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def resource_usage(report: str) -> list[tuple[str, str, dict[str, int]]]:
+    """(arch, function, {REG, STACK, SHARED, LOCAL, ...}) per kernel of a `cuobjdump -res-usage` report."""
+    rows, arch, function = [], "?", None
+    for line in report.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith("Function ") and line.endswith(":"):
+            function = line[len("Function ") : -1]
+        elif function is not None and line.startswith("REG:"):
+            fields = dict(f.split(":", 1) for f in line.split())
+            rows.append((arch, function, {k: int(v) for k, v in fields.items() if v.isdigit()}))
+            function = None
+    return rows
+
+
+def test_resource_usage_parser():
+    report = """
+arch = sm_90a
+Resource usage:
+ Function _ZN5dcnv3kA:
+  REG:246 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:688 TEXTURE:0
+ Function _ZN5dcnv3kB:
+  REG:255 STACK:48 SHARED:27648 LOCAL:0 CONSTANT[0]:688
+"""
+    rows = resource_usage(report)
+    assert [(a, f, u["REG"], u["STACK"], u["SHARED"]) for a, f, u in rows] == [
+        ("sm_90a", "_ZN5dcnv3kA", 246, 0, 0),
+        ("sm_90a", "_ZN5dcnv3kB", 255, 48, 27648),
+    ]
+
+
+@pytest.mark.parametrize("unit", [p.name for p in build.kernel_sources()])
+def test_no_kernel_uses_local_memory(compiled, unit):
+    """No kernel has a stack frame, for any arch: a register spill (the backward's sampling kernels spilled up to
+    184 bytes at 255 registers on sm_90a) or an array indexed at run time both put values in local memory, which
+    every access then reads through L1. Read from the compiled object with cuobjdump -res-usage."""
+    rows = resource_usage(_cuobjdump(compiled, unit, "-res-usage"))
+    assert rows, f"no kernels in the resource report of {unit}"
+    for arch in ARCHS:
+        assert any(a == f"sm_{arch}" for a, _, _ in rows), f"no sm_{arch} kernels in {unit}"
+    stacked = [f"{a} {f}: {u['STACK']} bytes, {u['REG']} registers" for a, f, u in rows if u.get("STACK", 0)]
+    assert not stacked, (
+        f"{unit}: kernels with a stack frame (spills, or arrays indexed at run time; "
+        "nvcc -Xptxas -v names the spills):\n" + "\n".join(stacked)
+    )
+
+
 @pytest.mark.parametrize("unit", ["dcn_bwd_f32.cu", "dcn_bwd_f16.cu", "dcn_bwd_bf16.cu"])
 def test_grad_value_scatter_uses_native_shared_atomics(compiled, unit):
     """The backward's fixed-point scatter (two 32-bit words per element) compiles to native shared-memory adds
     (ATOMS.ADD) for every arch. A 64-bit shared atomic add has no instruction of its own: nvcc turns it into a
     compare-and-swap loop (ATOMS.CAST.SPIN.64 on sm_90a), which took 70-95% of the H200's backward time
     (BENCHMARKS.md). Read from the compiled object with cuobjdump -sass."""
-    tool = toolchain.cuobjdump()
-    if tool is None:
-        pytest.skip(
-            "cuobjdump/nvdisasm not found: pip install -e '.[test]' (nvidia-cuda-cuobjdump, -nvdisasm)"
-        )
-    _, err, obj = compiled[unit]
-    if obj is None:
-        pytest.skip("the unit failed to compile (reported by its own test)")
-    res = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    sass = res.stdout
+    sass = _cuobjdump(compiled, unit, "-sass")
     for arch in ARCHS:
         assert f"arch = sm_{arch}" in sass, f"no sm_{arch} code in {unit}"
     assert "ATOMS.ADD" in sass

@@ -485,8 +485,8 @@ MUTANTS = {
     "dropped-dx-term": [
         (
             "dcnv3/dcn_kernels.cuh",
-            "dx = fmaf(gyc[v], hy * (corner[1][v]",
-            "dx = (v & 1) ? dx : fmaf(gyc[v], hy * (corner[1][v]",
+            "dx = fmaf(gyc, hy * (c1 - c0)",
+            "dx = (v & 1) ? dx : fmaf(gyc, hy * (c1 - c0)",
         )
     ],
     # grad value ignores the recorded reach: each value tile gathers only the source pixels next to it.

@@ -60,6 +60,28 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec<T>::kN])
   for (int i = 0; i < Vec<T>::kN; ++i) out[i] = to_float(e[i]);
 }
 
+// Element i of a 16-byte vector of T, as fp32. Keeping a vector packed and converting where it is used holds it in
+// 4 registers instead of Vec<T>::kN (8 for 16-bit types); i must be a compile-time constant after unrolling, or
+// the vector goes to local memory.
+template <class T>
+__device__ __forceinline__ float vec_elem(const uint4& raw, int i) {
+  return to_float(reinterpret_cast<const T*>(&raw)[i]);
+}
+
+// raw with its elements from `keep` on (a runtime count, 0..Vec<T>::kN) set to zero, by word masks: indexing the
+// elements with a runtime bound would put the vector in local memory.
+template <class T>
+__device__ __forceinline__ uint4 zero_from(uint4 raw, int keep) {
+  constexpr int kPerWord = 4 / int(sizeof(T)), kBits = 8 * int(sizeof(T));
+  unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int e = 0; e < kPerWord; ++e)
+      if (i * kPerWord + e >= keep) w[i] &= kPerWord == 1 ? 0u : ~(((1u << kBits) - 1u) << (e * kBits));
+  return uint4{w[0], w[1], w[2], w[3]};
+}
+
 template <class T>
 __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec<T>::kN]) {
   uint4 raw;
@@ -67,6 +89,17 @@ __device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec<T>::kN])
 #pragma unroll
   for (int i = 0; i < Vec<T>::kN; ++i) e[i] = from_float<T>(in[i]);
   store16(ptr, raw);
+}
+
+// Two adjacent elements (ptr aligned to two elements) in one store: 4 bytes for 16-bit types, 8 for fp32.
+template <class T>
+__device__ __forceinline__ void store_pair(T* ptr, float a, float b) {
+  if constexpr (sizeof(T) == 2) {
+    const unsigned lo = from_float<T>(a).raw(), hi = from_float<T>(b).raw();
+    *reinterpret_cast<unsigned*>(ptr) = lo | (hi << 16);
+  } else {
+    *reinterpret_cast<float2*>(ptr) = float2{a, b};
+  }
 }
 
 // N fp32 values as N / 4 16-byte loads (ptr 16-byte aligned).

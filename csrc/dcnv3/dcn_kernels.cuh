@@ -423,18 +423,18 @@ struct ScatterBox {
   const float* scale;
   int tx0, tx1, ty0, ty1;
 
-  // If live: add w * g[v] at value pixel (x, y), channel c0 + step * v of group gl, with fixed-point scale
+  // If live: add w * (g[v] * f) at value pixel (x, y), channel c0 + step * v of group gl, with fixed-point scale
   // scale_v[v], for v < N; nothing when the pixel is outside the box. (Predicated, not branched around: see
-  // atomic_add_if.)
+  // atomic_add_if.) f scales g where it is used instead of in a second array of live registers (f = 1: g as is).
   template <int N>
   __device__ __forceinline__ void add(bool live, int x, int y, int gl, int c0, int step, float w,
-                                      const float (&g)[N], const float* scale_v) const {
+                                      const float (&g)[N], float f, const float* scale_v) const {
     const bool inside = live && x >= tx0 && x <= tx1 && y >= ty0 && y <= ty1;
     const int pix = inside ? (y - ty0) * kTile + (x - tx0) : 0;
 #pragma unroll
     for (int v = 0; v < N; ++v) {
       const int at = AccLayout<T, CG>::at(pix, gl, c0 + step * v);
-      fixed_point_add(inside, hi + at, lo + at, w * g[v], scale_v[v]);
+      fixed_point_add(inside, hi + at, lo + at, w * (g[v] * f), scale_v[v]);
     }
   }
 };
@@ -454,8 +454,9 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
   const int wo = mm % p.Wo, ho = (mm / p.Wo) % p.Ho, n = mm / (p.Wo * p.Ho);
   const int ch = gg * CG + lane * kVec;
   const float s = p.has_cfs ? row[3 * p.P] : 0.f;
+  const float oms = 1.f - s;  // grad_y * oms reaches the core aggregate through the cfs blend
 
-  float gy[kVec], gyc[kVec], ycore[kVec];
+  float gy[kVec], ycore[kVec];
   if (valid) {
     load_vec<T>(gy_row + lane * kVec, gy);
   } else {
@@ -463,52 +464,54 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     for (int v = 0; v < kVec; ++v) gy[v] = 0.f;
   }
 #pragma unroll
-  for (int v = 0; v < kVec; ++v) {
-    gyc[v] = gy[v] * (1.f - s);  // gradient reaching the core aggregate through the cfs blend
-    ycore[v] = 0.f;
-  }
+  for (int v = 0; v < kVec; ++v) ycore[v] = 0.f;
   const int acc_ch = gl * CG + lane * kVec;  // this lane's first channel of the CTA's groups (window, scales)
   float scale[kVec];                         // the fixed-point scales of its channels, when it scatters
 #pragma unroll
   for (int v = 0; v < kVec; ++v) scale[v] = box != nullptr ? box->scale[acc_ch + v] : 0.f;
 
-  float g_mask[kMaxPoints], g_x[kMaxPoints], g_y[kMaxPoints];
+  // The pair's grad logits row (lane-uniform values after the reductions): the offsets' columns are final per
+  // point and stored as they are found (one lane per point, both in one store), which keeps 2 P fewer values live
+  // through the point loop; the mask columns wait for the softmax backward.
+  const int ld = packed_cols(p.G);
+  T* out = gl_row != nullptr ? gl_row : static_cast<T*>(p.grad_logits) + int64_t(mm) * ld + gg * kGroupCols;
+  float g_mask[kMaxPoints];
 #pragma unroll
   for (int q = 0; q < kMaxPoints; ++q) {
-    g_mask[q] = g_x[q] = g_y[q] = 0.f;
+    g_mask[q] = 0.f;
     if (q >= p.P) continue;
     float x, y;
     sample_xy(p, row, q, ho, wo, x, y);
     const float mk = row[2 * p.P + q];
     Bilinear b = bilinear_at(x, y, p.H, p.W);
-    float corner[4][kVec];
+    uint4 corner[4];  // packed (converted where used: 4 registers a corner instead of kVec)
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (valid && b.in[k]) {
-        load_vec<T>(corner_ptr<T, CG>(p, win, n, b.x0 + (k & 1), b.y0 + (k >> 1), ch, acc_ch), corner[k]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) corner[k][v] = 0.f;
-      }
+      corner[k] = uint4{0, 0, 0, 0};
+      if (valid && b.in[k])
+        corner[k] = load16(corner_ptr<T, CG>(p, win, n, b.x0 + (k & 1), b.y0 + (k >> 1), ch, acc_ch));
     }
     const float hx = 1.f - b.lx, hy = 1.f - b.ly;
     float dm = 0.f, dx = 0.f, dy = 0.f;
 #pragma unroll
     for (int v = 0; v < kVec; ++v) {
-      const float sample = b.w[0] * corner[0][v] + b.w[1] * corner[1][v] + b.w[2] * corner[2][v] +
-                           b.w[3] * corner[3][v];
+      const float c0 = vec_elem<T>(corner[0], v), c1 = vec_elem<T>(corner[1], v);
+      const float c2 = vec_elem<T>(corner[2], v), c3 = vec_elem<T>(corner[3], v);
+      const float sample = b.w[0] * c0 + b.w[1] * c1 + b.w[2] * c2 + b.w[3] * c3;
       ycore[v] = fmaf(mk, sample, ycore[v]);
-      dm = fmaf(gyc[v], sample, dm);
-      dx = fmaf(gyc[v], hy * (corner[1][v] - corner[0][v]) + b.ly * (corner[3][v] - corner[2][v]), dx);
-      dy = fmaf(gyc[v], hx * (corner[2][v] - corner[0][v]) + b.lx * (corner[3][v] - corner[1][v]), dy);
+      const float gyc = gy[v] * oms;
+      dm = fmaf(gyc, sample, dm);
+      dx = fmaf(gyc, hy * (c1 - c0) + b.ly * (c3 - c2), dx);
+      dy = fmaf(gyc, hx * (c2 - c0) + b.lx * (c3 - c1), dy);
     }
     g_mask[q] = lane_sum<kLanes>(dm);
-    g_x[q] = lane_sum<kLanes>(dx) * mk * p.offset_scale;
-    g_y[q] = lane_sum<kLanes>(dy) * mk * p.offset_scale;
+    const float g_x = lane_sum<kLanes>(dx) * mk * p.offset_scale;
+    const float g_y = lane_sum<kLanes>(dy) * mk * p.offset_scale;
+    if (valid && lane == q % kLanes) store_pair<T>(out + 2 * q, g_x, g_y);
     if (box != nullptr) {
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        box->add(valid && b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane * kVec, 1, mk * b.w[k], gyc, scale);
+        box->add(valid && b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane * kVec, 1, mk * b.w[k], gy, oms, scale);
     }
   }
 
@@ -526,7 +529,7 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
     for (int v = 0; v < kVec; ++v) d = fmaf(gy[v], vc[v] - ycore[v], d);
     g_s = lane_sum<kLanes>(d) * s * (1.f - s);  // through the sigmoid
     // The blend's own grad value term lands on the pair's pixel (output grid == input grid with cfs).
-    if (box != nullptr) box->add(valid, wo, ho, gl, lane * kVec, 1, s, gy, scale);
+    if (box != nullptr) box->add(valid, wo, ho, gl, lane * kVec, 1, s, gy, 1.f, scale);
   }
 
   // Softmax backward over the mask: dl_q = m_q (dm_q - sum_r m_r dm_r).
@@ -537,22 +540,18 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
       if (q < p.P) dot = fmaf(row[2 * p.P + q], g_mask[q], dot);
   }
   if (valid) {
-    const int ld = packed_cols(p.G);
-    T* out = gl_row != nullptr ? gl_row : static_cast<T*>(p.grad_logits) + int64_t(mm) * ld + gg * kGroupCols;
-    // The pair's lanes share the 28 columns (and, stored directly, the last group the row's zero padding); all
-    // values are lane-uniform after the reductions.
+    // The mask and cfs columns, and (stored directly, the last group) the row's zero padding, shared by the lanes.
     constexpr int kMaxRowCols = packed_cols(1);  // a group's columns + the most row padding (odd G: 4)
     const int cols = gl_row == nullptr && gg == p.G - 1 ? ld - gg * kGroupCols : kGroupCols;
 #pragma unroll
     for (int j0 = 0; j0 < kMaxRowCols; j0 += kLanes) {
       const int j = j0 + lane;
       if (j >= cols) break;
+      if (j < 2 * p.P) continue;  // the offsets' columns, stored in the point loop
       float v = 0.f;
 #pragma unroll
       for (int q = 0; q < kMaxPoints; ++q) {
         if (q >= p.P) continue;
-        if (j == 2 * q) v = g_x[q];
-        if (j == 2 * q + 1) v = g_y[q];
         if (j == 2 * p.P + q) v = p.apply_softmax ? row[2 * p.P + q] * (g_mask[q] - dot) : g_mask[q];
       }
       if (p.has_cfs && j == 3 * p.P) v = g_s;
@@ -684,10 +683,7 @@ __device__ void store_grad_logits(const DcnParams& p, const int* rows, const T* 
     const int pix = i / row_vecs, col = (i % row_vecs) * kV, m = rows[pix];
     if (m < 0) continue;
     uint4 v = load16(src + pix * src_pitch + col);
-    if (col + kV > cols) {
-      T* e = reinterpret_cast<T*>(&v);
-      for (int j = cols - col; j < kV; ++j) e[j] = T(0.f);
-    }
+    if (col + kV > cols) v = zero_from<T>(v, cols - col);
     store16(static_cast<T*>(p.grad_logits) + int64_t(m) * ld + col0 + col, v);
   }
 }
@@ -822,11 +818,10 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
           const float* row = logit_row(sm.dcn.logits, pix, gl);
           const float s = p.has_cfs ? row[3 * p.P] : 0.f;
           // Lane l owns channels l, l + kLanes, ...: in each shared atomic the pair's lanes hit consecutive words.
-          float gy[kVec], gyc[kVec], scale[kVec];
+          float gy[kVec], scale[kVec];
   #pragma unroll
           for (int v = 0; v < kVec; ++v) {
             gy[v] = to_float(sm.grad_y[pix * kChans + gl * CG + lane + kLanes * v]);
-            gyc[v] = gy[v] * (1.f - s);
             scale[v] = sm.scale[gl * CG + lane + kLanes * v];
           }
           for (int q = 0; q < p.P; ++q) {
@@ -836,10 +831,10 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
             Bilinear b = bilinear_at(x, y, p.H, p.W);
   #pragma unroll
             for (int k = 0; k < 4; ++k)
-              box.add(b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane, kLanes, mk * b.w[k], gyc, scale);
+              box.add(b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane, kLanes, mk * b.w[k], gy, 1.f - s, scale);
           }
           // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
-          if (p.has_cfs) box.add(true, wo, ho, gl, lane, kLanes, s, gy, scale);
+          if (p.has_cfs) box.add(true, wo, ho, gl, lane, kLanes, s, gy, 1.f, scale);
         }
         __syncthreads();  // the next chunk overwrites rows and logits
         carry_low_words<T, CG>(sm.acc_hi, sm.acc_lo);  // (its rows barrier comes before its adds)
