@@ -137,7 +137,7 @@ def test_no_kernel_uses_local_memory(compiled, unit):
 @pytest.mark.parametrize("unit", ["dcn_bwd_f32.cu", "dcn_bwd_f16.cu", "dcn_bwd_bf16.cu"])
 def test_grad_value_scatter_uses_native_shared_atomics(compiled, unit):
     """The backward's fixed-point scatter (two 32-bit words per element) compiles to native shared-memory adds
-    (ATOMS.ADD) for every arch. A 64-bit shared atomic add has no instruction of its own: nvcc turns it into a
+    (ATOMS.ADD) for every arch, none with a branch of its own. A 64-bit shared atomic add has no instruction of its own: nvcc turns it into a
     compare-and-swap loop (ATOMS.CAST.SPIN.64 on sm_90a), which took 70-95% of the H200's backward time
     (BENCHMARKS.md). Read from the compiled object with cuobjdump -sass."""
     sass = _cuobjdump(compiled, unit, "-sass")
@@ -146,6 +146,44 @@ def test_grad_value_scatter_uses_native_shared_atomics(compiled, unit):
     assert "ATOMS.ADD" in sass
     loops = sorted(set(re.findall(r"ATOMS\.CAS[.\w]*", sass)))
     assert not loops, f"{unit}: shared-memory compare-and-swap loops ({', '.join(loops)})"
+    guarded = branched_atomics(sass)
+    assert not guarded, (
+        f"{unit}: shared atomics each behind a branch of their own (BSSY/BRA/BSYNC around every one; add 0 "
+        f"instead, see shared_atomic_add_if): {guarded}"
+    )
+
+
+def branched_atomics(sass: str) -> dict[str, int]:
+    """Per function: the ATOMS instructions that a predicated branch at most two instructions before jumps just
+    past (to within two instructions after it): how nvcc compiles `if (pred) atomicAdd(...)`, predicated PTX
+    included."""
+    counts: dict[str, int] = {}
+    function, branches = None, []
+    for line in sass.splitlines():
+        if "Function :" in line:
+            function, branches = line.split()[-1], []
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)\S*\s*(0x[0-9a-f]+)?", line)
+        if function is None or m is None:
+            continue
+        at, predicated, op, target = int(m.group(1), 16), m.group(2), m.group(3), m.group(4)
+        if op == "ATOMS" and any(at < t <= at + 0x20 for t in branches):
+            counts[function] = counts.get(function, 0) + 1
+        branches = [*branches[-1:], int(target, 16) if op == "BRA" and predicated and target else -1]
+    return counts
+
+
+def test_branched_atomics_parser():
+    sass = """
+        Function : kernel_a
+        /*0100*/                   ISETP.NE.AND P0, PT, R1, RZ, PT ;
+        /*0110*/               @!P0 BRA 0x130 ;
+        /*0120*/                   ATOMS.ADD RZ, [R2], R3 ;
+        /*0130*/                   ATOMS.ADD RZ, [R2+0x4800], R4 ;
+        Function : kernel_b
+        /*0100*/                   ATOMS.ADD RZ, [R2], R3 ;
+"""
+    assert branched_atomics(sass) == {"kernel_a": 1}
 
 
 def test_link_check_catches_a_kernel_defined_twice(tmp_path):

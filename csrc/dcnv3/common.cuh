@@ -197,23 +197,34 @@ __device__ __forceinline__ float fixed_point_scale(const float* absmax, int bits
   return ldexpf(1.0f, e);
 }
 
-// `if (pred) atomicAdd(addr, v)` on a 32-bit word: what the GPU runs; the emulation's twin keeps every lane in
-// the warp's request (see emu::atomic_add_u32_if), so its bank-pass counts group the right lanes.
-__device__ __forceinline__ void atomic_add_if(bool pred, unsigned* addr, unsigned v) {
+// Whether the kernels run in the CPU emulation (csrc/emu), for the few places where a warp's masked instruction is
+// written differently there (ScatterBox::add).
+#ifdef DCNV3_EMULATION
+constexpr bool kEmulation = true;
+#else
+constexpr bool kEmulation = false;
+#endif
+
+// atomicAdd(addr, v) on a 32-bit word of shared memory, for the lanes where pred holds (addr must be valid for all).
+// On the GPU it is unconditional, adding 0 where pred fails: nvcc compiles any conditional atomic, predicated PTX
+// included, to a branch around it with its own convergence barrier (BSSY, BRA, BSYNC: 8 of a scatter term's 17
+// instructions), so callers branch once around a group of atomics instead (ScatterBox::add). The emulation's twin
+// keeps every lane in the warp's request (see emu::atomic_add_u32_if), so its bank-pass counts group the lanes of
+// one warp instruction.
+__device__ __forceinline__ void shared_atomic_add_if(bool pred, unsigned* addr, unsigned v) {
 #ifdef DCNV3_EMULATION
   emu::atomic_add_u32_if(pred, addr, v);
 #else
-  if (pred) atomicAdd(addr, v);
+  atomicAdd(addr, pred ? v : 0u);  // result unused: ATOMS.ADD RZ
 #endif
 }
 
-// Adds v (a term, when live) to the element (hi, lo); the zero parts of a term are skipped.
+// Adds v (a term, when live) to the element (hi, lo) in shared memory: both words, a zero part included (a
+// conditional atomic costs more than adding 0).
 __device__ __forceinline__ void fixed_point_add(bool live, unsigned* hi, unsigned* lo, float v, float scale) {
   const long long q = __float2ll_rn(v * scale);  // v * 2^e is exact; only the fixed-point rounding remains
-  const unsigned h = static_cast<unsigned>(static_cast<int>(q >> kFixedLowBits));
-  const unsigned l = static_cast<unsigned>(q) & kFixedLowMask;
-  atomic_add_if(live && h != 0, hi, h);
-  atomic_add_if(live && l != 0, lo, l);
+  shared_atomic_add_if(live, hi, static_cast<unsigned>(static_cast<int>(q >> kFixedLowBits)));
+  shared_atomic_add_if(live, lo, static_cast<unsigned>(q) & kFixedLowMask);
 }
 
 // The accumulated element as one signed integer (exact: hi is the sum's bits from 22 on, lo any remainder).

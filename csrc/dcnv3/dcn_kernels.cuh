@@ -424,12 +424,15 @@ struct ScatterBox {
   int tx0, tx1, ty0, ty1;
 
   // If live: add w * (g[v] * f) at value pixel (x, y), channel c0 + step * v of group gl, with fixed-point scale
-  // scale_v[v], for v < N; nothing when the pixel is outside the box. (Predicated, not branched around: see
-  // atomic_add_if.) f scales g where it is used instead of in a second array of live registers (f = 1: g as is).
+  // scale_v[v], for v < N; nothing when the pixel is outside the box. On the GPU a lane branches once around its
+  // 2 N atomics, which run unconditionally (shared_atomic_add_if); the emulation passes every lane through them,
+  // as a masked warp instruction would. f scales g where it is used instead of in a second array of live
+  // registers (f = 1: g as is).
   template <int N>
   __device__ __forceinline__ void add(bool live, int x, int y, int gl, int c0, int step, float w,
                                       const float (&g)[N], float f, const float* scale_v) const {
     const bool inside = live && x >= tx0 && x <= tx1 && y >= ty0 && y <= ty1;
+    if (!kEmulation && !inside) return;
     const int pix = inside ? (y - ty0) * kTile + (x - tx0) : 0;
 #pragma unroll
     for (int v = 0; v < N; ++v) {
