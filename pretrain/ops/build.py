@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import build_cache
 from .toolchain import csrc_dir, cuda_include, cutlass_include, nvcc
 
 __all__ = [
@@ -153,7 +154,8 @@ def compile_objects(
     """nvcc -c every kernel TU for `archs`, `jobs` at a time: [(name, seconds, error or None, object)].
 
     Objects are named by `_check_key` in `out_dir`: one whose exact inputs already compiled is reused (seconds
-    reported as 0), like ccache, since the object is a pure function of those inputs.
+    reported as 0), like ccache, since the object is a pure function of those inputs. After a compile, each unit
+    keeps its most recently used objects there (build_cache.prune).
     """
     sources = list(sources or kernel_sources())
     out_dir = Path(out_dir)
@@ -163,6 +165,7 @@ def compile_objects(
         t0 = time.monotonic()
         obj = out_dir / f"{src.stem}-{_check_key(src, archs)}.o"
         if obj.exists():
+            build_cache.mark_used(obj)
             return src.name, 0.0, None, obj
         tmp_obj = obj.with_name(f".{obj.name}.{os.getpid()}")
         res = subprocess.run(compile_only_command(src, archs, tmp_obj), capture_output=True, text=True)
@@ -173,7 +176,10 @@ def compile_objects(
         return src.name, time.monotonic() - t0, None, obj
 
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(one, sources))
+        results = list(pool.map(one, sources))
+    if any(secs > 0 for _, secs, _, _ in results):  # entries were added: keep the most recently used per unit
+        build_cache.prune(out_dir)
+    return results
 
 
 def compile_check(

@@ -10,7 +10,8 @@ kernels without a GPU and to count what they move (`count()`); `backend="cuda-em
 
 Builds are cached by a hash of everything they depend on (sources, flags, compiler, torch, CUTLASS) under
 $PRETRAIN_DCNV3_EMU_DIR (default ~/.cache/internimage_pretrain/dcnv3-emu): one object per translation unit, keyed by
-the files it includes, so an edit recompiles only the units that include the edited file. Needs g++, the CUTLASS headers (`nvidia-cutlass`)
+the files it includes, so an edit recompiles only the units that include the edited file. A build that adds entries
+prunes the cache to the most recently used ones (build_cache.py). Needs g++, the CUTLASS headers (`nvidia-cutlass`)
 and the CUDA toolkit's headers (types like dim3/uint4 and the fp16/bf16 headers CUTLASS includes).
 """
 
@@ -32,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import build_cache
 from .toolchain import csrc_dir, cuda_include, cutlass_include
 
 EXT_NAME = "internimage_dcnv3_emu"
@@ -210,6 +212,7 @@ def build(
         plan = _plan(root)
         lib = _library_for([key for *_, key in plan])
         if lib.exists():
+            build_cache.mark_used(lib)
             return lib
         obj_dir = cache_root() / "obj"
         obj_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +221,7 @@ def build(
             name, src, flags, key = unit
             obj = obj_dir / f"{name}-{key}.o"
             if obj.exists():
+                build_cache.mark_used(obj)
                 return obj
             t0 = time.monotonic()
             tmp_obj = obj_dir / f".{name}-{key}.{os.getpid()}.o"
@@ -250,7 +254,19 @@ def build(
             raise EmulationUnavailable(f"emulation link failed:\n{(res.stderr or res.stdout)[-6000:]}")
         _check_defined(tmp_lib)
         os.replace(tmp_lib, lib)  # atomic: a concurrent builder sees the whole library or none
+        _prune_cache()
         return lib
+
+
+def _prune_cache() -> None:
+    """After a build added entries: each unit's objects, and the libraries, down to the most recently used."""
+    build_cache.prune(cache_root() / "obj")
+    build_cache.prune(
+        cache_root() / "lib",
+        unit_of=lambda entry: None if entry.name.startswith(".") else "lib",
+        keep=2 * build_cache.KEEP_PER_UNIT,
+        stamp=lambda entry: entry / f"{EXT_NAME}.so",
+    )
 
 
 def _check_defined(lib: Path) -> None:
