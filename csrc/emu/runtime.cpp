@@ -250,11 +250,14 @@ void find_host_stack() {
   g_host_stack_hi = g_host_stack_lo + size;
 }
 
+// A launch's traffic at one call site, for one kind of access (0-2: global load, store, atomic; 3-5: shared).
+SiteTraffic& site_traffic(uintptr_t site, int kind) { return g_sites[(uint64_t(site) << 3) | uint64_t(kind)]; }
+
 void flush_requests() {
   for (auto& [key, req] : g_requests) {
     std::sort(req.sectors.begin(), req.sectors.end());
     const uint64_t n = std::unique(req.sectors.begin(), req.sectors.end()) - req.sectors.begin();
-    SiteTraffic& site = g_sites[(uint64_t(key.site) << 3) | uint64_t(req.kind)];
+    SiteTraffic& site = site_traffic(key.site, req.kind);
     site.requests += 1;
     site.sectors += n;
     switch (req.kind) {
@@ -272,7 +275,7 @@ void flush_requests() {
     uint32_t passes = 1;
     for (uint32_t w : req.words) passes = std::max(passes, ++per_bank[w % 32]);
     const uint64_t requests = req.wide ? 2 : 1, wavefronts = requests * passes;
-    SiteTraffic& site = g_sites[(uint64_t(key.site) << 3) | uint64_t(3 + req.kind)];
+    SiteTraffic& site = site_traffic(key.site, 3 + req.kind);
     site.requests += requests;
     site.sectors += wavefronts;
     g_cur->shared_requests += requests;
