@@ -444,6 +444,35 @@ def test_split_epilogues_give_the_same_bits(emu):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+def test_eight_warp_backward_gives_the_same_bits(emu, dtype, fused):
+    """cuda.backward_threads(256): the one-launch backward in 8 warps per CTA (what `pretrain bench dcn` times as
+    kernel-8w) gives every gradient bitwise as 4 warps do, with grad x1 fused or not, in every CTA thread order
+    (the race detector): each output of the tile GEMMs still sums its K steps in order, and the fixed-point scatter
+    is order-free. Cases: Cg 16 with tails, and Cg 32 with cfs (odd G: the padding column)."""
+    ext = emulation.extension()
+    for case in (CASES[0], CASES[1]):
+        value, x1, params, geom, grad_out = make_inputs(case)
+        args = rounded(value, x1, params, dtype)
+        with cuda.fused_epilogues(fused, device="cpu"):
+            four = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+            with cuda.backward_threads(256, device="cpu"):
+                with emulation.count() as launches:
+                    eight = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+                with emulation.thread_order("shuffle", 3):
+                    shuffled = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+        sampling = [launch for launch in launches if launch["kernel"].startswith("dcn_bwd")]
+        assert [launch["kernel"] for launch in sampling] == ["dcn_bwd_x1" if fused else "dcn_bwd_value"]
+        assert sampling[0]["block"] == 256, sampling[0]["block"]
+        assert all(launch["block"] == 128 for launch in launches if launch not in sampling)
+        for a, b, c in zip(four, eight, shuffled, strict=True):
+            assert torch.equal(a, b) and torch.equal(b, c)
+    assert ext.backward_threads() == 128  # restored
+    with pytest.raises(RuntimeError, match="128 or 256"):
+        ext.set_backward_threads(192)
+
+
 def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
     """fp32 with C = 640, G = 20: the tile's y (64 x 648 x 4 bytes) and the sampling state exceed 227 KiB of shared
     memory, so the sampling kernel writes y and the GEMM projects it; likewise the backward's grad logits tile of
@@ -694,6 +723,9 @@ with cuda.fused_epilogues(False, device="cpu"):  # the split forms: dcn_fwd + GE
     for case in CASES[:2]:
         for dtype in (torch.float32, torch.bfloat16):
             check_block(cuda.dcnv3_fused_emu, case, dtype)
+with cuda.backward_threads(256, device="cpu"):  # the 8-warp backward
+    for case in CASES[:2]:
+        check_block(cuda.dcnv3_fused_emu, case, torch.bfloat16)
 for dtype in DTYPES:
     check_core(cuda.dcnv3_core_emu, dtype, 2)
 print("CLEAN")

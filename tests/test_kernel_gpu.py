@@ -106,6 +106,18 @@ def test_split_epilogues_give_the_same_bits(case):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
+def test_eight_warp_backward_gives_the_same_bits(case):
+    """The backward's sampling kernel in 8 warps per CTA (what `pretrain bench dcn` times as kernel-8w) gives the
+    4-warp kernel's bits."""
+    args = _cuda_inputs(case, torch.bfloat16)
+    four = run_block(cuda.dcnv3_fused_cuda, *args)
+    with cuda.backward_threads(256):
+        eight = run_block(cuda.dcnv3_fused_cuda, *args)
+    for name, a, b in zip(NAMES, four, eight):
+        assert torch.equal(a, b), name
+
+
 def test_nonfinite_grad_propagates():
     """A NaN in the incoming gradient must reach grad(value) (loss-scaling overflow checks rely on it)."""
     value, x1, params, geom, grad_out = _cuda_inputs(Case("nan", 1, 7, 7, 64, 4), torch.float16)

@@ -194,6 +194,16 @@ bool g_fuse_epilogues = true;
 
 void set_fused_epilogues(bool enabled) { g_fuse_epilogues = enabled; }
 
+// Threads per CTA of the one-launch backward (sample_bwd and block_bwd at stride 1, same padding): 128 (4 warps,
+// the default) or 256 (8 warps: two per scheduler at one CTA per SM, for latency hiding; the same results). The
+// GPU session times both (`pretrain bench dcn`, impl kernel-8w).
+int g_backward_threads = 128;
+
+void set_backward_threads(int threads) {
+  TORCH_CHECK(threads == 128 || threads == 256, "dcnv3: the backward runs 128 or 256 threads per CTA, not ", threads);
+  g_backward_threads = threads;
+}
+
 // DCNV3_DISPATCH for a launcher-side query that returns a value.
 #define DCNV3_QUERY(dt, fn, ...)                                                   \
   ((dt) == DT::f32 ? dcnv3::fn##_f32(__VA_ARGS__)                                  \
@@ -276,6 +286,7 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   p.grad_logits = grad_logits.data_ptr();
   p.grad_value = grad_value.data_ptr();
   p.reach = reach.data_ptr<int>();
+  p.cta_threads = g_backward_threads;
   DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
   check_launch();
   return {grad_value, grad_logits};
@@ -424,6 +435,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
     p.grad_value = grad_value.data_ptr();
     p.reach = reach.data_ptr<int>();
     p.grad_x1 = x1_fused ? grad_x1.data_ptr() : nullptr;
+    p.cta_threads = g_backward_threads;
     DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
     check_launch();
   } else {
@@ -491,6 +503,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_fused_epilogues", &set_fused_epilogues,
         "fuse the output projection (forward) and grad x1 (backward) into the sampling kernels where they fit");
   m.def("fused_epilogues", [] { return g_fuse_epilogues; }, "whether block_fwd/block_bwd fuse their epilogues");
+  m.def("set_backward_threads", &set_backward_threads, "threads per CTA of the one-launch backward: 128 or 256");
+  m.def("backward_threads", [] { return g_backward_threads; }, "threads per CTA of the one-launch backward");
   m.def("block_bwd", &block_bwd,
         "grads of (value, x1, wpack, bpack, wout, bout): the block backward, grad_y recomputed in the sampling kernel");
   m.def("sample_bwd", &sample_bwd, "(grad_value, grad_logits) of sample_fwd, given its reach");

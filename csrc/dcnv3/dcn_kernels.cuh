@@ -48,29 +48,29 @@ __device__ __forceinline__ float* logit_row(float* logits, int pix, int gl) {
 
 // Steps 1-2: fill smem logits for pixels [m0, m0+64) (or rows[0..64) when given: shared memory, < 0 for none)
 // and groups [g0, g0+2), normalised.
-template <class T>
+template <class T, int kCta = kThreads>
 __device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g0, int M,
                                const int* rows = nullptr) {
   const int n_cols = p.G * kGroupCols;  // the live columns (the 64-column tile's last 8 are the next pair's)
   if (p.logits == nullptr) {
     // x1 (M, C) row-major: A(m, k) = x1[m*C + k]; wpack (packed_cols(G), C): B(n, k) = wpack[n*C + k].
-    tile_gemm<T>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0, M, static_cast<const T*>(p.wpack),
+    tile_gemm<T, kTileM, kTileN, false, false, 1, kCta>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0, M, static_cast<const T*>(p.wpack),
                  p.C, 1, g0 * kGroupCols, n_cols, 0, p.C, rows);
     const T* bias = static_cast<const T*>(p.bpack);
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kCta) {
       int r = idx / kTileN, c = idx % kTileN, n = g0 * kGroupCols + c;
       if (n < n_cols) sm.logits[r * (kTileN + kAccPad) + c] += to_float(bias[n]);
     }
   } else {
     const T* src = static_cast<const T*>(p.logits);
-    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kCta) {
       int r = idx / kTileN, c = idx % kTileN, m = rows != nullptr ? rows[r] : m0 + r, n = g0 * kGroupCols + c;
       sm.logits[r * (kTileN + kAccPad) + c] =
           (m >= 0 && m < M && n < n_cols) ? to_float(src[int64_t(m) * packed_cols(p.G) + n]) : 0.f;
     }
   }
   __syncthreads();
-  static_assert(kTileM * kGroupsPerCta <= kThreads, "one thread per (pixel, group) pair normalises it");
+  static_assert(kTileM * kGroupsPerCta <= kCta, "one thread per (pixel, group) pair normalises it");
   if (threadIdx.x < kTileM * kGroupsPerCta) {
     float* row = logit_row(sm.logits, threadIdx.x / kGroupsPerCta, threadIdx.x % kGroupsPerCta);
     if (p.apply_softmax) {
@@ -176,7 +176,7 @@ struct ValueWindow {
 
 // All threads: stage the window around output tile [tx0, tx1] x [ty0, ty1] of image n sampled within `reach`
 // pixels of its bases (ends with a barrier). Every thread computes the same box.
-template <class T, int CG>
+template <class T, int CG, int kCta = kThreads>
 __device__ void stage_window(const DcnParams& p, ValueWindow<T, CG>& win, int n, int g0, int tx0, int tx1,
                              int ty0, int ty1, int reach) {
   using Win = ValueWindow<T, CG>;
@@ -189,7 +189,7 @@ __device__ void stage_window(const DcnParams& p, ValueWindow<T, CG>& win, int n,
   const int w = x1 >= x0 && y1 >= y0 && (x1 - x0 + 1) * (y1 - y0 + 1) <= Win::kPixels ? x1 - x0 + 1 : 0;
   const int h = w > 0 ? y1 - y0 + 1 : 0;
   const T* value = static_cast<const T*>(p.value);
-  for (int i = threadIdx.x; i < w * h * Win::kVecs; i += kThreads) {
+  for (int i = threadIdx.x; i < w * h * Win::kVecs; i += kCta) {
     const int px = i / Win::kVecs, c = g0 * CG + (i % Win::kVecs) * Vec<T>::kN;
     if (c >= p.C) continue;  // the second group of an odd G: never read
     const int64_t at = ((int64_t(n) * p.H + y0 + px / w) * p.W + x0 + px % w) * p.C + c;
@@ -238,13 +238,13 @@ __device__ __forceinline__ void tile_rows(const DcnParams& p, int tile_index, in
 // and logits tiles (the fp32 result). rows (shared memory): the tile's output rows, < 0 for pixels outside the
 // image, which are computed from whatever their a rows hold and not stored. kBMN: b has unit stride along n (read
 // transposed, staged MN-major). All threads, after a is complete.
-template <class T, bool kBMN>
+template <class T, bool kBMN, int kCta = kThreads>
 __device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_pitch, int K, const T* b, int64_t b_n,
                              int64_t b_k, int N, const T* bias, T* out) {
   for (int n0 = 0; n0 < N; n0 += kTileN) {
-    tile_gemm<T, kTileM, kTileN, false, kBMN>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0, N, 0,
-                                              K);
-    store_result_tile<T, kTileM, kTileN>(sm.logits, [&](int r) { return int64_t(rows[r]); }, n0, N, bias, out);
+    tile_gemm<T, kTileM, kTileN, false, kBMN, 1, kCta>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0,
+                                                       N, 0, K);
+    store_result_tile<T, kTileM, kTileN, kCta>(sm.logits, [&](int r) { return int64_t(rows[r]); }, n0, N, bias, out);
     __syncthreads();  // the next step's result overwrites this one
   }
 }
@@ -402,9 +402,9 @@ static_assert(uint64_t(kTileM) * (kMaxPoints + 1) * kFixedLowMask + kFixedLowMas
 
 // All threads, after a barrier that ends a chunk's adds and before one that starts the next: move each lo word's
 // bits from kFixedLowBits on into its hi word, so lo can take another chunk.
-template <class T, int CG>
+template <class T, int CG, int kCta = kThreads>
 __device__ void carry_low_words(unsigned* hi, unsigned* lo) {
-  for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kThreads) {
+  for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kCta) {
     const unsigned l = lo[i];
     if (l > kFixedLowMask) {
       hi[i] += l >> kFixedLowBits;
@@ -563,12 +563,12 @@ __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* r
   }
 }
 
-template <int CG, class T>
+template <int CG, class T, int kCta = kThreads>
 constexpr void check_pair_lanes() {
   constexpr int kLanes = CG / Vec<T>::kN;
   static_assert(CG % Vec<T>::kN == 0, "channels per group must be a multiple of the 16-byte vector");
   static_assert(32 % kLanes == 0, "the lanes of a pair must sit in one warp (shuffle reduction)");
-  static_assert((kTileM * kGroupsPerCta * kLanes) % kThreads == 0,
+  static_assert((kTileM * kGroupsPerCta * kLanes) % kCta == 0,
                 "every thread runs the same trip count (shuffles need the whole warp)");
 }
 
@@ -643,7 +643,7 @@ __device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch
   for (;;) {
     const int base = batch.next_tile, t = base + int(threadIdx.x);
     SourceRect c{0, 0, 1, 0};
-    if (t < span) {
+    if (t < span && threadIdx.x < kThreads) {
       const int oty = oy0 + t / span_w, otx = ox0 + t % span_w;
       const int r = reach[1 + oty * tiles_w + otx] + 1;
       const int ho_lo = max(oty * kTile, ceil_div_any(ty0 - r - by0, p.stride_h));
@@ -654,7 +654,7 @@ __device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch
       if (!own && ho_lo <= ho_hi && wo_lo <= wo_hi)
         c = SourceRect{ho_lo, wo_lo, wo_hi - wo_lo + 1, (ho_hi - ho_lo + 1) * (wo_hi - wo_lo + 1)};
     }
-    batch.candidate[threadIdx.x] = c;
+    if (threadIdx.x < kThreads) batch.candidate[threadIdx.x] = c;  // (a wide CTA's other warps only sync)
     __syncthreads();
     if (threadIdx.x == 0) {
       int count = 0, total = 0, i = 0;
@@ -676,13 +676,13 @@ __device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch
 // (src: 64 rows of pitch src_pitch, holding those columns), as 16-byte vectors; rows < 0 (outside the image) are
 // skipped. Where the columns end at the last group's, the row's zero padding (odd G) is written too: src holds
 // whatever there, zeros are stored.
-template <class T>
+template <class T, int kCta = kThreads>
 __device__ void store_grad_logits(const DcnParams& p, const int* rows, const T* src, int src_pitch, int col0,
                                   int cols) {
   constexpr int kV = Vec<T>::kN;
   const int ld = packed_cols(p.G), span = col0 + cols == p.G * kGroupCols ? ld - col0 : cols;
   const int row_vecs = (span + kV - 1) / kV;
-  for (int i = threadIdx.x; i < kTileM * row_vecs; i += kThreads) {
+  for (int i = threadIdx.x; i < kTileM * row_vecs; i += kCta) {
     const int pix = i / row_vecs, col = (i % row_vecs) * kV, m = rows[pix];
     if (m < 0) continue;
     uint4 v = load16(src + pix * src_pitch + col);
@@ -695,21 +695,21 @@ __device__ void store_grad_logits(const DcnParams& p, const int* rows, const T* 
 // gy (kTileM x the 2 groups' channels, shared). With p.wout: recomputed as grad_out rows . wout (the tile GEMM,
 // K = Cout, through sm's staging and logits tiles, so before compute_logits), rounded to T as a stored grad_y
 // would be; else copied from p.grad_y. All threads; ends with a barrier.
-template <class T, int CG>
+template <class T, int CG, int kCta = kThreads>
 __device__ void load_grad_y(const DcnParams& p, DcnSmem<T>& sm, T* gy, int g0, int M, const int* rows) {
   constexpr int kChans = kGroupsPerCta * CG;
   static_assert(kChans <= kTileN, "the 2 groups' channels fit one GEMM tile");
   const int c0 = g0 * CG;
   if (p.wout != nullptr) {
     // A(m, k) = grad_out[m*Cout + k], rows gathered; B(n, k) = wout[k*C + n]: wout read transposed in place.
-    tile_gemm<T, kTileM, kTileN, false, true>(sm.gemm, sm.logits, static_cast<const T*>(p.grad_out), p.Cout, 1, 0,
-                                              M, static_cast<const T*>(p.wout), 1, p.C, c0, min(p.C, c0 + kChans), 0,
-                                              p.Cout, rows);
-    for (int i = threadIdx.x; i < kTileM * kChans; i += kThreads)
+    tile_gemm<T, kTileM, kTileN, false, true, 1, kCta>(sm.gemm, sm.logits, static_cast<const T*>(p.grad_out), p.Cout,
+                                                       1, 0, M, static_cast<const T*>(p.wout), 1, p.C, c0,
+                                                       min(p.C, c0 + kChans), 0, p.Cout, rows);
+    for (int i = threadIdx.x; i < kTileM * kChans; i += kCta)
       gy[i] = from_float<T>(sm.logits[(i / kChans) * (kTileN + kAccPad) + i % kChans]);
   } else {
     constexpr int kRowVecs = kChans / Vec<T>::kN;
-    for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kThreads) {
+    for (int i = threadIdx.x; i < kTileM * kRowVecs; i += kCta) {
       const int r = i / kRowVecs, c = (i % kRowVecs) * Vec<T>::kN, m = rows[r];
       uint4 v{0, 0, 0, 0};
       if (m >= 0 && c0 + c < p.C) v = load16(static_cast<const T*>(p.grad_y) + int64_t(m) * p.C + c0 + c);
@@ -729,7 +729,8 @@ __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
   return sizeof(DcnValueSmem<T, CG>) + (all_pairs ? grad_logits_tile_bytes<T>(G) : 0);
 }
 
-// grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)) (kAllPairs: (N * ceil(H/8) * ceil(W/8))), kThreads threads,
+// grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)) (kAllPairs: (N * ceil(H/8) * ceil(W/8))), kCta threads (kThreads, or
+// kWideCta with kOwnTile: the same work in 8 warps, every loop over items strided by kCta),
 // bwd_smem_bytes<T, CG>(kAllPairs, G) dynamic smem.
 // kOwnTile (output grid == value grid, sampling base == the pixel: stride 1, "same" padding): the CTA's own 8x8
 // tile of output pixels is taken first and whole, with its full backward (grad logits too: pair_backward), so
@@ -738,10 +739,10 @@ __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
 // keeps the own tile's grad logits of all groups in shared memory, and ends with grad x1 = grad logits . wpack for
 // its 64 pixels (64 columns per step, wpack streamed from L2): grad logits are stored for grad wpack but not read
 // back for grad x1.
-template <class T, int CG, bool kOwnTile, bool kAllPairs>
-__global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p) {
+template <class T, int CG, bool kOwnTile, bool kAllPairs, int kCta = kThreads>
+__global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
   static_assert(kOwnTile || !kAllPairs, "grad x1 comes from the own tile's grad logits");
-  check_pair_lanes<CG, T>();
+  check_pair_lanes<CG, T, kCta>();
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;  // lanes per (source pixel, group) pair, each kVec channels
   constexpr int kChans = kGroupsPerCta * CG;
@@ -750,7 +751,7 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   const int n_cols = packed_cols(p.G), gl_pitch = n_cols + kSmemPad;
   if (kAllPairs) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
     const int live = p.G * kGroupCols, pad = n_cols - live;
-    for (int i = threadIdx.x; i < kTileM * pad; i += kThreads) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
+    for (int i = threadIdx.x; i < kTileM * pad; i += kCta) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
   }
 
   const int M = p.N * p.Ho * p.Wo;
@@ -763,8 +764,8 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   const ScatterBox<T, CG> box{sm.acc_hi, sm.acc_lo, sm.scale, tx0, tx1, ty0, ty1};
 
   for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
-    for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kThreads) sm.acc_hi[i] = sm.acc_lo[i] = 0;
-    for (int i = threadIdx.x; i < kChans; i += kThreads)
+    for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kCta) sm.acc_hi[i] = sm.acc_lo[i] = 0;
+    for (int i = threadIdx.x; i < kChans; i += kCta)
       sm.scale[i] = g0 * CG + i < p.C
                         ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i, p.fixed_point_bits)
                         : 0.f;
@@ -773,10 +774,10 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
       fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
       __syncthreads();  // rows, and the accumulator's zeros and scales
       const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
-      stage_window<T, CG>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
-      load_grad_y<T, CG>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
-      compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
-      for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+      stage_window<T, CG, kCta>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
+      load_grad_y<T, CG, kCta>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
+      compute_logits<T, kCta>(p, sm.dcn, 0, g0, M, sm.rows);
+      for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kCta) {
         const int pair = item / kLanes, lane = item % kLanes;
         const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
         const int m = sm.rows[pix], g = g0 + gl;
@@ -785,9 +786,9 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
                              m >= 0 && g < p.G, &box, &sm.window, gl_row);
       }
       __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
-      carry_low_words<T, CG>(sm.acc_hi, sm.acc_lo);  // (the source chunk's rows barrier comes before its adds)
+      carry_low_words<T, CG, kCta>(sm.acc_hi, sm.acc_lo);  // (the source chunk's rows barrier comes before its adds)
       if (!kAllPairs)
-        store_grad_logits<T>(p, sm.rows, sm.grad_logits, kGroupsPerCta * kGroupCols, g0 * kGroupCols,
+        store_grad_logits<T, kCta>(p, sm.rows, sm.grad_logits, kGroupsPerCta * kGroupCols, g0 * kGroupCols,
                              min(kGroupsPerCta, p.G - g0) * kGroupCols);
     }
     __syncthreads();  // batch.next_tile
@@ -809,10 +810,10 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
           sm.rows[threadIdx.x] = m;
         }
         __syncthreads();
-        load_grad_y<T, CG>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
-        compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
+        load_grad_y<T, CG, kCta>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
+        compute_logits<T, kCta>(p, sm.dcn, 0, g0, M, sm.rows);
 
-        for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kThreads) {
+        for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kCta) {
           const int pair = item / kLanes, lane = item % kLanes;
           const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
           const int m = sm.rows[pix], g = g0 + gl;
@@ -840,7 +841,7 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
           if (p.has_cfs) box.add(true, wo, ho, gl, lane, kLanes, s, gy, 1.f, scale);
         }
         __syncthreads();  // the next chunk overwrites rows and logits
-        carry_low_words<T, CG>(sm.acc_hi, sm.acc_lo);  // (its rows barrier comes before its adds)
+        carry_low_words<T, CG, kCta>(sm.acc_hi, sm.acc_lo);  // (its rows barrier comes before its adds)
       }
     }
     __syncthreads();  // the last carries
@@ -850,7 +851,7 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
     // group: Cg is a multiple of it).
     T* grad_value = static_cast<T*>(p.grad_value);
     constexpr int kPixVecs = kChans / kVec;
-    for (int i = threadIdx.x; i < kTile * kTile * kPixVecs; i += kThreads) {
+    for (int i = threadIdx.x; i < kTile * kTile * kPixVecs; i += kCta) {
       const int pix = i / kPixVecs, cl = (i % kPixVecs) * kVec, c = g0 * CG + cl;
       const int x = tx0 + pix % kTile, y = ty0 + pix / kTile;
       if (x > tx1 || y > ty1 || c >= p.C) continue;
@@ -873,8 +874,8 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_bwd_value_kernel(DcnParams p)
   // wpack (K = packed_cols(G), B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per step.
   fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
   __syncthreads();
-  store_grad_logits<T>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
-  project_tile<T, true>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C,
+  store_grad_logits<T, kCta>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
+  project_tile<T, true, kCta>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C,
                         nullptr, static_cast<T*>(p.grad_x1));
 }
 
@@ -909,7 +910,7 @@ bool bwd_x1_fits(int G) {
 
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the
 // sampling base on the pixel itself (with grad x1 as its epilogue when p.grad_x1 is set: the caller checked
-// bwd_x1_fits); else grad logits, then grad value.
+// bwd_x1_fits; 8 warps per CTA when p.cta_threads asks, else 4); else grad logits, then grad value.
 template <class T, int CG>
 void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const int groups = (p.G + kGroupsPerCta - 1) / kGroupsPerCta;
@@ -918,14 +919,23 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
                         p.pad_h == p.center_h && p.pad_w == p.center_w;
   DcnParams q = p;
   q.fixed_point_bits = fixed_point_bits(p.Ho, p.Wo, p.P, p.has_cfs, p.apply_softmax);
+  const bool wide = p.cta_threads == kWideCta;
   if (own_tile && p.grad_x1 != nullptr) {
-    launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true>, dim3(tiles), dim3(kThreads),
-                  bwd_smem_bytes<T, CG>(true, p.G), stream, q);
+    if (wide)
+      launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true, kWideCta>, dim3(tiles), dim3(kWideCta),
+                    bwd_smem_bytes<T, CG>(true, p.G), stream, q);
+    else
+      launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true>, dim3(tiles), dim3(kThreads),
+                    bwd_smem_bytes<T, CG>(true, p.G), stream, q);
     return;
   }
   if (own_tile) {
-    launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true, false>, dim3(tiles, groups), dim3(kThreads),
-                  bwd_smem_bytes<T, CG>(false, p.G), stream, q);
+    if (wide)
+      launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true, false, kWideCta>, dim3(tiles, groups),
+                    dim3(kWideCta), bwd_smem_bytes<T, CG>(false, p.G), stream, q);
+    else
+      launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true, false>, dim3(tiles, groups), dim3(kThreads),
+                    bwd_smem_bytes<T, CG>(false, p.G), stream, q);
     return;
   }
   if (p.wout != nullptr || p.grad_x1 != nullptr)

@@ -61,6 +61,9 @@ struct DcnParams {
   int* reach;
   // The grad value accumulator's fixed-point exponent (fixed_point_bits below), set by launch_dcn_bwd.
   int fixed_point_bits;
+  // Threads per CTA of the one-launch backward (stride 1, same padding): 128 (0: the default) or 256, 8 warps for
+  // more latency hiding at one CTA per SM (the same results; the binding's set_backward_threads).
+  int cta_threads;
 
   int N, H, W, C, G, Ho, Wo;
   int P;

@@ -22,7 +22,8 @@ namespace dcnv3 {
 
 using namespace cute;
 
-constexpr int kThreads = 128;  // 4 warps per CTA for every kernel in this family
+constexpr int kThreads = 128;  // 4 warps per CTA: every kernel of this family by default
+constexpr int kWideCta = 256;  // 8 warps: the backward sampling kernels' other size (DcnParams::cta_threads)
 // The kernels declare __launch_bounds__(kThreads, 1): shared memory, not registers, bounds them to 1-3 CTAs per
 // SM, so ptxas may use up to 255 registers (by default it held some at 96 or 128 and spilled).
 constexpr int kTileM = 64;
@@ -125,23 +126,42 @@ struct cute::Copy_Traits<dcnv3::Ldsm4x4<Sm75Op, kTrans>> : cute::Copy_Traits<Sm7
 
 namespace dcnv3 {
 
-template <class T>
+// The CTA's warps over the tile, by CTA size: 2x2 warps of 16x8x16 atoms, permuted to a 32x32x16 tile (each warp
+// owns a 16x16 piece per atom step), or 4x2 warps over a 64x32x16 tile (kWideCta).
+template <int kCta>
+struct WarpGrid;
+template <>
+struct WarpGrid<kThreads> {
+  using Warps = Layout<Shape<_2, _2, _1>>;
+  using Permutation = Tile<_32, _32, _16>;
+  using FmaThreads = Layout<Shape<_16, _8, _1>>;  // fp32: each thread a 4x8 sub-tile of a 64x64 output
+  static constexpr int kTileMultiple = 32;
+};
+template <>
+struct WarpGrid<kWideCta> {
+  using Warps = Layout<Shape<_4, _2, _1>>;
+  using Permutation = Tile<_64, _32, _16>;
+  using FmaThreads = Layout<Shape<_16, _16, _1>>;  // fp32: each thread a 4x4 sub-tile of a 64x64 output
+  static constexpr int kTileMultiple = 64;
+};
+
+template <class T, int kCta = kThreads>
 struct MmaTraits;
 
-// 2x2 warps of 16x8x16 atoms, permuted to a 32x32x16 tile: each warp owns a 16x16 piece per atom step.
-template <>
-struct MmaTraits<cutlass::bfloat16_t> {
-  using TiledMma = decltype(make_tiled_mma(MMA_Atom<MmaBf16>{}, Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
+template <int kCta>
+struct MmaTraits<cutlass::bfloat16_t, kCta> {
+  using TiledMma = decltype(make_tiled_mma(MMA_Atom<MmaBf16>{}, typename WarpGrid<kCta>::Warps{},
+                                           typename WarpGrid<kCta>::Permutation{}));
 };
-template <>
-struct MmaTraits<cutlass::half_t> {
-  using TiledMma = decltype(make_tiled_mma(MMA_Atom<MmaF16>{}, Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
+template <int kCta>
+struct MmaTraits<cutlass::half_t, kCta> {
+  using TiledMma = decltype(make_tiled_mma(MMA_Atom<MmaF16>{}, typename WarpGrid<kCta>::Warps{},
+                                           typename WarpGrid<kCta>::Permutation{}));
 };
-// fp32: 16x8 threads of scalar FMA, each thread a 4x8 sub-tile of the 64x64 output.
-template <>
-struct MmaTraits<float> {
+template <int kCta>
+struct MmaTraits<float, kCta> {
   using TiledMma = decltype(make_tiled_mma(MMA_Atom<UniversalFMA<float, float, float, float>>{},
-                                           Layout<Shape<_16, _8, _1>>{}));
+                                           typename WarpGrid<kCta>::FmaThreads{}));
 };
 
 // +8 elements per smem row breaks the power-of-two row pitch (bank conflicts of the fragment loads).
@@ -177,7 +197,7 @@ struct TileGemmSmem {
 // entries in shared memory), tile row r is matrix row row_map[r] instead of r0 + r (a gather; < 0: zeros). k0 is a
 // multiple of kTileK. kAsync: the vectors go by cp.async (the caller commits and waits); element paths store
 // synchronously either way.
-template <class T, int ROWS, bool kAsync = false>
+template <class T, int ROWS, bool kAsync = false, int kCta = kThreads>
 __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows,
                                            int k0, int K, const int* row_map = nullptr) {
   constexpr int kPitch = kTileK + kSmemPad;
@@ -187,7 +207,7 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
   if (s_k == 1 && aligned && K % kV == 0 && s_r % kV == 0) {
     // A row's kTileK elements as kTileK / kV vectors (a vector is wholly inside K or wholly outside).
     constexpr int kRowVecs = kTileK / kV;
-    for (int idx = threadIdx.x; idx < ROWS * kRowVecs; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < ROWS * kRowVecs; idx += kCta) {
       const int r = idx / kRowVecs, k = (idx % kRowVecs) * kV;
       const int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
       const bool in = gr >= 0 && gr < rows && gk < K;
@@ -195,13 +215,13 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
       else store16(smem + r * kPitch + k, in ? load16(x + gr * s_r + gk) : uint4{0, 0, 0, 0});
     }
   } else if (s_k == 1) {
-    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kCta) {
       int r = idx / kTileK, k = idx % kTileK;
       int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
       smem[r * kPitch + k] = (gr >= 0 && gr < rows && gk < K) ? x[gr * s_r + gk] : T(0.0f);
     }
   } else {
-    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kCta) {
       int r = idx % ROWS, k = idx / ROWS;
       int gr = row_map != nullptr ? row_map[r] : r0 + r, gk = k0 + k;
       smem[r * kPitch + k] = (gr >= 0 && gr < rows && gk < K) ? x[gr * s_r + int64_t(gk) * s_k] : T(0.0f);
@@ -212,7 +232,7 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
 // stage_tile for an MN-major tile (OperandLayout<ROWS, true>): smem[k * (ROWS + kSmemPad) + r] = X(r0 + r, k0 + k).
 // With the rows' unit stride (s_r == 1) a 16-byte load of kV rows at one k is one 16-byte store; element by
 // element otherwise (any strides). No row gather: gathered operands are activations, K-major.
-template <class T, int ROWS, bool kAsync = false>
+template <class T, int ROWS, bool kAsync = false, int kCta = kThreads>
 __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows, int k0,
                                               int K) {
   constexpr int kPitch = ROWS + kSmemPad;
@@ -221,14 +241,14 @@ __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, 
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0;
   if (s_r == 1 && aligned && rows % kV == 0 && r0 % kV == 0 && s_k % kV == 0) {
     constexpr int kColVecs = ROWS / kV;
-    for (int idx = threadIdx.x; idx < kColVecs * kTileK; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < kColVecs * kTileK; idx += kCta) {
       const int r = (idx % kColVecs) * kV, k = idx / kColVecs, gr = r0 + r, gk = k0 + k;
       const bool in = gr < rows && gk < K;
       if constexpr (kAsync) cp_async16(smem + k * kPitch + r, in ? x + gr + int64_t(gk) * s_k : x, in);
       else store16(smem + k * kPitch + r, in ? load16(x + gr + int64_t(gk) * s_k) : uint4{0, 0, 0, 0});
     }
   } else {
-    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kCta) {
       const int r = idx % ROWS, k = idx / ROWS, gr = r0 + r, gk = k0 + k;
       smem[k * kPitch + r] = (gr < rows && gk < K) ? x[gr * s_r + int64_t(gk) * s_k] : T(0.0f);
     }
@@ -239,16 +259,18 @@ __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, 
 // through a_rows (BM entries in shared memory, see stage_tile; K-major A only). kAMN / kBMN: the operand is
 // staged MN-major (OperandLayout), for operands whose unit stride runs along their rows. kStages > 1: a cp.async
 // pipeline, K-steps kt+1 .. kt+kStages-1 loading while kt's mma run (the standalone GEMMs, whose shared memory is
-// free; the fused kernels' is not, they stage one K-step at a time). All kThreads threads must call it; it ends with
+// free; the fused kernels' is not, they stage one K-step at a time). All kCta threads must call it; it ends with
 // a __syncthreads so acc_smem is readable by everyone. acc_smem may alias sm: it is written after the last stage.
-template <class T, int BM = kTileM, int BN = kTileN, bool kAMN = false, bool kBMN = false, int kStages = 1>
+template <class T, int BM = kTileM, int BN = kTileN, bool kAMN = false, bool kBMN = false, int kStages = 1,
+          int kCta = kThreads>
 __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem, const T* a, int64_t a_m,
                           int64_t a_k, int m0, int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin,
                           int k_end, const int* a_rows = nullptr) {
-  using TiledMma = typename MmaTraits<T>::TiledMma;
+  using TiledMma = typename MmaTraits<T, kCta>::TiledMma;
   using Smem = TileGemmSmem<T, BM, BN, kStages>;
-  static_assert(size(TiledMma{}) == kThreads, "the tiled MMA must use exactly the CTA's threads");
-  static_assert(BM % 32 == 0 && BN % 32 == 0 && kTileK % 16 == 0, "tile must cover whole MMA steps");
+  static_assert(size(TiledMma{}) == kCta, "the tiled MMA must use exactly the CTA's threads");
+  static_assert(BM % WarpGrid<kCta>::kTileMultiple == 0 && BN % 32 == 0 && kTileK % 16 == 0,
+                "tile must cover whole MMA steps");
   constexpr bool kAsync = kStages > 1;
 
   // Slot s of sA: (BM, kTileK), of sB: (BN, kTileK), each K-major or MN-major.
@@ -267,10 +289,10 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
 
   // K-step at k0 into slot s (kAsync: cp.async where the operand runs in vectors, uncommitted).
   auto stage = [&](int s, int k0) {
-    if constexpr (kAMN) stage_tile_mn<T, BM, kAsync>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end);
-    else stage_tile<T, BM, kAsync>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end, a_rows);
-    if constexpr (kBMN) stage_tile_mn<T, BN, kAsync>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
-    else stage_tile<T, BN, kAsync>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
+    if constexpr (kAMN) stage_tile_mn<T, BM, kAsync, kCta>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end);
+    else stage_tile<T, BM, kAsync, kCta>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end, a_rows);
+    if constexpr (kBMN) stage_tile_mn<T, BN, kAsync, kCta>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
+    else stage_tile<T, BN, kAsync, kCta>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
   };
   // The mma of the K-step in slot s. 16-bit types: the fragments come through ldmatrix (.trans for MN-major; each
   // 8x8 matrix row is 16 contiguous, 16-byte aligned bytes of a smem row; the +8 pad keeps a matrix's 8 rows on
@@ -333,7 +355,7 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
 // 16-byte vectors of a row (kV columns, read as float4s from the tile, the bias as one vector) where every row is
 // whole aligned vectors (N a multiple of kV: every projection of the block), else single elements; n is fastest
 // across threads (coalesced). All threads; no barrier.
-template <class T, int BM, int BN, class RowOf>
+template <class T, int BM, int BN, int kCta = kThreads, class RowOf = void>
 __device__ __forceinline__ void store_result_tile(const float* acc, RowOf row_of, int n0, int N, const T* bias,
                                                   T* out) {
   constexpr int kV = Vec<T>::kN, kRowVecs = BN / kV, kPitch = BN + kAccPad;
@@ -341,7 +363,7 @@ __device__ __forceinline__ void store_result_tile(const float* acc, RowOf row_of
   const bool vec = N % kV == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
                    (bias == nullptr || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
   if (vec) {
-    for (int idx = threadIdx.x; idx < BM * kRowVecs; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < BM * kRowVecs; idx += kCta) {
       const int r = idx / kRowVecs, c = (idx % kRowVecs) * kV, col = n0 + c;
       const int64_t m = row_of(r);
       if (m < 0 || col >= N) continue;  // a vector is wholly inside N or wholly outside
@@ -355,7 +377,7 @@ __device__ __forceinline__ void store_result_tile(const float* acc, RowOf row_of
       store_vec<T>(out + m * N + col, v);
     }
   } else {
-    for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < BM * BN; idx += kCta) {
       const int r = idx / BN, c = idx % BN, col = n0 + c;
       const int64_t m = row_of(r);
       if (m < 0 || col >= N) continue;

@@ -4,6 +4,8 @@ output projection), forward and forward+backward, per implementation, in one run
 * kernel      the fused CUDA kernels (pretrain.ops.cuda; needs `python -m pretrain.ops.build` first)
 * kernel-split  the same, with the output projection and grad x1 as GEMMs of their own instead of the sampling
               kernels' epilogues (fewer HBM bytes against more shared memory per CTA: the GPU decides)
+* kernel-8w   the same as kernel, with the backward's sampling kernel in 8 warps per CTA instead of 4 (two warps per
+              scheduler where one CTA fills an SM: more latency hiding, the same results)
 * reference   pretrain.ops.dcnv3_fused_reference (PyTorch ops, grid_sample)
 * compiled    the reference under torch.compile
 * dcnv4       the DCNv4 package's op (pip `DCNv4`, built on the GPU machine) + PyTorch projections. Different
@@ -31,7 +33,7 @@ MODELS = {
     "b": (112, (7, 14, 28, 56), False),
     "h": (320, (10, 20, 40, 80), True),
 }
-IMPLS = ("kernel", "kernel-split", "reference", "compiled", "dcnv4")
+IMPLS = ("kernel", "kernel-split", "kernel-8w", "reference", "compiled", "dcnv4")
 
 
 def add_arguments(parser) -> None:
@@ -196,11 +198,11 @@ def _impl_fn(impl, c, group, dtype, device):
         return dcnv3_fused_reference, None
     if impl == "compiled":
         return torch.compile(dcnv3_fused_reference), None
-    if impl in ("kernel", "kernel-split"):
+    if impl in ("kernel", "kernel-split", "kernel-8w"):
         reason = cuda.unavailable_reason(torch.empty(0, device=device, dtype=dtype))
         if reason:
             return None, reason
-        return cuda.dcnv3_fused_cuda, None  # kernel-split: timed under cuda.fused_epilogues(False)
+        return cuda.dcnv3_fused_cuda, None  # kernel-split / -8w: timed under their switch (_epilogues)
     if impl == "dcnv4":
         return _dcnv4_fn(c, group, dtype, device)
     raise ValueError(f"unknown impl {impl!r}")
@@ -272,12 +274,17 @@ def _write(path, text: str) -> None:
 
 
 def _epilogues(impl):
-    """kernel-split: the block's epilogues as GEMMs of their own, for the whole forward and backward."""
+    """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
+    of their own; kernel-8w, the backward's sampling kernel in 8 warps."""
     import contextlib
 
     from pretrain.ops import cuda
 
-    return cuda.fused_epilogues(False) if impl == "kernel-split" else contextlib.nullcontext()
+    if impl == "kernel-split":
+        return cuda.fused_epilogues(False)
+    if impl == "kernel-8w":
+        return cuda.backward_threads(256)
+    return contextlib.nullcontext()
 
 
 def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):

@@ -517,6 +517,22 @@ def fused_epilogues(enabled: bool, device: str = "cuda"):
         ext.set_fused_epilogues(before)
 
 
+@contextlib.contextmanager
+def backward_threads(threads: int, device: str = "cuda"):
+    """Within the block, run the one-launch backward (stride 1, same padding) with `threads` per CTA: 128 (4 warps,
+    the default) or 256 (8 warps, two per scheduler where one CTA fills an SM): the same results, different latency
+    hiding (`pretrain bench dcn` times both). device "cpu": the emulation build's switch."""
+    ext = extension() if device == "cuda" else emulation.extension()
+    if ext is None:
+        raise RuntimeError(extension_error() if device == "cuda" else emulation.error())
+    before = ext.backward_threads()
+    ext.set_backward_threads(threads)
+    try:
+        yield
+    finally:
+        ext.set_backward_threads(before)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Backend entry points (the dispatch contract of pretrain/ops/dispatch.py).
 

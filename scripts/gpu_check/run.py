@@ -398,7 +398,7 @@ class Run:
             # bf16 first (the training dtype), each shape's slowest kernels listed (--profile); fp32 and the peer
             # after; torch.compile last and per model, so a slow compile costs only its own rows.
             common = ["--image-size", "224", "--warmup", "2", "--iters", "5"]
-            impls = "kernel,kernel-split,reference" + (",dcnv4" if self.args.peer else "")
+            impls = "kernel,kernel-split,kernel-8w,reference" + (",dcnv4" if self.args.peer else "")
             runs = [
                 ("c-dcn-t", ["--models", "t", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.2),
                 ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.25),
