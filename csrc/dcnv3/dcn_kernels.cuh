@@ -54,8 +54,9 @@ __device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g
   const int n_cols = p.G * kGroupCols;  // the live columns (the 64-column tile's last 8 are the next pair's)
   if (p.logits == nullptr) {
     // x1 (M, C) row-major: A(m, k) = x1[m*C + k]; wpack (packed_cols(G), C): B(n, k) = wpack[n*C + k].
-    tile_gemm<T, kTileM, kTileN, false, false, 1, kCta>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0, M, static_cast<const T*>(p.wpack),
-                 p.C, 1, g0 * kGroupCols, n_cols, 0, p.C, rows);
+    tile_gemm<T, kTileM, kTileN, false, false, 1, kCta>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0,
+                                                        M, static_cast<const T*>(p.wpack), p.C, 1, g0 * kGroupCols,
+                                                        n_cols, 0, p.C, rows);
     const T* bias = static_cast<const T*>(p.bpack);
     for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kCta) {
       int r = idx / kTileN, c = idx % kTileN, n = g0 * kGroupCols + c;
@@ -443,9 +444,10 @@ struct ScatterBox {
 };
 
 // Backward of one (pixel, group) pair, served by kLanes consecutive lanes, each owning one 16-byte channel
-// vector, given the pair's grad_y (gy_row: its first channel, in global or shared memory): recompute the samples, reduce the per-point dot products across the lanes (fixed shuffle tree), apply
-// the softmax/sigmoid backward and write the pair's 32 grad logits (to global memory, or to `gl_row` in shared
-// memory for a coalesced store later); with `box`, also add its grad value terms. Whole warps must call it
+// vector, given the pair's grad_y (gy_row: its first channel, in global or shared memory): recompute the samples,
+// reduce the per-point dot products across the lanes (fixed shuffle tree), apply the softmax/sigmoid backward and
+// write the pair's kGroupCols grad logits (to global memory, or to `gl_row` in shared memory for a coalesced store
+// later); with `box`, also add its grad value terms. Whole warps must call it
 // (shuffles): an invalid pair runs with zeros and writes nothing.
 template <class T, int CG>
 __device__ __forceinline__ void pair_backward(const DcnParams& p, const float* row, const T* gy_row, int m, int g,
