@@ -137,9 +137,9 @@ def test_no_kernel_uses_local_memory(compiled, unit):
 @pytest.mark.parametrize("unit", ["dcn_bwd_f32.cu", "dcn_bwd_f16.cu", "dcn_bwd_bf16.cu"])
 def test_grad_value_scatter_uses_native_shared_atomics(compiled, unit):
     """The backward's fixed-point scatter (two 32-bit words per element) compiles to native shared-memory adds
-    (ATOMS.ADD) for every arch, none with a branch of its own. A 64-bit shared atomic add has no instruction of its own: nvcc turns it into a
-    compare-and-swap loop (ATOMS.CAST.SPIN.64 on sm_90a), which took 70-95% of the H200's backward time
-    (BENCHMARKS.md). Read from the compiled object with cuobjdump -sass."""
+    (ATOMS.ADD) for every arch, none with a branch of its own. A 64-bit shared atomic add has no instruction of its
+    own: nvcc turns it into a compare-and-swap loop (ATOMS.CAST.SPIN.64 on sm_90a), which took 70-95% of the H200's
+    backward time (BENCHMARKS.md). Read from the compiled object with cuobjdump -sass."""
     sass = _cuobjdump(compiled, unit, "-sass")
     for arch in ARCHS:
         assert f"arch = sm_{arch}" in sass, f"no sm_{arch} code in {unit}"

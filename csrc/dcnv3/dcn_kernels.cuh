@@ -922,22 +922,17 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   DcnParams q = p;
   q.fixed_point_bits = fixed_point_bits(p.Ho, p.Wo, p.P, p.has_cfs, p.apply_softmax);
   const bool wide = p.cta_threads == kWideCta;
+  const dim3 cta(wide ? kWideCta : kThreads);
   if (own_tile && p.grad_x1 != nullptr) {
-    if (wide)
-      launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true, kWideCta>, dim3(tiles), dim3(kWideCta),
-                    bwd_smem_bytes<T, CG>(true, p.G), stream, q);
-    else
-      launch_kernel("dcn_bwd_x1", dcn_bwd_value_kernel<T, CG, true, true>, dim3(tiles), dim3(kThreads),
-                    bwd_smem_bytes<T, CG>(true, p.G), stream, q);
+    launch_kernel("dcn_bwd_x1",
+                  wide ? dcn_bwd_value_kernel<T, CG, true, true, kWideCta> : dcn_bwd_value_kernel<T, CG, true, true>,
+                  dim3(tiles), cta, bwd_smem_bytes<T, CG>(true, p.G), stream, q);
     return;
   }
   if (own_tile) {
-    if (wide)
-      launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true, false, kWideCta>, dim3(tiles, groups),
-                    dim3(kWideCta), bwd_smem_bytes<T, CG>(false, p.G), stream, q);
-    else
-      launch_kernel("dcn_bwd_value", dcn_bwd_value_kernel<T, CG, true, false>, dim3(tiles, groups), dim3(kThreads),
-                    bwd_smem_bytes<T, CG>(false, p.G), stream, q);
+    launch_kernel("dcn_bwd_value",
+                  wide ? dcn_bwd_value_kernel<T, CG, true, false, kWideCta> : dcn_bwd_value_kernel<T, CG, true, false>,
+                  dim3(tiles, groups), cta, bwd_smem_bytes<T, CG>(false, p.G), stream, q);
     return;
   }
   if (p.wout != nullptr || p.grad_x1 != nullptr)

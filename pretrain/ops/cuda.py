@@ -502,35 +502,32 @@ core_fwd.register_autograd(_core_backward, setup_context=_core_setup)
 
 
 @contextlib.contextmanager
+def _extension_switch(name: str, value, device: str):
+    """Within the block, the extension's setting `name` (its getter `name`, setter `set_<name>`) is `value`, then
+    what it was. device "cpu": the emulation build's setting."""
+    ext = extension() if device == "cuda" else emulation.extension()
+    if ext is None:
+        raise RuntimeError(extension_error() if device == "cuda" else emulation.error())
+    before = getattr(ext, name)()
+    getattr(ext, f"set_{name}")(value)
+    try:
+        yield
+    finally:
+        getattr(ext, f"set_{name}")(before)
+
+
 def fused_epilogues(enabled: bool, device: str = "cuda"):
     """Within the block, run the output projection (forward) and grad x1 (backward) fused into the sampling kernels
     where their tiles fit (enabled, the default) or as GEMMs of their own: the same results, different occupancy
     (`pretrain bench dcn` times both). device "cpu": the emulation build's switch."""
-    ext = extension() if device == "cuda" else emulation.extension()
-    if ext is None:
-        raise RuntimeError(extension_error() if device == "cuda" else emulation.error())
-    before = ext.fused_epilogues()
-    ext.set_fused_epilogues(enabled)
-    try:
-        yield
-    finally:
-        ext.set_fused_epilogues(before)
+    return _extension_switch("fused_epilogues", enabled, device)
 
 
-@contextlib.contextmanager
 def backward_threads(threads: int, device: str = "cuda"):
     """Within the block, run the one-launch backward (stride 1, same padding) with `threads` per CTA: 128 (4 warps,
     the default) or 256 (8 warps, two per scheduler where one CTA fills an SM): the same results, different latency
     hiding (`pretrain bench dcn` times both). device "cpu": the emulation build's switch."""
-    ext = extension() if device == "cuda" else emulation.extension()
-    if ext is None:
-        raise RuntimeError(extension_error() if device == "cuda" else emulation.error())
-    before = ext.backward_threads()
-    ext.set_backward_threads(threads)
-    try:
-        yield
-    finally:
-        ext.set_backward_threads(before)
+    return _extension_switch("backward_threads", threads, device)
 
 
 # ----------------------------------------------------------------------------------------------------------
