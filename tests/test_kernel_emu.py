@@ -12,7 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DTYPES, TOL, Case, check_block, check_core, make_inputs, rounded, run_block
+from kernel_cases import (
+    DTYPES,
+    NAMES,
+    TOL,
+    Case,
+    check_block,
+    check_core,
+    make_inputs,
+    relative_l2,
+    rounded,
+    run_block,
+)
 
 from pretrain.ops import DCNGeometry, cuda, dcnv3_fused_reference, emulation
 
@@ -361,8 +372,8 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     """The backward's grad(value) scatter runs in shared memory (owner-computes): one or two 32-bit shared atomics
     (the fixed point's hi and lo words) per (point, corner inside, channel), spread over the banks (about one
     pass per warp request here; the 64-bit accumulator's took about 13 at T and H), no global atomic, no
-    accumulator pass, and (stride 1) one sampling launch that also writes grad logits and grad x1 (its
-    epilogue). The forward is one launch (the output projection is its epilogue) whose only global atomics record
+    accumulator pass, and (stride 1) one sampling launch that also writes grad x1 (its epilogue) and, at this
+    small C, its CTAs' grad wpack partials instead of grad logits, summed by two small launches. The forward is one launch (the output projection is its epilogue) whose only global atomics record
     the reach: two per 8x8 tile."""
     value, x1, params, geom, grad_out = make_inputs(CASES[0])
     value, x1, params = rounded(value, x1, params, torch.float32)
@@ -376,8 +387,9 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     assert sample_fwd["atomics"] == 2 * n * -(-h // 8) * -(-w // 8)
     kernels = [launch["kernel"] for launch in launches]
     # grad wout (and max |grad_out|: the fixed-point scales), the sampling backward (grad_y recomputed from
-    # grad_out per tile, never stored; grad x1 its epilogue), grad wpack: no grad_y GEMM, no absmax pass.
-    assert kernels == ["gemm", "dcn_bwd_x1", "gemm"], kernels
+    # grad_out per tile, never stored; grad x1 its epilogue; grad wpack's partials), their sums: no grad_y GEMM,
+    # no absmax pass.
+    assert kernels == ["gemm", "dcn_bwd_x1", "sum_slots", "sum_slots"], kernels
     bwd = launches[1]
     # At most 4 corners x 9 points per pixel and channel; most corners are inside at these offsets.
     assert bwd["atomics"] == 0
@@ -386,8 +398,8 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     assert 1 <= passes < PASSES_PER_ATOMIC_REQUEST, passes
     assert (
         bwd["unique_store_sectors"] * 32
-        == 2 * value.numel() * 4 + n * h * w * cuda.packed_cols(geom.group) * 4
-    )  # grad value, grad x1, grad logits, once each
+        == 2 * value.numel() * 4 + bwd["grid"][0] * cuda.packed_cols(geom.group) * (c + 1) * 4
+    )  # grad value, grad x1, and a partial per CTA, once each
     assert bwd["mma"] == 0  # fp32 projections run as FFMA (no TF32), like PyTorch's default
     assert bwd["load_sectors"] >= bwd["unique_load_sectors"] > 0
 
@@ -428,7 +440,8 @@ def test_split_epilogues_give_the_same_bits(emu):
     the same products summed in the same order."""
     value, x1, params, geom, grad_out = make_inputs(CASES[1])
     args = rounded(value, x1, params, torch.bfloat16)
-    fused = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+    with cuda.wpack_in_backward(False, device="cpu"):  # grad wpack by the GEMM, as the split form has it
+        fused = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
     with cuda.fused_epilogues(False, device="cpu"), emulation.count() as launches:
         split = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
     assert [launch["kernel"] for launch in launches] == [
@@ -471,6 +484,62 @@ def test_eight_warp_backward_gives_the_same_bits(emu, dtype, fused):
     assert ext.backward_threads() == 128  # restored
     with pytest.raises(RuntimeError, match="128 or 256"):
         ext.set_backward_threads(192)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_grad_wpack_accumulates_in_the_backward(emu, dtype):
+    """Where their fp32 partials fit beside the backward's tiles (InternImage-T stages 1-2 in 16-bit types, stage 1
+    in fp32), grad wpack and grad bpack accumulate in the sampling kernel's persistent CTAs, each taking every
+    slots-th tile, and two small launches sum the CTAs' partials in order: grad logits never reach HBM and no GEMM
+    reads them back. The gradients match float64 and the GEMM path (cuda.wpack_in_backward(False)) up to fp32
+    summation order, whether one CTA takes every tile, several take a few each, or each takes one; a given slot
+    count gives the same bits in every thread order. Case: 18 tiles, edge tiles with pixels outside the image."""
+    case = CASES[-1]
+    check_block(cuda.dcnv3_fused_emu, case, dtype)
+    value, x1, params, geom, grad_out = make_inputs(case)
+    args = rounded(value, x1, params, dtype)
+    with cuda.wpack_in_backward(False, device="cpu"), emulation.count() as launches:
+        gemm = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+    assert [x["kernel"] for x in launches] == ["dcn_fwd_out", "gemm", "dcn_bwd_x1", "gemm"]
+    assert emulation.extension().wpack_in_backward()  # restored
+    tiles = case.n * -(-case.h // 8) * -(-case.w // 8)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]  # the GEMM path rounds the same sums to bf16
+    for slots in (1, 4, tiles, 0):
+        with cuda.wpack_slots(slots, device="cpu"):
+            with emulation.count() as launches:
+                fused = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+            with emulation.thread_order("shuffle", 5):
+                shuffled = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+        assert [x["kernel"] for x in launches] == [
+            "dcn_fwd_out",
+            "gemm",
+            "dcn_bwd_x1",
+            "sum_slots",
+            "sum_slots",
+        ]
+        if slots:
+            assert launches[2]["grid"][0] == slots
+        for name, a, b, c in zip(NAMES, fused, gemm, shuffled, strict=False):
+            assert torch.equal(a, c), name
+            if name in ("offset_w", "offset_b", "mask_w", "mask_b"):
+                assert relative_l2(a, b.double()) < tol, (slots, name, relative_l2(a, b.double()))
+            else:  # grad wpack alone changed its path
+                assert torch.equal(a, b), name
+    assert emulation.extension().wpack_slots() == 0  # restored
+    with pytest.raises(RuntimeError, match="automatic"):
+        emulation.extension().set_wpack_slots(-1)
+
+
+def test_grad_wpack_stays_a_gemm_where_its_partials_do_not_fit(emu):
+    """InternImage-T stage 2's shape (Cg 16, G = 8, C = 128) in fp32: the CTA's partials (224 x 129 floats) do not
+    fit beside the backward's tiles, so grad wpack is the GEMM over stored grad logits; in bf16 they fit."""
+    case = CASES[3]
+    assert (case.c, case.group) == (128, 8)
+    for dtype, fused in ((torch.float32, False), (torch.bfloat16, True)):
+        value, x1, params, geom, grad_out = make_inputs(case)
+        with emulation.count() as launches:
+            run_block(cuda.dcnv3_fused_emu, *rounded(value, x1, params, dtype), geom, grad_out)
+        assert ("sum_slots" in [x["kernel"] for x in launches]) == fused, (dtype, launches)
 
 
 def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
@@ -526,6 +595,10 @@ MUTANTS = {
             "const int r = 1;",
         )
     ],
+    # A persistent CTA's grad wpack partial keeps only its last tile's share.
+    "overwritten-wpack-partial": [
+        ("dcnv3/dcn_kernels.cuh", "wpart[(m0 + r) * p.C + c0 + c] += ", "wpart[(m0 + r) * p.C + c0 + c] = ")
+    ],
     # The fixed-point accumulator's low words never carry into the high ones: they overflow.
     "dropped-carry": [("dcnv3/dcn_kernels.cuh", "    if (l > kFixedLowMask) {", "    if (false) {")],
     # The barrier between normalising the logits (softmax/sigmoid) and sampling with them.
@@ -550,6 +623,8 @@ with emulation.using(emulation.load({lib!r})) as ext:
     try:
         for case in CASES[:2] + CASES[-1:]:
             check_block(cuda.dcnv3_fused_emu, case, torch.float32)
+        with cuda.wpack_slots(3, device="cpu"):  # persistent CTAs that take several tiles each
+            check_block(cuda.dcnv3_fused_emu, CASES[-1], torch.float32)
         err = concentrated_grad_error()
         assert err < CONCENTRATED_TOL, f"concentrated samples: grad value error {{err:.3g}}"
     except AssertionError as err:

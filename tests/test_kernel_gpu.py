@@ -17,6 +17,7 @@ from kernel_cases import (
     check_block,
     check_core,
     make_inputs,
+    relative_l2,
     require_kernels,
     rounded,
     run_block,
@@ -99,11 +100,34 @@ def test_split_epilogues_give_the_same_bits(case):
     """The output projection and grad x1 as GEMMs of their own (what `pretrain bench dcn` times as kernel-split)
     give the fused epilogues' bits: the same products summed in the same order."""
     args = _cuda_inputs(case, torch.bfloat16)
-    fused = run_block(cuda.dcnv3_fused_cuda, *args)
+    with cuda.wpack_in_backward(False):  # grad wpack by the GEMM, as the split form has it
+        fused = run_block(cuda.dcnv3_fused_cuda, *args)
     with cuda.fused_epilogues(False):
         split = run_block(cuda.dcnv3_fused_cuda, *args)
     for name, a, b in zip(NAMES, fused, split):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "case", [SHAPES[0], Case("T-stage2", 2, 28, 28, 128, 8)], ids=["T-stage1", "T-stage2"]
+)
+def test_grad_wpack_in_the_backward_matches_its_gemm(case):
+    """grad wpack accumulated in the backward's persistent CTAs (the default where it fits; `pretrain bench dcn`
+    times the GEMM form as kernel-wpack-gemm) matches the GEMM over stored grad logits up to fp32 summation order,
+    gives the same bits run to run, and leaves every other gradient bitwise unchanged, with any number of CTAs."""
+    args = _cuda_inputs(case, torch.bfloat16)
+    with cuda.wpack_in_backward(False):
+        gemm = run_block(cuda.dcnv3_fused_cuda, *args)
+    for slots in (0, 1, 7):
+        with cuda.wpack_slots(slots):
+            fused = run_block(cuda.dcnv3_fused_cuda, *args)
+            again = run_block(cuda.dcnv3_fused_cuda, *args)
+        for name, a, b, c in zip(NAMES, fused, gemm, again):
+            assert torch.equal(a, c), (slots, name)
+            if name in ("offset_w", "offset_b", "mask_w", "mask_b"):
+                assert relative_l2(a, b.double()) < 1e-2, (slots, name)
+            else:
+                assert torch.equal(a, b), (slots, name)
 
 
 @pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])

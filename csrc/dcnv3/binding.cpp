@@ -204,6 +204,23 @@ void set_backward_threads(int threads) {
   g_backward_threads = threads;
 }
 
+// Whether block_bwd accumulates grad wpack and grad bpack in the sampling kernel's persistent CTAs where their fp32
+// partials fit (the default), or stores grad logits and reduces them in a GEMM launch: the same gradients up to the
+// fp32 summation order. The GPU session times both (`pretrain bench dcn`, impl kernel-wpack-gemm).
+bool g_wpack_in_backward = true;
+
+void set_wpack_in_backward(bool enabled) { g_wpack_in_backward = enabled; }
+
+// The number of those persistent CTAs (slots): 0 picks it by the rule in block_bwd; n > 0 takes min(n, tiles), for
+// tests (several tiles per CTA) and for counting what a large batch pays per pixel at a fixed number of slots (the
+// bench's --marginal: at scale the slots are capped at one per SM).
+int g_wpack_slots = 0;
+
+void set_wpack_slots(int slots) {
+  TORCH_CHECK(slots >= 0, "dcnv3: wpack_slots must be 0 (automatic) or positive, not ", slots);
+  g_wpack_slots = slots;
+}
+
 // DCNV3_DISPATCH for a launcher-side query that returns a value.
 #define DCNV3_QUERY(dt, fn, ...)                                                   \
   ((dt) == DT::f32 ? dcnv3::fn##_f32(__VA_ARGS__)                                  \
@@ -421,17 +438,39 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((h + 7) / 8) * ((w + 7) / 8)),
               "dcnv3 CUDA: reach must be block_fwd's third output for these shapes");
   std::vector<at::Tensor> wout_grads = linear_bwd_weight(grad_out, y, h * w);
-  at::Tensor grad_logits = new_output({p.N, h, w, dcnv3::packed_cols(p.G)}, value.options());
+  const int cols = dcnv3::packed_cols(p.G);
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
   const bool x1_fused = g_fuse_epilogues && DCNV3_QUERY(dt, dcn_bwd_x1_fits, p.C / p.G, p.G) && grad_out.numel() > 0;
+  const bool wpack_fused = x1_fused && g_wpack_in_backward && DCNV3_QUERY(dt, dcn_bwd_wpack_fits, p.C / p.G, p.G, p.C);
   at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
+  // grad logits go through HBM only for a GEMM that reads them back (grad wpack, or grad x1 where not fused).
+  at::Tensor grad_logits = wpack_fused ? at::Tensor() : new_output({p.N, h, w, cols}, value.options());
+  at::Tensor wpack_partial, bpack_partial;
+  if (wpack_fused) {
+    // Persistent CTAs, one per SM at most (they need over half of one), each with its own fp32 partials. Their
+    // traffic (written, then read by sum_slots) is kept to at most half of the HBM bytes they save: the grad
+    // logits written and read back, and x1 read a second time, per 64-pixel tile.
+    const int64_t tiles = p.N * ((h + 7) / 8) * ((w + 7) / 8);
+    const int64_t saved_per_tile = 64 * (2 * cols + p.C) * value.element_size();
+    const int64_t partial_bytes = int64_t(cols) * (p.C + 1) * 4;
+    const int64_t slots =
+        g_wpack_slots > 0 ? std::min<int64_t>(g_wpack_slots, tiles)
+                          : std::clamp<int64_t>(tiles * saved_per_tile / (4 * partial_bytes), 1,
+                                                std::min<int64_t>(tiles, sm_count(value)));
+    auto f32 = value.options().dtype(at::kFloat);
+    wpack_partial = new_output({slots, cols, p.C}, f32);
+    bpack_partial = new_output({slots, cols}, f32);
+    p.grad_wpack_partial = wpack_partial.data_ptr<float>();
+    p.grad_bpack_partial = bpack_partial.data_ptr<float>();
+    p.wpack_slots = static_cast<int>(slots);
+  }
   if (grad_out.numel() > 0) {
     p.grad_out = grad_out.data_ptr();
     p.wout = wout.data_ptr();
     p.Cout = static_cast<int>(wout.size(0));
     p.grad_y_absmax = grad_y_bound.data_ptr<float>();
-    p.grad_logits = grad_logits.data_ptr();
+    p.grad_logits = wpack_fused ? nullptr : grad_logits.data_ptr();
     p.grad_value = grad_value.data_ptr();
     p.reach = reach.data_ptr<int>();
     p.grad_x1 = x1_fused ? grad_x1.data_ptr() : nullptr;
@@ -443,8 +482,19 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
     grad_logits.zero_();
   }
   if (!x1_fused) grad_x1 = linear_bwd_input(grad_logits, wpack);
-  std::vector<at::Tensor> wpack_grads = linear_bwd_weight(grad_logits, x1, 0);
-  return {grad_value, grad_x1, wpack_grads[0], wpack_grads[1], wout_grads[0], wout_grads[1]};
+  if (!wpack_fused) {
+    std::vector<at::Tensor> wpack_grads = linear_bwd_weight(grad_logits, x1, 0);
+    return {grad_value, grad_x1, wpack_grads[0], wpack_grads[1], wout_grads[0], wout_grads[1]};
+  }
+  at::Tensor grad_wpack = new_output({cols, p.C}, value.options());
+  at::Tensor grad_bpack = new_output({cols}, value.options());
+  DCNV3_DISPATCH(dt, sum_slots, p.grad_wpack_partial, p.wpack_slots, grad_wpack.numel(), grad_wpack.data_ptr(),
+                 stream());
+  check_launch();
+  DCNV3_DISPATCH(dt, sum_slots, p.grad_bpack_partial, p.wpack_slots, grad_bpack.numel(), grad_bpack.data_ptr(),
+                 stream());
+  check_launch();
+  return {grad_value, grad_x1, grad_wpack, grad_bpack, wout_grads[0], wout_grads[1]};
 }
 
 #ifdef DCNV3_EMULATION
@@ -503,6 +553,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_fused_epilogues", &set_fused_epilogues,
         "fuse the output projection (forward) and grad x1 (backward) into the sampling kernels where they fit");
   m.def("fused_epilogues", [] { return g_fuse_epilogues; }, "whether block_fwd/block_bwd fuse their epilogues");
+  m.def("set_wpack_in_backward", &set_wpack_in_backward,
+        "accumulate grad wpack in the backward's sampling kernel where it fits (true) or in a GEMM launch");
+  m.def("wpack_in_backward", [] { return g_wpack_in_backward; }, "whether block_bwd accumulates grad wpack in-kernel");
+  m.def("set_wpack_slots", &set_wpack_slots, "persistent CTAs of the in-kernel grad wpack: 0 = automatic");
+  m.def("wpack_slots", [] { return g_wpack_slots; }, "persistent CTAs of the in-kernel grad wpack (0: automatic)");
   m.def("set_backward_threads", &set_backward_threads, "threads per CTA of the one-launch backward: 128 or 256");
   m.def("backward_threads", [] { return g_backward_threads; }, "threads per CTA of the one-launch backward");
   m.def("block_bwd", &block_bwd,

@@ -610,12 +610,15 @@ struct RectBatch {
   int n_rects, next_tile;
 };
 
-template <class T, int CG>
+template <class T, int CG, bool kAllPairs = false>
 struct DcnValueSmem {
   DcnSmem<T> dcn;
-  ValueWindow<T, CG> window;                                   // for the own tile's value reads
-  alignas(16) T grad_logits[kTileM * kGroupsPerCta * kGroupCols];  // the own tile's, stored coalesced at the end
-  alignas(16) T grad_y[kTileM * kGroupsPerCta * CG];               // the chunk's (load_grad_y)
+  ValueWindow<T, CG> window;  // for the own tile's value reads
+  // The pair's grad logits of the own tile, stored coalesced at the end of the pair; unused (one vector) with
+  // kAllPairs, whose own tile keeps all groups' in the tile after this struct (7 KiB in bf16, which let grad wpack
+  // accumulate on chip at InternImage-T stage 2).
+  alignas(16) T grad_logits[kAllPairs ? 16 / sizeof(T) : kTileM * kGroupsPerCta * kGroupCols];
+  alignas(16) T grad_y[kTileM * kGroupsPerCta * CG];           // the chunk's (load_grad_y)
   unsigned acc_hi[AccLayout<T, CG>::kElems];                   // the target box's fixed-point accumulator:
   unsigned acc_lo[AccLayout<T, CG>::kElems];                   //   hi and lo words (AccLayout)
   float scale[kGroupsPerCta * CG];                             // fixed-point scale per channel of the image
@@ -728,7 +731,49 @@ __host__ __device__ constexpr size_t grad_logits_tile_bytes(int G) {
 }
 template <class T, int CG>
 __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
-  return sizeof(DcnValueSmem<T, CG>) + (all_pairs ? grad_logits_tile_bytes<T>(G) : 0);
+  return all_pairs ? sizeof(DcnValueSmem<T, CG, true>) + grad_logits_tile_bytes<T>(G) : sizeof(DcnValueSmem<T, CG>);
+}
+// The fp32 grad wpack and grad bpack partials of a persistent kAllPairs CTA (DcnParams::grad_wpack_partial), after
+// the grad logits tile: (packed_cols(G), C) and (packed_cols(G)).
+__host__ __device__ constexpr size_t wpack_partial_floats(int G, int C) { return size_t(packed_cols(G)) * (C + 1); }
+
+// The own tile's share of grad wpack and grad bpack, added into the CTA's fp32 partials in shared memory: wpart
+// (n_cols, C) += grad logits^T . x1 rows (the tile GEMM with K = the tile's 64 pixels: A is the grad logits tile read
+// transposed in place, B the x1 rows gathered along k, both MN-major), bpart (n_cols) += the grad logits' column
+// sums, each in a fixed order. rows: the own tile's, < 0 outside the image (an edge tile's grad logits rows there
+// hold whatever an earlier tile left, so they are zeroed first). All threads, after the grad logits tile is
+// complete; ends with a barrier.
+template <class T, int kCta = kThreads>
+__device__ void accumulate_wpack_grad(const DcnParams& p, DcnSmem<T>& sm, const int* rows, bool edge_tile, T* gl_tile,
+                                      int gl_pitch, float* wpart, float* bpart) {
+  const int n_cols = packed_cols(p.G);
+  if (edge_tile) {
+    constexpr int kV = Vec<T>::kN;
+    const int row_vecs = n_cols / kV;
+    for (int i = threadIdx.x; i < kTileM * row_vecs; i += kCta) {
+      const int pix = i / row_vecs;
+      if (rows[pix] < 0) store16(gl_tile + pix * gl_pitch + (i % row_vecs) * kV, uint4{0, 0, 0, 0});
+    }
+    __syncthreads();
+  }
+  for (int j = threadIdx.x; j < n_cols; j += kCta) {
+    float sum = 0.f;
+    for (int pix = 0; pix < kTileM; ++pix) sum += to_float(gl_tile[pix * gl_pitch + j]);
+    bpart[j] += sum;
+  }
+  const T* x1 = static_cast<const T*>(p.x1);
+  for (int m0 = 0; m0 < n_cols; m0 += kTileM) {
+    for (int c0 = 0; c0 < p.C; c0 += kTileN) {
+      // A(j, pix) = gl_tile[pix * gl_pitch + j]; B(c, pix) = x1[rows[pix] * C + c].
+      tile_gemm<T, kTileM, kTileN, true, true, 1, kCta>(sm.gemm, sm.logits, gl_tile, 1, gl_pitch, m0, n_cols, x1, 1,
+                                                        p.C, c0, p.C, 0, kTileM, nullptr, rows);
+      for (int i = threadIdx.x; i < kTileM * kTileN; i += kCta) {
+        const int r = i / kTileN, c = i % kTileN;
+        if (m0 + r < n_cols && c0 + c < p.C) wpart[(m0 + r) * p.C + c0 + c] += sm.logits[r * (kTileN + kAccPad) + c];
+      }
+      __syncthreads();  // the next step's result overwrites this one
+    }
+  }
 }
 
 // grid (N * ceil(H/8) * ceil(W/8), ceil(G/2)) (kAllPairs: (N * ceil(H/8) * ceil(W/8))), kCta threads (kThreads, or
@@ -740,7 +785,9 @@ __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
 // kAllPairs (with kOwnTile, the fused block: p.grad_x1 set): the CTA takes every group pair of its tile in turn,
 // keeps the own tile's grad logits of all groups in shared memory, and ends with grad x1 = grad logits . wpack for
 // its 64 pixels (64 columns per step, wpack streamed from L2): grad logits are stored for grad wpack but not read
-// back for grad x1.
+// back for grad x1. With p.grad_wpack_partial, grad wpack accumulates here too (accumulate_wpack_grad) and grad
+// logits are not stored: the grid is then p.wpack_slots persistent CTAs, each taking every wpack_slots-th tile
+// (a fixed assignment: the partials, and so the sums, do not depend on scheduling).
 template <class T, int CG, bool kOwnTile, bool kAllPairs, int kCta = kThreads>
 __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
   static_assert(kOwnTile || !kAllPairs, "grad x1 comes from the own tile's grad logits");
@@ -748,137 +795,157 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
   constexpr int kVec = Vec<T>::kN;
   constexpr int kLanes = CG / kVec;  // lanes per (source pixel, group) pair, each kVec channels
   constexpr int kChans = kGroupsPerCta * CG;
-  DcnValueSmem<T, CG>& sm = dynamic_smem<DcnValueSmem<T, CG>>();
+  DcnValueSmem<T, CG, kAllPairs>& sm = dynamic_smem<DcnValueSmem<T, CG, kAllPairs>>();
   T* gl_tile = reinterpret_cast<T*>(&sm + 1);  // kAllPairs only
   const int n_cols = packed_cols(p.G), gl_pitch = n_cols + kSmemPad;
+  // kAllPairs with p.grad_wpack_partial: the CTA's grad wpack and grad bpack partials, after the grad logits tile.
+  const bool acc_wpack = kAllPairs && p.grad_wpack_partial != nullptr;
+  float* wpart = reinterpret_cast<float*>(reinterpret_cast<char*>(gl_tile) + grad_logits_tile_bytes<T>(p.G));
+  float* bpart = wpart + n_cols * p.C;
   if (kAllPairs) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
     const int live = p.G * kGroupCols, pad = n_cols - live;
     for (int i = threadIdx.x; i < kTileM * pad; i += kCta) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
   }
+  if (acc_wpack)
+    for (int i = threadIdx.x; i < int(wpack_partial_floats(p.G, p.C)); i += kCta) wpart[i] = 0.f;
 
   const int M = p.N * p.Ho * p.Wo;
   const int tiles_w = ceil_div(p.W, kTile), tiles = tiles_w * ceil_div(p.H, kTile);
-  const int n = blockIdx.x / tiles, tile = blockIdx.x % tiles;
-  const int tx0 = (tile % tiles_w) * kTile, ty0 = (tile / tiles_w) * kTile;
-  const int tx1 = min(p.W, tx0 + kTile) - 1, ty1 = min(p.H, ty0 + kTile) - 1;
-  const int g_first = kAllPairs ? 0 : blockIdx.y * kGroupsPerCta;
-  const int g_last = kAllPairs ? p.G : g_first + 1;
-  const ScatterBox<T, CG> box{sm.acc_hi, sm.acc_lo, sm.scale, tx0, tx1, ty0, ty1};
+  // One tile per CTA, or (persistent, acc_wpack) every gridDim.x-th tile in turn.
+  for (int task = blockIdx.x; task < p.N * tiles; task += gridDim.x) {
+    const int n = task / tiles, tile = task % tiles;
+    const int tx0 = (tile % tiles_w) * kTile, ty0 = (tile / tiles_w) * kTile;
+    const int tx1 = min(p.W, tx0 + kTile) - 1, ty1 = min(p.H, ty0 + kTile) - 1;
+    const int g_first = kAllPairs ? 0 : blockIdx.y * kGroupsPerCta;
+    const int g_last = kAllPairs ? p.G : g_first + 1;
+    const ScatterBox<T, CG> box{sm.acc_hi, sm.acc_lo, sm.scale, tx0, tx1, ty0, ty1};
 
-  for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
-    for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kCta) sm.acc_hi[i] = sm.acc_lo[i] = 0;
-    for (int i = threadIdx.x; i < kChans; i += kCta)
-      sm.scale[i] = g0 * CG + i < p.C
-                        ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i, p.fixed_point_bits)
-                        : 0.f;
-    if (threadIdx.x == 0) sm.batch.next_tile = 0;
-    if (kOwnTile) {
-      fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
-      __syncthreads();  // rows, and the accumulator's zeros and scales
-      const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
-      stage_window<T, CG, kCta>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
-      load_grad_y<T, CG, kCta>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
-      compute_logits<T, kCta>(p, sm.dcn, 0, g0, M, sm.rows);
-      for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kCta) {
-        const int pair = item / kLanes, lane = item % kLanes;
-        const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
-        const int m = sm.rows[pix], g = g0 + gl;
-        T* gl_row = kAllPairs ? gl_tile + pix * gl_pitch + g * kGroupCols : sm.grad_logits + pair * kGroupCols;
-        pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), sm.grad_y + pix * kChans + gl * CG, m, g, gl, lane,
-                             m >= 0 && g < p.G, &box, &sm.window, gl_row);
-      }
-      __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
-      carry_low_words<T, CG, kCta>(sm.acc_hi, sm.acc_lo);  // (the source chunk's rows barrier comes before its adds)
-      if (!kAllPairs)
-        store_grad_logits<T, kCta>(p, sm.rows, sm.grad_logits, kGroupsPerCta * kGroupCols, g0 * kGroupCols,
-                             min(kGroupsPerCta, p.G - g0) * kGroupCols);
-    }
-    __syncthreads();  // batch.next_tile
-    for (;;) {
-      collect_source_rects(p, sm.batch, n, tx0, tx1, ty0, ty1, kOwnTile);
-      const int n_rects = sm.batch.n_rects;
-      if (n_rects == 0) break;
-      const int n_sources = sm.batch.rects[n_rects - 1].end;
-      for (int s0 = 0; s0 < n_sources; s0 += kTileM) {
-        if (threadIdx.x < kTileM) {
-          const int slot = s0 + threadIdx.x;
-          int m = -1;
-          const SourceRect* rects = sm.batch.rects;
-          for (int i = 0, start = 0; i < n_rects && m < 0; start = rects[i].end, ++i) {
-            if (slot >= rects[i].end) continue;
-            const int local = slot - start;
-            m = (n * p.Ho + rects[i].ho0 + local / rects[i].w) * p.Wo + rects[i].wo0 + local % rects[i].w;
-          }
-          sm.rows[threadIdx.x] = m;
-        }
-        __syncthreads();
+    for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
+      for (int i = threadIdx.x; i < AccLayout<T, CG>::kElems; i += kCta) sm.acc_hi[i] = sm.acc_lo[i] = 0;
+      for (int i = threadIdx.x; i < kChans; i += kCta)
+        sm.scale[i] = g0 * CG + i < p.C
+                          ? fixed_point_scale(p.grad_y_absmax + int64_t(n) * p.C + g0 * CG + i, p.fixed_point_bits)
+                          : 0.f;
+      if (threadIdx.x == 0) sm.batch.next_tile = 0;
+      if (kOwnTile) {
+        fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
+        __syncthreads();  // rows, and the accumulator's zeros and scales
+        const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
+        stage_window<T, CG, kCta>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
         load_grad_y<T, CG, kCta>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
         compute_logits<T, kCta>(p, sm.dcn, 0, g0, M, sm.rows);
-
         for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kCta) {
           const int pair = item / kLanes, lane = item % kLanes;
           const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
           const int m = sm.rows[pix], g = g0 + gl;
-          if (m < 0 || g >= p.G) continue;  // no collective operations below
-          const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
-          const float* row = logit_row(sm.dcn.logits, pix, gl);
-          const float s = p.has_cfs ? row[3 * p.P] : 0.f;
-          // Lane l owns channels l, l + kLanes, ...: in each shared atomic the pair's lanes hit consecutive words.
-          float gy[kVec], scale[kVec];
-  #pragma unroll
-          for (int v = 0; v < kVec; ++v) {
-            gy[v] = to_float(sm.grad_y[pix * kChans + gl * CG + lane + kLanes * v]);
-            scale[v] = sm.scale[gl * CG + lane + kLanes * v];
-          }
-          for (int q = 0; q < p.P; ++q) {
-            float x, y;
-            sample_xy(p, row, q, ho, wo, x, y);
-            const float mk = row[2 * p.P + q];
-            Bilinear b = bilinear_at(x, y, p.H, p.W);
-  #pragma unroll
-            for (int k = 0; k < 4; ++k)
-              box.add(b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane, kLanes, mk * b.w[k], gy, 1.f - s, scale);
-          }
-          // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
-          if (p.has_cfs) box.add(true, wo, ho, gl, lane, kLanes, s, gy, 1.f, scale);
+          T* gl_row = kAllPairs ? gl_tile + pix * gl_pitch + g * kGroupCols : sm.grad_logits + pair * kGroupCols;
+          pair_backward<T, CG>(p, logit_row(sm.dcn.logits, pix, gl), sm.grad_y + pix * kChans + gl * CG, m, g, gl, lane,
+                               m >= 0 && g < p.G, &box, &sm.window, gl_row);
         }
-        __syncthreads();  // the next chunk overwrites rows and logits
-        carry_low_words<T, CG, kCta>(sm.acc_hi, sm.acc_lo);  // (its rows barrier comes before its adds)
+        __syncthreads();  // the source chunks overwrite rows and logits; grad logits are complete
+        carry_low_words<T, CG, kCta>(sm.acc_hi, sm.acc_lo);  // (the source chunk's rows barrier comes before its adds)
+        if (!kAllPairs)
+          store_grad_logits<T, kCta>(p, sm.rows, sm.grad_logits, kGroupsPerCta * kGroupCols, g0 * kGroupCols,
+                               min(kGroupsPerCta, p.G - g0) * kGroupCols);
       }
-    }
-    __syncthreads();  // the last carries
+      __syncthreads();  // batch.next_tile
+      for (;;) {
+        collect_source_rects(p, sm.batch, n, tx0, tx1, ty0, ty1, kOwnTile);
+        const int n_rects = sm.batch.n_rects;
+        if (n_rects == 0) break;
+        const int n_sources = sm.batch.rects[n_rects - 1].end;
+        for (int s0 = 0; s0 < n_sources; s0 += kTileM) {
+          if (threadIdx.x < kTileM) {
+            const int slot = s0 + threadIdx.x;
+            int m = -1;
+            const SourceRect* rects = sm.batch.rects;
+            for (int i = 0, start = 0; i < n_rects && m < 0; start = rects[i].end, ++i) {
+              if (slot >= rects[i].end) continue;
+              const int local = slot - start;
+              m = (n * p.Ho + rects[i].ho0 + local / rects[i].w) * p.Wo + rects[i].wo0 + local % rects[i].w;
+            }
+            sm.rows[threadIdx.x] = m;
+          }
+          __syncthreads();
+          load_grad_y<T, CG, kCta>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
+          compute_logits<T, kCta>(p, sm.dcn, 0, g0, M, sm.rows);
 
-    // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite;
-    // a thread converts kVec channels of a pixel and stores them as one 16-byte vector (a vector lies wholly in one
-    // group: Cg is a multiple of it).
-    T* grad_value = static_cast<T*>(p.grad_value);
-    constexpr int kPixVecs = kChans / kVec;
-    for (int i = threadIdx.x; i < kTile * kTile * kPixVecs; i += kCta) {
-      const int pix = i / kPixVecs, cl = (i % kPixVecs) * kVec, c = g0 * CG + cl;
-      const int x = tx0 + pix % kTile, y = ty0 + pix / kTile;
-      if (x > tx1 || y > ty1 || c >= p.C) continue;
-      float absmax[kVec], v[kVec];
-      load_f32<kVec>(p.grad_y_absmax + int64_t(n) * p.C + c, absmax);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const int at = AccLayout<T, CG>::at(pix, (cl + j) / CG, (cl + j) % CG);
-        const float q =
-            static_cast<float>(static_cast<double>(fixed_point_value(sm.acc_hi[at], sm.acc_lo[at])) / sm.scale[cl + j]);
-        v[j] = isfinite(absmax[j]) ? q : NAN;
+          for (int item = threadIdx.x; item < kTileM * kGroupsPerCta * kLanes; item += kCta) {
+            const int pair = item / kLanes, lane = item % kLanes;
+            const int pix = pair / kGroupsPerCta, gl = pair % kGroupsPerCta;
+            const int m = sm.rows[pix], g = g0 + gl;
+            if (m < 0 || g >= p.G) continue;  // no collective operations below
+            const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+            const float* row = logit_row(sm.dcn.logits, pix, gl);
+            const float s = p.has_cfs ? row[3 * p.P] : 0.f;
+            // Lane l owns channels l, l + kLanes, ...: in each shared atomic the pair's lanes hit consecutive words.
+            float gy[kVec], scale[kVec];
+  #pragma unroll
+            for (int v = 0; v < kVec; ++v) {
+              gy[v] = to_float(sm.grad_y[pix * kChans + gl * CG + lane + kLanes * v]);
+              scale[v] = sm.scale[gl * CG + lane + kLanes * v];
+            }
+            for (int q = 0; q < p.P; ++q) {
+              float x, y;
+              sample_xy(p, row, q, ho, wo, x, y);
+              const float mk = row[2 * p.P + q];
+              Bilinear b = bilinear_at(x, y, p.H, p.W);
+  #pragma unroll
+              for (int k = 0; k < 4; ++k)
+                box.add(b.in[k], b.x0 + (k & 1), b.y0 + (k >> 1), gl, lane, kLanes, mk * b.w[k], gy, 1.f - s, scale);
+            }
+            // The center-feature-scale blend's term lands on the source pixel itself (output grid == input grid).
+            if (p.has_cfs) box.add(true, wo, ho, gl, lane, kLanes, s, gy, 1.f, scale);
+          }
+          __syncthreads();  // the next chunk overwrites rows and logits
+          carry_low_words<T, CG, kCta>(sm.acc_hi, sm.acc_lo);  // (its rows barrier comes before its adds)
+        }
       }
-      store_vec<T>(grad_value + ((int64_t(n) * p.H + y) * p.W + x) * p.C + c, v);
+      __syncthreads();  // the last carries
+
+      // The tile is complete: grad value = accumulator / its (image, channel) scale, NaN where grad_y was not finite;
+      // a thread converts kVec channels of a pixel and stores them as one 16-byte vector (a vector lies wholly in one
+      // group: Cg is a multiple of it).
+      T* grad_value = static_cast<T*>(p.grad_value);
+      constexpr int kPixVecs = kChans / kVec;
+      for (int i = threadIdx.x; i < kTile * kTile * kPixVecs; i += kCta) {
+        const int pix = i / kPixVecs, cl = (i % kPixVecs) * kVec, c = g0 * CG + cl;
+        const int x = tx0 + pix % kTile, y = ty0 + pix / kTile;
+        if (x > tx1 || y > ty1 || c >= p.C) continue;
+        float absmax[kVec], v[kVec];
+        load_f32<kVec>(p.grad_y_absmax + int64_t(n) * p.C + c, absmax);
+  #pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const int at = AccLayout<T, CG>::at(pix, (cl + j) / CG, (cl + j) % CG);
+          const float q =
+              static_cast<float>(static_cast<double>(fixed_point_value(sm.acc_hi[at], sm.acc_lo[at])) / sm.scale[cl + j]);
+          v[j] = isfinite(absmax[j]) ? q : NAN;
+        }
+        store_vec<T>(grad_value + ((int64_t(n) * p.H + y) * p.W + x) * p.C + c, v);
+      }
+      __syncthreads();  // the next pair zeroes the accumulator
     }
-    __syncthreads();  // the next pair zeroes the accumulator
+    if (!kAllPairs) continue;
+
+    // The own tile's grad logits, all groups: stored (16-byte vectors, for grad wpack) unless grad wpack accumulates
+    // here, and grad x1 = grad logits . wpack (K = packed_cols(G), B(n, k) = wpack[k*C + n]: read transposed in place),
+    // 64 columns per step.
+    fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
+    __syncthreads();
+    if (p.grad_logits != nullptr) store_grad_logits<T, kCta>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
+    project_tile<T, true, kCta>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C,
+                          nullptr, static_cast<T*>(p.grad_x1));
+    if (acc_wpack)
+      accumulate_wpack_grad<T, kCta>(p, sm.dcn, sm.rows, tx1 - tx0 + 1 < kTile || ty1 - ty0 + 1 < kTile, gl_tile,
+                                     gl_pitch, wpart, bpart);
   }
-  if (!kAllPairs) return;
-
-  // The own tile's grad logits, all groups: stored (16-byte vectors, for grad wpack), and grad x1 = grad logits .
-  // wpack (K = packed_cols(G), B(n, k) = wpack[k*C + n]: read transposed in place), 64 columns per step.
-  fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
+  if (!acc_wpack) return;
+  // The CTA's partials, in slot blockIdx.x (16-byte vectors: packed_cols(G) is a multiple of 8).
   __syncthreads();
-  store_grad_logits<T, kCta>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
-  project_tile<T, true, kCta>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C,
-                        nullptr, static_cast<T*>(p.grad_x1));
+  float* w_out = p.grad_wpack_partial + int64_t(blockIdx.x) * n_cols * p.C;
+  for (int i = threadIdx.x * 4; i < n_cols * p.C; i += kCta * 4) store16(w_out + i, load16(wpart + i));
+  float* b_out = p.grad_bpack_partial + int64_t(blockIdx.x) * n_cols;
+  for (int i = threadIdx.x * 4; i < n_cols; i += kCta * 4) store16(b_out + i, load16(bpart + i));
 }
 
 // The largest dynamic shared memory a CTA may opt in to (sm_90: 227 KiB; the emulation enforces the same).
@@ -904,10 +971,18 @@ void launch_dcn_fwd(const DcnParams& p, cudaStream_t stream) {
 }
 
 // Whether the backward can fuse grad x1 (p.grad_x1) for G groups: its grad logits tile fits on chip (at 32 channels
-// per group: bf16/fp16 up to 33 groups, fp32 up to 12).
+// per group: bf16/fp16 up to 34 groups, fp32 up to 13).
 template <class T, int CG>
 bool bwd_x1_fits(int G) {
   return bwd_smem_bytes<T, CG>(true, G) <= kMaxDynamicSmem;
+}
+
+// Whether, with grad x1 fused, grad wpack can also accumulate in the backward (p.grad_wpack_partial): the CTA's fp32
+// partials, packed_cols(G) x (C + 1), fit beside the grad logits tile (16-bit types: up to C = 128 at 16 channels
+// per group, InternImage-T stages 1-2, with 1.2 KiB to spare at C = 128; up to 160 at 32; fp32: 96 and 128).
+template <class T, int CG>
+bool bwd_wpack_fits(int G, int C) {
+  return bwd_smem_bytes<T, CG>(true, G) + wpack_partial_floats(G, C) * sizeof(float) <= kMaxDynamicSmem;
 }
 
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the
@@ -924,11 +999,18 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const bool wide = p.cta_threads == kWideCta;
   const dim3 cta(wide ? kWideCta : kThreads);
   if (own_tile && p.grad_x1 != nullptr) {
+    const bool acc_wpack = p.grad_wpack_partial != nullptr;
+    if (acc_wpack && (p.wpack_slots < 1 || p.wpack_slots > tiles))
+      throw std::invalid_argument("dcnv3: grad wpack's slots must be between 1 and the number of tiles");
     launch_kernel("dcn_bwd_x1",
                   wide ? dcn_bwd_value_kernel<T, CG, true, true, kWideCta> : dcn_bwd_value_kernel<T, CG, true, true>,
-                  dim3(tiles), cta, bwd_smem_bytes<T, CG>(true, p.G), stream, q);
+                  dim3(acc_wpack ? p.wpack_slots : tiles), cta,
+                  bwd_smem_bytes<T, CG>(true, p.G) + (acc_wpack ? wpack_partial_floats(p.G, p.C) * sizeof(float) : 0),
+                  stream, q);
     return;
   }
+  if (p.grad_wpack_partial != nullptr)
+    throw std::invalid_argument("dcnv3: grad wpack accumulates only in the one-launch backward with grad x1");
   if (own_tile) {
     launch_kernel("dcn_bwd_value",
                   wide ? dcn_bwd_value_kernel<T, CG, true, false, kWideCta> : dcn_bwd_value_kernel<T, CG, true, false>,

@@ -55,6 +55,14 @@ struct DcnParams {
   void* grad_value;              // (N, H, W, C) T
   // When set (the fused block): grad x1 (N, H, W, C) T = grad logits . wpack, the backward's epilogue.
   void* grad_x1;
+  // When set (with grad_x1, where bwd_wpack_fits): grad wpack and grad bpack accumulate on chip instead of going
+  // through stored grad logits. wpack_slots persistent CTAs each take every wpack_slots-th tile, add its grad
+  // logits^T . x1 rows and the grad logits' column sums into fp32 partials in shared memory, and leave them in
+  // grad_wpack_partial (wpack_slots, packed_cols(G), C) and grad_bpack_partial (wpack_slots, packed_cols(G)), which
+  // sum_slots adds in slot order. grad_logits may then be null (not stored).
+  float* grad_wpack_partial;
+  float* grad_bpack_partial;
+  int wpack_slots;
   // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
   // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it
   // scatters to. Zeroed by the caller, filled by dcn_bwd, read by dcn_bwd_value.

@@ -231,10 +231,12 @@ __device__ __forceinline__ void stage_tile(T* smem, const T* x, int64_t s_r, int
 
 // stage_tile for an MN-major tile (OperandLayout<ROWS, true>): smem[k * (ROWS + kSmemPad) + r] = X(r0 + r, k0 + k).
 // With the rows' unit stride (s_r == 1) a 16-byte load of kV rows at one k is one 16-byte store; element by
-// element otherwise (any strides). No row gather: gathered operands are activations, K-major.
+// element otherwise (any strides). No row gather (gathered operands are activations, K-major), but with `k_map`
+// (K entries in shared memory) k is gathered: X(r, k) = x[r*s_r + k_map[k]*s_k], zeros where k_map[k] < 0 (grad
+// wpack's x1 rows, the K of that GEMM being a tile's pixels).
 template <class T, int ROWS, bool kAsync = false, int kCta = kThreads>
 __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, int64_t s_k, int r0, int rows, int k0,
-                                              int K) {
+                                              int K, const int* k_map = nullptr) {
   constexpr int kPitch = ROWS + kSmemPad;
   constexpr int kV = Vec<T>::kN;
   static_assert(ROWS % kV == 0 && (kPitch * sizeof(T)) % 16 == 0, "whole vectors per k");
@@ -243,20 +245,23 @@ __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, 
     constexpr int kColVecs = ROWS / kV;
     for (int idx = threadIdx.x; idx < kColVecs * kTileK; idx += kCta) {
       const int r = (idx % kColVecs) * kV, k = idx / kColVecs, gr = r0 + r, gk = k0 + k;
-      const bool in = gr < rows && gk < K;
-      if constexpr (kAsync) cp_async16(smem + k * kPitch + r, in ? x + gr + int64_t(gk) * s_k : x, in);
-      else store16(smem + k * kPitch + r, in ? load16(x + gr + int64_t(gk) * s_k) : uint4{0, 0, 0, 0});
+      const int mk = gk >= K ? -1 : k_map != nullptr ? k_map[gk] : gk;
+      const bool in = gr < rows && mk >= 0;
+      if constexpr (kAsync) cp_async16(smem + k * kPitch + r, in ? x + gr + int64_t(mk) * s_k : x, in);
+      else store16(smem + k * kPitch + r, in ? load16(x + gr + int64_t(mk) * s_k) : uint4{0, 0, 0, 0});
     }
   } else {
     for (int idx = threadIdx.x; idx < ROWS * kTileK; idx += kCta) {
       const int r = idx % ROWS, k = idx / ROWS, gr = r0 + r, gk = k0 + k;
-      smem[k * kPitch + r] = (gr < rows && gk < K) ? x[gr * s_r + int64_t(gk) * s_k] : T(0.0f);
+      const int mk = gk >= K ? -1 : k_map != nullptr ? k_map[gk] : gk;
+      smem[k * kPitch + r] = (gr < rows && mk >= 0) ? x[gr * s_r + int64_t(mk) * s_k] : T(0.0f);
     }
   }
 }
 
 // acc_smem (BM, BN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T, or A's rows gathered
-// through a_rows (BM entries in shared memory, see stage_tile; K-major A only). kAMN / kBMN: the operand is
+// through a_rows (BM entries in shared memory, see stage_tile; K-major A only), or B's k gathered through b_k_map
+// (k_end entries in shared memory, see stage_tile_mn; MN-major B only). kAMN / kBMN: the operand is
 // staged MN-major (OperandLayout), for operands whose unit stride runs along their rows. kStages > 1: a cp.async
 // pipeline, K-steps kt+1 .. kt+kStages-1 loading while kt's mma run (the standalone GEMMs, whose shared memory is
 // free; the fused kernels' is not, they stage one K-step at a time). All kCta threads must call it; it ends with
@@ -265,7 +270,7 @@ template <class T, int BM = kTileM, int BN = kTileN, bool kAMN = false, bool kBM
           int kCta = kThreads>
 __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem, const T* a, int64_t a_m,
                           int64_t a_k, int m0, int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin,
-                          int k_end, const int* a_rows = nullptr) {
+                          int k_end, const int* a_rows = nullptr, const int* b_k_map = nullptr) {
   using TiledMma = typename MmaTraits<T, kCta>::TiledMma;
   using Smem = TileGemmSmem<T, BM, BN, kStages>;
   static_assert(size(TiledMma{}) == kCta, "the tiled MMA must use exactly the CTA's threads");
@@ -291,7 +296,8 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
   auto stage = [&](int s, int k0) {
     if constexpr (kAMN) stage_tile_mn<T, BM, kAsync, kCta>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end);
     else stage_tile<T, BM, kAsync, kCta>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end, a_rows);
-    if constexpr (kBMN) stage_tile_mn<T, BN, kAsync, kCta>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
+    if constexpr (kBMN)
+      stage_tile_mn<T, BN, kAsync, kCta>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end, b_k_map);
     else stage_tile<T, BN, kAsync, kCta>(sm.b + s * Smem::kSlotB, b, b_n, b_k, n0, N, k0, k_end);
   };
   // The mma of the K-step in slot s. 16-bit types: the fragments come through ldmatrix (.trans for MN-major; each

@@ -6,6 +6,8 @@ output projection), forward and forward+backward, per implementation, in one run
               kernels' epilogues (fewer HBM bytes against more shared memory per CTA: the GPU decides)
 * kernel-8w   the same as kernel, with the backward's sampling kernel in 8 warps per CTA instead of 4 (two warps per
               scheduler where one CTA fills an SM: more latency hiding, the same results)
+* kernel-wpack-gemm  the same as kernel, with grad wpack reduced by a GEMM over stored grad logits instead of in the
+              backward's persistent CTAs (where those fit: InternImage-T stage 1; elsewhere the same as kernel)
 * reference   pretrain.ops.dcnv3_fused_reference (PyTorch ops, grid_sample)
 * compiled    the reference under torch.compile
 * dcnv4       the DCNv4 package's op (pip `DCNv4`, built on the GPU machine) + PyTorch projections. Different
@@ -33,7 +35,7 @@ MODELS = {
     "b": (112, (7, 14, 28, 56), False),
     "h": (320, (10, 20, 40, 80), True),
 }
-IMPLS = ("kernel", "kernel-split", "kernel-8w", "reference", "compiled", "dcnv4")
+IMPLS = ("kernel", "kernel-split", "kernel-8w", "kernel-wpack-gemm", "reference", "compiled", "dcnv4")
 
 
 def add_arguments(parser) -> None:
@@ -198,11 +200,11 @@ def _impl_fn(impl, c, group, dtype, device):
         return dcnv3_fused_reference, None
     if impl == "compiled":
         return torch.compile(dcnv3_fused_reference), None
-    if impl in ("kernel", "kernel-split", "kernel-8w"):
+    if impl.startswith("kernel"):
         reason = cuda.unavailable_reason(torch.empty(0, device=device, dtype=dtype))
         if reason:
             return None, reason
-        return cuda.dcnv3_fused_cuda, None  # kernel-split / -8w: timed under their switch (_epilogues)
+        return cuda.dcnv3_fused_cuda, None  # the variants: timed under their switch (_epilogues)
     if impl == "dcnv4":
         return _dcnv4_fn(c, group, dtype, device)
     raise ValueError(f"unknown impl {impl!r}")
@@ -275,7 +277,7 @@ def _write(path, text: str) -> None:
 
 def _epilogues(impl):
     """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
-    of their own; kernel-8w, the backward's sampling kernel in 8 warps."""
+    of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM."""
     import contextlib
 
     from pretrain.ops import cuda
@@ -284,6 +286,8 @@ def _epilogues(impl):
         return cuda.fused_epilogues(False)
     if impl == "kernel-8w":
         return cuda.backward_threads(256)
+    if impl == "kernel-wpack-gemm":
+        return cuda.wpack_in_backward(False)
     return contextlib.nullcontext()
 
 

@@ -117,7 +117,7 @@ def by_line_markdown(
 def run(args) -> int:
     import torch
 
-    from pretrain.ops import emulation
+    from pretrain.ops import cuda, emulation
 
     if emulation.extension() is None:
         print(f"error: {emulation.error()}", file=sys.stderr)
@@ -142,7 +142,12 @@ def run(args) -> int:
             counted = count_block(images, band, side, c, group, cfs, dtype)
             if args.marginal:  # the same stage on twice the pixels: more rows, or more images of a full map
                 images2, band2 = (images, 2 * band) if 2 * band <= side else (2 * images, band)
-                counted2 = count_block(images2, band2, side, c, group, cfs, dtype)
+                # With as many persistent grad-wpack CTAs as the slice took: at scale their number is capped at
+                # one per SM, so their partials are a per-launch cost, as the weights are.
+                slots = [x["grid"][0] for x in counted["bwd"] if x["kernel"] == "dcn_bwd_x1"]
+                pinned = any(x["kernel"] == "sum_slots" for x in counted["bwd"])
+                with cuda.wpack_slots(slots[0] if pinned else 0, device="cpu"):
+                    counted2 = count_block(images2, band2, side, c, group, cfs, dtype)
             secs = time.monotonic() - t0
             fwd_ess, fwdbwd_ess = essential_bytes_per_pixel(c, group, 9, cfs, elem, pixels)
             fwd = summarise(counted["fwd"], pixels)

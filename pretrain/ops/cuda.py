@@ -367,7 +367,9 @@ def fused_bwd(
 @fused_bwd.register_kernel("cuda")
 def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate):
     # grad wout first (its GEMM also takes max |grad_out| per image, bounding grad_y for the fixed-point scales),
-    # then one sampling launch that recomputes grad_y per tile from grad_out, then grad x1 and grad wpack/bpack.
+    # then one sampling launch that recomputes grad_y per tile from grad_out, with grad x1 as its epilogue (where
+    # it fits), then grad wpack/bpack: a GEMM over the stored grad logits, or (where the partials fit on chip) the
+    # sum of the sampling launch's per-CTA partials.
     grads = _kernels(value).block_bwd(
         grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs
     )
@@ -528,6 +530,21 @@ def backward_threads(threads: int, device: str = "cuda"):
     the default) or 256 (8 warps, two per scheduler where one CTA fills an SM): the same results, different latency
     hiding (`pretrain bench dcn` times both). device "cpu": the emulation build's switch."""
     return _extension_switch("backward_threads", threads, device)
+
+
+def wpack_in_backward(enabled: bool, device: str = "cuda"):
+    """Within the block, accumulate grad wpack and grad bpack in the backward's sampling kernel where their fp32
+    partials fit beside its tiles (enabled, the default: grad logits never reach HBM), or store grad logits and
+    reduce them in a GEMM launch: the same gradients up to fp32 summation order (`pretrain bench dcn` times both,
+    impl kernel-wpack-gemm). device "cpu": the emulation build's switch."""
+    return _extension_switch("wpack_in_backward", enabled, device)
+
+
+def wpack_slots(slots: int, device: str = "cuda"):
+    """Within the block, run the in-kernel grad wpack in `slots` persistent CTAs (at most one per tile; 0: the
+    automatic choice, at most one per SM): each CTA takes every slots-th tile and sums its own partials. For tests
+    and for counting a large batch's per-pixel bytes at a fixed number of slots."""
+    return _extension_switch("wpack_slots", slots, device)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,4 +12,8 @@ void absmax_rows_bf16(const void* x, int N, int R, int C, float* absmax, cudaStr
   launch_absmax_rows<cutlass::bfloat16_t>(x, N, R, C, absmax, stream);
 }
 
+void sum_slots_bf16(const float* partial, int slots, int64_t count, void* out, cudaStream_t stream) {
+  launch_sum_slots<cutlass::bfloat16_t>(partial, slots, count, out, stream);
+}
+
 }  // namespace dcnv3
