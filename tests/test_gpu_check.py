@@ -53,6 +53,7 @@ def test_dry_run_runs_every_phase_and_writes_the_report(tmp_path):
         "a": "skipped",
         "b": "ok",
         "c": "ok",
+        "n": "skipped",  # ncu needs a GPU
         "d": "ok",
     }
     assert lines["install"] in ("ok", "skipped")
@@ -161,3 +162,33 @@ def test_batch_search_keeps_the_predicted_step_within_the_device():
     assert fit_batch(peaks, 8, total, params, max_batch=256)[0] == 256
     # a model whose states alone exceed the device: batch 1, and the trainer's OOM says the rest
     assert fit_batch(peaks, 8, total, 10_000_000_000, max_batch=256)[0] == 1
+
+
+def test_ncu_counters_become_a_table():
+    """Phase n's parser on ncu's raw CSV (`--csv --page raw --print-units base`): profiler lines before the
+    header, a units row, thousands separators; a kernel per row in launch order, and a total."""
+    ncu = _load("ncu_block")
+    header = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+              "Grid Size", "Device", "CC", "dram__bytes.sum", "gpu__time_duration.sum", "lts__t_bytes.sum",
+              "sm__throughput.avg.pct_of_peak_sustained_elapsed"]  # fmt: skip
+    units = ["", "", "", "", "", "", "", "", "", "", "", "byte", "nsecond", "byte", "%"]
+    rows = [
+        ["0", "7", "python3", "h", "void dcnv3::dcn_bwd_value_kernel<cutlass::bfloat16_t, 32, true, true, 128>"
+         "(dcnv3::DcnParams)", "1", "7", "(128, 1, 1)", "(784, 1, 1)", "0", "9.0", "1,000,000", "250,000",
+         "8,000,000", "61.5"],
+        ["1", "7", "python3", "h", "void dcnv3::sum_slots_kernel<cutlass::bfloat16_t>(const float *, int, long, "
+         "cutlass::bfloat16_t *)", "1", "7", "(128, 1, 1)", "(56, 1, 1)", "0", "9.0", "3,000,000", "4,000",
+         "3,000,000", "n/a"],
+    ]  # fmt: skip
+    text = "==PROF== Connected to process 7\n" + "\n".join(
+        ",".join(f'"{v}"' for v in row) for row in [header, units, *rows]
+    )
+    kernels = ncu.parse(text)
+    assert [k["grid"] for k in kernels] == ["(784, 1, 1)", "(56, 1, 1)"]
+    assert kernels[0]["dram__bytes.sum"] == 1e6 and kernels[0]["gpu__time_duration.sum"] == 250e3
+    assert "sm__throughput.avg.pct_of_peak_sustained_elapsed" not in kernels[1]  # "n/a" is no number
+    lines = ncu.table("H stage 1", kernels)
+    assert lines[4].startswith("| dcn_bwd_value_kernel<bf16, 32, true, true, 128> | (784, 1, 1) | (128, 1, 1) | 250.0 "
+                               "| 1.0 | 8.0 | 8.0 | 62 |"), lines[4]  # fmt: skip
+    assert lines[-1].startswith("| all 2 | | | 254.0 | 4.0 | 11.0 | 2.8 |"), lines[-1]
+    assert ncu.parse("==ERROR== Failed to find metric foo") == []

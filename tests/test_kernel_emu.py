@@ -372,8 +372,8 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     """The backward's grad(value) scatter runs in shared memory (owner-computes): one or two 32-bit shared atomics
     (the fixed point's hi and lo words) per (point, corner inside, channel), spread over the banks (about one
     pass per warp request here; the 64-bit accumulator's took about 13 at T and H), no global atomic, no
-    accumulator pass, and (stride 1) one sampling launch that also writes grad x1 (its epilogue) and, at this
-    small C, its CTAs' grad wpack partials instead of grad logits, summed by two small launches. The forward is one launch (the output projection is its epilogue) whose only global atomics record
+    accumulator pass, and (stride 1) one sampling launch that also writes grad logits and grad x1 (its
+    epilogue). The forward is one launch (the output projection is its epilogue) whose only global atomics record
     the reach: two per 8x8 tile."""
     value, x1, params, geom, grad_out = make_inputs(CASES[0])
     value, x1, params = rounded(value, x1, params, torch.float32)
@@ -387,9 +387,8 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     assert sample_fwd["atomics"] == 2 * n * -(-h // 8) * -(-w // 8)
     kernels = [launch["kernel"] for launch in launches]
     # grad wout (and max |grad_out|: the fixed-point scales), the sampling backward (grad_y recomputed from
-    # grad_out per tile, never stored; grad x1 its epilogue; grad wpack's partials), their sums: no grad_y GEMM,
-    # no absmax pass.
-    assert kernels == ["gemm", "dcn_bwd_x1", "sum_slots", "sum_slots"], kernels
+    # grad_out per tile, never stored; grad x1 its epilogue), grad wpack: no grad_y GEMM, no absmax pass.
+    assert kernels == ["gemm", "dcn_bwd_x1", "gemm"], kernels
     bwd = launches[1]
     # At most 4 corners x 9 points per pixel and channel; most corners are inside at these offsets.
     assert bwd["atomics"] == 0
@@ -398,8 +397,8 @@ def test_counters_see_the_scatter_in_shared_memory(emu):
     assert 1 <= passes < PASSES_PER_ATOMIC_REQUEST, passes
     assert (
         bwd["unique_store_sectors"] * 32
-        == 2 * value.numel() * 4 + bwd["grid"][0] * cuda.packed_cols(geom.group) * (c + 1) * 4
-    )  # grad value, grad x1, and a partial per CTA, once each
+        == 2 * value.numel() * 4 + n * h * w * cuda.packed_cols(geom.group) * 4
+    )  # grad value, grad x1, grad logits, once each
     assert bwd["mma"] == 0  # fp32 projections run as FFMA (no TF32), like PyTorch's default
     assert bwd["load_sectors"] >= bwd["unique_load_sectors"] > 0
 
@@ -491,20 +490,38 @@ def test_grad_wpack_accumulates_in_the_backward(emu, dtype):
     """Where their fp32 partials fit beside the backward's tiles (InternImage-T stages 1-2 in 16-bit types, stage 1
     in fp32), grad wpack and grad bpack accumulate in the sampling kernel's persistent CTAs, each taking every
     slots-th tile, and two small launches sum the CTAs' partials in order: grad logits never reach HBM and no GEMM
-    reads them back. The gradients match float64 and the GEMM path (cuda.wpack_in_backward(False)) up to fp32
-    summation order, whether one CTA takes every tile, several take a few each, or each takes one; a given slot
-    count gives the same bits in every thread order. Case: 18 tiles, edge tiles with pixels outside the image."""
+    reads them back. The gradients match the GEMM path (cuda.wpack_in_backward(False)) up to fp32 summation order,
+    whether one CTA takes every tile, several take a few each, or each takes one; a given slot count gives the
+    same bits in every thread order. Case: 18 tiles, edge tiles with pixels outside the image.
+
+    By default it runs only where its partials' traffic, with a CTA per tile up to one per SM, is at most half of
+    the bytes it saves (grad logits written and read back, x1 read again): on 4 full tiles at C = 32 in fp32 (4
+    bytes an element), not in bf16, nor on this case's 18 tiles of 798 pixels."""
     case = CASES[-1]
-    check_block(cuda.dcnv3_fused_emu, case, dtype)
     value, x1, params, geom, grad_out = make_inputs(case)
     args = rounded(value, x1, params, dtype)
     with cuda.wpack_in_backward(False, device="cpu"), emulation.count() as launches:
         gemm = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
     assert [x["kernel"] for x in launches] == ["dcn_fwd_out", "gemm", "dcn_bwd_x1", "gemm"]
+    with cuda.wpack_in_backward(False, device="cpu"), cuda.wpack_slots(4, device="cpu"):
+        forced = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+    assert torch.equal(forced[3], gemm[3])  # the switch wins over the slots
     assert emulation.extension().wpack_in_backward()  # restored
     tiles = case.n * -(-case.h // 8) * -(-case.w // 8)
+    full = Case("full-tiles", n=1, h=16, w=16, c=32, group=2)
+    for decided, shape in ((False, case), (dtype == torch.float32, full)):
+        cols, elem = cuda.packed_cols(shape.group), torch.finfo(dtype).bits // 8
+        shape_tiles = shape.n * -(-shape.h // 8) * -(-shape.w // 8)
+        pixels = shape.n * shape.h * shape.w
+        assert (
+            4 * min(shape_tiles, 132) * cols * (shape.c + 1) * 4 <= pixels * (2 * cols + shape.c) * elem
+        ) == decided
+        inputs = make_inputs(shape)
+        with emulation.count() as launches:
+            run_block(cuda.dcnv3_fused_emu, *rounded(*inputs[:3], dtype), *inputs[3:])
+        assert ("sum_slots" in [x["kernel"] for x in launches]) == decided, shape.name
     tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]  # the GEMM path rounds the same sums to bf16
-    for slots in (1, 4, tiles, 0):
+    for slots in (1, 4, tiles):
         with cuda.wpack_slots(slots, device="cpu"):
             with emulation.count() as launches:
                 fused = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
@@ -517,8 +534,7 @@ def test_grad_wpack_accumulates_in_the_backward(emu, dtype):
             "sum_slots",
             "sum_slots",
         ]
-        if slots:
-            assert launches[2]["grid"][0] == slots
+        assert launches[2]["grid"][0] == slots
         for name, a, b, c in zip(NAMES, fused, gemm, shuffled, strict=False):
             assert torch.equal(a, c), name
             if name in ("offset_w", "offset_b", "mask_w", "mask_b"):
@@ -530,16 +546,30 @@ def test_grad_wpack_accumulates_in_the_backward(emu, dtype):
         emulation.extension().set_wpack_slots(-1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fused_block_with_grad_wpack_in_the_backward_matches_float64(emu, case, dtype):
+    """Every case and dtype again, with grad wpack accumulated in 2 persistent CTAs wherever its partials fit (all
+    of these shapes but Cg 16 with G = 8 in fp32)."""
+    with cuda.wpack_slots(2, device="cpu"):
+        check_block(cuda.dcnv3_fused_emu, case, dtype)
+
+
 def test_grad_wpack_stays_a_gemm_where_its_partials_do_not_fit(emu):
     """InternImage-T stage 2's shape (Cg 16, G = 8, C = 128) in fp32: the CTA's partials (224 x 129 floats) do not
-    fit beside the backward's tiles, so grad wpack is the GEMM over stored grad logits; in bf16 they fit."""
+    fit beside the backward's tiles, so grad wpack is the GEMM over stored grad logits even when forced; in bf16
+    they fit (with 1.2 KiB of 227 to spare). The binding's query agrees."""
     case = CASES[3]
     assert (case.c, case.group) == (128, 8)
-    for dtype, fused in ((torch.float32, False), (torch.bfloat16, True)):
+    ext = emulation.extension()
+    for dtype, fused in ((torch.float32, False), (torch.bfloat16, True), (torch.float16, True)):
+        assert ext.bwd_wpack_fits(torch.empty(0, dtype=dtype), case.group, case.c) == fused
         value, x1, params, geom, grad_out = make_inputs(case)
-        with emulation.count() as launches:
+        with cuda.wpack_slots(2, device="cpu"), emulation.count() as launches:
             run_block(cuda.dcnv3_fused_emu, *rounded(value, x1, params, dtype), geom, grad_out)
         assert ("sum_slots" in [x["kernel"] for x in launches]) == fused, (dtype, launches)
+    assert not ext.bwd_wpack_fits(torch.empty(0, dtype=torch.bfloat16), 16, 256)  # T stage 3
+    assert not ext.bwd_wpack_fits(torch.empty(0, dtype=torch.bfloat16), 10, 320)  # H stage 1
 
 
 def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
@@ -801,6 +831,10 @@ with cuda.fused_epilogues(False, device="cpu"):  # the split forms: dcn_fwd + GE
 with cuda.backward_threads(256, device="cpu"):  # the 8-warp backward
     for case in CASES[:2]:
         check_block(cuda.dcnv3_fused_emu, case, torch.bfloat16)
+with cuda.wpack_slots(3, device="cpu"):  # grad wpack in persistent CTAs, several tiles each
+    for case in (CASES[0], CASES[-1]):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_block(cuda.dcnv3_fused_emu, case, dtype)
 for dtype in DTYPES:
     check_core(cuda.dcnv3_core_emu, dtype, 2)
 print("CLEAN")
@@ -816,9 +850,10 @@ SANITIZERS = {
 
 @pytest.mark.parametrize("sanitizer", sorted(SANITIZERS))
 def test_kernels_are_clean_under_sanitizers(emu, sanitizer):
-    """The whole block, every dtype and case (and its split-epilogue form on two), and the strided core op in an
-    emulation build under UBSan or ASan (in a fresh interpreter: ASan's runtime must be preloaded). A kernel
-    reading one vector past a tensor, or a signed overflow in the fixed-point scale, was reported when injected."""
+    """The whole block, every dtype and case (and its split-epilogue, 8-warp and in-kernel grad wpack forms on two),
+    and the strided core op in an emulation build under UBSan or ASan (in a fresh interpreter: ASan's runtime must
+    be preloaded). A kernel reading one vector past a tensor, or a signed overflow in the fixed-point scale, was
+    reported when injected."""
     import os
     import subprocess
     import sys

@@ -211,9 +211,10 @@ bool g_wpack_in_backward = true;
 
 void set_wpack_in_backward(bool enabled) { g_wpack_in_backward = enabled; }
 
-// The number of those persistent CTAs (slots): 0 picks it by the rule in block_bwd; n > 0 takes min(n, tiles), for
-// tests (several tiles per CTA) and for counting what a large batch pays per pixel at a fixed number of slots (the
-// bench's --marginal: at scale the slots are capped at one per SM).
+// The number of those persistent CTAs (slots): 0 lets block_bwd decide (one per SM, and the GEMM instead where the
+// input is too small for that to pay); n > 0 takes the in-kernel path wherever it fits, with min(n, tiles) CTAs:
+// for tests (several tiles per CTA) and for counting what a large batch pays per pixel at a fixed number of slots
+// (the bench's --marginal: at scale the slots are one per SM, a per-launch cost).
 int g_wpack_slots = 0;
 
 void set_wpack_slots(int slots) {
@@ -442,22 +443,24 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
   const bool x1_fused = g_fuse_epilogues && DCNV3_QUERY(dt, dcn_bwd_x1_fits, p.C / p.G, p.G) && grad_out.numel() > 0;
-  const bool wpack_fused = x1_fused && g_wpack_in_backward && DCNV3_QUERY(dt, dcn_bwd_wpack_fits, p.C / p.G, p.G, p.C);
+  // grad wpack in the sampling launch's persistent CTAs, one per SM (they need over half of one) and at most one per
+  // tile, each with its own fp32 partial: where the partials fit, and where their traffic (written, then read by
+  // sum_slots) is at most half of the HBM bytes they save, per pixel the grad logits written and read back and x1
+  // read a second time (InternImage-T at 224 px on 132 SMs: stage 1 from 9 images, stage 2 from 68). Below that
+  // the GEMM path keeps every SM busy with fewer bytes. wpack_slots > 0 forces it.
+  const int64_t tiles = p.N * ((h + 7) / 8) * ((w + 7) / 8);
+  const int64_t slots = g_wpack_slots > 0 ? std::min<int64_t>(g_wpack_slots, tiles)
+                                          : std::min<int64_t>(tiles, sm_count(value));
+  const int64_t saved_bytes = p.N * h * w * (2 * cols + p.C) * value.element_size();
+  const int64_t partial_bytes = int64_t(cols) * (p.C + 1) * 4;
+  const bool wpack_fused = x1_fused && g_wpack_in_backward &&
+                           DCNV3_QUERY(dt, dcn_bwd_wpack_fits, p.C / p.G, p.G, p.C) &&
+                           (g_wpack_slots > 0 || 4 * slots * partial_bytes <= saved_bytes);
   at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
   // grad logits go through HBM only for a GEMM that reads them back (grad wpack, or grad x1 where not fused).
   at::Tensor grad_logits = wpack_fused ? at::Tensor() : new_output({p.N, h, w, cols}, value.options());
   at::Tensor wpack_partial, bpack_partial;
   if (wpack_fused) {
-    // Persistent CTAs, one per SM at most (they need over half of one), each with its own fp32 partials. Their
-    // traffic (written, then read by sum_slots) is kept to at most half of the HBM bytes they save: the grad
-    // logits written and read back, and x1 read a second time, per 64-pixel tile.
-    const int64_t tiles = p.N * ((h + 7) / 8) * ((w + 7) / 8);
-    const int64_t saved_per_tile = 64 * (2 * cols + p.C) * value.element_size();
-    const int64_t partial_bytes = int64_t(cols) * (p.C + 1) * 4;
-    const int64_t slots =
-        g_wpack_slots > 0 ? std::min<int64_t>(g_wpack_slots, tiles)
-                          : std::clamp<int64_t>(tiles * saved_per_tile / (4 * partial_bytes), 1,
-                                                std::min<int64_t>(tiles, sm_count(value)));
     auto f32 = value.options().dtype(at::kFloat);
     wpack_partial = new_output({slots, cols, p.C}, f32);
     bpack_partial = new_output({slots, cols}, f32);
@@ -557,6 +560,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "accumulate grad wpack in the backward's sampling kernel where it fits (true) or in a GEMM launch");
   m.def("wpack_in_backward", [] { return g_wpack_in_backward; }, "whether block_bwd accumulates grad wpack in-kernel");
   m.def("set_wpack_slots", &set_wpack_slots, "persistent CTAs of the in-kernel grad wpack: 0 = automatic");
+  m.def(
+      "bwd_wpack_fits",
+      [](const at::Tensor& like, int64_t groups, int64_t channels) {
+        return DCNV3_QUERY(dtype_of(like), dcn_bwd_wpack_fits, static_cast<int>(channels / groups),
+                           static_cast<int>(groups), static_cast<int>(channels));
+      },
+      "whether grad wpack's partials fit in the backward for (like's dtype, groups, channels)");
   m.def("wpack_slots", [] { return g_wpack_slots; }, "persistent CTAs of the in-kernel grad wpack (0: automatic)");
   m.def("set_backward_threads", &set_backward_threads, "threads per CTA of the one-launch backward: 128 or 256");
   m.def("backward_threads", [] { return g_backward_threads; }, "threads per CTA of the one-launch backward");

@@ -75,7 +75,8 @@ def add_arguments(parser) -> None:
         "--marginal",
         action="store_true",
         help="--emulate: also count a slice twice as large, and give the DRAM floor per added pixel (what a "
-        "large batch pays per pixel, weights amortised) against the activations' essential bytes",
+        "large batch pays per pixel, weights and grad wpack's partials amortised) against the activations' "
+        "essential bytes",
     )
     parser.add_argument(
         "--by-line",

@@ -119,7 +119,8 @@ def run(args) -> int:
 
     from pretrain.ops import cuda, emulation
 
-    if emulation.extension() is None:
+    ext = emulation.extension()
+    if ext is None:
         print(f"error: {emulation.error()}", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtypes.split(",")[0]]
@@ -142,11 +143,14 @@ def run(args) -> int:
             counted = count_block(images, band, side, c, group, cfs, dtype)
             if args.marginal:  # the same stage on twice the pixels: more rows, or more images of a full map
                 images2, band2 = (images, 2 * band) if 2 * band <= side else (2 * images, band)
-                # With as many persistent grad-wpack CTAs as the slice took: at scale their number is capped at
-                # one per SM, so their partials are a per-launch cost, as the weights are.
-                slots = [x["grid"][0] for x in counted["bwd"] if x["kernel"] == "dcn_bwd_x1"]
-                pinned = any(x["kernel"] == "sum_slots" for x in counted["bwd"])
-                with cuda.wpack_slots(slots[0] if pinned else 0, device="cpu"):
+                counted1 = counted
+                # A large batch accumulates grad wpack in the backward wherever its partials fit, in one CTA per
+                # SM: their partials are then a per-launch cost, as the weights are. Both slices are counted that
+                # way (one CTA), so that their difference is what each added pixel costs.
+                wpack_slots = 1 if ext.bwd_wpack_fits(torch.empty(0, dtype=dtype), group, c) else 0
+                with cuda.wpack_slots(wpack_slots, device="cpu"):
+                    if wpack_slots:
+                        counted1 = count_block(images, band, side, c, group, cfs, dtype)
                     counted2 = count_block(images2, band2, side, c, group, cfs, dtype)
             secs = time.monotonic() - t0
             fwd_ess, fwdbwd_ess = essential_bytes_per_pixel(c, group, 9, cfs, elem, pixels)
@@ -156,9 +160,9 @@ def run(args) -> int:
             if args.marginal:
                 added = images2 * band2 * side - pixels
                 for s, launches, launches2 in (
-                    (fwd, counted["fwd"], counted2["fwd"]),
-                    (both, counted["fwd"] + counted["bwd"], counted2["fwd"] + counted2["bwd"]),
-                    (infer, counted["infer"], counted2["infer"]),
+                    (fwd, counted1["fwd"], counted2["fwd"]),
+                    (both, counted1["fwd"] + counted1["bwd"], counted2["fwd"] + counted2["bwd"]),
+                    (infer, counted1["infer"], counted2["infer"]),
                 ):
                     s["marginal_floor_bytes"] = (
                         summarise(launches2, added)["dram_floor_bytes"]
@@ -239,8 +243,9 @@ def markdown(rows, args, dtype) -> str:
         "for fwd+bwd); fwd, no grad: the forward under torch.no_grad (y is not stored)."
         + (
             " Marginal floor: the DRAM floor per pixel added when the slice doubles (weights and other per-launch "
-            "bytes cancel: what a large batch pays per pixel), against the activations' essential bytes (value, "
-            "x1, out; + grad_out, value, x1, grad value, grad x1)."
+            "bytes cancel: what a large batch pays per pixel; where grad wpack's partials fit on chip, both "
+            "slices are counted with them, in one CTA, as a large batch runs it), against the activations' "
+            "essential bytes (value, x1, out; + grad_out, value, x1, grad value, grad x1)."
             if marginal
             else ""
         )

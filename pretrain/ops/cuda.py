@@ -534,16 +534,18 @@ def backward_threads(threads: int, device: str = "cuda"):
 
 def wpack_in_backward(enabled: bool, device: str = "cuda"):
     """Within the block, accumulate grad wpack and grad bpack in the backward's sampling kernel where their fp32
-    partials fit beside its tiles (enabled, the default: grad logits never reach HBM), or store grad logits and
-    reduce them in a GEMM launch: the same gradients up to fp32 summation order (`pretrain bench dcn` times both,
-    impl kernel-wpack-gemm). device "cpu": the emulation build's switch."""
+    partials fit beside its tiles and the batch is large enough for one persistent CTA per SM to pay (enabled, the
+    default: grad logits never reach HBM; InternImage-T stages 1-2), or always store grad logits and reduce them in
+    a GEMM launch: the same gradients up to fp32 summation order (`pretrain bench dcn` times both, impl
+    kernel-wpack-gemm). device "cpu": the emulation build's switch."""
     return _extension_switch("wpack_in_backward", enabled, device)
 
 
 def wpack_slots(slots: int, device: str = "cuda"):
-    """Within the block, run the in-kernel grad wpack in `slots` persistent CTAs (at most one per tile; 0: the
-    automatic choice, at most one per SM): each CTA takes every slots-th tile and sums its own partials. For tests
-    and for counting a large batch's per-pixel bytes at a fixed number of slots."""
+    """Within the block, run the in-kernel grad wpack wherever its partials fit, in `slots` persistent CTAs (at most
+    one per tile), each taking every slots-th tile and summing its own partial; 0: the automatic choice (one per SM,
+    where the batch is large enough). For tests and for counting a large batch's per-pixel bytes at a fixed number
+    of CTAs."""
     return _extension_switch("wpack_slots", slots, device)
 
 

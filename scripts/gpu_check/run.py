@@ -23,10 +23,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PHASES = ("install", "facts", "build", "a", "b", "c", "d")
+PHASES = ("install", "facts", "build", "a", "b", "c", "n", "d")
 # Seconds each phase may take on an H200 (the sum exceeds the total on purpose: the typical run uses far less,
 # and the overall deadline cuts whatever is left, so the last phase gets the slack of the earlier ones).
-BUDGET = {"install": 30, "facts": 30, "build": 150, "a": 60, "b": 45, "c": 160, "d": 300}
+BUDGET = {"install": 30, "facts": 30, "build": 150, "a": 60, "b": 45, "c": 160, "n": 120, "d": 300}
 TOTAL_S = 530  # under 9 minutes; the device tool allows 600 s a command
 RESERVE_S = 8  # kept back for writing the report
 LOG_TAIL = 400_000
@@ -38,6 +38,7 @@ TITLES = {
     "a": "kernel tests on the GPU (pytest -m gpu)",
     "b": "model check: kernel vs reference in InternImage-T and a small H-style model",
     "c": "pretrain bench dcn: T and H stage shapes at 224 px",
+    "n": "ncu: each kernel's time, DRAM and L2 bytes and peak shares (T1, T2, H1, H3)",
     "d": "pretrain bench train (T, H with_cp) and the shipped H M3I recipe",
 }
 # The CPU smoke variant of the H model (the dry run's tiny H-style backbone).
@@ -435,6 +436,64 @@ class Run:
             notes.insert(0, "dry run: CPU, reference only, one tiny shape")
         return ("failed" if failed else "ok"), "; ".join(notes), {}
 
+    def phase_n(self, budget):
+        """Nsight Compute on one warmed-up forward + backward per shape (scripts/gpu_check/ncu_block.py): whether
+        the kernels are bound by L2, HBM or the tensor cores. Needs ncu and a runtime that lets it read the counters
+        (Firecracker machines did; gVisor refused, KINDS.md): otherwise a note, not a failure."""
+        sys.path.insert(0, str(REPO / "scripts" / "gpu_check"))
+        import ncu_block
+
+        if self.dry:
+            return "skipped", "dry run: no GPU counters", {}
+        ncu = shutil.which("ncu") or next(
+            iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None
+        )
+        if ncu is None:
+            return "skipped", "no ncu on this machine", {}
+        shapes = [("t", 1, 64), ("h", 1, 16), ("h", 3, 64), ("t", 2, 128)]  # the first two say the most
+        tables, notes, found = [], [], {}
+        t0 = time.monotonic()
+        for i, (model, stage, batch) in enumerate(shapes):
+            name = f"n-ncu-{model}{stage}"
+            left = budget - (time.monotonic() - t0)
+            if left < 20:
+                notes.append(f"{name}: no time left")
+                continue
+            workload = [
+                self.args.python,
+                "scripts/gpu_check/ncu_block.py",
+                "run",
+                model,
+                str(stage),
+                str(batch),
+            ]
+            for metrics in (ncu_block.METRICS, ncu_block.METRICS_MIN):
+                csv_path = self.work / f"{name}.csv"
+                csv_path.unlink(missing_ok=True)
+                cmd = [str(ncu), "--target-processes", "all", "--profile-from-start", "off", "--clock-control", "none",
+                       "--csv", "--page", "raw", "--print-units", "base", "--kernel-name", ncu_block.KERNELS,
+                       "--metrics", ",".join(metrics), "--log-file", str(csv_path), *workload]  # fmt: skip
+                res = self.step(name, cmd, left / (len(shapes) - i))
+                text = csv_path.read_text(errors="replace") if csv_path.exists() else ""
+                kernels = ncu_block.parse(text)
+                if kernels or "metric" not in (text + res["tail"]).lower():
+                    break  # done, or a failure that fewer metrics would not cure
+            if not kernels:
+                why = "timed out" if res["timed_out"] else _last_error(text + "\n" + res["tail"])
+                notes.append(f"{name}: no counters ({why})")
+                if any(
+                    s in text + res["tail"] for s in ("LibraryNotLoaded", "ERR_NVGPUCTRPERM", "not supported")
+                ):
+                    break  # this runtime does not give ncu the counters: the other shapes would not either
+                continue
+            found[name] = kernels
+            tables.append(
+                "\n".join(ncu_block.table(f"{model.upper()} stage {stage}, batch {batch}", kernels))
+            )
+        self.results["ncu"] = found
+        self.md["n"] = "\n\n".join(tables).splitlines() or ["no counters"]
+        return ("ok" if found else "failed"), "; ".join(notes), {}
+
     def phase_d(self, budget):
         adam = self.work / "torch_adamw.json"
         adam.write_text(json.dumps({"optimizer": {"params": {"torch_adam": True, "fused": True}}}))
@@ -566,7 +625,8 @@ class Run:
             note = str(p["note"]).replace("|", "/").replace("\n", " ")
             lines.append(f"| {key} | {TITLES[key]} | {p['status']} | {p['seconds']} | {note} |")
         for key, title in (("facts", "Device facts"), ("a", "a. Kernel tests"), ("b", "b. Model check"),
-                           ("c", "c. DCN block benchmark"), ("d", "d. Train step")):  # fmt: skip
+                           ("c", "c. DCN block benchmark"), ("n", "n. Hardware counters (ncu)"),
+                           ("d", "d. Train step")):  # fmt: skip
             if key in self.md:
                 lines += ["", f"## {title}", "", *self.md[key]]
         (self.out / "report.md").write_text("\n".join(lines) + "\n")
@@ -589,7 +649,8 @@ class Run:
         self.say(f"gpu_check {'--dry-run ' if self.dry else ''}phases {','.join(self.args.phases)}; out {self.out}; "
                  f"work {self.work}; python {self.args.python}; budget {self.args.budget} s")  # fmt: skip
         for key, fn in (("install", self.install), ("facts", self.facts), ("build", self.build), ("a", self.phase_a),
-                        ("b", self.phase_b), ("c", self.phase_c), ("d", self.phase_d)):  # fmt: skip
+                        ("b", self.phase_b), ("c", self.phase_c), ("n", self.phase_n),
+                        ("d", self.phase_d)):  # fmt: skip
             self.phase(key, fn)
             self.report(final=False)
         for h in self.background.values():  # nothing outlives the run
