@@ -7,7 +7,8 @@ output projection), forward and forward+backward, per implementation, in one run
 * kernel-8w   the same as kernel, with the backward's sampling kernel in 8 warps per CTA instead of 4 (two warps per
               scheduler where one CTA fills an SM: more latency hiding, the same results)
 * kernel-wpack-gemm  the same as kernel, with grad wpack reduced by a GEMM over stored grad logits instead of in the
-              backward's persistent CTAs (where those fit: InternImage-T stage 1; elsewhere the same as kernel)
+              backward's persistent CTAs (where those run: InternImage-T stages 1-2 at training batches; elsewhere
+              the same as kernel)
 * reference   pretrain.ops.dcnv3_fused_reference (PyTorch ops, grid_sample)
 * compiled    the reference under torch.compile
 * dcnv4       the DCNv4 package's op (pip `DCNv4`, built on the GPU machine) + PyTorch projections. Different

@@ -76,15 +76,15 @@ def parse(text: str) -> list[dict]:
     """Kernels of an `ncu --csv --page raw --print-units base` output (any lines before its header are skipped):
     [{"kernel", "grid", "block", metric: float, ...}] in launch order."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    start = next((i for i, line in enumerate(lines) if '"Kernel Name"' in line), None)
     if start is None:
         return []
     rows = list(csv.reader(lines[start:]))
     header, out = rows[0], []
     for row in rows[1:]:
-        if len(row) != len(header) or not row[0].strip().isdigit():
+        rec = dict(zip(header, row, strict=False))
+        if len(row) != len(header) or not rec.get("ID", "0").strip().isdigit() or not rec.get("Kernel Name"):
             continue  # the units row, or a line ncu interleaved
-        rec = dict(zip(header, row, strict=True))
         kernel = {
             "kernel": rec.get("Kernel Name", "?"),
             "grid": rec.get("Grid Size", ""),

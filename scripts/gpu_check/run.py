@@ -402,9 +402,9 @@ class Run:
             impls = "kernel,kernel-split,kernel-8w,reference" + (",dcnv4" if self.args.peer else "")
             runs = [
                 ("c-dcn-t", ["--models", "t", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.2),
-                # grad wpack in the backward's persistent CTAs against its GEMM: only T stage 1 takes that path
-                ("c-dcn-t1-wpack", ["--models", "t", "--stages", "1", "--impls", "kernel,kernel-wpack-gemm",
-                                    "--dtypes", "bf16", "--profile", "6", *common], 0.05),
+                # grad wpack in the backward's persistent CTAs against its GEMM: only T stages 1-2 take that path
+                ("c-dcn-t-wpack", ["--models", "t", "--stages", "1,2", "--impls", "kernel,kernel-wpack-gemm",
+                                   "--dtypes", "bf16", "--profile", "6", *common], 0.07),
                 ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.25),
                 ("c-dcn-fp32", ["--models", "t,h", "--stages", "1", "--impls", impls, "--dtypes", "fp32", *common], 0.15),
                 ("c-dcn-compiled-t", ["--models", "t", "--impls", "compiled", "--dtypes", "bf16", *common], 0.15),
