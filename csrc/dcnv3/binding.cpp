@@ -452,20 +452,17 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   const int64_t slots = g_wpack_slots > 0 ? std::min<int64_t>(g_wpack_slots, tiles)
                                           : std::min<int64_t>(tiles, sm_count(value));
   const int64_t saved_bytes = p.N * h * w * (2 * cols + p.C) * value.element_size();
-  const int64_t partial_bytes = int64_t(cols) * (p.C + 1) * 4;
+  const int64_t partial_bytes = dcnv3::wpack_partial_floats(p.G, p.C) * int64_t(sizeof(float));
   const bool wpack_fused = x1_fused && g_wpack_in_backward &&
                            DCNV3_QUERY(dt, dcn_bwd_wpack_fits, p.C / p.G, p.G, p.C) &&
                            (g_wpack_slots > 0 || 4 * slots * partial_bytes <= saved_bytes);
   at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
   // grad logits go through HBM only for a GEMM that reads them back (grad wpack, or grad x1 where not fused).
   at::Tensor grad_logits = wpack_fused ? at::Tensor() : new_output({p.N, h, w, cols}, value.options());
-  at::Tensor wpack_partial, bpack_partial;
+  at::Tensor wpack_partial;
   if (wpack_fused) {
-    auto f32 = value.options().dtype(at::kFloat);
-    wpack_partial = new_output({slots, cols, p.C}, f32);
-    bpack_partial = new_output({slots, cols}, f32);
+    wpack_partial = new_output({slots, dcnv3::wpack_partial_floats(p.G, p.C)}, value.options().dtype(at::kFloat));
     p.grad_wpack_partial = wpack_partial.data_ptr<float>();
-    p.grad_bpack_partial = bpack_partial.data_ptr<float>();
     p.wpack_slots = static_cast<int>(slots);
   }
   if (grad_out.numel() > 0) {
@@ -491,11 +488,8 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   }
   at::Tensor grad_wpack = new_output({cols, p.C}, value.options());
   at::Tensor grad_bpack = new_output({cols}, value.options());
-  DCNV3_DISPATCH(dt, sum_slots, p.grad_wpack_partial, p.wpack_slots, grad_wpack.numel(), grad_wpack.data_ptr(),
-                 stream());
-  check_launch();
-  DCNV3_DISPATCH(dt, sum_slots, p.grad_bpack_partial, p.wpack_slots, grad_bpack.numel(), grad_bpack.data_ptr(),
-                 stream());
+  DCNV3_DISPATCH(dt, sum_slots, p.grad_wpack_partial, p.wpack_slots, wpack_partial.size(1), grad_wpack.numel(),
+                 grad_wpack.data_ptr(), grad_bpack.data_ptr(), stream());
   check_launch();
   return {grad_value, grad_x1, grad_wpack, grad_bpack, wout_grads[0], wout_grads[1]};
 }

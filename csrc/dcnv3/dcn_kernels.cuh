@@ -733,10 +733,6 @@ template <class T, int CG>
 __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
   return all_pairs ? sizeof(DcnValueSmem<T, CG, true>) + grad_logits_tile_bytes<T>(G) : sizeof(DcnValueSmem<T, CG>);
 }
-// The fp32 grad wpack and grad bpack partials of a persistent kAllPairs CTA (DcnParams::grad_wpack_partial), after
-// the grad logits tile: (packed_cols(G), C) and (packed_cols(G)).
-__host__ __device__ constexpr size_t wpack_partial_floats(int G, int C) { return size_t(packed_cols(G)) * (C + 1); }
-
 // The own tile's share of grad wpack and grad bpack, added into the CTA's fp32 partials in shared memory: wpart
 // (n_cols, C) += grad logits^T . x1 rows (the tile GEMM with K = the tile's 64 pixels: A is the grad logits tile read
 // transposed in place, B the x1 rows gathered along k, both MN-major), bpart (n_cols) += the grad logits' column
@@ -798,8 +794,10 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
   DcnValueSmem<T, CG, kAllPairs>& sm = dynamic_smem<DcnValueSmem<T, CG, kAllPairs>>();
   T* gl_tile = reinterpret_cast<T*>(&sm + 1);  // kAllPairs only
   const int n_cols = packed_cols(p.G), gl_pitch = n_cols + kSmemPad;
-  // kAllPairs with p.grad_wpack_partial: the CTA's grad wpack and grad bpack partials, after the grad logits tile.
+  // kAllPairs with p.grad_wpack_partial: the CTA's grad wpack and grad bpack partial (wpack_partial_floats), after
+  // the grad logits tile.
   const bool acc_wpack = kAllPairs && p.grad_wpack_partial != nullptr;
+  const int partial_floats = int(wpack_partial_floats(p.G, p.C));
   float* wpart = reinterpret_cast<float*>(reinterpret_cast<char*>(gl_tile) + grad_logits_tile_bytes<T>(p.G));
   float* bpart = wpart + n_cols * p.C;
   if (kAllPairs) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
@@ -807,7 +805,7 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
     for (int i = threadIdx.x; i < kTileM * pad; i += kCta) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
   }
   if (acc_wpack)
-    for (int i = threadIdx.x; i < int(wpack_partial_floats(p.G, p.C)); i += kCta) wpart[i] = 0.f;
+    for (int i = threadIdx.x; i < partial_floats; i += kCta) wpart[i] = 0.f;
 
   const int M = p.N * p.Ho * p.Wo;
   const int tiles_w = ceil_div(p.W, kTile), tiles = tiles_w * ceil_div(p.H, kTile);
@@ -940,12 +938,10 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
                                      gl_pitch, wpart, bpart);
   }
   if (!acc_wpack) return;
-  // The CTA's partials, in slot blockIdx.x (16-byte vectors: packed_cols(G) is a multiple of 8).
+  // The CTA's partial, in slot blockIdx.x (16-byte vectors: a multiple of 8 floats).
   __syncthreads();
-  float* w_out = p.grad_wpack_partial + int64_t(blockIdx.x) * n_cols * p.C;
-  for (int i = threadIdx.x * 4; i < n_cols * p.C; i += kCta * 4) store16(w_out + i, load16(wpart + i));
-  float* b_out = p.grad_bpack_partial + int64_t(blockIdx.x) * n_cols;
-  for (int i = threadIdx.x * 4; i < n_cols; i += kCta * 4) store16(b_out + i, load16(bpart + i));
+  float* out = p.grad_wpack_partial + int64_t(blockIdx.x) * partial_floats;
+  for (int i = threadIdx.x * 4; i < partial_floats; i += kCta * 4) store16(out + i, load16(wpart + i));
 }
 
 // The largest dynamic shared memory a CTA may opt in to (sm_90: 227 KiB; the emulation enforces the same).

@@ -142,21 +142,24 @@ __global__ void __launch_bounds__(kBlock) absmax_rows_kernel(const T* x, int R, 
   atomicMax(reinterpret_cast<int*>(absmax + int64_t(n) * C + c), __float_as_int(m));
 }
 
-// out (count) T = sum over s of partial[s * count + i] fp32, s in order: the fixed-order sum of per-CTA partials
-// (grad wpack and grad bpack accumulated in the backward's persistent CTAs, DcnParams::grad_wpack_partial).
+// The fixed-order sum of per-CTA partials (grad wpack and grad bpack accumulated in the backward's persistent CTAs,
+// DcnParams::grad_wpack_partial): element i of sum over s, in order, of partial[s * count + i] fp32 goes to T
+// out[i] for i < split, else out_tail[i - split] (one partial holds two tensors, one after the other).
 template <class T>
-__global__ void __launch_bounds__(kThreads) sum_slots_kernel(const float* partial, int slots, int64_t count, T* out) {
+__global__ void __launch_bounds__(kThreads) sum_slots_kernel(const float* partial, int slots, int64_t count,
+                                                             int64_t split, T* out, T* out_tail) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= count) return;
   float sum = 0.f;
   for (int s = 0; s < slots; ++s) sum += partial[s * count + i];
-  out[i] = from_float<T>(sum);
+  (i < split ? out[i] : out_tail[i - split]) = from_float<T>(sum);
 }
 
 template <class T>
-void launch_sum_slots(const float* partial, int slots, int64_t count, void* out, cudaStream_t stream) {
+void launch_sum_slots(const float* partial, int slots, int64_t count, int64_t split, void* out, void* out_tail,
+                      cudaStream_t stream) {
   launch_kernel("sum_slots", sum_slots_kernel<T>, dim3(unsigned((count + kThreads - 1) / kThreads)), dim3(kThreads),
-                stream, partial, slots, count, static_cast<T*>(out));
+                stream, partial, slots, count, split, static_cast<T*>(out), static_cast<T*>(out_tail));
 }
 
 // An operand is staged MN-major when its unit stride runs along its rows (a transposed weight or a weight

@@ -21,8 +21,9 @@ namespace dcnv3 {
   void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
   /* absmax (N, C) = max over rows of |x| for x (N, R, C); absmax must be zero-filled first. */                 \
   void absmax_rows_##SUFFIX(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream);           \
-  /* out (count) T = the sum of partial (slots, count) fp32 over the slots, in slot order. */                    \
-  void sum_slots_##SUFFIX(const float* partial, int slots, int64_t count, void* out, cudaStream_t stream);
+  /* The sum of partial (slots, count) fp32 over the slots, in slot order, into T out (split) and out_tail. */   \
+  void sum_slots_##SUFFIX(const float* partial, int slots, int64_t count, int64_t split, void* out, void* out_tail, \
+                          cudaStream_t stream);
 
 DCNV3_DECLARE_LAUNCHERS(f32)
 DCNV3_DECLARE_LAUNCHERS(f16)

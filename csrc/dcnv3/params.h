@@ -13,6 +13,9 @@ constexpr int kGroupCols = 28;
 // The packed tensors' row length: G blocks of 28 columns, padded to whole 16-byte vectors of every dtype (8
 // columns; 4 zero columns when G is odd), so each row starts 16-byte aligned.
 constexpr int packed_cols(int G) { return (G * kGroupCols + 7) / 8 * 8; }  // device code too: relaxed constexpr
+// Floats of one grad wpack partial (DcnParams::grad_wpack_partial): grad wpack (packed_cols(G), C) row-major, then
+// grad bpack (packed_cols(G)); a multiple of 8, so every partial starts 16-byte aligned.
+constexpr int64_t wpack_partial_floats(int G, int C) { return int64_t(packed_cols(G)) * (C + 1); }
 
 // Packed-logit layout (per pixel, per group g, columns g*28 + j; columns from G*28 on are zero):
 //   j in [0, 2P)      offset logits, j = 2p + {0: x/width, 1: y/height}   (official offset order)
@@ -57,11 +60,10 @@ struct DcnParams {
   void* grad_x1;
   // When set (with grad_x1, where bwd_wpack_fits): grad wpack and grad bpack accumulate on chip instead of going
   // through stored grad logits. wpack_slots persistent CTAs each take every wpack_slots-th tile, add its grad
-  // logits^T . x1 rows and the grad logits' column sums into fp32 partials in shared memory, and leave them in
-  // grad_wpack_partial (wpack_slots, packed_cols(G), C) and grad_bpack_partial (wpack_slots, packed_cols(G)), which
-  // sum_slots adds in slot order. grad_logits may then be null (not stored).
+  // logits^T . x1 rows and the grad logits' column sums into an fp32 partial in shared memory, and leaves it in
+  // grad_wpack_partial (wpack_slots, wpack_partial_floats(G, C)), which sum_slots adds in slot order. grad_logits may
+  // then be null (not stored).
   float* grad_wpack_partial;
-  float* grad_bpack_partial;
   int wpack_slots;
   // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
   // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it

@@ -12,8 +12,9 @@ void absmax_rows_bf16(const void* x, int N, int R, int C, float* absmax, cudaStr
   launch_absmax_rows<cutlass::bfloat16_t>(x, N, R, C, absmax, stream);
 }
 
-void sum_slots_bf16(const float* partial, int slots, int64_t count, void* out, cudaStream_t stream) {
-  launch_sum_slots<cutlass::bfloat16_t>(partial, slots, count, out, stream);
+void sum_slots_bf16(const float* partial, int slots, int64_t count, int64_t split, void* out, void* out_tail,
+                    cudaStream_t stream) {
+  launch_sum_slots<cutlass::bfloat16_t>(partial, slots, count, split, out, out_tail, stream);
 }
 
 }  // namespace dcnv3
