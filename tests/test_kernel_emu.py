@@ -545,6 +545,48 @@ def test_grad_wpack_accumulates_in_the_backward(emu, dtype):
         emulation.extension().set_wpack_slots(-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_grad_wpack_accumulates_in_thread_block_clusters(emu, dtype):
+    """Where one CTA cannot hold grad wpack's partial (InternImage-T stage 3, -H stage 1), a cluster of up to 8
+    (sm_90) can: each CTA takes one tile per round and, between two cluster barriers, adds its slice of the
+    partial's rows from every tile of the round, reading the other CTAs' grad logits from their shared memory. Forced
+    here on a shape one CTA could hold: with one cluster, every row sums the same tiles in the same order as one CTA
+    does, so the gradients are bitwise those of one CTA at any cluster size (an odd one too, whose last slice is
+    short); with two clusters they match the GEMM path up to fp32 order; every thread order (the threads of a
+    cluster's CTAs interleaved) gives the same bits. Only the clusters read another CTA's shared memory."""
+    case = CASES[-1]
+    value, x1, params, geom, grad_out = make_inputs(case)
+    args = rounded(value, x1, params, dtype)
+    with cuda.wpack_in_backward(False, device="cpu"):
+        gemm = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+    with cuda.wpack_slots(1, device="cpu"), cuda.wpack_cluster(1, device="cpu"):
+        one_cta = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    for cluster, slots in ((2, 1), (3, 1), (8, 1), (3, 2)):
+        with cuda.wpack_slots(slots, device="cpu"), cuda.wpack_cluster(cluster, device="cpu"):
+            with emulation.count() as launches:
+                fused = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+            with emulation.thread_order("shuffle", 7):
+                shuffled = run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+        assert [x["kernel"] for x in launches] == ["dcn_fwd_out", "gemm", "dcn_bwd_x1", "sum_slots"]
+        assert launches[2]["grid"][0] == slots * cluster
+        assert launches[2]["dsmem_bytes"] > 0 and all(
+            x["dsmem_bytes"] == 0 for i, x in enumerate(launches) if i != 2
+        )
+        for name, a, b, c, d in zip(NAMES, fused, gemm, shuffled, one_cta, strict=False):
+            assert torch.equal(a, c), (cluster, name)
+            if slots == 1:
+                assert torch.equal(a, d), (cluster, name)
+            if name in ("offset_w", "offset_b", "mask_w", "mask_b"):
+                assert relative_l2(a, b.double()) < tol, (cluster, name, relative_l2(a, b.double()))
+            else:
+                assert torch.equal(a, b), (cluster, name)
+    ext = emulation.extension()
+    assert ext.wpack_cluster() == 0  # restored
+    with pytest.raises(RuntimeError, match="1 to 8"):
+        ext.set_wpack_cluster(9)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_fused_block_with_grad_wpack_in_the_backward_matches_float64(emu, case, dtype):
@@ -555,20 +597,38 @@ def test_fused_block_with_grad_wpack_in_the_backward_matches_float64(emu, case, 
 
 
 def test_grad_wpack_stays_a_gemm_where_its_partials_do_not_fit(emu):
-    """InternImage-T stage 2's shape (Cg 16, G = 8, C = 128) in fp32: the CTA's partials (224 x 129 floats) do not
-    fit beside the backward's tiles, so grad wpack is the GEMM over stored grad logits even when forced; in bf16
-    they fit (with 1.2 KiB of 227 to spare). The binding's query agrees."""
+    """InternImage-T stage 2's shape (Cg 16, G = 8, C = 128) in fp32: one CTA's partial (224 x 129 floats) does not
+    fit beside the backward's tiles, so without clusters (a GPU below sm_90: wpack_cluster(1) here) grad wpack is
+    the GEMM over stored grad logits even when forced, and with them the automatic choice is a cluster of 2 (half
+    the rows each); in bf16 one CTA holds it (with 1.2 KiB of 227 to spare). The binding's query agrees, and puts
+    InternImage-T stage 3 and -H stage 1 (bf16) in clusters of 8, T stage 4 and H stage 2 beyond any."""
     case = CASES[3]
     assert (case.c, case.group) == (128, 8)
     ext = emulation.extension()
-    for dtype, fused in ((torch.float32, False), (torch.bfloat16, True), (torch.float16, True)):
-        assert ext.bwd_wpack_fits(torch.empty(0, dtype=dtype), case.group, case.c) == fused
+    for dtype, cluster in ((torch.float32, 2), (torch.bfloat16, 1), (torch.float16, 1)):
+        like = torch.empty(0, dtype=dtype)
+        assert [k for k in range(1, 9) if ext.bwd_wpack_fits(like, case.group, case.c, k)][0] == cluster
         value, x1, params, geom, grad_out = make_inputs(case)
+        args = rounded(value, x1, params, dtype)
+        with (
+            cuda.wpack_slots(2, device="cpu"),
+            cuda.wpack_cluster(1, device="cpu"),
+            emulation.count() as launches,
+        ):
+            run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+        assert ("sum_slots" in [x["kernel"] for x in launches]) == (cluster == 1), (dtype, launches)
         with cuda.wpack_slots(2, device="cpu"), emulation.count() as launches:
-            run_block(cuda.dcnv3_fused_emu, *rounded(value, x1, params, dtype), geom, grad_out)
-        assert ("sum_slots" in [x["kernel"] for x in launches]) == fused, (dtype, launches)
-    assert not ext.bwd_wpack_fits(torch.empty(0, dtype=torch.bfloat16), 16, 256)  # T stage 3
-    assert not ext.bwd_wpack_fits(torch.empty(0, dtype=torch.bfloat16), 10, 320)  # H stage 1
+            run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
+        assert [x["kernel"] for x in launches][-1] == "sum_slots" and launches[2]["grid"][0] == 2 * cluster
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+    for groups, channels, smallest in (
+        (16, 256, 8),
+        (10, 320, 8),
+        (32, 512, None),
+        (20, 640, None),
+    ):  # T3 H1 T4 H2
+        fitting = [k for k in (1, 2, 4, 8) if ext.bwd_wpack_fits(bf16, groups, channels, k)]
+        assert fitting[:1] == ([smallest] if smallest else []), (groups, channels, fitting)
 
 
 def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
@@ -626,7 +686,15 @@ MUTANTS = {
     ],
     # A persistent CTA's grad wpack partial keeps only its last tile's share.
     "overwritten-wpack-partial": [
-        ("dcnv3/dcn_kernels.cuh", "wpart[(m0 + r) * p.C + c0 + c] += ", "wpart[(m0 + r) * p.C + c0 + c] = ")
+        (
+            "dcnv3/dcn_kernels.cuh",
+            "wpart[(m0 + r - j0) * p.C + c0 + c] += ",
+            "wpart[(m0 + r - j0) * p.C + c0 + c] = ",
+        )
+    ],
+    # A cluster's CTAs read each other's grad logits without waiting for them to be complete.
+    "missing-cluster-barrier": [
+        ("dcnv3/dcn_kernels.cuh", "if (cluster > 1) cluster_sync();  // every CTA's grad logits tile", "//")
     ],
     # The fixed-point accumulator's low words never carry into the high ones: they overflow.
     "dropped-carry": [("dcnv3/dcn_kernels.cuh", "    if (l > kFixedLowMask) {", "    if (false) {")],
@@ -653,6 +721,8 @@ with emulation.using(emulation.load({lib!r})) as ext:
         for case in CASES[:2] + CASES[-1:]:
             check_block(cuda.dcnv3_fused_emu, case, torch.float32)
         with cuda.wpack_slots(3, device="cpu"):  # persistent CTAs that take several tiles each
+            check_block(cuda.dcnv3_fused_emu, CASES[-1], torch.float32)
+        with cuda.wpack_slots(2, device="cpu"), cuda.wpack_cluster(3, device="cpu"):  # and in clusters
             check_block(cuda.dcnv3_fused_emu, CASES[-1], torch.float32)
         err = concentrated_grad_error()
         assert err < CONCENTRATED_TOL, f"concentrated samples: grad value error {{err:.3g}}"

@@ -43,6 +43,7 @@ struct DeviceGuard {
 };
 cudaStream_t stream() { return nullptr; }
 int sm_count(const at::Tensor&) { return 132; }  // an H100/H200's: split-K layouts match the GPU's
+bool has_clusters(const at::Tensor&) { return true; }  // the emulation runs thread-block clusters as sm_90 does
 void check_launch() {}                           // emulation errors are C++ exceptions
 #else
 constexpr bool kOnDevice = true;
@@ -53,6 +54,13 @@ int sm_count(const at::Tensor& t) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.device().index()));
   return sms;
+}
+
+// Thread-block clusters (and distributed shared memory) need sm_90.
+bool has_clusters(const at::Tensor& t) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index()));
+  return major >= 9;
 }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
@@ -222,10 +230,29 @@ void set_wpack_slots(int slots) {
   g_wpack_slots = slots;
 }
 
+// CTAs per cluster of the in-kernel grad wpack, each holding a slice of the partial's rows: 0 lets block_bwd take
+// the smallest of 1, 2, 4, 8 whose slice fits (clusters need sm_90; InternImage-T stage 3 and -H stage 1 take 8);
+// k > 0 takes k wherever its slice fits (tests: clusters where one CTA would do).
+int g_wpack_cluster = 0;
+
+void set_wpack_cluster(int cluster) {
+  TORCH_CHECK(cluster >= 0 && cluster <= 8, "dcnv3: wpack_cluster must be 0 (automatic) or 1 to 8, not ", cluster);
+  g_wpack_cluster = cluster;
+}
+
 // DCNV3_DISPATCH for a launcher-side query that returns a value.
 #define DCNV3_QUERY(dt, fn, ...)                                                   \
   ((dt) == DT::f32 ? dcnv3::fn##_f32(__VA_ARGS__)                                  \
                    : (dt) == DT::f16 ? dcnv3::fn##_f16(__VA_ARGS__) : dcnv3::fn##_bf16(__VA_ARGS__))
+
+// The cluster size for grad wpack in the backward (dtype dt, G groups, C channels), or 0 where no size fits.
+int wpack_cluster_for(DT dt, int G, int C, bool clusters) {
+  auto fits = [&](int k) { return DCNV3_QUERY(dt, dcn_bwd_wpack_fits, C / G, G, C, k); };
+  if (g_wpack_cluster > 0) return (g_wpack_cluster == 1 || clusters) && fits(g_wpack_cluster) ? g_wpack_cluster : 0;
+  for (int k = 1; k <= (clusters ? 8 : 1); k *= 2)
+    if (fits(k)) return k;
+  return 0;
+}
 
 at::Tensor linear_fwd(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 
@@ -448,13 +475,18 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   // sum_slots) is at most half of the HBM bytes they save, per pixel the grad logits written and read back and x1
   // read a second time (InternImage-T at 224 px on 132 SMs: stage 1 from 9 images, stage 2 from 68). Below that
   // the GEMM path keeps every SM busy with fewer bytes. wpack_slots > 0 forces it.
+  // Where one CTA cannot hold the partial, clusters of 2-8 CTAs (sm_90) can, each CTA a slice of its rows: one
+  // partial (slot) per cluster, a cluster per 8 SMs (InternImage-T stage 3 and -H stage 1 at 224 px: from 64 and 5
+  // images).
   const int64_t tiles = p.N * ((h + 7) / 8) * ((w + 7) / 8);
-  const int64_t slots = g_wpack_slots > 0 ? std::min<int64_t>(g_wpack_slots, tiles)
-                                          : std::min<int64_t>(tiles, sm_count(value));
+  const int cluster = wpack_cluster_for(dt, p.G, p.C, has_clusters(value));
+  const int64_t cluster_tiles = (tiles + std::max(cluster, 1) - 1) / std::max(cluster, 1);
+  const int64_t slots = g_wpack_slots > 0 ? std::min<int64_t>(g_wpack_slots, cluster_tiles)
+                                          : std::max<int64_t>(1, std::min<int64_t>(cluster_tiles,
+                                                                                   sm_count(value) / std::max(cluster, 1)));
   const int64_t saved_bytes = p.N * h * w * (2 * cols + p.C) * value.element_size();
   const int64_t partial_bytes = dcnv3::wpack_partial_floats(p.G, p.C) * int64_t(sizeof(float));
-  const bool wpack_fused = x1_fused && g_wpack_in_backward &&
-                           DCNV3_QUERY(dt, dcn_bwd_wpack_fits, p.C / p.G, p.G, p.C) &&
+  const bool wpack_fused = x1_fused && g_wpack_in_backward && cluster > 0 &&
                            (g_wpack_slots > 0 || 4 * slots * partial_bytes <= saved_bytes);
   at::Tensor grad_x1 = x1_fused ? new_output(x1.sizes(), value.options()) : at::Tensor();
   // grad logits go through HBM only for a GEMM that reads them back (grad wpack, or grad x1 where not fused).
@@ -464,6 +496,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
     wpack_partial = new_output({slots, dcnv3::wpack_partial_floats(p.G, p.C)}, value.options().dtype(at::kFloat));
     p.grad_wpack_partial = wpack_partial.data_ptr<float>();
     p.wpack_slots = static_cast<int>(slots);
+    p.wpack_cluster = cluster;
   }
   if (grad_out.numel() > 0) {
     p.grad_out = grad_out.data_ptr();
@@ -531,6 +564,8 @@ py::list emu_stop_counting() {
     d["shared_atomic_requests"] = c.shared_atomic_requests;
     d["shared_atomic_wavefronts"] = c.shared_atomic_wavefronts;
     d["mma"] = c.mma;
+    d["dsmem_requests"] = c.dsmem_requests;
+    d["dsmem_bytes"] = c.dsmem_bytes;
     py::list sites;
     for (const auto& t : c.sites) sites.append(py::make_tuple(t.offset, t.kind, t.requests, t.sectors));
     d["sites"] = sites;
@@ -556,11 +591,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_wpack_slots", &set_wpack_slots, "persistent CTAs of the in-kernel grad wpack: 0 = automatic");
   m.def(
       "bwd_wpack_fits",
-      [](const at::Tensor& like, int64_t groups, int64_t channels) {
+      [](const at::Tensor& like, int64_t groups, int64_t channels, int64_t cluster) {
         return DCNV3_QUERY(dtype_of(like), dcn_bwd_wpack_fits, static_cast<int>(channels / groups),
-                           static_cast<int>(groups), static_cast<int>(channels));
+                           static_cast<int>(groups), static_cast<int>(channels), static_cast<int>(cluster));
       },
-      "whether grad wpack's partials fit in the backward for (like's dtype, groups, channels)");
+      py::arg("like"), py::arg("groups"), py::arg("channels"), py::arg("cluster") = 1,
+      "whether a CTA's slice of grad wpack's partial fits in the backward for (like's dtype, groups, channels) in "
+      "clusters of `cluster` CTAs");
+  m.def("set_wpack_cluster", &set_wpack_cluster, "CTAs per cluster of the in-kernel grad wpack: 0 = automatic");
+  m.def("wpack_cluster", [] { return g_wpack_cluster; }, "CTAs per cluster of the in-kernel grad wpack (0: automatic)");
   m.def("wpack_slots", [] { return g_wpack_slots; }, "persistent CTAs of the in-kernel grad wpack (0: automatic)");
   m.def("set_backward_threads", &set_backward_threads, "threads per CTA of the one-launch backward: 128 or 256");
   m.def("backward_threads", [] { return g_backward_threads; }, "threads per CTA of the one-launch backward");

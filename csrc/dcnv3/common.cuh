@@ -132,18 +132,82 @@ __device__ __forceinline__ void store_f32(float* ptr, const float (&in)[N]) {
 // Every kernel launch goes through here, so that the CPU emulation (csrc/emu) runs the same kernels: there a
 // launch is a loop over the grid, each CTA's threads run as fibers. `name` labels the emulation's counters.
 // `smem_bytes` of dynamic shared memory (see dynamic_smem) may exceed the 48 KiB default: the kernel is opted in.
+// launch_cluster_kernel, cluster > 1: thread-block clusters of that many grid.x-consecutive CTAs (sm_90; the
+// caller checked the device), whose CTAs are co-resident and address each other's shared memory (cluster_map_shared).
 template <class... Params, class... Args>
-void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                   cudaStream_t stream, Args&&... args) {
+void launch_cluster_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                           cudaStream_t stream, unsigned cluster, Args&&... args) {
 #ifdef DCNV3_EMULATION
   (void)stream;
-  emu::launch(name, grid, block, smem_bytes, [&] { kernel(args...); });
+  emu::launch(name, grid, block, smem_bytes, [&] { kernel(args...); }, cluster);
 #else
   (void)name;
   if (smem_bytes > 48 * 1024)
     cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(smem_bytes));
-  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  if (cluster <= 1) {
+    kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+    return;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+#endif
+}
+
+template <class... Params, class... Args>
+void launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                   cudaStream_t stream, Args&&... args) {
+  launch_cluster_kernel(name, kernel, grid, block, smem_bytes, stream, 1u, std::forward<Args>(args)...);
+}
+
+// Thread-block clusters (sm_90): the CTA's rank in its cluster, the cluster barrier (release/acquire: shared and
+// global writes before it are visible to every thread of the cluster after it; all threads of every CTA call it),
+// and a pointer into the running CTA's dynamic shared memory mapped to the same place in CTA `rank`'s (distributed
+// shared memory, read with ordinary loads). Below sm_90 no cluster is launched: rank 0 of one.
+__device__ __forceinline__ unsigned cluster_rank() {
+#ifdef DCNV3_EMULATION
+  return emu::cluster_rank();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#ifdef DCNV3_EMULATION
+  emu::cluster_sync();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+
+template <class T>
+__device__ __forceinline__ T* cluster_map_shared(T* p, unsigned rank) {
+#ifdef DCNV3_EMULATION
+  return static_cast<T*>(emu::map_shared_rank(const_cast<void*>(static_cast<const void*>(p)), rank));
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint64_t mapped;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(mapped) : "l"(reinterpret_cast<uint64_t>(p)), "r"(rank));
+  return reinterpret_cast<T*>(mapped);
+#else
+  (void)rank;
+  return p;
 #endif
 }
 

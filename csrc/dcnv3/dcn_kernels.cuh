@@ -733,39 +733,42 @@ template <class T, int CG>
 __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
   return all_pairs ? sizeof(DcnValueSmem<T, CG, true>) + grad_logits_tile_bytes<T>(G) : sizeof(DcnValueSmem<T, CG>);
 }
-// The own tile's share of grad wpack and grad bpack, added into the CTA's fp32 partials in shared memory: wpart
-// (n_cols, C) += grad logits^T . x1 rows (the tile GEMM with K = the tile's 64 pixels: A is the grad logits tile read
-// transposed in place, B the x1 rows gathered along k, both MN-major), bpart (n_cols) += the grad logits' column
-// sums, each in a fixed order. rows: the own tile's, < 0 outside the image (an edge tile's grad logits rows there
-// hold whatever an earlier tile left, so they are zeroed first). All threads, after the grad logits tile is
+// An edge tile's grad logits rows outside the image (rows < 0) hold whatever an earlier tile left: zeroed before
+// grad wpack reads the tile. All threads; ends with a barrier.
+template <class T, int kCta = kThreads>
+__device__ void zero_rows_outside(const int* rows, T* gl_tile, int gl_pitch, int n_cols) {
+  constexpr int kV = Vec<T>::kN;
+  const int row_vecs = n_cols / kV;
+  for (int i = threadIdx.x; i < kTileM * row_vecs; i += kCta) {
+    const int pix = i / row_vecs;
+    if (rows[pix] < 0) store16(gl_tile + pix * gl_pitch + (i % row_vecs) * kV, uint4{0, 0, 0, 0});
+  }
+  __syncthreads();
+}
+
+// A tile's share of grad wpack and grad bpack rows [j0, j1), added into the CTA's fp32 partials in shared memory:
+// wpart (j1 - j0, C) += grad logits^T . x1 rows (the tile GEMM with K = the tile's 64 pixels: A is the grad logits
+// tile read transposed in place, B the x1 rows gathered along k, both MN-major), bpart (j1 - j0) += the grad logits'
+// column sums, each in a fixed order. rows: the tile's, < 0 outside the image (zero_rows_outside ran). gl_tile and
+// rows may be another CTA's of the cluster (distributed shared memory). All threads, after the grad logits tile is
 // complete; ends with a barrier.
 template <class T, int kCta = kThreads>
-__device__ void accumulate_wpack_grad(const DcnParams& p, DcnSmem<T>& sm, const int* rows, bool edge_tile, T* gl_tile,
-                                      int gl_pitch, float* wpart, float* bpart) {
-  const int n_cols = packed_cols(p.G);
-  if (edge_tile) {
-    constexpr int kV = Vec<T>::kN;
-    const int row_vecs = n_cols / kV;
-    for (int i = threadIdx.x; i < kTileM * row_vecs; i += kCta) {
-      const int pix = i / row_vecs;
-      if (rows[pix] < 0) store16(gl_tile + pix * gl_pitch + (i % row_vecs) * kV, uint4{0, 0, 0, 0});
-    }
-    __syncthreads();
-  }
-  for (int j = threadIdx.x; j < n_cols; j += kCta) {
+__device__ void accumulate_wpack_grad(const DcnParams& p, DcnSmem<T>& sm, const int* rows, const T* gl_tile,
+                                      int gl_pitch, int j0, int j1, float* wpart, float* bpart) {
+  for (int j = j0 + int(threadIdx.x); j < j1; j += kCta) {
     float sum = 0.f;
     for (int pix = 0; pix < kTileM; ++pix) sum += to_float(gl_tile[pix * gl_pitch + j]);
-    bpart[j] += sum;
+    bpart[j - j0] += sum;
   }
   const T* x1 = static_cast<const T*>(p.x1);
-  for (int m0 = 0; m0 < n_cols; m0 += kTileM) {
+  for (int m0 = j0; m0 < j1; m0 += kTileM) {
     for (int c0 = 0; c0 < p.C; c0 += kTileN) {
       // A(j, pix) = gl_tile[pix * gl_pitch + j]; B(c, pix) = x1[rows[pix] * C + c].
-      tile_gemm<T, kTileM, kTileN, true, true, 1, kCta>(sm.gemm, sm.logits, gl_tile, 1, gl_pitch, m0, n_cols, x1, 1,
-                                                        p.C, c0, p.C, 0, kTileM, nullptr, rows);
+      tile_gemm<T, kTileM, kTileN, true, true, 1, kCta>(sm.gemm, sm.logits, gl_tile, 1, gl_pitch, m0, j1, x1, 1, p.C,
+                                                        c0, p.C, 0, kTileM, nullptr, rows);
       for (int i = threadIdx.x; i < kTileM * kTileN; i += kCta) {
         const int r = i / kTileN, c = i % kTileN;
-        if (m0 + r < n_cols && c0 + c < p.C) wpart[(m0 + r) * p.C + c0 + c] += sm.logits[r * (kTileN + kAccPad) + c];
+        if (m0 + r < j1 && c0 + c < p.C) wpart[(m0 + r - j0) * p.C + c0 + c] += sm.logits[r * (kTileN + kAccPad) + c];
       }
       __syncthreads();  // the next step's result overwrites this one
     }
@@ -782,8 +785,11 @@ __device__ void accumulate_wpack_grad(const DcnParams& p, DcnSmem<T>& sm, const 
 // keeps the own tile's grad logits of all groups in shared memory, and ends with grad x1 = grad logits . wpack for
 // its 64 pixels (64 columns per step, wpack streamed from L2): grad logits are stored for grad wpack but not read
 // back for grad x1. With p.grad_wpack_partial, grad wpack accumulates here too (accumulate_wpack_grad) and grad
-// logits are not stored: the grid is then p.wpack_slots persistent CTAs, each taking every wpack_slots-th tile
-// (a fixed assignment: the partials, and so the sums, do not depend on scheduling).
+// logits are not stored: the grid is then p.wpack_slots persistent CTAs, each taking every wpack_slots-th tile, or
+// (p.wpack_cluster = k > 1, sm_90) wpack_slots clusters of k CTAs, each round taking k consecutive tiles, one per
+// CTA, after which every CTA adds its slice of the partial's rows from all k tiles' grad logits (read from the
+// other CTAs' shared memory between two cluster barriers). A fixed assignment: the partials, and so the sums, do
+// not depend on scheduling.
 template <class T, int CG, bool kOwnTile, bool kAllPairs, int kCta = kThreads>
 __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
   static_assert(kOwnTile || !kAllPairs, "grad x1 comes from the own tile's grad logits");
@@ -794,12 +800,16 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
   DcnValueSmem<T, CG, kAllPairs>& sm = dynamic_smem<DcnValueSmem<T, CG, kAllPairs>>();
   T* gl_tile = reinterpret_cast<T*>(&sm + 1);  // kAllPairs only
   const int n_cols = packed_cols(p.G), gl_pitch = n_cols + kSmemPad;
-  // kAllPairs with p.grad_wpack_partial: the CTA's grad wpack and grad bpack partial (wpack_partial_floats), after
-  // the grad logits tile.
+  // kAllPairs with p.grad_wpack_partial: the CTA's slice of grad wpack and grad bpack's partial (rows [j0, j1)
+  // of wpack_partial_floats: all of it without a cluster), after the grad logits tile.
   const bool acc_wpack = kAllPairs && p.grad_wpack_partial != nullptr;
-  const int partial_floats = int(wpack_partial_floats(p.G, p.C));
+  const int cluster = acc_wpack ? max(1, p.wpack_cluster) : 1;
+  const int rank = cluster > 1 ? int(cluster_rank()) : 0;
+  const int slice_rows = wpack_slice_rows(p.G, cluster);
+  const int j0 = min(rank * slice_rows, n_cols), j1 = min(j0 + slice_rows, n_cols);
+  const int partial_floats = int(wpack_slice_floats(p.G, p.C, cluster));
   float* wpart = reinterpret_cast<float*>(reinterpret_cast<char*>(gl_tile) + grad_logits_tile_bytes<T>(p.G));
-  float* bpart = wpart + n_cols * p.C;
+  float* bpart = wpart + slice_rows * p.C;
   if (kAllPairs) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
     const int live = p.G * kGroupCols, pad = n_cols - live;
     for (int i = threadIdx.x; i < kTileM * pad; i += kCta) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
@@ -809,13 +819,18 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
 
   const int M = p.N * p.Ho * p.Wo;
   const int tiles_w = ceil_div(p.W, kTile), tiles = tiles_w * ceil_div(p.H, kTile);
-  // One tile per CTA, or (persistent, acc_wpack) every gridDim.x-th tile in turn.
-  for (int task = blockIdx.x; task < p.N * tiles; task += gridDim.x) {
+  // One tile per CTA, or (persistent, acc_wpack) every gridDim.x-th tile in turn; in clusters, rounds of one tile
+  // per CTA (first: the cluster's first CTA's tile, the same for all of them, so they take the same rounds; a CTA
+  // past the last tile only joins the round's grad wpack).
+  const int total = p.N * tiles;
+  for (int first = int(blockIdx.x) - rank; first < total; first += gridDim.x) {
+    const bool has_tile = first + rank < total;
+    const int task = has_tile ? first + rank : first;
     const int n = task / tiles, tile = task % tiles;
     const int tx0 = (tile % tiles_w) * kTile, ty0 = (tile / tiles_w) * kTile;
     const int tx1 = min(p.W, tx0 + kTile) - 1, ty1 = min(p.H, ty0 + kTile) - 1;
     const int g_first = kAllPairs ? 0 : blockIdx.y * kGroupsPerCta;
-    const int g_last = kAllPairs ? p.G : g_first + 1;
+    const int g_last = !has_tile ? g_first : kAllPairs ? p.G : g_first + 1;
     const ScatterBox<T, CG> box{sm.acc_hi, sm.acc_lo, sm.scale, tx0, tx1, ty0, ty1};
 
     for (int g0 = g_first; g0 < g_last; g0 += kGroupsPerCta) {
@@ -928,20 +943,35 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
     // The own tile's grad logits, all groups: stored (16-byte vectors, for grad wpack) unless grad wpack accumulates
     // here, and grad x1 = grad logits . wpack (K = packed_cols(G), B(n, k) = wpack[k*C + n]: read transposed in place),
     // 64 columns per step.
-    fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
-    __syncthreads();
-    if (p.grad_logits != nullptr) store_grad_logits<T, kCta>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
-    project_tile<T, true, kCta>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C, p.C,
-                          nullptr, static_cast<T*>(p.grad_x1));
-    if (acc_wpack)
-      accumulate_wpack_grad<T, kCta>(p, sm.dcn, sm.rows, tx1 - tx0 + 1 < kTile || ty1 - ty0 + 1 < kTile, gl_tile,
-                                     gl_pitch, wpart, bpart);
+    if (has_tile) {
+      fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);
+      __syncthreads();
+      if (p.grad_logits != nullptr) store_grad_logits<T, kCta>(p, sm.rows, gl_tile, gl_pitch, 0, p.G * kGroupCols);
+      project_tile<T, true, kCta>(sm.dcn, sm.rows, gl_tile, gl_pitch, n_cols, static_cast<const T*>(p.wpack), 1, p.C,
+                                  p.C, nullptr, static_cast<T*>(p.grad_x1));
+      if (acc_wpack && (tx1 - tx0 + 1 < kTile || ty1 - ty0 + 1 < kTile))
+        zero_rows_outside<T, kCta>(sm.rows, gl_tile, gl_pitch, n_cols);
+    }
+    if (!acc_wpack) continue;
+    // grad wpack: the CTA's rows [j0, j1) from the round's tiles (one CTA: its own tile, all rows), the others' grad
+    // logits and rows read from their shared memory between two cluster barriers.
+    if (cluster > 1) cluster_sync();  // every CTA's grad logits tile and rows are complete and visible
+    for (int r = 0; r < cluster; ++r)
+      if (first + r < total)
+        accumulate_wpack_grad<T, kCta>(p, sm.dcn, cluster > 1 ? cluster_map_shared(sm.rows, r) : sm.rows,
+                                       cluster > 1 ? cluster_map_shared(gl_tile, r) : gl_tile, gl_pitch, j0, j1, wpart,
+                                       bpart);
+    if (cluster > 1) cluster_sync();  // all have read them: the next round may overwrite them (no CTA exits early)
   }
   if (!acc_wpack) return;
-  // The CTA's partial, in slot blockIdx.x (16-byte vectors: a multiple of 8 floats).
+  // The CTA's slice of its slot's partial (slot: the cluster), rows [j0, j1) of grad wpack, then of grad bpack
+  // (16-byte vectors: j0 and j1 are multiples of 8).
   __syncthreads();
-  float* out = p.grad_wpack_partial + int64_t(blockIdx.x) * partial_floats;
-  for (int i = threadIdx.x * 4; i < partial_floats; i += kCta * 4) store16(out + i, load16(wpart + i));
+  float* out = p.grad_wpack_partial + int64_t(blockIdx.x / cluster) * wpack_partial_floats(p.G, p.C);
+  const int w_floats = (j1 - j0) * p.C;
+  for (int i = threadIdx.x * 4; i < w_floats; i += kCta * 4) store16(out + int64_t(j0) * p.C + i, load16(wpart + i));
+  for (int i = threadIdx.x * 4; i < j1 - j0; i += kCta * 4)
+    store16(out + int64_t(n_cols) * p.C + j0 + i, load16(bpart + i));
 }
 
 // The largest dynamic shared memory a CTA may opt in to (sm_90: 227 KiB; the emulation enforces the same).
@@ -973,12 +1003,13 @@ bool bwd_x1_fits(int G) {
   return bwd_smem_bytes<T, CG>(true, G) <= kMaxDynamicSmem;
 }
 
-// Whether, with grad x1 fused, grad wpack can also accumulate in the backward (p.grad_wpack_partial): the CTA's fp32
-// partials, packed_cols(G) x (C + 1), fit beside the grad logits tile (16-bit types: up to C = 128 at 16 channels
-// per group, InternImage-T stages 1-2, with 1.2 KiB to spare at C = 128; up to 160 at 32; fp32: 96 and 128).
+// Whether, with grad x1 fused, grad wpack can also accumulate in the backward (p.grad_wpack_partial) in clusters of
+// k CTAs (1: none): a CTA's slice of the fp32 partial, wpack_slice_rows(G, k) x (C + 1), fits beside the grad logits
+// tile (16-bit types, k = 1: up to C = 128 at 16 channels per group, InternImage-T stages 1-2, with 1.2 KiB to spare
+// at C = 128; up to 160 at 32; fp32: 96 and 128. k = 8: InternImage-T stage 3 and -H stage 1 too).
 template <class T, int CG>
-bool bwd_wpack_fits(int G, int C) {
-  return bwd_smem_bytes<T, CG>(true, G) + wpack_partial_floats(G, C) * sizeof(float) <= kMaxDynamicSmem;
+bool bwd_wpack_fits(int G, int C, int k) {
+  return bwd_smem_bytes<T, CG>(true, G) + wpack_slice_floats(G, C, k) * sizeof(float) <= kMaxDynamicSmem;
 }
 
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the
@@ -996,13 +1027,15 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
   const dim3 cta(wide ? kWideCta : kThreads);
   if (own_tile && p.grad_x1 != nullptr) {
     const bool acc_wpack = p.grad_wpack_partial != nullptr;
+    const int cluster = acc_wpack ? std::max(1, p.wpack_cluster) : 1;
     if (acc_wpack && (p.wpack_slots < 1 || p.wpack_slots > tiles))
       throw std::invalid_argument("dcnv3: grad wpack's slots must be between 1 and the number of tiles");
-    launch_kernel("dcn_bwd_x1",
-                  wide ? dcn_bwd_value_kernel<T, CG, true, true, kWideCta> : dcn_bwd_value_kernel<T, CG, true, true>,
-                  dim3(acc_wpack ? p.wpack_slots : tiles), cta,
-                  bwd_smem_bytes<T, CG>(true, p.G) + (acc_wpack ? wpack_partial_floats(p.G, p.C) * sizeof(float) : 0),
-                  stream, q);
+    if (cluster > 8) throw std::invalid_argument("dcnv3: grad wpack's clusters hold at most 8 CTAs");
+    launch_cluster_kernel(
+        "dcn_bwd_x1", wide ? dcn_bwd_value_kernel<T, CG, true, true, kWideCta> : dcn_bwd_value_kernel<T, CG, true, true>,
+        dim3(acc_wpack ? p.wpack_slots * cluster : tiles), cta,
+        bwd_smem_bytes<T, CG>(true, p.G) + (acc_wpack ? wpack_slice_floats(p.G, p.C, cluster) * sizeof(float) : 0),
+        stream, unsigned(cluster), q);
     return;
   }
   if (p.grad_wpack_partial != nullptr)

@@ -16,8 +16,9 @@ namespace dcnv3 {
   void dcn_bwd_##SUFFIX(int channels_per_group, const DcnParams& p, cudaStream_t stream);                       \
   /* Whether the backward can fuse grad x1 (p.grad_x1) for G groups: its grad logits tile fits on chip. */     \
   bool dcn_bwd_x1_fits_##SUFFIX(int channels_per_group, int G);                                               \
-  /* Whether grad wpack can also accumulate in the backward (p.grad_wpack_partial) for G groups, C channels. */  \
-  bool dcn_bwd_wpack_fits_##SUFFIX(int channels_per_group, int G, int C);                                       \
+  /* Whether grad wpack can also accumulate in the backward (p.grad_wpack_partial) for G groups, C channels, */ \
+  /* in clusters of `cluster` CTAs (1: none). */                                                                \
+  bool dcn_bwd_wpack_fits_##SUFFIX(int channels_per_group, int G, int C, int cluster);                          \
   void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
   /* absmax (N, C) = max over rows of |x| for x (N, R, C); absmax must be zero-filled first. */                 \
   void absmax_rows_##SUFFIX(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream);           \

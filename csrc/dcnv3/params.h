@@ -16,6 +16,11 @@ constexpr int packed_cols(int G) { return (G * kGroupCols + 7) / 8 * 8; }  // de
 // Floats of one grad wpack partial (DcnParams::grad_wpack_partial): grad wpack (packed_cols(G), C) row-major, then
 // grad bpack (packed_cols(G)); a multiple of 8, so every partial starts 16-byte aligned.
 constexpr int64_t wpack_partial_floats(int G, int C) { return int64_t(packed_cols(G)) * (C + 1); }
+// In a cluster of k CTAs each holds a slice of the partial's rows (grad wpack rows and their grad bpack entries):
+// rank r rows [r S, min((r + 1) S, packed_cols(G))), S = packed_cols(G) / k rounded up to whole vectors (8), so a
+// CTA's shared memory holds S x (C + 1) floats (the whole partial at k = 1).
+constexpr int wpack_slice_rows(int G, int k) { return (packed_cols(G) + 8 * k - 1) / (8 * k) * 8; }
+constexpr int64_t wpack_slice_floats(int G, int C, int k) { return int64_t(wpack_slice_rows(G, k)) * (C + 1); }
 
 // Packed-logit layout (per pixel, per group g, columns g*28 + j; columns from G*28 on are zero):
 //   j in [0, 2P)      offset logits, j = 2p + {0: x/width, 1: y/height}   (official offset order)
@@ -59,12 +64,15 @@ struct DcnParams {
   // When set (the fused block): grad x1 (N, H, W, C) T = grad logits . wpack, the backward's epilogue.
   void* grad_x1;
   // When set (with grad_x1, where bwd_wpack_fits): grad wpack and grad bpack accumulate on chip instead of going
-  // through stored grad logits. wpack_slots persistent CTAs each take every wpack_slots-th tile, add its grad
-  // logits^T . x1 rows and the grad logits' column sums into an fp32 partial in shared memory, and leaves it in
-  // grad_wpack_partial (wpack_slots, wpack_partial_floats(G, C)), which sum_slots adds in slot order. grad_logits may
-  // then be null (not stored).
+  // through stored grad logits. wpack_slots persistent CTAs (wpack_cluster = 1) or clusters of wpack_cluster CTAs
+  // each take every wpack_slots-th tile (a cluster: wpack_cluster consecutive tiles per round), add its grad
+  // logits^T . x1 rows and the grad logits' column sums into an fp32 partial in shared memory (in a cluster, each
+  // CTA the rows of its slice, wpack_slice_rows, from every tile of the round, reading the others' grad logits
+  // through distributed shared memory), and leave it in grad_wpack_partial (wpack_slots, wpack_partial_floats(G,
+  // C)), which sum_slots adds in slot order. grad_logits may then be null (not stored).
   float* grad_wpack_partial;
   int wpack_slots;
+  int wpack_cluster;
   // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
   // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it
   // scatters to. Zeroed by the caller, filled by dcn_bwd, read by dcn_bwd_value.

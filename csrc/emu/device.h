@@ -31,10 +31,22 @@ extern ThreadContext g_ctx;
 
 // The largest dynamic shared memory a CTA may ask for (sm_90's 227 KiB opt-in limit).
 constexpr size_t kMaxSharedBytes = 227 * 1024;
-void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body);
+// The most CTAs a cluster may hold (sm_90's portable limit).
+constexpr unsigned kMaxClusterCtas = 8;
+// cluster > 1: thread-block clusters of that many grid.x-consecutive CTAs, run together (sm_90 clusters: their
+// CTAs are co-resident and may read each other's shared memory). Kernels launched in clusters keep their shared
+// memory dynamic: `__shared__` statics are one copy here, which a cluster's CTAs would share.
+void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body,
+            unsigned cluster = 1);
 // The running CTA's dynamic shared memory (`extern __shared__` on a GPU), filled with 0xFF before each CTA.
 void* dynamic_smem();
 void syncthreads();
+// %cluster_ctarank, %cluster_nctarank, barrier.cluster.arrive.release + wait.acquire, and mapa (a generic address in
+// the running CTA's dynamic shared memory -> the same offset in CTA `rank` of the cluster).
+unsigned cluster_rank();
+unsigned cluster_size();
+void cluster_sync();
+void* map_shared_rank(void* p, unsigned rank);
 uint32_t shfl_xor(uint32_t bits, int lane_mask, int width);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane passes its PTX fragments, like the instruction.
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c);

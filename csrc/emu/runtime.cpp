@@ -6,6 +6,9 @@
 // blocks at a __syncthreads, a warp exchange (shuffle, mma.sync) or exits; a barrier opens when every live
 // thread of the CTA (warp) has reached it. Results that depend on that order reveal a missing barrier, and a
 // CTA whose threads wait at different barriers is reported as a deadlock.
+// A launch with thread-block clusters (sm_90) runs a cluster's CTAs together: all their threads are fibers of one
+// schedule, each CTA with its own dynamic shared memory, which the others may address (distributed shared memory:
+// map_shared_rank), and a cluster barrier opens when every live thread of the cluster has reached it.
 //
 // Counters (when enabled). The kernel TUs are compiled with -fsanitize=thread *instrumentation only* (no TSan
 // runtime): every load/store calls a __tsan_* hook defined here with its address, size and call site. Accesses
@@ -101,7 +104,7 @@ namespace {
 constexpr size_t kStackBytes = 256 << 10;
 constexpr int kWarp = 32;
 
-enum class State { Runnable, AtBarrier, AtWarpExchange, Done };
+enum class State { Runnable, AtBarrier, AtClusterBarrier, AtWarpExchange, Done };
 
 // A 16-byte cp.async in flight: the bytes it will land (read at issue: the kernels' sources are read-only).
 struct AsyncCopy {
@@ -113,7 +116,8 @@ struct Fiber {
   void* sp = nullptr;
   char* stack = nullptr;
   State state = State::Done;
-  uint3 tid{};
+  uint3 tid{}, bid{};
+  int cta = 0;       // the CTA's rank in its cluster (0 without clusters)
   unsigned seq = 0;  // warp exchanges this thread has completed (selects the staging buffer)
   std::unordered_map<uintptr_t, uint32_t> site_count;  // counters: executions per call site
   // cp.async groups of this thread: committed ones (oldest first), then the copies not yet committed.
@@ -183,7 +187,9 @@ uintptr_t g_writable_lo = 0, g_writable_hi = 0;  // this library's data + bss: t
 uintptr_t g_host_stack_lo = 0, g_host_stack_hi = 0;
 std::vector<std::pair<char*, size_t>> g_shared_statics;  // poisoned before every CTA
 std::vector<uint4> g_dynamic_smem;                        // the launch's dynamic shared memory (16-byte aligned)
-uintptr_t g_dynamic_lo = 0, g_dynamic_hi = 0;
+uintptr_t g_dynamic_lo = 0, g_dynamic_hi = 0;             //   one segment per CTA of a cluster
+size_t g_dynamic_segment = 0;                             //   a segment's bytes (the request, rounded up to 16)
+unsigned g_cluster = 1;                                   // CTAs per cluster of the running launch
 
 bool is_shared(uintptr_t a) {
   return (a >= g_writable_lo && a < g_writable_hi) || (a >= g_dynamic_lo && a < g_dynamic_hi);
@@ -295,13 +301,25 @@ SiteKey next_request(uintptr_t site) {
   return SiteKey{g_sched.current / kWarp, site, f.site_count[site]++};
 }
 
+// Which CTA of the cluster owns dynamic shared memory address a (-1: not dynamic shared memory).
+int smem_owner(uintptr_t a) {
+  if (a < g_dynamic_lo || a >= g_dynamic_hi || g_dynamic_segment == 0) return -1;
+  return int((a - g_dynamic_lo) / g_dynamic_segment);
+}
+
 // A shared access of `size` bytes at a into the warp request of its call site: its words, numbered from the start
-// of the dynamic shared memory (the banks a GPU would use; statics: from their segment, an approximation).
+// of the CTA's dynamic shared memory (the banks a GPU would use; statics: from their segment, an approximation).
+// An access to another CTA's shared memory (distributed shared memory, in a cluster) also counts as remote.
 void record_shared(uintptr_t a, size_t size, int kind, uintptr_t site, bool wide = false) {
   SharedRequest& req = g_shared_requests[next_request(site)];
   req.kind = kind;
   req.wide = req.wide || wide;
-  const uintptr_t base = a >= g_dynamic_lo && a < g_dynamic_hi ? g_dynamic_lo : g_writable_lo;
+  const int owner = smem_owner(a);
+  const uintptr_t base = owner >= 0 ? g_dynamic_lo + owner * g_dynamic_segment : g_writable_lo;
+  if (owner >= 0 && owner != g_sched.fibers[g_sched.current].cta) {
+    g_cur->dsmem_requests += 1;
+    g_cur->dsmem_bytes += size;
+  }
   for (uintptr_t w = (a - base) >> 2; w <= (a - base + size - 1) >> 2; ++w) req.words.push_back(uint32_t(w));
 }
 
@@ -386,34 +404,44 @@ std::string describe_states(const dim3& block) {
   for (size_t i = 0; i < g_sched.fibers.size() && shown < 8; ++i) {
     const State st = g_sched.fibers[i].state;
     if (st == State::Done) continue;
-    s += " thread " + std::to_string(i) + (st == State::AtBarrier ? " at __syncthreads;" : " at a warp exchange;");
+    s += " thread " + std::to_string(i) +
+         (st == State::AtBarrier          ? " at __syncthreads;"
+          : st == State::AtClusterBarrier ? " at the cluster barrier;"
+                                          : " at a warp exchange;");
     ++shown;
   }
   (void)block;
   return s;
 }
 
-void run_cta(const dim3& block) {
-  const int n = int(block.x * block.y * block.z);
+// Runs one CTA, or the CTAs of one cluster together (ctas: their block indices, in rank order).
+void run_cta(const dim3& block, const std::vector<uint3>& ctas) {
+  const int per_cta = int(block.x * block.y * block.z), n = per_cta * int(ctas.size());
   auto& fibers = g_sched.fibers;
   if (int(fibers.size()) < n) fibers.resize(n);
   g_sched.warps.resize((n + kWarp - 1) / kWarp);
   for (int i = 0; i < n; ++i) {
     Fiber& f = fibers[i];
-    f.tid = uint3{unsigned(i % block.x), unsigned((i / block.x) % block.y), unsigned(i / (block.x * block.y))};
+    const int t = i % per_cta;
+    f.tid = uint3{unsigned(t % block.x), unsigned((t / block.x) % block.y), unsigned(t / (block.x * block.y))};
+    f.cta = i / per_cta;
+    f.bid = ctas[f.cta];
     prepare_fiber(f);
   }
   set_order(n);
   ++g_cta_serial;
   for (auto& [ptr, size] : g_shared_statics) std::memset(ptr, 0xFF, size);
   if (g_dynamic_hi != g_dynamic_lo) std::memset(g_dynamic_smem.data(), 0xFF, g_dynamic_hi - g_dynamic_lo);
-  for (;;) {
-    bool ran = false;
+  // One pass over CTA c's runnable threads (in the thread order), then its barriers open where every live thread
+  // arrived (exited threads count as arrived): __syncthreads, and each warp's exchanges. Whether anything happened.
+  auto step = [&](int c) {
+    bool ran = false, opened = false;
     for (int i : g_sched.order) {
       Fiber& f = fibers[i];
-      if (f.state != State::Runnable) continue;
+      if (f.cta != c || f.state != State::Runnable) continue;
       g_sched.current = i;
       g_ctx.thread_idx = f.tid;
+      g_ctx.block_idx = f.bid;
       switch_to_fiber(&g_sched.host_sp, f.sp, f.stack);
       g_sched.current = -1;
       if (!g_sched.error.empty()) {
@@ -423,20 +451,18 @@ void run_cta(const dim3& block) {
       }
       ran = true;
     }
-    // Open the barriers whose participants have all arrived (exited threads count as arrived).
-    int live = 0, at_barrier = 0;
-    for (int i = 0; i < n; ++i) {
-      live += fibers[i].state != State::Done;
+    const int lo_c = c * per_cta, hi_c = lo_c + per_cta;
+    int live_c = 0, at_barrier = 0;
+    for (int i = lo_c; i < hi_c; ++i) {
+      live_c += fibers[i].state != State::Done;
       at_barrier += fibers[i].state == State::AtBarrier;
     }
-    if (live == 0) break;
-    bool opened = false;
-    if (at_barrier == live) {
-      for (int i = 0; i < n; ++i) fibers[i].state = State::Runnable;
+    if (live_c > 0 && at_barrier == live_c) {
+      for (int i = lo_c; i < hi_c; ++i) fibers[i].state = State::Runnable;
       opened = true;
     }
-    for (int w = 0; w * kWarp < n; ++w) {
-      const int lo = w * kWarp, hi = std::min(n, lo + kWarp);
+    for (int lo = lo_c; lo < hi_c; lo += kWarp) {
+      const int hi = std::min(hi_c, lo + kWarp);
       int waiting = 0, done = 0;
       for (int i = lo; i < hi; ++i) {
         waiting += fibers[i].state == State::AtWarpExchange;
@@ -444,12 +470,39 @@ void run_cta(const dim3& block) {
       }
       if (waiting == 0) continue;
       if (waiting + done == hi - lo) {
-        if (done != 0) fail("a warp exchange (shuffle/mma.sync) with exited lanes in warp " + std::to_string(w));
+        if (done != 0) fail("a warp exchange (shuffle/mma.sync) with exited lanes in warp " + std::to_string(lo / kWarp));
         for (int i = lo; i < hi; ++i) fibers[i].state = State::Runnable;
         opened = true;
       }
     }
-    if (!opened && !ran) fail("deadlock: threads wait at different barriers:" + describe_states(block));
+    return ran || opened;
+  };
+  // A cluster's CTAs in the thread order's sense (rank order, reversed, or shuffled), each run as far as it can go
+  // (to the cluster barrier, or its end) before the next: the most skew a cluster can have on a GPU, so a CTA that
+  // reads another's shared memory before a cluster barrier published it finds poison or stale data.
+  std::vector<int> cta_order(ctas.size());
+  std::iota(cta_order.begin(), cta_order.end(), 0);
+  if (g_order == OrderMode::Reverse) std::reverse(cta_order.begin(), cta_order.end());
+  if (g_order == OrderMode::Shuffle) {
+    std::mt19937_64 rng(g_order_seed * 0x9E3779B97F4A7C15ull + g_cta_serial * 31);
+    std::shuffle(cta_order.begin(), cta_order.end(), rng);
+  }
+  for (;;) {
+    bool progress = false;
+    for (int c : cta_order)
+      while (step(c)) progress = true;
+    int live = 0, at_cluster_barrier = 0;
+    for (int i = 0; i < n; ++i) {
+      live += fibers[i].state != State::Done;
+      at_cluster_barrier += fibers[i].state == State::AtClusterBarrier;
+    }
+    if (live == 0) break;
+    if (at_cluster_barrier == live) {  // the cluster barrier opens
+      for (int i = 0; i < n; ++i)
+        if (fibers[i].state == State::AtClusterBarrier) fibers[i].state = State::Runnable;
+      continue;
+    }
+    if (!progress) fail("deadlock: threads wait at different barriers:" + describe_states(block));
   }
 }
 
@@ -506,14 +559,22 @@ extern "C" void emu_fiber_main(void* fiber) {
 // ---------------------------------------------------------------------------------------------------------
 // Device API.
 
-void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body) {
+void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, const std::function<void()>& body,
+            unsigned cluster) {
   if (g_in_kernel) fail("nested kernel launch");
   if (dynamic_smem_bytes > kMaxSharedBytes)
     fail(std::string(name) + ": " + std::to_string(dynamic_smem_bytes) + " bytes of dynamic shared memory (at most " +
          std::to_string(kMaxSharedBytes) + ")");
-  g_dynamic_smem.assign((dynamic_smem_bytes + sizeof(uint4) - 1) / sizeof(uint4), uint4{});
+  if (cluster < 1 || cluster > kMaxClusterCtas || grid.x % cluster != 0)
+    fail(std::string(name) + ": a cluster of " + std::to_string(cluster) + " CTAs (1 to " +
+         std::to_string(kMaxClusterCtas) + ", dividing grid.x = " + std::to_string(grid.x) + ")");
+  if (cluster > 1 && (block.x * block.y * block.z) % kWarp != 0)
+    fail(std::string(name) + ": a cluster launch needs whole warps per CTA");
+  g_cluster = cluster;
+  g_dynamic_segment = (dynamic_smem_bytes + sizeof(uint4) - 1) / sizeof(uint4) * sizeof(uint4);
+  g_dynamic_smem.assign(cluster * g_dynamic_segment / sizeof(uint4), uint4{});
   g_dynamic_lo = reinterpret_cast<uintptr_t>(g_dynamic_smem.data());
-  g_dynamic_hi = g_dynamic_lo + dynamic_smem_bytes;
+  g_dynamic_hi = g_dynamic_lo + cluster * g_dynamic_segment;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x * block.y * block.z == 0) return;
   if (block.x * block.y * block.z > 1024) fail(std::string(name) + ": more than 1024 threads per block");
   find_writable_segment();
@@ -532,21 +593,24 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem_bytes, 
   g_ctx.block_dim = block;
   g_in_kernel = true;
   try {
-    // CTAs run one at a time, in the thread order's sense too: forward, reversed, or shuffled (so a result that
-    // depends on which CTA finishes first, e.g. which split of a split-K reduction arrives last, shows).
-    std::vector<uint3> ctas;
-    ctas.reserve(size_t(grid.x) * grid.y * grid.z);
+    // CTAs (clusters) run one at a time, in the thread order's sense too: forward, reversed, or shuffled (so a
+    // result that depends on which CTA finishes first, e.g. which split of a split-K reduction arrives last, shows).
+    // A cluster is grid.x-consecutive CTAs, its rank the position among them.
+    std::vector<uint3> firsts;
+    firsts.reserve(size_t(grid.x / cluster) * grid.y * grid.z);
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) ctas.push_back(uint3{x, y, z});
-    if (g_order == OrderMode::Reverse) std::reverse(ctas.begin(), ctas.end());
+        for (unsigned x = 0; x < grid.x; x += cluster) firsts.push_back(uint3{x, y, z});
+    if (g_order == OrderMode::Reverse) std::reverse(firsts.begin(), firsts.end());
     if (g_order == OrderMode::Shuffle) {
-      std::mt19937_64 rng(g_order_seed * 0x9E3779B97F4A7C15ull + ctas.size());
-      std::shuffle(ctas.begin(), ctas.end(), rng);
+      std::mt19937_64 rng(g_order_seed * 0x9E3779B97F4A7C15ull + firsts.size());
+      std::shuffle(firsts.begin(), firsts.end(), rng);
     }
-    for (const uint3& cta : ctas) {
-      g_ctx.block_idx = cta;
-      run_cta(block);
+    std::vector<uint3> ctas(cluster);
+    for (const uint3& first : firsts) {
+      for (unsigned r = 0; r < cluster; ++r) ctas[r] = uint3{first.x + r, first.y, first.z};
+      g_ctx.block_idx = first;
+      run_cta(block, ctas);
       if (g_counting) flush_requests();
     }
   } catch (...) {
@@ -656,7 +720,30 @@ void ldmatrix_x4_trans(const void* row, uint32_t* d) {
 
 void* dynamic_smem() {
   if (!g_in_kernel) fail("dynamic shared memory outside a kernel");
-  return g_dynamic_smem.data();
+  const int cta = g_sched.current >= 0 ? g_sched.fibers[g_sched.current].cta : 0;
+  return reinterpret_cast<char*>(g_dynamic_smem.data()) + cta * g_dynamic_segment;
+}
+
+unsigned cluster_rank() {
+  if (g_sched.current < 0) fail("cluster rank outside a kernel thread");
+  return unsigned(g_sched.fibers[g_sched.current].cta);
+}
+
+unsigned cluster_size() { return g_cluster; }
+
+void cluster_sync() {
+  if (g_sched.current < 0) fail("cluster barrier outside a kernel thread");
+  g_sched.fibers[g_sched.current].state = State::AtClusterBarrier;
+  yield_to_scheduler();
+}
+
+void* map_shared_rank(void* p, unsigned rank) {
+  if (g_sched.current < 0) fail("mapa outside a kernel thread");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const int own = g_sched.fibers[g_sched.current].cta;
+  if (smem_owner(a) != own) fail("mapa: an address outside the CTA's dynamic shared memory");
+  if (rank >= g_cluster) fail("mapa: rank " + std::to_string(rank) + " of a cluster of " + std::to_string(g_cluster));
+  return reinterpret_cast<void*>(a + (int64_t(rank) - own) * int64_t(g_dynamic_segment));
 }
 
 // Counts an atomic of `size` bytes at addr from call site `site`, when counting: on shared memory an SM-local

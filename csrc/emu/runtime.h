@@ -41,6 +41,7 @@ struct LaunchCounters {
   uint64_t shared_requests = 0, shared_wavefronts = 0;  // warp-wide shared accesses and their bank passes
   uint64_t shared_atomic_requests = 0, shared_atomic_wavefronts = 0;  // the atomics among them
   uint64_t mma = 0;                                  // warp-wide mma.sync instructions
+  uint64_t dsmem_requests = 0, dsmem_bytes = 0;      // shared accesses to another CTA of the cluster (in the above)
   std::vector<SiteTraffic> sites;                    // the requests and sectors above, per call site and kind
 };
 // The library's `__shared__` statics as (offset from the load base, size): each CTA starts with them filled

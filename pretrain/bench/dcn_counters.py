@@ -145,9 +145,12 @@ def run(args) -> int:
                 images2, band2 = (images, 2 * band) if 2 * band <= side else (2 * images, band)
                 counted1 = counted
                 # A large batch accumulates grad wpack in the backward wherever its partials fit, in one CTA per
-                # SM: their partials are then a per-launch cost, as the weights are. Both slices are counted that
-                # way (one CTA), so that their difference is what each added pixel costs.
-                wpack_slots = 1 if ext.bwd_wpack_fits(torch.empty(0, dtype=dtype), group, c) else 0
+                # SM (or a cluster per 8: T3, H1): their partials are then a per-launch cost, as the weights are.
+                # Both slices are counted that way (one CTA or cluster), so their difference is what each added
+                # pixel costs.
+                like = torch.empty(0, dtype=dtype)
+                fits = any(ext.bwd_wpack_fits(like, group, c, k) for k in (1, 2, 4, 8))
+                wpack_slots = 1 if fits else 0
                 with cuda.wpack_slots(wpack_slots, device="cpu"):
                     if wpack_slots:
                         counted1 = count_block(images, band, side, c, group, cfs, dtype)

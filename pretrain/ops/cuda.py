@@ -549,6 +549,14 @@ def wpack_slots(slots: int, device: str = "cuda"):
     return _extension_switch("wpack_slots", slots, device)
 
 
+def wpack_cluster(cluster: int, device: str = "cuda"):
+    """Within the block, run the in-kernel grad wpack in thread-block clusters of `cluster` CTAs (1 to 8; 1: none),
+    each CTA holding a slice of the partial's rows and reading the cluster's other grad logits tiles from their
+    shared memory (sm_90), wherever that slice fits; 0: the automatic choice (the smallest of 1, 2, 4, 8 that fits:
+    InternImage-T stage 3 and -H stage 1 take 8). For tests (clusters where one CTA would do) and the bench."""
+    return _extension_switch("wpack_cluster", cluster, device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Backend entry points (the dispatch contract of pretrain/ops/dispatch.py).
 

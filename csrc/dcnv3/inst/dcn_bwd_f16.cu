@@ -18,8 +18,9 @@ bool dcn_bwd_x1_fits_f16(int channels_per_group, int G) {
   return channels_per_group == 16 ? bwd_x1_fits<cutlass::half_t, 16>(G) : bwd_x1_fits<cutlass::half_t, 32>(G);
 }
 
-bool dcn_bwd_wpack_fits_f16(int channels_per_group, int G, int C) {
-  return channels_per_group == 16 ? bwd_wpack_fits<cutlass::half_t, 16>(G, C) : bwd_wpack_fits<cutlass::half_t, 32>(G, C);
+bool dcn_bwd_wpack_fits_f16(int channels_per_group, int G, int C, int cluster) {
+  return channels_per_group == 16 ? bwd_wpack_fits<cutlass::half_t, 16>(G, C, cluster)
+                                  : bwd_wpack_fits<cutlass::half_t, 32>(G, C, cluster);
 }
 
 }  // namespace dcnv3
