@@ -131,6 +131,29 @@ def test_grad_wpack_in_the_backward_matches_its_gemm(case):
                 assert torch.equal(a, b), (slots, name)
 
 
+@pytest.mark.parametrize(
+    "case", [Case("T-stage3", 2, 14, 14, 256, 16), SHAPES[4]], ids=["T-stage3", "H-stage1"]
+)
+def test_grad_wpack_in_clusters_matches_its_gemm(case):
+    """Where one CTA cannot hold grad wpack's partial (T stage 3, H stage 1), clusters of 8 CTAs do on sm_90, each
+    a slice of its rows, reading each other's grad logits from distributed shared memory: the same gradients as
+    the GEMM up to fp32 summation order, the same bits run to run, every other gradient bitwise unchanged (below
+    sm_90 the forced path falls back to the GEMM, which passes the same checks)."""
+    args = _cuda_inputs(case, torch.bfloat16)
+    with cuda.wpack_in_backward(False):
+        gemm = run_block(cuda.dcnv3_fused_cuda, *args)
+    for slots in (1, 3, 16):
+        with cuda.wpack_slots(slots):
+            fused = run_block(cuda.dcnv3_fused_cuda, *args)
+            again = run_block(cuda.dcnv3_fused_cuda, *args)
+        for name, a, b, c in zip(NAMES, fused, gemm, again):
+            assert torch.equal(a, c), (slots, name)
+            if name in ("offset_w", "offset_b", "mask_w", "mask_b"):
+                assert relative_l2(a, b.double()) < 1e-2, (slots, name)
+            else:
+                assert torch.equal(a, b), (slots, name)
+
+
 @pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
 def test_eight_warp_backward_gives_the_same_bits(case):
     """The backward's sampling kernel in 8 warps per CTA (what `pretrain bench dcn` times as kernel-8w) gives the

@@ -247,7 +247,7 @@ def markdown(rows, args, dtype) -> str:
         + (
             " Marginal floor: the DRAM floor per pixel added when the slice doubles (weights and other per-launch "
             "bytes cancel: what a large batch pays per pixel; where grad wpack's partials fit on chip, both "
-            "slices are counted with them, in one CTA, as a large batch runs it), against the activations' "
+            "slices are counted with them, in one CTA or cluster, as a large batch runs it), against the activations' "
             "essential bytes (value, x1, out; + grad_out, value, x1, grad value, grad x1)."
             if marginal
             else ""

@@ -402,11 +402,14 @@ class Run:
             impls = "kernel,kernel-split,kernel-8w,reference" + (",dcnv4" if self.args.peer else "")
             runs = [
                 ("c-dcn-t", ["--models", "t", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.2),
-                # grad wpack in the backward's persistent CTAs against its GEMM: only T stages 1-2 take that path
-                ("c-dcn-t-wpack", ["--models", "t", "--stages", "1,2", "--impls", "kernel,kernel-wpack-gemm",
-                                   "--dtypes", "bf16", "--profile", "6", *common], 0.07),
+                # grad wpack in the backward's persistent CTAs against its GEMM: only T stages 1-3 and H stage 1
+                # take that path (T3 and H1 in clusters of 8 CTAs)
+                ("c-dcn-t-wpack", ["--models", "t", "--stages", "1,2,3", "--impls", "kernel,kernel-wpack-gemm",
+                                   "--dtypes", "bf16", "--profile", "6", *common], 0.08),
+                ("c-dcn-h-wpack", ["--models", "h", "--stages", "1", "--impls", "kernel,kernel-wpack-gemm",
+                                   "--dtypes", "bf16", "--profile", "6", *common], 0.04),
                 ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.25),
-                ("c-dcn-fp32", ["--models", "t,h", "--stages", "1", "--impls", impls, "--dtypes", "fp32", *common], 0.15),
+                ("c-dcn-fp32", ["--models", "t,h", "--stages", "1", "--impls", impls, "--dtypes", "fp32", *common], 0.10),
                 ("c-dcn-compiled-t", ["--models", "t", "--impls", "compiled", "--dtypes", "bf16", *common], 0.15),
                 ("c-dcn-compiled-h", ["--models", "h", "--impls", "compiled", "--dtypes", "bf16", *common], 0.25),
             ]  # fmt: skip
