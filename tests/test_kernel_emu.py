@@ -599,15 +599,15 @@ def test_fused_block_with_grad_wpack_in_the_backward_matches_float64(emu, case, 
 def test_grad_wpack_stays_a_gemm_where_its_partials_do_not_fit(emu):
     """InternImage-T stage 2's shape (Cg 16, G = 8, C = 128) in fp32: one CTA's partial (224 x 129 floats) does not
     fit beside the backward's tiles, so without clusters (a GPU below sm_90: wpack_cluster(1) here) grad wpack is
-    the GEMM over stored grad logits even when forced, and with them the automatic choice is a cluster of 2 (half
-    the rows each); in bf16 one CTA holds it (with 1.2 KiB of 227 to spare). The binding's query agrees, and puts
+    the GEMM over stored grad logits even when forced, and with them the automatic choice is a cluster of 4 (a
+    quarter of the rows each, and a copy of another CTA's columns); in bf16 one CTA holds it (with 1.2 KiB of 227 to spare). The binding's query agrees, and puts
     InternImage-T stage 3 and -H stage 1 (bf16) in clusters of 8, T stage 4 and H stage 2 beyond any."""
     case = CASES[3]
     assert (case.c, case.group) == (128, 8)
     ext = emulation.extension()
-    for dtype, cluster in ((torch.float32, 2), (torch.bfloat16, 1), (torch.float16, 1)):
+    for dtype, cluster in ((torch.float32, 4), (torch.bfloat16, 1), (torch.float16, 1)):
         like = torch.empty(0, dtype=dtype)
-        assert [k for k in range(1, 9) if ext.bwd_wpack_fits(like, case.group, case.c, k)][0] == cluster
+        assert [k for k in (1, 2, 4, 8) if ext.bwd_wpack_fits(like, case.group, case.c, k)][0] == cluster
         value, x1, params, geom, grad_out = make_inputs(case)
         args = rounded(value, x1, params, dtype)
         with (
@@ -619,7 +619,11 @@ def test_grad_wpack_stays_a_gemm_where_its_partials_do_not_fit(emu):
         assert ("sum_slots" in [x["kernel"] for x in launches]) == (cluster == 1), (dtype, launches)
         with cuda.wpack_slots(2, device="cpu"), emulation.count() as launches:
             run_block(cuda.dcnv3_fused_emu, *args, geom, grad_out)
-        assert [x["kernel"] for x in launches][-1] == "sum_slots" and launches[2]["grid"][0] == 2 * cluster
+        tiles = case.n * -(-case.h // 8) * -(-case.w // 8)
+        assert [x["kernel"] for x in launches][-1] == "sum_slots"
+        assert (
+            launches[2]["grid"][0] == min(2, -(-tiles // cluster)) * cluster
+        )  # slots: at most one per cluster of tiles
     bf16 = torch.empty(0, dtype=torch.bfloat16)
     for groups, channels, smallest in (
         (16, 256, 8),
@@ -629,6 +633,8 @@ def test_grad_wpack_stays_a_gemm_where_its_partials_do_not_fit(emu):
     ):  # T3 H1 T4 H2
         fitting = [k for k in (1, 2, 4, 8) if ext.bwd_wpack_fits(bf16, groups, channels, k)]
         assert fitting[:1] == ([smallest] if smallest else []), (groups, channels, fitting)
+    # the emulation holds as many clusters as an H200's 132 SMs take (a GPU answers from its occupancy calculator)
+    assert ext.wpack_clusters_resident(bf16, 16, 256, 8) == 16
 
 
 def test_forward_falls_back_to_two_launches_when_the_y_tile_does_not_fit(emu):
@@ -694,7 +700,7 @@ MUTANTS = {
     ],
     # A cluster's CTAs read each other's grad logits without waiting for them to be complete.
     "missing-cluster-barrier": [
-        ("dcnv3/dcn_kernels.cuh", "if (cluster > 1) cluster_sync();  // every CTA's grad logits tile", "//")
+        ("dcnv3/dcn_kernels.cuh", "    cluster_sync();  // every CTA's grad logits tile", "    //")
     ],
     # The fixed-point accumulator's low words never carry into the high ones: they overflow.
     "dropped-carry": [("dcnv3/dcn_kernels.cuh", "    if (l > kFixedLowMask) {", "    if (false) {")],
@@ -904,6 +910,9 @@ with cuda.wpack_slots(3, device="cpu"):  # grad wpack in persistent CTAs, severa
     for case in (CASES[0], CASES[-1]):
         for dtype in (torch.float32, torch.bfloat16):
             check_block(cuda.dcnv3_fused_emu, case, dtype)
+with cuda.wpack_slots(2, device="cpu"), cuda.wpack_cluster(3, device="cpu"):  # and in clusters of 3 CTAs
+    for dtype in (torch.float32, torch.bfloat16):
+        check_block(cuda.dcnv3_fused_emu, CASES[-1], dtype)
 for dtype in DTYPES:
     check_core(cuda.dcnv3_core_emu, dtype, 2)
 print("CLEAN")
@@ -919,9 +928,9 @@ SANITIZERS = {
 
 @pytest.mark.parametrize("sanitizer", sorted(SANITIZERS))
 def test_kernels_are_clean_under_sanitizers(emu, sanitizer):
-    """The whole block, every dtype and case (and its split-epilogue, 8-warp and in-kernel grad wpack forms on two),
-    and the strided core op in an emulation build under UBSan or ASan (in a fresh interpreter: ASan's runtime must
-    be preloaded). A kernel reading one vector past a tensor, or a signed overflow in the fixed-point scale, was
+    """The whole block, every dtype and case (and its split-epilogue, 8-warp and in-kernel grad wpack forms on two,
+    grad wpack in clusters on one), and the strided core op in an emulation build under UBSan or ASan (in a fresh
+    interpreter: ASan's runtime must be preloaded). A kernel reading one vector past a tensor, or a signed overflow in the fixed-point scale, was
     reported when injected."""
     import os
     import subprocess

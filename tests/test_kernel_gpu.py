@@ -138,7 +138,12 @@ def test_grad_wpack_in_clusters_matches_its_gemm(case):
     """Where one CTA cannot hold grad wpack's partial (T stage 3, H stage 1), clusters of 8 CTAs do on sm_90, each
     a slice of its rows, reading each other's grad logits from distributed shared memory: the same gradients as
     the GEMM up to fp32 summation order, the same bits run to run, every other gradient bitwise unchanged (below
-    sm_90 the forced path falls back to the GEMM, which passes the same checks)."""
+    sm_90 the forced path falls back to the GEMM, which passes the same checks). On sm_90 the device must hold at
+    least one such cluster (8 CTAs of about 200 KiB of shared memory each, on 8 SMs of one GPC)."""
+    if torch.cuda.get_device_capability()[0] >= 9:
+        like = torch.empty(0, dtype=torch.bfloat16, device="cuda")
+        resident = cuda.extension().wpack_clusters_resident(like, case.group, case.c, 8)
+        assert resident >= 1, f"{case.name}: no cluster of 8 CTAs fits on this device"
     args = _cuda_inputs(case, torch.bfloat16)
     with cuda.wpack_in_backward(False):
         gemm = run_block(cuda.dcnv3_fused_cuda, *args)

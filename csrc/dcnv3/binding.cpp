@@ -479,11 +479,19 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   // partial (slot) per cluster, a cluster per 8 SMs (InternImage-T stage 3 and -H stage 1 at 224 px: from 64 and 5
   // images).
   const int64_t tiles = p.N * ((h + 7) / 8) * ((w + 7) / 8);
-  const int cluster = wpack_cluster_for(dt, p.G, p.C, has_clusters(value));
+  int cluster = wpack_cluster_for(dt, p.G, p.C, has_clusters(value));
+  // How many clusters the device holds at once (8 SMs of one GPC each): at most that many slots, none at all where
+  // none fits (the GEMM then).
+  const int resident = cluster > 1 ? DCNV3_QUERY(dt, dcn_bwd_wpack_clusters, p.C / p.G, p.G, p.C, cluster,
+                                                  g_backward_threads)
+                                   : std::numeric_limits<int>::max();
+  if (resident == 0) cluster = 0;
   const int64_t cluster_tiles = (tiles + std::max(cluster, 1) - 1) / std::max(cluster, 1);
-  const int64_t slots = g_wpack_slots > 0 ? std::min<int64_t>(g_wpack_slots, cluster_tiles)
-                                          : std::max<int64_t>(1, std::min<int64_t>(cluster_tiles,
-                                                                                   sm_count(value) / std::max(cluster, 1)));
+  const int64_t slots =
+      g_wpack_slots > 0
+          ? std::min<int64_t>(g_wpack_slots, cluster_tiles)
+          : std::max<int64_t>(1, std::min<int64_t>({cluster_tiles, sm_count(value) / std::max(cluster, 1),
+                                                    int64_t(resident)}));
   const int64_t saved_bytes = p.N * h * w * (2 * cols + p.C) * value.element_size();
   const int64_t partial_bytes = dcnv3::wpack_partial_floats(p.G, p.C) * int64_t(sizeof(float));
   const bool wpack_fused = x1_fused && g_wpack_in_backward && cluster > 0 &&
@@ -598,6 +606,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("like"), py::arg("groups"), py::arg("channels"), py::arg("cluster") = 1,
       "whether a CTA's slice of grad wpack's partial fits in the backward for (like's dtype, groups, channels) in "
       "clusters of `cluster` CTAs");
+  m.def(
+      "wpack_clusters_resident",
+      [](const at::Tensor& like, int64_t groups, int64_t channels, int64_t cluster) {
+        return DCNV3_QUERY(dtype_of(like), dcn_bwd_wpack_clusters, static_cast<int>(channels / groups),
+                           static_cast<int>(groups), static_cast<int>(channels), static_cast<int>(cluster),
+                           g_backward_threads);
+      },
+      "how many clusters of `cluster` CTAs of the grad wpack backward the device holds at once (0: none fits)");
   m.def("set_wpack_cluster", &set_wpack_cluster, "CTAs per cluster of the in-kernel grad wpack: 0 = automatic");
   m.def("wpack_cluster", [] { return g_wpack_cluster; }, "CTAs per cluster of the in-kernel grad wpack (0: automatic)");
   m.def("wpack_slots", [] { return g_wpack_slots; }, "persistent CTAs of the in-kernel grad wpack (0: automatic)");

@@ -129,6 +129,32 @@ __device__ __forceinline__ void store_f32(float* ptr, const float (&in)[N]) {
   }
 }
 
+#ifndef DCNV3_EMULATION
+// Opts `kernel` in to `smem_bytes` of dynamic shared memory where that exceeds the 48 KiB default.
+inline void opt_in_dynamic_smem(const void* kernel, size_t smem_bytes) {
+  if (smem_bytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+}
+
+// A launch configuration in thread-block clusters of `cluster` grid.x-consecutive CTAs (`attribute`: its storage).
+inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                                                unsigned cluster, cudaLaunchAttribute& attribute) {
+  attribute = cudaLaunchAttribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
+}
+#endif
+
 // Every kernel launch goes through here, so that the CPU emulation (csrc/emu) runs the same kernels: there a
 // launch is a loop over the grid, each CTA's threads run as fibers. `name` labels the emulation's counters.
 // `smem_bytes` of dynamic shared memory (see dynamic_smem) may exceed the 48 KiB default: the kernel is opted in.
@@ -142,25 +168,13 @@ void launch_cluster_kernel(const char* name, void (*kernel)(Params...), dim3 gri
   emu::launch(name, grid, block, smem_bytes, [&] { kernel(args...); }, cluster);
 #else
   (void)name;
-  if (smem_bytes > 48 * 1024)
-    cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(smem_bytes));
+  opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
   if (cluster <= 1) {
     kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
     return;
   }
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem_bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = cluster;
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_launch_config(grid, block, smem_bytes, stream, cluster, attribute);
   cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 #endif
 }

@@ -733,6 +733,18 @@ template <class T, int CG>
 __host__ __device__ constexpr size_t bwd_smem_bytes(bool all_pairs, int G) {
   return all_pairs ? sizeof(DcnValueSmem<T, CG, true>) + grad_logits_tile_bytes<T>(G) : sizeof(DcnValueSmem<T, CG>);
 }
+// In a cluster of k > 1, the columns of another CTA's grad logits tile that this CTA's slice needs, copied into its
+// own shared memory (64 x (wpack_slice_rows + 8) elements), and that tile's rows (64 ints).
+template <class T>
+__host__ __device__ constexpr size_t wpack_remote_tile_bytes(int G, int k) {
+  return k > 1 ? size_t(kTileM) * (wpack_slice_rows(G, k) + kSmemPad) * sizeof(T) + kTileM * sizeof(int) : 0;
+}
+// What in-kernel grad wpack adds to that backward's shared memory: the CTA's fp32 slice of the partial (all of it
+// at k = 1), and in a cluster the copy of another CTA's tile.
+template <class T>
+__host__ __device__ constexpr size_t wpack_smem_bytes(int G, int C, int k) {
+  return size_t(wpack_slice_floats(G, C, k)) * sizeof(float) + wpack_remote_tile_bytes<T>(G, k);
+}
 // An edge tile's grad logits rows outside the image (rows < 0) hold whatever an earlier tile left: zeroed before
 // grad wpack reads the tile. All threads; ends with a barrier.
 template <class T, int kCta = kThreads>
@@ -810,6 +822,10 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
   const int partial_floats = int(wpack_slice_floats(p.G, p.C, cluster));
   float* wpart = reinterpret_cast<float*>(reinterpret_cast<char*>(gl_tile) + grad_logits_tile_bytes<T>(p.G));
   float* bpart = wpart + slice_rows * p.C;
+  // In a cluster: the copy of another CTA's tile, its columns [j0, j1) (pitch slice_rows + 8), then its rows.
+  const int remote_pitch = slice_rows + kSmemPad;
+  T* remote_gl = reinterpret_cast<T*>(wpart + partial_floats);
+  int* remote_rows = reinterpret_cast<int*>(remote_gl + kTileM * remote_pitch);
   if (kAllPairs) {  // the tile's padding columns (odd G), which grad x1's K runs over, are zeros
     const int live = p.G * kGroupCols, pad = n_cols - live;
     for (int i = threadIdx.x; i < kTileM * pad; i += kCta) gl_tile[(i / pad) * gl_pitch + live + i % pad] = T(0.f);
@@ -954,14 +970,32 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
     }
     if (!acc_wpack) continue;
     // grad wpack: the CTA's rows [j0, j1) from the round's tiles (one CTA: its own tile, all rows), the others' grad
-    // logits and rows read from their shared memory between two cluster barriers.
-    if (cluster > 1) cluster_sync();  // every CTA's grad logits tile and rows are complete and visible
-    for (int r = 0; r < cluster; ++r)
-      if (first + r < total)
-        accumulate_wpack_grad<T, kCta>(p, sm.dcn, cluster > 1 ? cluster_map_shared(sm.rows, r) : sm.rows,
-                                       cluster > 1 ? cluster_map_shared(gl_tile, r) : gl_tile, gl_pitch, j0, j1, wpart,
-                                       bpart);
-    if (cluster > 1) cluster_sync();  // all have read them: the next round may overwrite them (no CTA exits early)
+    // logits columns and rows copied from their shared memory between two cluster barriers (once per tile, as
+    // 16-byte vectors: the tile GEMMs then stage from local shared memory, not across the cluster).
+    if (cluster == 1) {
+      accumulate_wpack_grad<T, kCta>(p, sm.dcn, sm.rows, gl_tile, gl_pitch, 0, n_cols, wpart, bpart);
+      continue;
+    }
+    cluster_sync();  // every CTA's grad logits tile and rows are complete and visible
+    for (int r = 0; r < cluster; ++r) {
+      if (first + r >= total) continue;
+      if (r == rank) {
+        accumulate_wpack_grad<T, kCta>(p, sm.dcn, sm.rows, gl_tile, gl_pitch, j0, j1, wpart, bpart);
+        continue;
+      }
+      const T* their_gl = cluster_map_shared(gl_tile, r);
+      const int* their_rows = cluster_map_shared(sm.rows, r);
+      constexpr int kV = Vec<T>::kN;
+      const int row_vecs = (j1 - j0) / kV;
+      for (int i = threadIdx.x; i < kTileM * row_vecs; i += kCta) {
+        const int pix = i / row_vecs, col = (i % row_vecs) * kV;
+        store16(remote_gl + pix * remote_pitch + col, load16(their_gl + pix * gl_pitch + j0 + col));
+      }
+      for (int i = threadIdx.x; i < kTileM; i += kCta) remote_rows[i] = their_rows[i];
+      __syncthreads();
+      accumulate_wpack_grad<T, kCta>(p, sm.dcn, remote_rows, remote_gl, remote_pitch, 0, j1 - j0, wpart, bpart);
+    }
+    cluster_sync();  // all have read them: the next round may overwrite them (no CTA exits early)
   }
   if (!acc_wpack) return;
   // The CTA's slice of its slot's partial (slot: the cluster), rows [j0, j1) of grad wpack, then of grad bpack
@@ -1009,7 +1043,32 @@ bool bwd_x1_fits(int G) {
 // at C = 128; up to 160 at 32; fp32: 96 and 128. k = 8: InternImage-T stage 3 and -H stage 1 too).
 template <class T, int CG>
 bool bwd_wpack_fits(int G, int C, int k) {
-  return bwd_smem_bytes<T, CG>(true, G) + wpack_slice_floats(G, C, k) * sizeof(float) <= kMaxDynamicSmem;
+  return bwd_smem_bytes<T, CG>(true, G) + wpack_smem_bytes<T>(G, C, k) <= kMaxDynamicSmem;
+}
+
+// How many clusters of k > 1 CTAs of that backward (`threads` per CTA, its shared memory for G, C) the device holds
+// at once (cudaOccupancyMaxActiveClusters): 8 CTAs of up to 227 KiB need 8 free SMs of one GPC; 0 where none fits
+// (a launch would fail). The emulation has no such limit: an H100/H200's 132 SMs over k, as its SM count.
+template <class T, int CG>
+int bwd_wpack_clusters(int G, int C, int k, int threads) {
+  const size_t smem = bwd_smem_bytes<T, CG>(true, G) + wpack_smem_bytes<T>(G, C, k);
+#ifdef DCNV3_EMULATION
+  (void)smem;
+  (void)threads;
+  return 132 / k;
+#else
+  auto kernel = threads == kWideCta ? dcn_bwd_value_kernel<T, CG, true, true, kWideCta>
+                                    : dcn_bwd_value_kernel<T, CG, true, true>;
+  opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_launch_config(dim3(k), dim3(threads), smem, nullptr, k, attribute);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: "none" is the answer, not an error of the next launch
+    return 0;
+  }
+  return clusters;
+#endif
 }
 
 // The backward, given the forward's reach (p.reach): one launch when the output grid is the value grid with the
@@ -1034,7 +1093,7 @@ void launch_dcn_bwd(const DcnParams& p, cudaStream_t stream) {
     launch_cluster_kernel(
         "dcn_bwd_x1", wide ? dcn_bwd_value_kernel<T, CG, true, true, kWideCta> : dcn_bwd_value_kernel<T, CG, true, true>,
         dim3(acc_wpack ? p.wpack_slots * cluster : tiles), cta,
-        bwd_smem_bytes<T, CG>(true, p.G) + (acc_wpack ? wpack_slice_floats(p.G, p.C, cluster) * sizeof(float) : 0),
+        bwd_smem_bytes<T, CG>(true, p.G) + (acc_wpack ? wpack_smem_bytes<T>(p.G, p.C, cluster) : 0),
         stream, unsigned(cluster), q);
     return;
   }

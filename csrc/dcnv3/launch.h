@@ -19,6 +19,8 @@ namespace dcnv3 {
   /* Whether grad wpack can also accumulate in the backward (p.grad_wpack_partial) for G groups, C channels, */ \
   /* in clusters of `cluster` CTAs (1: none). */                                                                \
   bool dcn_bwd_wpack_fits_##SUFFIX(int channels_per_group, int G, int C, int cluster);                          \
+  /* How many such clusters (cluster > 1, `threads` per CTA) the device holds at once; 0: none fits. */           \
+  int dcn_bwd_wpack_clusters_##SUFFIX(int channels_per_group, int G, int C, int cluster, int threads);          \
   void gemm_##SUFFIX(const GemmParams& p, int splits, cudaStream_t stream);                                     \
   /* absmax (N, C) = max over rows of |x| for x (N, R, C); absmax must be zero-filled first. */                 \
   void absmax_rows_##SUFFIX(const void* x, int N, int R, int C, float* absmax, cudaStream_t stream);           \

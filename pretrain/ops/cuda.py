@@ -535,7 +535,8 @@ def backward_threads(threads: int, device: str = "cuda"):
 def wpack_in_backward(enabled: bool, device: str = "cuda"):
     """Within the block, accumulate grad wpack and grad bpack in the backward's sampling kernel where their fp32
     partials fit beside its tiles and the batch is large enough for one persistent CTA per SM to pay (enabled, the
-    default: grad logits never reach HBM; InternImage-T stages 1-2), or always store grad logits and reduce them in
+    default: grad logits never reach HBM; InternImage-T stages 1-2, and in clusters of 8 CTAs on sm_90 T stage 3
+    and H stage 1), or always store grad logits and reduce them in
     a GEMM launch: the same gradients up to fp32 summation order (`pretrain bench dcn` times both, impl
     kernel-wpack-gemm). device "cpu": the emulation build's switch."""
     return _extension_switch("wpack_in_backward", enabled, device)
@@ -543,9 +544,9 @@ def wpack_in_backward(enabled: bool, device: str = "cuda"):
 
 def wpack_slots(slots: int, device: str = "cuda"):
     """Within the block, run the in-kernel grad wpack wherever its partials fit, in `slots` persistent CTAs (at most
-    one per tile), each taking every slots-th tile and summing its own partial; 0: the automatic choice (one per SM,
-    where the batch is large enough). For tests and for counting a large batch's per-pixel bytes at a fixed number
-    of CTAs."""
+    one per tile; or clusters of CTAs, see wpack_cluster), each taking every slots-th tile and summing its own
+    partial; 0: the automatic choice (one per SM or per 8 SMs, where the batch is large enough). For tests and for
+    counting a large batch's per-pixel bytes at a fixed number of partials."""
     return _extension_switch("wpack_slots", slots, device)
 
 

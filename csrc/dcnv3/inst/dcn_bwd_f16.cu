@@ -23,4 +23,9 @@ bool dcn_bwd_wpack_fits_f16(int channels_per_group, int G, int C, int cluster) {
                                   : bwd_wpack_fits<cutlass::half_t, 32>(G, C, cluster);
 }
 
+int dcn_bwd_wpack_clusters_f16(int channels_per_group, int G, int C, int cluster, int threads) {
+  return channels_per_group == 16 ? bwd_wpack_clusters<cutlass::half_t, 16>(G, C, cluster, threads)
+                                  : bwd_wpack_clusters<cutlass::half_t, 32>(G, C, cluster, threads);
+}
+
 }  // namespace dcnv3
