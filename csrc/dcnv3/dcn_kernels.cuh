@@ -971,31 +971,30 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
     if (!acc_wpack) continue;
     // grad wpack: the CTA's rows [j0, j1) from the round's tiles (one CTA: its own tile, all rows), the others' grad
     // logits columns and rows copied from their shared memory between two cluster barriers (once per tile, as
-    // 16-byte vectors: the tile GEMMs then stage from local shared memory, not across the cluster).
-    if (cluster == 1) {
-      accumulate_wpack_grad<T, kCta>(p, sm.dcn, sm.rows, gl_tile, gl_pitch, 0, n_cols, wpart, bpart);
-      continue;
-    }
-    cluster_sync();  // every CTA's grad logits tile and rows are complete and visible
+    // 16-byte vectors: the tile GEMMs then stage from local shared memory, not across the cluster). One call site
+    // of the GEMM (the fp32 kernel spilled with two).
+    if (cluster > 1) cluster_sync();  // every CTA's grad logits tile and rows are complete and visible
     for (int r = 0; r < cluster; ++r) {
       if (first + r >= total) continue;
-      if (r == rank) {
-        accumulate_wpack_grad<T, kCta>(p, sm.dcn, sm.rows, gl_tile, gl_pitch, j0, j1, wpart, bpart);
-        continue;
+      const int* rows = sm.rows;
+      const T* gl = gl_tile;
+      int pitch = gl_pitch, col0 = j0, col1 = j1;
+      if (r != rank) {
+        const T* their_gl = cluster_map_shared(gl_tile, r);
+        const int* their_rows = cluster_map_shared(sm.rows, r);
+        constexpr int kV = Vec<T>::kN;
+        const int row_vecs = (j1 - j0) / kV;
+        for (int i = threadIdx.x; i < kTileM * row_vecs; i += kCta) {
+          const int pix = i / row_vecs, col = (i % row_vecs) * kV;
+          store16(remote_gl + pix * remote_pitch + col, load16(their_gl + pix * gl_pitch + j0 + col));
+        }
+        for (int i = threadIdx.x; i < kTileM; i += kCta) remote_rows[i] = their_rows[i];
+        __syncthreads();
+        rows = remote_rows, gl = remote_gl, pitch = remote_pitch, col0 = 0, col1 = j1 - j0;
       }
-      const T* their_gl = cluster_map_shared(gl_tile, r);
-      const int* their_rows = cluster_map_shared(sm.rows, r);
-      constexpr int kV = Vec<T>::kN;
-      const int row_vecs = (j1 - j0) / kV;
-      for (int i = threadIdx.x; i < kTileM * row_vecs; i += kCta) {
-        const int pix = i / row_vecs, col = (i % row_vecs) * kV;
-        store16(remote_gl + pix * remote_pitch + col, load16(their_gl + pix * gl_pitch + j0 + col));
-      }
-      for (int i = threadIdx.x; i < kTileM; i += kCta) remote_rows[i] = their_rows[i];
-      __syncthreads();
-      accumulate_wpack_grad<T, kCta>(p, sm.dcn, remote_rows, remote_gl, remote_pitch, 0, j1 - j0, wpart, bpart);
+      accumulate_wpack_grad<T, kCta>(p, sm.dcn, rows, gl, pitch, col0, col1, wpart, bpart);
     }
-    cluster_sync();  // all have read them: the next round may overwrite them (no CTA exits early)
+    if (cluster > 1) cluster_sync();  // all have read them: the next round may overwrite them (no CTA exits early)
   }
   if (!acc_wpack) return;
   // The CTA's slice of its slot's partial (slot: the cluster), rows [j0, j1) of grad wpack, then of grad bpack
