@@ -39,3 +39,19 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_env_per_test():
+    """An in-process run sets the launcher variables of a world of one (pretrain.engine.dist): restore them after
+    each test, so that a later test's subprocesses do not inherit its MASTER_PORT."""
+    saved = {key: os.environ.get(key) for key in _LAUNCHER_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

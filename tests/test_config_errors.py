@@ -135,6 +135,7 @@ def test_bad_config_file_is_one_line_naming_the_file(text, fragment, tmp_path, c
 
 START = """
 import contextlib, io, json, sys
+import torch.distributed as dist
 from pretrain.cli import main
 
 results = {}
@@ -142,7 +143,8 @@ for name, argv in json.loads(sys.argv[1]).items():
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(argv)
-    results[name] = [code, err.getvalue()]
+    # A setup that fails after creating its process group must release it (and its port).
+    results[name] = [code, err.getvalue() + ("PROCESS GROUP LEFT OPEN" if dist.is_initialized() else "")]
 print("RESULTS " + json.dumps(results))
 """
 
@@ -227,6 +229,7 @@ def test_bad_inputs_found_at_start_are_one_line_naming_the_key_or_file(tmp_path)
         assert code == 2, f"{name}: exit {code}\n{err}"
         text = [x for x in err.splitlines() if "config error" in x]
         assert len(text) == 1 and fragment in text[0], f"{name}: {err}"
+        assert "PROCESS GROUP LEFT OPEN" not in err, name
 
 
 def test_at_least_forty_bad_inputs():

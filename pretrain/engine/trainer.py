@@ -211,9 +211,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict:
         """Train until schedule.total_steps (or stop_at_step, or a signal). Returns a summary dict."""
-        self.setup()
         ok = False
-        try:
+        try:  # a setup that fails (a missing corpus, a bad checkpoint) still releases its process group
+            self.setup()
             reason = self.train()
             ok = True
         finally:
