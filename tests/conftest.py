@@ -22,6 +22,59 @@ os.environ.setdefault(
 )
 
 
+def pytest_collection_finish(session):
+    """Start the nvcc compile check's objects (test_kernel_compile.py) compiling now, in the background at the
+    lowest CPU priority, when this run will need them: on a cold cache they are about 30 minutes of CPU, and the
+    tests before them leave one of CI's two cores idle much of the time. Its fixture waits for this process, then
+    finds the objects cached (a unit that failed to compile is compiled again there, for its error)."""
+    import subprocess
+
+    from pretrain.ops import build
+
+    wanted = any(
+        item.nodeid.startswith("tests/test_kernel_compile.py")
+        and "compiled" in getattr(item, "fixturenames", ())
+        for item in session.items
+    )
+    cache = os.environ.get("PRETRAIN_KERNEL_CHECK_CACHE", "on").lower()
+    if not wanted or cache in ("off", "0", "") or build.nvcc() is None or build.cutlass_include() is None:
+        return
+    session.config.kernel_precompile = subprocess.Popen(
+        [sys.executable, "-c", _PRECOMPILE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_lowest_priority_child,
+        start_new_session=True,  # its own process group: ended as one, nvcc included
+    )
+
+
+# Ends its whole group (its nvcc processes) on SIGTERM: from pytest_sessionfinish, or from the kernel when pytest
+# dies without finishing (PR_SET_PDEATHSIG below).
+_PRECOMPILE = """
+import os, signal
+signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+from pretrain.ops import build
+build.compile_objects(build.DEFAULT_ARCHS, 2, out_dir=build.check_cache_dir())
+"""
+
+
+def _lowest_priority_child():
+    import ctypes
+    import signal
+
+    os.nice(19)
+    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG: SIGTERM when pytest exits
+
+
+def pytest_sessionfinish(session):
+    proc = getattr(session.config, "kernel_precompile", None)
+    if proc is not None and proc.poll() is None:  # a run that stopped early: leave no nvcc behind
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -2,11 +2,13 @@
 and all of them link into one shared library (a duplicate or missing symbol fails), and the torch binding
 compiles against torch's headers. Skipped with the reason when nvcc or CUTLASS is missing.
 
-The 9 TUs compile two at a time, both archs in one nvcc call per TU (sharing the host pass): about 205 s of
-CPU time in all, so about 1.8 minutes on 2 otherwise idle cores (measured 2026-11-25, nvcc 13.0, CUTLASS 4.2;
-on the shared, heavily loaded 2-core box it took up to 14 minutes of wall time). Clean results are cached by
-content hash outside the checkout (see CACHE), so later runs with unchanged kernels -- a fresh CI clone on the
-same machine included -- skip the compile; the binding check (~30 s CPU) always runs.
+The 9 TUs compile two at a time, both archs in one nvcc call per TU (sharing the host pass): about 30 minutes of
+CPU time in all (945 s of wall time on 2 cores, measured 2026-12-02, nvcc 13.0, CUTLASS 4.2; 205 s of CPU on
+2026-11-25, before the persistent, 8-warp and cluster forms of the backward). conftest.py starts that compile in
+the background at the lowest priority as soon as the run is collected, so that it uses the CPU the earlier tests
+leave idle; the fixture waits for it. Clean results are cached by content hash outside the checkout (see CACHE),
+so later runs with unchanged kernels -- a fresh CI clone on the same machine included -- skip the compile; the
+binding check (~30 s CPU) always runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 
 from pretrain.ops import build, toolchain
 
-ARCHS = ("80", "90a")
+ARCHS = build.DEFAULT_ARCHS  # ("80", "90a"); the same as the background compile started by conftest.py
 # Objects keyed by a hash of every kernel source, flag, arch, nvcc and CUTLASS version: an unchanged kernel is
 # not recompiled on every run (PRETRAIN_KERNEL_CHECK_CACHE=off forces a full compile).
 _cache_env = os.environ.get("PRETRAIN_KERNEL_CHECK_CACHE", str(build.check_cache_dir()))
@@ -41,10 +43,13 @@ def _missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def compiled(tmp_path_factory, request):
     reason = _missing()
     if reason:
         pytest.skip(reason)
+    precompile = getattr(request.config, "kernel_precompile", None)  # started at collection (conftest.py)
+    if precompile is not None:
+        precompile.wait()
     results = build.compile_objects(ARCHS, jobs=2, out_dir=CACHE or tmp_path_factory.mktemp("objects"))
     return {name: (secs, err, obj) for name, secs, err, obj in results}
 
