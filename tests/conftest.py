@@ -29,18 +29,20 @@ def pytest_collection_finish(session):
     finds the objects cached (a unit that failed to compile is compiled again there, for its error)."""
     import subprocess
 
-    from pretrain.ops import build
-
     wanted = any(
         item.nodeid.startswith("tests/test_kernel_compile.py")
         and "compiled" in getattr(item, "fixturenames", ())
         for item in session.items
     )
-    cache = os.environ.get("PRETRAIN_KERNEL_CHECK_CACHE", "on").lower()
-    if not wanted or cache in ("off", "0", "") or build.nvcc() is None or build.cutlass_include() is None:
+    if not wanted:
+        return
+    # The fixture's own settings and tool check: the same archs and cache directory, so it finds these objects.
+    from test_kernel_compile import ARCHS, CACHE, _missing
+
+    if CACHE is None or _missing() is not None:
         return
     session.config.kernel_precompile = subprocess.Popen(
-        [sys.executable, "-c", _PRECOMPILE],
+        [sys.executable, "-c", _PRECOMPILE.format(archs=tuple(ARCHS), cache=str(CACHE))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=_lowest_priority_child,
@@ -54,7 +56,7 @@ _PRECOMPILE = """
 import os, signal
 signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
 from pretrain.ops import build
-build.compile_objects(build.DEFAULT_ARCHS, 2, out_dir=build.check_cache_dir())
+build.compile_objects({archs!r}, 2, out_dir={cache!r})
 """
 
 
