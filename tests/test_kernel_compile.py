@@ -276,5 +276,24 @@ def test_cached_object_skips_recompiling(tmp_path):
     assert build._check_key(src, ("80",)) != build._check_key(src, ARCHS)
 
 
+def test_cached_objects_serve_a_clone_elsewhere(tmp_path, monkeypatch):
+    """The key names the checkout's paths instead of spelling them: a fresh clone at another path (CI) reuses the
+    objects, while a changed source still changes it."""
+    import shutil
+
+    if _missing():
+        pytest.skip(_missing())
+    src = build.kernel_sources()[0]
+    here = build._check_key(src, ARCHS)
+    shutil.copytree(build.csrc_dir().parent, tmp_path / "csrc")
+    monkeypatch.setenv("PRETRAIN_CSRC", str(tmp_path / "csrc"))
+    clone_src = tmp_path / "csrc" / "dcnv3" / "inst" / src.name
+    assert build.kernel_sources()[0] == clone_src
+    assert build._check_key(clone_src, ARCHS) == here
+    with open(tmp_path / "csrc" / "dcnv3" / "common.cuh", "a") as f:
+        f.write("\n// an edit\n")
+    assert build._check_key(clone_src, ARCHS) != here
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

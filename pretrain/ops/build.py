@@ -143,9 +143,18 @@ def _check_key(src: Path, archs) -> str:
             h.update(f.relative_to(csrc_dir()).as_posix().encode() + f.read_bytes())
     version = subprocess.run([nvcc() or "nvcc", "--version"], capture_output=True, text=True).stdout
     cutlass_version = (cutlass_include() / "cutlass" / "version.h").read_bytes()
-    command = compile_only_command(src, archs, Path("unit.o"))  # every flag, as run
-    h.update(repr((src.name, tuple(archs), command[1:], version)).encode() + cutlass_version)
+    # Every flag as run, with the checkout's own paths (csrc/, and the venv's CUTLASS, hashed by its version
+    # above) named rather than spelled out: a clone elsewhere on the machine (a fresh CI clone) reuses the objects.
+    places = {str(cutlass_include()): "<cutlass>", str(csrc_dir()): "<csrc>"}
+    command = [_named_places(arg, places) for arg in compile_only_command(src, archs, Path("unit.o"))[1:]]
+    h.update(repr((src.name, tuple(archs), command, version)).encode() + cutlass_version)
     return h.hexdigest()[:32]
+
+
+def _named_places(arg: str, places: dict[str, str]) -> str:
+    for path, name in places.items():
+        arg = arg.replace(path, name)
+    return arg
 
 
 def compile_objects(
