@@ -860,6 +860,19 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     assert len(heavy) == 6 and all(".cuh:" in line or "ldmatrix" in line for line in heavy), heavy
 
 
+def test_offset_spread_sets_the_backward_halo(emu):
+    """`bench dcn --offset-std`: offsets spread wider make the backward recompute a wider halo of source pixels
+    (more tensor-core work, as counted), and 0 is a freshly initialised block: its offset projection is zero."""
+    from pretrain.bench.blocks import make_block
+    from pretrain.bench.dcn_counters import count_block, summarise
+
+    _, _, params, _ = make_block(1, 4, 4, 64, 4, False, torch.float32, "cpu", offset_std=0.0)
+    assert not params.offset_weight.any() and not params.offset_bias.any()
+    shape = (1, 24, 24, 64, 4, False, torch.bfloat16)
+    mma = {std: summarise(count_block(*shape, offset_std=std)["bwd"], 24 * 24)["mma"] for std in (0.0, 3.0)}
+    assert mma[3.0] > 1.5 * mma[0.0], mma
+
+
 def test_shared_memory_starts_poisoned_in_every_cta(emu):
     """Each CTA starts with its shared memory filled with 0xFF (NaN), like uninitialised shared memory (the suite's
     finite-output checks then see any read of an element before its write). Dynamic shared memory: the pad columns

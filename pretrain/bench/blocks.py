@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 
-def make_block(n, h, w, c, group, cfs, dtype, device):
-    """Random DCN block inputs (value, x1, FusedParams, geometry), requiring grad, in `dtype` on `device`."""
+def make_block(n, h, w, c, group, cfs, dtype, device, offset_std=1.0):
+    """Random DCN block inputs (value, x1, FusedParams, geometry), requiring grad, in `dtype` on `device`.
+
+    The sampling offsets come out about N(0, offset_std^2) pixels (x1 is N(0, 1); the offset projection's weight
+    has std offset_std / sqrt(C)). Their spread sets how far samples land from their pixel, so how much halo the
+    backward recomputes: 0 is a freshly initialised block (InternImage zero-initialises the offset projection), 1
+    the default."""
     import torch
 
     from pretrain.ops import DCNGeometry, FusedParams
@@ -17,8 +22,8 @@ def make_block(n, h, w, c, group, cfs, dtype, device):
         return (torch.randn(*shape, device=device, dtype=torch.float32) * std).to(dtype).requires_grad_()
 
     params = FusedParams(
-        r(group * p * 2, c, std=1 / c**0.5),
-        r(group * p * 2, std=0.1),
+        r(group * p * 2, c, std=offset_std / c**0.5),
+        r(group * p * 2, std=0.1 * offset_std),
         r(group * p, c, std=1 / c**0.5),
         r(group * p, std=0.1),
         r(c, c, std=1 / c**0.5),

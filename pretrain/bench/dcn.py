@@ -80,6 +80,14 @@ def add_arguments(parser) -> None:
         "essential bytes",
     )
     parser.add_argument(
+        "--offset-std",
+        type=float,
+        default=1.0,
+        metavar="PX",
+        help="spread of the random sampling offsets, in pixels (0: a freshly initialised block, whose offset "
+        "projection is zero); sets how much halo the backward recomputes",
+    )
+    parser.add_argument(
         "--by-line",
         type=int,
         default=0,
@@ -301,7 +309,7 @@ def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
     if fn is None:
         return reason
     try:
-        value, x1, params, geom = make_block(n, h, w, c, group, cfs, dtype, device)
+        value, x1, params, geom = make_block(n, h, w, c, group, cfs, dtype, device, args.offset_std)
         grad = torch.randn_like(value)
 
         def fwd():

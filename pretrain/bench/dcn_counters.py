@@ -31,7 +31,7 @@ def essential_bytes_per_pixel(c, group, points, cfs, elem_bytes, pixels) -> tupl
     return fwd, fwdbwd
 
 
-def count_block(n, h, w, c, group, cfs, dtype, seed=0) -> dict[str, list[dict]]:
+def count_block(n, h, w, c, group, cfs, dtype, seed=0, offset_std=1.0) -> dict[str, list[dict]]:
     """Per-launch counters of one fused block forward and backward in the emulation, and of the forward under
     no_grad ("infer": nothing is kept for a backward)."""
     import torch
@@ -41,7 +41,7 @@ def count_block(n, h, w, c, group, cfs, dtype, seed=0) -> dict[str, list[dict]]:
     from .blocks import make_block
 
     torch.manual_seed(seed)
-    value, x1, params, geom = make_block(n, h, w, c, group, cfs, dtype, "cpu")
+    value, x1, params, geom = make_block(n, h, w, c, group, cfs, dtype, "cpu", offset_std)
     grad = torch.randn(n, h, w, c).to(dtype)
     with emulation.count() as fwd:
         out = cuda.dcnv3_fused_emu(value, x1, params, geom)
@@ -125,6 +125,7 @@ def run(args) -> int:
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtypes.split(",")[0]]
     elem = torch.finfo(dtype).bits // 8
+    offset_std = getattr(args, "offset_std", 1.0)
     rows_out = []
     by_line: list[str] = []
     for model in args.models.split(","):
@@ -140,7 +141,7 @@ def run(args) -> int:
             images = -(-target // (band * side))
             pixels = images * band * side
             t0 = time.monotonic()
-            counted = count_block(images, band, side, c, group, cfs, dtype)
+            counted = count_block(images, band, side, c, group, cfs, dtype, offset_std=offset_std)
             if args.marginal:  # the same stage on twice the pixels: more rows, or more images of a full map
                 images2, band2 = (images, 2 * band) if 2 * band <= side else (2 * images, band)
                 counted1 = counted
@@ -153,8 +154,10 @@ def run(args) -> int:
                 wpack_slots = 1 if fits else 0
                 with cuda.wpack_slots(wpack_slots, device="cpu"):
                     if wpack_slots:
-                        counted1 = count_block(images, band, side, c, group, cfs, dtype)
-                    counted2 = count_block(images2, band2, side, c, group, cfs, dtype)
+                        counted1 = count_block(
+                            images, band, side, c, group, cfs, dtype, offset_std=offset_std
+                        )
+                    counted2 = count_block(images2, band2, side, c, group, cfs, dtype, offset_std=offset_std)
             secs = time.monotonic() - t0
             fwd_ess, fwdbwd_ess = essential_bytes_per_pixel(c, group, 9, cfs, elem, pixels)
             fwd = summarise(counted["fwd"], pixels)
@@ -211,7 +214,7 @@ def run(args) -> int:
 def markdown(rows, args, dtype) -> str:
     head = (
         f"DCNv3 fused block, emulation counters per output pixel ({_dt.date.today().isoformat()}, "
-        f"{str(dtype).replace('torch.', '')}, {args.image_size} px)\n\n"
+        f"{str(dtype).replace('torch.', '')}, {args.image_size} px{_offsets_note(args)})\n\n"
         "| model | stage | slice (NxHxWxC) | G | pass | launches | essential B | L2 B (sectors) | x essential "
         "| DRAM floor B | atomics | shared B | shared loads | shared stores | mma | floor x essential "
         "| shared atomics | shared passes | atomic passes |\n"
@@ -253,6 +256,16 @@ def markdown(rows, args, dtype) -> str:
             else ""
         )
         + f" Command: `pretrain bench dcn --emulate --models {args.models} --stages {args.stages} --rows "
-        f"{args.rows}{' --marginal' if marginal else ''}`."
+        f"{args.rows}{' --marginal' if marginal else ''}{_offsets_flag(args)}`."
     )
     return "\n".join(lines)
+
+
+def _offsets_note(args) -> str:
+    std = getattr(args, "offset_std", 1.0)
+    return "" if std == 1.0 else f", offsets N(0, {std:g}^2) px"
+
+
+def _offsets_flag(args) -> str:
+    std = getattr(args, "offset_std", 1.0)
+    return "" if std == 1.0 else f" --offset-std {std:g}"
