@@ -485,6 +485,52 @@ def test_eight_warp_backward_gives_the_same_bits(emu, dtype, fused):
         ext.set_backward_threads(192)
 
 
+def _bench_block_grads(shape, dtype, offset_std):
+    """[out, grads...] of one fused block forward + backward on `pretrain bench dcn`'s random inputs."""
+    from pretrain.bench.blocks import make_block
+
+    torch.manual_seed(0)
+    value, x1, params, geom = make_block(*shape, dtype, "cpu", offset_std)
+    out = cuda.dcnv3_fused_emu(value, x1, params, geom)
+    out.backward(torch.randn_like(out))
+    leaves = [value, x1, *(t for t in vars(params).values() if t is not None)]
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_halo_masks_give_the_same_bits_with_less_work(emu, dtype):
+    """The forward records, per output pixel and group pair, which nearby value tiles its samples can reach (give
+    or take a pixel); the one-launch backward then skips the halo pixels that cannot scatter into its tile. A skipped
+    pixel adds nothing, so every output and gradient is bitwise what the unmasked backward gives -- a mask that
+    missed a tile would change grad value -- over offsets from none (a fresh block) to 3 pixels (past the
+    neighbouring tiles at the far end, which masks never rule out), Cg 16 and Cg 32 with cfs and odd G, 4 and 8 warps,
+    in every thread order; and the backward does less tensor-core work (counted)."""
+    shapes = [(1, 19, 21, 64, 4, False), (1, 17, 18, 96, 3, True)]
+    for shape in shapes:
+        for std in (0.0, 1.0, 3.0):
+            masked = _bench_block_grads(shape, dtype, std)
+            with cuda.halo_masks(False, device="cpu"):
+                unmasked = _bench_block_grads(shape, dtype, std)
+            for a, b in zip(masked, unmasked, strict=True):
+                assert torch.equal(a, b), (shape, std)
+    with cuda.backward_threads(256, device="cpu"), emulation.thread_order("shuffle", 5):
+        eight = _bench_block_grads(shapes[1], dtype, 1.0)
+    with cuda.halo_masks(False, device="cpu"):
+        four = _bench_block_grads(shapes[1], dtype, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(eight, four, strict=True))
+    assert emulation.extension().halo_masks()  # restored
+
+    if dtype == torch.bfloat16:  # (fp32 runs FFMA: no mma to count)
+        from pretrain.bench.dcn_counters import count_block, summarise
+
+        mma = {}
+        for enabled in (True, False):
+            with cuda.halo_masks(enabled, device="cpu"):
+                counted = count_block(1, 24, 24, 64, 4, False, dtype, offset_std=1.0)
+            mma[enabled] = summarise(counted["bwd"], 24 * 24)["mma"]
+        assert mma[True] < 0.8 * mma[False], mma
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_grad_wpack_accumulates_in_the_backward(emu, dtype):
     """Where their fp32 partials fit beside the backward's tiles (InternImage-T stages 1-2 in 16-bit types, stage 1
@@ -701,6 +747,10 @@ MUTANTS = {
     # A cluster's CTAs read each other's grad logits without waiting for them to be complete.
     "missing-cluster-barrier": [
         ("dcnv3/dcn_kernels.cuh", "if (cluster > 1) cluster_sync();  // every CTA's grad logits tile", "//")
+    ],
+    # The touch masks leave out a sample's right-hand corners: the backward skips pixels that do scatter there.
+    "narrow-touch-mask": [
+        ("dcnv3/dcn_kernels.cuh", "floor_div(x0 + 2, kTile) - tile_x", "floor_div(x0, kTile) - tile_x")
     ],
     # The fixed-point accumulator's low words never carry into the high ones: they overflow.
     "dropped-carry": [("dcnv3/dcn_kernels.cuh", "    if (l > kFixedLowMask) {", "    if (false) {")],

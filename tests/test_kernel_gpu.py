@@ -171,6 +171,19 @@ def test_eight_warp_backward_gives_the_same_bits(case):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
+def test_halo_masks_give_the_same_bits(case):
+    """The backward skipping halo pixels by the forward's touch masks (the default) gives the bits of recomputing
+    every pixel of the reach's rectangles (what `pretrain bench dcn` times as kernel-no-masks): on the GPU the
+    forward's and backward's logits may round differently, which the masks' one-pixel margin must absorb."""
+    args = _cuda_inputs(case, torch.bfloat16)
+    masked = run_block(cuda.dcnv3_fused_cuda, *args)
+    with cuda.halo_masks(False):
+        unmasked = run_block(cuda.dcnv3_fused_cuda, *args)
+    for name, a, b in zip(NAMES, masked, unmasked):
+        assert torch.equal(a, b), name
+
+
 def test_nonfinite_grad_propagates():
     """A NaN in the incoming gradient must reach grad(value) (loss-scaling overflow checks rely on it)."""
     value, x1, params, geom, grad_out = _cuda_inputs(Case("nan", 1, 7, 7, 64, 4), torch.float16)

@@ -170,9 +170,15 @@ void bind_logit_source(DcnParams& p, const at::Tensor& value, const c10::optiona
   }
 }
 
-// The reach tensor (N, 1 + reach tiles) int32, zeroed (params.h: DcnParams::reach).
-at::Tensor new_reach(const at::Tensor& value, int64_t ho, int64_t wo) {
-  return at::zeros({value.size(0), 1 + ((ho + 7) / 8) * ((wo + 7) / 8)}, value.options().dtype(at::kInt));
+// The reach tensor (N, reach_row(Ho, Wo, G)) int32, zeroed (params.h: DcnParams::reach).
+at::Tensor new_reach(const at::Tensor& value, int64_t ho, int64_t wo, int groups) {
+  return at::zeros({value.size(0), dcnv3::reach_row(ho, wo, groups)}, value.options().dtype(at::kInt));
+}
+
+void check_reach(const at::Tensor& reach, const at::Tensor& value, const DcnParams& p, const char* producer) {
+  check_tensor(reach, "reach", value, /*same_dtype=*/false);
+  TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * dcnv3::reach_row(p.Ho, p.Wo, p.G),
+              "dcnv3 CUDA: reach must be ", producer, "'s output for these shapes");
 }
 
 // -> (y (N, Ho, Wo, C), reach (N, 1 + reach tiles) int32: how far each output tile samples, for sample_bwd).
@@ -186,7 +192,7 @@ std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<
   DcnParams p = make_params(value, ho, wo, geom, offset_scale, apply_softmax, has_cfs);
   bind_logit_source(p, value, x1, wpack, bpack, logits);
   at::Tensor y = new_output({p.N, ho, wo, p.C}, value.options());
-  at::Tensor reach = new_reach(value, ho, wo);
+  at::Tensor reach = new_reach(value, ho, wo, p.G);
   p.y = y.data_ptr();
   p.reach = reach.data_ptr<int>();
   if (y.numel() == 0) return {y, reach};
@@ -211,6 +217,11 @@ void set_backward_threads(int threads) {
   TORCH_CHECK(threads == 128 || threads == 256, "dcnv3: the backward runs 128 or 256 threads per CTA, not ", threads);
   g_backward_threads = threads;
 }
+
+// Whether the one-launch backward skips the halo's source pixels whose touch masks (recorded by the forward) rule
+// the value tile out (the default), or recomputes every pixel within the tile reach's rectangles: the same results
+// (the skipped pixels add nothing), less tensor-core work; kept switchable so that a GPU times both.
+bool g_halo_masks = true;
 
 // Whether block_bwd accumulates grad wpack and grad bpack in the sampling kernel's persistent CTAs where their fp32
 // partials fit (the default), or stores grad logits and reduces them in a GEMM launch: the same gradients up to the
@@ -289,7 +300,7 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   }
   at::Tensor out = new_output({p.N, h, w, wout.size(0)}, value.options());
   at::Tensor y = save_y ? new_output(value.sizes(), value.options()) : value.new_empty({0});
-  at::Tensor reach = new_reach(value, h, w);
+  at::Tensor reach = new_reach(value, h, w, p.G);
   if (out.numel() == 0) return {out, y, reach};
   p.y = save_y ? y.data_ptr() : nullptr;
   p.reach = reach.data_ptr<int>();
@@ -317,9 +328,7 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   check_tensor(grad_y, "grad_y", value);
   TORCH_CHECK(grad_y.numel() == int64_t(p.N) * ho * wo * p.C, "dcnv3 CUDA: grad_y must be (N, Ho, Wo, C)");
   at::Tensor absmax = at::zeros({p.N, p.C}, value.options().dtype(at::kFloat));
-  check_tensor(reach, "reach", value, /*same_dtype=*/false);
-  TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((ho + 7) / 8) * ((wo + 7) / 8)),
-              "dcnv3 CUDA: reach must be sample_fwd's second output for these shapes");
+  check_reach(reach, value, p, "sample_fwd");
   at::Tensor grad_logits = new_output({p.N, ho, wo, dcnv3::packed_cols(p.G)}, value.options());
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   if (grad_y.numel() == 0) return {grad_value.zero_(), grad_logits.zero_()};
@@ -332,6 +341,7 @@ std::vector<at::Tensor> sample_bwd(const at::Tensor& grad_y, const at::Tensor& v
   p.grad_value = grad_value.data_ptr();
   p.reach = reach.data_ptr<int>();
   p.cta_threads = g_backward_threads;
+  p.halo_masks = g_halo_masks;
   DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
   check_launch();
   return {grad_value, grad_logits};
@@ -462,9 +472,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == p.N && grad_out.size(1) == h && grad_out.size(2) == w &&
                   grad_out.size(3) == wout.size(0), "dcnv3 CUDA: grad_out must be (N, H, W, Cout)");
   TORCH_CHECK(y.sizes() == value.sizes(), "dcnv3 CUDA: y must be block_fwd's, saved with save_y");
-  check_tensor(reach, "reach", value, /*same_dtype=*/false);
-  TORCH_CHECK(reach.scalar_type() == at::kInt && reach.numel() == p.N * (1 + ((h + 7) / 8) * ((w + 7) / 8)),
-              "dcnv3 CUDA: reach must be block_fwd's third output for these shapes");
+  check_reach(reach, value, p, "block_fwd");
   std::vector<at::Tensor> wout_grads = linear_bwd_weight(grad_out, y, h * w);
   const int cols = dcnv3::packed_cols(p.G);
   at::Tensor grad_value = new_output(value.sizes(), value.options());
@@ -516,6 +524,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
     p.reach = reach.data_ptr<int>();
     p.grad_x1 = x1_fused ? grad_x1.data_ptr() : nullptr;
     p.cta_threads = g_backward_threads;
+    p.halo_masks = g_halo_masks;
     DCNV3_DISPATCH(dt, dcn_bwd, p.C / p.G, p, stream());
     check_launch();
   } else {
@@ -617,6 +626,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_wpack_cluster", &set_wpack_cluster, "CTAs per cluster of the in-kernel grad wpack: 0 = automatic");
   m.def("wpack_cluster", [] { return g_wpack_cluster; }, "CTAs per cluster of the in-kernel grad wpack (0: automatic)");
   m.def("wpack_slots", [] { return g_wpack_slots; }, "persistent CTAs of the in-kernel grad wpack (0: automatic)");
+  m.def("set_halo_masks", [](bool enabled) { g_halo_masks = enabled; },
+        "whether the one-launch backward skips halo pixels by the forward's touch masks");
+  m.def("halo_masks", [] { return g_halo_masks; }, "whether the one-launch backward uses the touch masks");
   m.def("set_backward_threads", &set_backward_threads, "threads per CTA of the one-launch backward: 128 or 256");
   m.def("backward_threads", [] { return g_backward_threads; }, "threads per CTA of the one-launch backward");
   m.def("block_bwd", &block_bwd,

@@ -19,7 +19,8 @@
 //   finalising pass. With stride 1 and same padding it first takes its own output tile whole
 //   (recomputed logits, like flash-attention; grad logits through a fixed shuffle tree and the softmax/sigmoid
 //   backward), then, from the forward's reach, every other output pixel that can sample the tile (a rectangle
-//   per nearby output tile, logits recomputed in 64-row chunks). The price is recomputing the halo's logits.
+//   per nearby output tile, less the pixels whose touch mask -- recorded by the forward -- rules the tile out;
+//   logits recomputed in 64-row chunks). The price is recomputing the halo's logits.
 //   In the fused block grad_y is recomputed per chunk too (grad_out rows . W_out): it never goes through HBM.
 //   dcn_bwd_x1 (kAllPairs): the same for every group pair of the tile in one CTA, which keeps the own tile's grad
 //   logits of all groups and ends with grad x1 = grad logits . wpack (where that tile fits).
@@ -154,9 +155,41 @@ __device__ __forceinline__ int corner_reach(const Bilinear& b, int bx, int by, i
 // 8x8 output tile's (atomicMax: order-independent).
 __device__ __forceinline__ void record_reach(const DcnParams& p, int n, int ho, int wo, int reach) {
   const int tiles_w = ceil_div(p.Wo, kTile);
-  int* image_reach = p.reach + int64_t(n) * (1 + tiles_w * ceil_div(p.Ho, kTile));
+  int* image_reach = p.reach + int64_t(n) * reach_row(p.Ho, p.Wo, p.G);
   atomicMax(image_reach + 1 + (ho / kTile) * tiles_w + wo / kTile, reach);
   atomicMax(image_reach, reach);
+}
+
+// The touch masks of image n (DcnParams::reach): one uint16 per (output pixel, group pair).
+__device__ __forceinline__ uint16_t* touch_masks(const DcnParams& p, int n) {
+  return reinterpret_cast<uint16_t*>(p.reach + int64_t(n) * reach_row(p.Ho, p.Wo, p.G) + 1 +
+                                     reach_tiles(p.Ho, p.Wo));
+}
+
+// The value tiles (-1..1 tiles away from (tile_x, tile_y), the tile of the sampling base) that sample b's corners
+// can reach, give or take one pixel (a corner that another kernel's rounding moved by one still counts), whether
+// or not they are in the image: DcnParams::reach's touch bits. Corners of further tiles set the nearest bits.
+__device__ __forceinline__ unsigned touch_bits(const Bilinear& b, int tile_x, int tile_y) {
+  constexpr int kFar = 1 << 28;  // (a corner this far out only sets an edge bit; no overflow below)
+  const int x0 = min(kFar, max(-kFar, b.x0)), y0 = min(kFar, max(-kFar, b.y0));
+  const int x_lo = min(1, max(-1, floor_div(x0 - 1, kTile) - tile_x));
+  const int x_hi = min(1, max(-1, floor_div(x0 + 2, kTile) - tile_x));
+  const int y_lo = min(1, max(-1, floor_div(y0 - 1, kTile) - tile_y));
+  const int y_hi = min(1, max(-1, floor_div(y0 + 2, kTile) - tile_y));
+  const unsigned cols = (2u << (x_hi + 1)) - (1u << (x_lo + 1));  // bits x_lo + 1 .. x_hi + 1
+  unsigned bits = 0;
+  for (int dy = y_lo; dy <= y_hi; ++dy) bits |= cols << (3 * (dy + 1));
+  return bits;
+}
+
+// Whether the source pixel m (of image n) can scatter into the value tile at (tile_x, tile_y) by its touch mask for
+// group pair `pair`: tiles beyond the 3x3 the mask covers are never ruled out.
+__device__ __forceinline__ bool may_touch(const DcnParams& p, int n, int m, int pair, int tile_x, int tile_y) {
+  const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+  const int dx = tile_x - floor_div(base_x(p, wo), kTile), dy = tile_y - floor_div(base_y(p, ho), kTile);
+  if (dx < -1 || dx > 1 || dy < -1 || dy > 1) return true;
+  const unsigned mask = touch_masks(p, n)[int64_t(m % (p.Ho * p.Wo)) * ((p.G + 1) / 2) + pair];
+  return (mask >> ((dy + 1) * 3 + dx + 1)) & 1u;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -301,20 +334,28 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
     __syncthreads();  // rows; the previous pair is done with logits and window
     compute_logits<T>(p, sm.dcn, 0, g0, M, sm.rows);
 
-    {  // The pair's reach: the largest over its (pixel, group) pairs (one thread each).
+    {  // The pair's reach: the largest over its (pixel, group) pairs (one thread each); and each pixel's touch mask
+      // for the pair (its two groups' threads are neighbouring lanes).
       const int pix = threadIdx.x / kGroupsPerCta, gl = threadIdx.x % kGroupsPerCta;
       const int m = sm.rows[pix];
+      int touch = 0;
       if (m >= 0 && g0 + gl < p.G) {
         const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
+        const int bx = base_x(p, wo), by = base_y(p, ho);
         const float* row = logit_row(sm.dcn.logits, pix, gl);
         int reach = 0;
         for (int q = 0; q < p.P; ++q) {
           float x, y;
           sample_xy(p, row, q, ho, wo, x, y);
-          reach = corner_reach(bilinear_at(x, y, p.H, p.W), base_x(p, wo), base_y(p, ho), reach);
+          const Bilinear b = bilinear_at(x, y, p.H, p.W);
+          reach = corner_reach(b, bx, by, reach);
+          touch |= int(touch_bits(b, floor_div(bx, kTile), floor_div(by, kTile)));
         }
         atomicMax(&sm.reach, reach);
       }
+      static_assert(kGroupsPerCta == 2, "a pair's touch mask: the OR of two neighbouring lanes");
+      touch |= __shfl_xor_sync(0xffffffffu, touch, 1);
+      if (m >= 0 && gl == 0) touch_masks(p, n)[int64_t(m % (p.Ho * p.Wo)) * ((p.G + 1) / 2) + g0 / 2] = uint16_t(touch);
     }
     __syncthreads();
     const int pair_reach = sm.reach;
@@ -608,7 +649,44 @@ struct RectBatch {
   SourceRect rects[kMaxRects];
   SourceRect candidate[kThreads];  // one output tile per thread per round (end = its pixel count, 0: none)
   int n_rects, next_tile;
+  int cursor, chunk_rows;  // fill_chunk_rows: the next source pixel (slot) of the batch, the chunk's row count
 };
+
+// Warp 0, all lanes: the rows of the next chunk of source pixels from slot `cursor` of the batch (rows[i] < 0 past
+// chunk_rows), and where the next chunk starts (batch.cursor; batch.chunk_rows = 0: the batch is done). With a group
+// pair (pair >= 0), pixels whose touch mask rules out the value tile (tile_x, tile_y) are skipped; the rest keep
+// their order. Every thread reads the result after a barrier.
+__device__ inline void fill_chunk_rows(const DcnParams& p, RectBatch& batch, int* rows, int n, int cursor,
+                                       int n_sources, int pair, int tile_x, int tile_y) {
+  const int lane = int(threadIdx.x) % 32;
+  int filled = 0;
+  while (filled < kTileM && cursor < n_sources) {
+    const int slot = cursor + lane;
+    int m = -1;
+    for (int i = 0, start = 0; i < batch.n_rects && m < 0 && slot < n_sources; start = batch.rects[i].end, ++i) {
+      if (slot >= batch.rects[i].end) continue;
+      const SourceRect& r = batch.rects[i];
+      const int local = slot - start;
+      m = (n * p.Ho + r.ho0 + local / r.w) * p.Wo + r.wo0 + local % r.w;
+    }
+    const bool keep = m >= 0 && (pair < 0 || may_touch(p, n, m, pair, tile_x, tile_y));
+    const unsigned kept = __ballot_sync(0xffffffffu, keep);
+    const int rank = __popc(kept & ((1u << lane) - 1u)), room = kTileM - filled;
+    if (keep && rank < room) rows[filled + rank] = m;
+    if (__popc(kept) > room) {  // the chunk is full: the next starts at the first kept pixel it had no room for
+      cursor += __ffs(__ballot_sync(0xffffffffu, keep && rank == room)) - 1;
+      filled = kTileM;
+    } else {
+      filled += __popc(kept);
+      cursor += 32;
+    }
+  }
+  for (int i = filled + lane; i < kTileM; i += 32) rows[i] = -1;
+  if (lane == 0) {
+    batch.cursor = cursor;
+    batch.chunk_rows = filled;
+  }
+}
 
 template <class T, int CG, bool kAllPairs = false>
 struct DcnValueSmem {
@@ -636,7 +714,7 @@ struct DcnValueSmem {
 __device__ inline void collect_source_rects(const DcnParams& p, RectBatch& batch, int n, int tx0, int tx1, int ty0,
                                             int ty1, bool skip_own) {
   const int tiles_w = ceil_div(p.Wo, kTile), tiles_h = ceil_div(p.Ho, kTile);
-  const int* reach = p.reach + int64_t(n) * (1 + tiles_w * tiles_h);
+  const int* reach = p.reach + int64_t(n) * reach_row(p.Ho, p.Wo, p.G);
   const int bx0 = base_x(p, 0), by0 = base_y(p, 0);
   // Output tiles that can hold such a pixel at all, by the image's largest reach.
   const int rmax = reach[0] + 1;
@@ -859,7 +937,7 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
       if (kOwnTile) {
         fill_tile_rows(p, n, tx0, tx1, ty0, ty1, sm.rows);  // the own output tile: same box on the same grid
         __syncthreads();  // rows, and the accumulator's zeros and scales
-        const int own_reach = p.reach[int64_t(n) * (1 + tiles) + 1 + tile] + 1;  // the forward's, + its margin
+        const int own_reach = p.reach[int64_t(n) * reach_row(p.Ho, p.Wo, p.G) + 1 + tile] + 1;  // the forward's, + 1
         stage_window<T, CG, kCta>(p, sm.window, n, g0, tx0, tx1, ty0, ty1, own_reach);
         load_grad_y<T, CG, kCta>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
         compute_logits<T, kCta>(p, sm.dcn, 0, g0, M, sm.rows);
@@ -883,19 +961,15 @@ __global__ void __launch_bounds__(kCta, 1) dcn_bwd_value_kernel(DcnParams p) {
         const int n_rects = sm.batch.n_rects;
         if (n_rects == 0) break;
         const int n_sources = sm.batch.rects[n_rects - 1].end;
-        for (int s0 = 0; s0 < n_sources; s0 += kTileM) {
-          if (threadIdx.x < kTileM) {
-            const int slot = s0 + threadIdx.x;
-            int m = -1;
-            const SourceRect* rects = sm.batch.rects;
-            for (int i = 0, start = 0; i < n_rects && m < 0; start = rects[i].end, ++i) {
-              if (slot >= rects[i].end) continue;
-              const int local = slot - start;
-              m = (n * p.Ho + rects[i].ho0 + local / rects[i].w) * p.Wo + rects[i].wo0 + local % rects[i].w;
-            }
-            sm.rows[threadIdx.x] = m;
-          }
+        // With the touch masks (one launch: the value tile is also an output tile), a chunk takes the next 64 of the
+        // batch's source pixels that may scatter into the tile, skipping those whose samples all land elsewhere.
+        const bool masked = kOwnTile && p.halo_masks;
+        for (int cursor = 0;;) {
+          if (threadIdx.x < 32) fill_chunk_rows(p, sm.batch, sm.rows, n, cursor, n_sources, masked ? g0 / 2 : -1,
+                                                tx0 / kTile, ty0 / kTile);
           __syncthreads();
+          if (sm.batch.chunk_rows == 0) break;
+          cursor = sm.batch.cursor;
           load_grad_y<T, CG, kCta>(p, sm.dcn, sm.grad_y, g0, M, sm.rows);
           compute_logits<T, kCta>(p, sm.dcn, 0, g0, M, sm.rows);
 

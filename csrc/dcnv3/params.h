@@ -21,6 +21,12 @@ constexpr int64_t wpack_partial_floats(int G, int C) { return int64_t(packed_col
 // CTA's shared memory holds S x (C + 1) floats (the whole partial at k = 1).
 constexpr int wpack_slice_rows(int G, int k) { return (packed_cols(G) + 8 * k - 1) / (8 * k) * 8; }
 constexpr int64_t wpack_slice_floats(int G, int C, int k) { return int64_t(wpack_slice_rows(G, k)) * (C + 1); }
+// The reach record's row per image (DcnParams::reach): the image's reach, one per 8x8 output tile, then the touch
+// masks (uint16 per output pixel and group pair) in whole int32 words.
+constexpr int64_t reach_tiles(int64_t ho, int64_t wo) { return ((ho + 7) / 8) * ((wo + 7) / 8); }
+constexpr int64_t reach_row(int64_t ho, int64_t wo, int G) {
+  return 1 + reach_tiles(ho, wo) + (ho * wo * ((G + 1) / 2) + 1) / 2;
+}
 
 // Packed-logit layout (per pixel, per group g, columns g*28 + j; columns from G*28 on are zero):
 //   j in [0, 2P)      offset logits, j = 2p + {0: x/width, 1: y/height}   (official offset order)
@@ -73,10 +79,16 @@ struct DcnParams {
   float* grad_wpack_partial;
   int wpack_slots;
   int wpack_cluster;
-  // (N, 1 + reach tiles): per image, [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest
-  // distance, in pixels along x or y, from an output pixel's sampling base to an in-image bilinear corner it
-  // scatters to. Zeroed by the caller, filled by dcn_bwd, read by dcn_bwd_value.
+  // (N, reach_row(Ho, Wo, G)) int32, zeroed by the caller, filled by the forward, read by dcn_bwd_value: per image,
+  // [0] the largest and [1 + t] per 8x8 output tile t (row-major) the largest distance, in pixels along x or y,
+  // from an output pixel's sampling base to an in-image bilinear corner it scatters to; then the touch masks, one
+  // uint16 per (output pixel, group pair) (pixel-major): bit (dy + 1) * 3 + dx + 1 is set where a bilinear corner
+  // of the pair's samples, give or take one pixel, lies in the 8x8 value tile dy, dx (each -1..1) tiles from the
+  // one holding the pixel's sampling base (further tiles are never ruled out).
   int* reach;
+  // Whether dcn_bwd_value's one-launch form (stride 1, same padding) skips the halo source pixels whose touch mask
+  // rules its tile out (the same results; 0: every pixel of the reach's rectangles, the binding's set_halo_masks).
+  int halo_masks;
   // The grad value accumulator's fixed-point exponent (fixed_point_bits below), set by launch_dcn_bwd.
   int fixed_point_bits;
   // Threads per CTA of the one-launch backward (stride 1, same padding): 128 (0: the default) or 256, 8 warps for

@@ -48,6 +48,8 @@ unsigned cluster_size();
 void cluster_sync();
 void* map_shared_rank(void* p, unsigned rank);
 uint32_t shfl_xor(uint32_t bits, int lane_mask, int width);
+// __ballot_sync over the full warp: bit i set where lane i's predicate is true.
+uint32_t ballot(bool predicate);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: each lane passes its PTX fragments, like the instruction.
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c);
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: each lane passes the 16-byte row it addresses (lanes 8i..8i+7: the
@@ -91,6 +93,12 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 
   std::memcpy(&v, &bits, 4);
   return v;
 }
+inline unsigned __ballot_sync(unsigned mask, int predicate) {  // the full warp (mask 0xffffffff), as shfl
+  (void)mask;
+  return ::emu::ballot(predicate != 0);
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int width = 32) {
   (void)mask;
   return static_cast<int>(::emu::shfl_xor(static_cast<uint32_t>(v), lane_mask, width));

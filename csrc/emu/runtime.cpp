@@ -660,6 +660,17 @@ uint32_t shfl_xor(uint32_t bits, int lane_mask, int width) {
   return w.shfl[buf][(lane ^ lane_mask) & (kWarp - 1)];
 }
 
+uint32_t ballot(bool predicate) {
+  int lane;
+  unsigned buf;
+  WarpStage& w = my_warp_stage(lane, buf);
+  w.shfl[buf][lane] = predicate ? 1u : 0u;
+  warp_exchange_wait();
+  uint32_t bits = 0;
+  for (int i = 0; i < kWarp; ++i) bits |= (w.shfl[buf][i] != 0u ? 1u : 0u) << i;
+  return bits;
+}
+
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c) {
   int lane;
   unsigned buf;

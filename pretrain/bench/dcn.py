@@ -9,6 +9,8 @@ output projection), forward and forward+backward, per implementation, in one run
 * kernel-wpack-gemm  the same as kernel, with grad wpack reduced by a GEMM over stored grad logits instead of in the
               backward's persistent CTAs (where those run: InternImage-T stages 1-2 at training batches; elsewhere
               the same as kernel)
+* kernel-no-masks  the same as kernel, with the backward recomputing every halo pixel within the tile reach's
+              rectangles instead of skipping those whose touch masks rule its tile out (more tensor-core work)
 * reference   pretrain.ops.dcnv3_fused_reference (PyTorch ops, grid_sample)
 * compiled    the reference under torch.compile
 * dcnv4       the DCNv4 package's op (pip `DCNv4`, built on the GPU machine) + PyTorch projections. Different
@@ -36,7 +38,16 @@ MODELS = {
     "b": (112, (7, 14, 28, 56), False),
     "h": (320, (10, 20, 40, 80), True),
 }
-IMPLS = ("kernel", "kernel-split", "kernel-8w", "kernel-wpack-gemm", "reference", "compiled", "dcnv4")
+IMPLS = (
+    "kernel",
+    "kernel-split",
+    "kernel-8w",
+    "kernel-wpack-gemm",
+    "kernel-no-masks",
+    "reference",
+    "compiled",
+    "dcnv4",
+)
 
 
 def add_arguments(parser) -> None:
@@ -287,7 +298,8 @@ def _write(path, text: str) -> None:
 
 def _epilogues(impl):
     """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
-    of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM."""
+    of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM;
+    kernel-no-masks, the backward's halo without the touch masks."""
     import contextlib
 
     from pretrain.ops import cuda
@@ -298,6 +310,8 @@ def _epilogues(impl):
         return cuda.backward_threads(256)
     if impl == "kernel-wpack-gemm":
         return cuda.wpack_in_backward(False)
+    if impl == "kernel-no-masks":
+        return cuda.halo_masks(False)
     return contextlib.nullcontext()
 
 

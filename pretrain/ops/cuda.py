@@ -276,11 +276,14 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape)
 
 
-def _reach_like(value: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
-    """The forward's reach output: (N, 1 + ceil(Ho/8) * ceil(Wo/8)) int32, per image the largest distance from a
-    sampling base to a bilinear corner, and per 8x8 output tile (csrc/dcnv3/params.h). The backward's grad value
-    kernel uses it to find the source pixels of each value tile; the CPU contract path leaves it zero."""
-    return value.new_zeros((value.shape[0], 1 + -(-ho // 8) * -(-wo // 8)), dtype=torch.int32)
+def _reach_like(value: torch.Tensor, ho: int, wo: int, groups: int) -> torch.Tensor:
+    """The forward's reach output: (N, reach_row) int32, per image the largest distance from a sampling base to a
+    bilinear corner, the same per 8x8 output tile, then a uint16 touch mask per output pixel and group pair (which
+    nearby value tiles its samples can reach; csrc/dcnv3/params.h). The backward's grad value kernel uses them to
+    find the source pixels of each value tile; the CPU contract path leaves them zero."""
+    tiles = -(-ho // 8) * -(-wo // 8)
+    touch_words = -(-(ho * wo * -(-groups // 2)) // 2)
+    return value.new_zeros((value.shape[0], 1 + tiles + touch_words), dtype=torch.int32)
 
 
 @torch.library.custom_op(f"{_LIB}::fused_fwd", mutates_args=())
@@ -306,7 +309,7 @@ def fused_fwd(
     g = _geom_from_list(geom, offset_scale)
     logits = F.linear(x1, wpack, bpack)
     y = sample_reference(value, logits, g, True, has_cfs)
-    reach = _reach_like(value, *value.shape[1:3])
+    reach = _reach_like(value, *value.shape[1:3], geom[8])
     return F.linear(y, wout, bout).contiguous(), _y_output(y.contiguous(), save_y), reach
 
 
@@ -326,7 +329,7 @@ def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has
 @fused_fwd.register_fake
 def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y):
     out = value.new_empty((*value.shape[:3], wout.shape[0]))
-    return out, _y_output(_like(value), save_y), _reach_like(value, *value.shape[1:3])
+    return out, _y_output(_like(value), save_y), _reach_like(value, *value.shape[1:3], geom[8])
 
 
 @torch.library.custom_op(f"{_LIB}::fused_bwd", mutates_args=())
@@ -435,7 +438,7 @@ def core_fwd(
     if emulate:
         return _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale, emulate)
     y = sample_reference(value, logits, _geom_from_list(geom, offset_scale), False, False).contiguous()
-    return y, _reach_like(value, ho, wo)
+    return y, _reach_like(value, ho, wo, geom[8])
 
 
 @core_fwd.register_kernel("cuda")
@@ -448,7 +451,7 @@ def _core_fwd_cuda(value, logits, ho, wo, geom, offset_scale, emulate):
 
 @core_fwd.register_fake
 def _core_fwd_fake(value, logits, ho, wo, geom, offset_scale, emulate):
-    return value.new_empty((value.shape[0], ho, wo, value.shape[3])), _reach_like(value, ho, wo)
+    return value.new_empty((value.shape[0], ho, wo, value.shape[3])), _reach_like(value, ho, wo, geom[8])
 
 
 @torch.library.custom_op(f"{_LIB}::core_bwd", mutates_args=())
@@ -530,6 +533,15 @@ def backward_threads(threads: int, device: str = "cuda"):
     the default) or 256 (8 warps, two per scheduler where one CTA fills an SM): the same results, different latency
     hiding (`pretrain bench dcn` times both). device "cpu": the emulation build's switch."""
     return _extension_switch("backward_threads", threads, device)
+
+
+def halo_masks(enabled: bool, device: str = "cuda"):
+    """Within the block, let the one-launch backward (stride 1, same padding) skip the halo pixels whose touch masks
+    -- which nearby value tiles each pixel's samples can reach, recorded by the forward -- rule the CTA's tile out
+    (enabled, the default), or recompute logits and grad_y for every pixel within the tile reach's rectangles: the
+    same results (a skipped pixel adds nothing), different tensor-core work (`pretrain bench dcn` times both, impl
+    kernel-no-masks). device "cpu": the emulation build's switch."""
+    return _extension_switch("halo_masks", enabled, device)
 
 
 def wpack_in_backward(enabled: bool, device: str = "cuda"):

@@ -408,10 +408,13 @@ class Run:
                                    "--dtypes", "bf16", "--profile", "6", *common], 0.08),
                 ("c-dcn-h-wpack", ["--models", "h", "--stages", "1", "--impls", "kernel,kernel-wpack-gemm",
                                    "--dtypes", "bf16", "--profile", "6", *common], 0.04),
-                # the one-launch backward recomputes a halo that grows with the offsets' spread: the kernel at
-                # zero offsets (a freshly initialised block) against c-dcn-t/c-dcn-h's default of 1 pixel
-                ("c-dcn-offsets0", ["--models", "t,h", "--stages", "1,2", "--impls", "kernel", "--dtypes", "bf16",
-                                    "--offset-std", "0", *common], 0.04),
+                # the one-launch backward recomputes a halo that grows with the offsets' spread; the touch masks
+                # skip the part of it that cannot scatter into the tile: with and without them, at the default
+                # 1-pixel offsets and at zero offsets (a freshly initialised block)
+                ("c-dcn-halo", ["--models", "t,h", "--stages", "1,2", "--impls", "kernel,kernel-no-masks",
+                                "--dtypes", "bf16", *common], 0.05),
+                ("c-dcn-offsets0", ["--models", "t,h", "--stages", "1,2", "--impls", "kernel,kernel-no-masks",
+                                    "--dtypes", "bf16", "--offset-std", "0", *common], 0.05),
                 ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.25),
                 ("c-dcn-fp32", ["--models", "t,h", "--stages", "1", "--impls", impls, "--dtypes", "fp32", *common], 0.10),
                 ("c-dcn-compiled-t", ["--models", "t", "--impls", "compiled", "--dtypes", "bf16", *common], 0.15),
