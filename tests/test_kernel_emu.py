@@ -908,6 +908,12 @@ def test_bench_dcn_emulate_writes_the_counter_table(emu, tmp_path):
     assert "T stage 1 (1x2x8x64): the source lines that take the most shared-memory bank passes" in text
     heavy = [line for line in text.splitlines() if line.startswith(("| fwd ", "| bwd "))]
     assert len(heavy) == 6 and all(".cuh:" in line or "ldmatrix" in line for line in heavy), heavy
+    # A kernel variant (the first --impls entry) is counted under its switch, and named in the title and command.
+    assert main([*args, "--out", str(out), "--impls", "kernel-no-masks,reference", "--offset-std", "2"]) == 0
+    text = out.read_text()
+    assert "224 px" not in text and "32 px, offsets N(0, 2^2) px, kernel-no-masks)" in text
+    assert "--offset-std 2 --impls kernel-no-masks`" in text
+    assert emulation.extension().halo_masks()  # restored
 
 
 def test_offset_spread_sets_the_backward_halo(emu):

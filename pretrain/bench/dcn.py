@@ -75,7 +75,8 @@ def add_arguments(parser) -> None:
         "--emulate",
         action="store_true",
         help="no GPU needed: count the kernels' memory traffic, atomics and mma in the CPU emulation "
-        "(first dtype of --dtypes; see pretrain/bench/dcn_counters.py)",
+        "(first dtype of --dtypes; the kernel variant of the first --impls entry, kernel when it is none; see "
+        "pretrain/bench/dcn_counters.py)",
     )
     parser.add_argument(
         "--rows",
@@ -225,7 +226,7 @@ def _impl_fn(impl, c, group, dtype, device):
         reason = cuda.unavailable_reason(torch.empty(0, device=device, dtype=dtype))
         if reason:
             return None, reason
-        return cuda.dcnv3_fused_cuda, None  # the variants: timed under their switch (_epilogues)
+        return cuda.dcnv3_fused_cuda, None  # the variants: timed under their switch (kernel_variant)
     if impl == "dcnv4":
         return _dcnv4_fn(c, group, dtype, device)
     raise ValueError(f"unknown impl {impl!r}")
@@ -296,22 +297,23 @@ def _write(path, text: str) -> None:
         os.replace(tmp, path)
 
 
-def _epilogues(impl):
+def kernel_variant(impl, device: str = "cuda"):
     """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
     of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM;
-    kernel-no-masks, the backward's halo without the touch masks."""
+    kernel-no-masks, the backward's halo without the touch masks. device "cpu": the emulation's (bench dcn
+    --emulate counts the first --impls entry's variant)."""
     import contextlib
 
     from pretrain.ops import cuda
 
     if impl == "kernel-split":
-        return cuda.fused_epilogues(False)
+        return cuda.fused_epilogues(False, device)
     if impl == "kernel-8w":
-        return cuda.backward_threads(256)
+        return cuda.backward_threads(256, device)
     if impl == "kernel-wpack-gemm":
-        return cuda.wpack_in_backward(False)
+        return cuda.wpack_in_backward(False, device)
     if impl == "kernel-no-masks":
-        return cuda.halo_masks(False)
+        return cuda.halo_masks(False, device)
     return contextlib.nullcontext()
 
 
@@ -332,7 +334,7 @@ def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):
         def fwd_bwd():
             fn(value, x1, params, geom).backward(grad)
 
-        with _epilogues(impl):
+        with kernel_variant(impl):
             fwd_ms = _timer(fwd, args.warmup, args.iters, device)
             both_ms = _timer(fwd_bwd, args.warmup, args.iters, device)
             if getattr(args, "profile", 0) and device.type == "cuda":

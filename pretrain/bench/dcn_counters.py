@@ -117,7 +117,9 @@ def by_line_markdown(
 def run(args) -> int:
     import torch
 
-    from pretrain.ops import cuda, emulation
+    from pretrain.ops import emulation
+
+    from .dcn import kernel_variant
 
     ext = emulation.extension()
     if ext is None:
@@ -126,12 +128,37 @@ def run(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtypes.split(",")[0]]
     elem = torch.finfo(dtype).bits // 8
     offset_std = getattr(args, "offset_std", 1.0)
+    variant = _variant(args)
+    with kernel_variant(variant, "cpu"):
+        rows_out, by_line = _count_stages(args, ext, dtype, elem, offset_std)
+        if rows_out is None:
+            return 2
+    table = "\n\n".join([markdown(rows_out, args, dtype), *by_line])
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def _variant(args) -> str:
+    """The kernel variant counted: the first --impls entry when it names one (kernel-no-masks, ...), else kernel."""
+    first = (getattr(args, "impls", "") or "kernel").split(",")[0]
+    return first if first.startswith("kernel") else "kernel"
+
+
+def _count_stages(args, ext, dtype, elem, offset_std):
+    """(table rows, --by-line tables) of every requested stage; (None, None) after an error message."""
+    import torch
+
+    from pretrain.ops import cuda
+
     rows_out = []
     by_line: list[str] = []
     for model in args.models.split(","):
         if model not in STAGE_GROUPS:
             print(f"error: --emulate knows models {sorted(STAGE_GROUPS)}, not {model!r}", file=sys.stderr)
-            return 2
+            return None, None
         base, groups, cfs = STAGE_GROUPS[model]
         for stage in (int(s) for s in args.stages.split(",")):
             c, group = base * 2 ** (stage - 1), groups[stage - 1]
@@ -203,12 +230,7 @@ def run(args) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    table = "\n\n".join([markdown(rows_out, args, dtype), *by_line])
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    return 0
+    return rows_out, by_line
 
 
 def markdown(rows, args, dtype) -> str:
@@ -262,10 +284,14 @@ def markdown(rows, args, dtype) -> str:
 
 
 def _offsets_note(args) -> str:
-    std = getattr(args, "offset_std", 1.0)
-    return "" if std == 1.0 else f", offsets N(0, {std:g}^2) px"
+    std, variant = getattr(args, "offset_std", 1.0), _variant(args)
+    return ("" if std == 1.0 else f", offsets N(0, {std:g}^2) px") + (
+        "" if variant == "kernel" else f", {variant}"
+    )
 
 
 def _offsets_flag(args) -> str:
-    std = getattr(args, "offset_std", 1.0)
-    return "" if std == 1.0 else f" --offset-std {std:g}"
+    std, variant = getattr(args, "offset_std", 1.0), _variant(args)
+    return ("" if std == 1.0 else f" --offset-std {std:g}") + (
+        "" if variant == "kernel" else f" --impls {variant}"
+    )
