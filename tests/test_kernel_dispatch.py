@@ -201,11 +201,12 @@ def test_fake_impls_give_shapes_on_meta():
         wp, bp, wo, bo = torch.empty(128, 64), torch.empty(128), torch.empty(64, 64), torch.empty(64)
         out, y, reach = cuda.fused_fwd(v, v, wp, bp, wo, bo, gl, 1.0, True, False, True)
         assert out.shape == (3, 7, 9, 64) and y.shape == v.shape and out.dtype == torch.bfloat16
-        assert reach.shape == (3, 1 + 1 * 2) and reach.dtype == torch.int32  # 7x9 pixels: 1x2 tiles of 8x8
+        # 7x9 pixels: 1x2 tiles of 8x8, then a uint16 touch mask per pixel and group pair (2 pairs): 63 int32 words
+        assert reach.shape == (3, 1 + 1 * 2 + 63) and reach.dtype == torch.int32
         grads = cuda.fused_bwd(out, v, v, wp, bp, wo, y, reach, gl, 1.0, True, False)
         assert [g.shape for g in grads] == [v.shape, v.shape, wp.shape, bp.shape, wo.shape, bo.shape]
         y, reach = cuda.core_fwd(v, torch.empty(3, 4, 5, 128), 4, 5, gl, 1.0, False)
-        assert y.shape == (3, 4, 5, 64) and reach.shape == (3, 2)
+        assert y.shape == (3, 4, 5, 64) and reach.shape == (3, 1 + 1 + 20)
         logits = torch.empty(3, 4, 5, 128)
         gv, glog = cuda.core_bwd(torch.empty(3, 4, 5, 64), v, logits, reach, 4, 5, gl, 1.0, False)
         assert gv.shape == v.shape and glog.shape == (3, 4, 5, 128)
