@@ -1,5 +1,5 @@
 """The DCN block inputs the kernel benchmarks run on (timed on a GPU by `bench dcn`, counted in the emulation by
-`bench dcn --emulate`)."""
+`bench dcn --emulate`), and the switch of the kernel variant they run."""
 
 from __future__ import annotations
 
@@ -32,3 +32,23 @@ def make_block(n, h, w, c, group, cfs, dtype, device, offset_std=1.0):
         r(group, std=0.1) if cfs else None,
     )
     return r(n, h, w, c), r(n, h, w, c), params, geom
+
+
+def kernel_variant(impl, device: str = "cuda"):
+    """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
+    of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM;
+    kernel-no-masks, the backward's halo without the touch masks. device "cpu": the emulation's (bench dcn
+    --emulate counts the first --impls entry's variant)."""
+    import contextlib
+
+    from pretrain.ops import cuda
+
+    if impl == "kernel-split":
+        return cuda.fused_epilogues(False, device)
+    if impl == "kernel-8w":
+        return cuda.backward_threads(256, device)
+    if impl == "kernel-wpack-gemm":
+        return cuda.wpack_in_backward(False, device)
+    if impl == "kernel-no-masks":
+        return cuda.halo_masks(False, device)
+    return contextlib.nullcontext()

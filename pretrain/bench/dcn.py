@@ -29,7 +29,7 @@ import os
 import statistics
 import sys
 
-from .blocks import make_block
+from .blocks import kernel_variant, make_block
 
 # InternImage variants: (base channels, groups per stage, center-feature-scale), from the official configs.
 MODELS = {
@@ -295,26 +295,6 @@ def _write(path, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text + "\n")
         os.replace(tmp, path)
-
-
-def kernel_variant(impl, device: str = "cuda"):
-    """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
-    of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM;
-    kernel-no-masks, the backward's halo without the touch masks. device "cpu": the emulation's (bench dcn
-    --emulate counts the first --impls entry's variant)."""
-    import contextlib
-
-    from pretrain.ops import cuda
-
-    if impl == "kernel-split":
-        return cuda.fused_epilogues(False, device)
-    if impl == "kernel-8w":
-        return cuda.backward_threads(256, device)
-    if impl == "kernel-wpack-gemm":
-        return cuda.wpack_in_backward(False, device)
-    if impl == "kernel-no-masks":
-        return cuda.halo_masks(False, device)
-    return contextlib.nullcontext()
 
 
 def _bench_impl(impl, n, h, w, c, group, cfs, dtype, device, args):

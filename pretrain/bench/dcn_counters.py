@@ -119,7 +119,7 @@ def run(args) -> int:
 
     from pretrain.ops import emulation
 
-    from .dcn import kernel_variant
+    from .blocks import kernel_variant
 
     ext = emulation.extension()
     if ext is None:
