@@ -236,7 +236,7 @@ def _count_stages(args, ext, dtype, elem, offset_std):
 def markdown(rows, args, dtype) -> str:
     head = (
         f"DCNv3 fused block, emulation counters per output pixel ({_dt.date.today().isoformat()}, "
-        f"{str(dtype).replace('torch.', '')}, {args.image_size} px{_offsets_note(args)})\n\n"
+        f"{str(dtype).replace('torch.', '')}, {args.image_size} px{_settings(args)[0]})\n\n"
         "| model | stage | slice (NxHxWxC) | G | pass | launches | essential B | L2 B (sectors) | x essential "
         "| DRAM floor B | atomics | shared B | shared loads | shared stores | mma | floor x essential "
         "| shared atomics | shared passes | atomic passes |\n"
@@ -278,20 +278,19 @@ def markdown(rows, args, dtype) -> str:
             else ""
         )
         + f" Command: `pretrain bench dcn --emulate --models {args.models} --stages {args.stages} --rows "
-        f"{args.rows}{' --marginal' if marginal else ''}{_offsets_flag(args)}`."
+        f"{args.rows}{' --marginal' if marginal else ''}{_settings(args)[1]}`."
     )
     return "\n".join(lines)
 
 
-def _offsets_note(args) -> str:
+def _settings(args) -> tuple[str, str]:
+    """How the counted run differs from the defaults (offsets' spread, kernel variant): for the table's title, and
+    as the flags its command line needs."""
     std, variant = getattr(args, "offset_std", 1.0), _variant(args)
-    return ("" if std == 1.0 else f", offsets N(0, {std:g}^2) px") + (
+    note = ("" if std == 1.0 else f", offsets N(0, {std:g}^2) px") + (
         "" if variant == "kernel" else f", {variant}"
     )
-
-
-def _offsets_flag(args) -> str:
-    std, variant = getattr(args, "offset_std", 1.0), _variant(args)
-    return ("" if std == 1.0 else f" --offset-std {std:g}") + (
+    flags = ("" if std == 1.0 else f" --offset-std {std:g}") + (
         "" if variant == "kernel" else f" --impls {variant}"
     )
+    return note, flags
