@@ -160,10 +160,12 @@ __device__ __forceinline__ void record_reach(const DcnParams& p, int n, int ho, 
   atomicMax(image_reach, reach);
 }
 
-// The touch masks of image n (DcnParams::reach): one uint16 per (output pixel, group pair).
-__device__ __forceinline__ uint16_t* touch_masks(const DcnParams& p, int n) {
-  return reinterpret_cast<uint16_t*>(p.reach + int64_t(n) * reach_row(p.Ho, p.Wo, p.G) + 1 +
-                                     reach_tiles(p.Ho, p.Wo));
+// Output pixel m's touch mask for group pair `pair` (DcnParams::reach: per image, after the tiles' reach, one uint16
+// per (pixel, pair)).
+__device__ __forceinline__ uint16_t* touch_mask(const DcnParams& p, int m, int pair) {
+  const int pixels = p.Ho * p.Wo;
+  int* masks = p.reach + int64_t(m / pixels) * reach_row(p.Ho, p.Wo, p.G) + 1 + reach_tiles(p.Ho, p.Wo);
+  return reinterpret_cast<uint16_t*>(masks) + int64_t(m % pixels) * ((p.G + 1) / 2) + pair;
 }
 
 // The value tiles (-1..1 tiles away from (tile_x, tile_y), the tile of the sampling base) that sample b's corners
@@ -182,13 +184,13 @@ __device__ __forceinline__ unsigned touch_bits(const Bilinear& b, int tile_x, in
   return bits;
 }
 
-// Whether the source pixel m (of image n) can scatter into the value tile at (tile_x, tile_y) by its touch mask for
-// group pair `pair`: tiles beyond the 3x3 the mask covers are never ruled out.
-__device__ __forceinline__ bool may_touch(const DcnParams& p, int n, int m, int pair, int tile_x, int tile_y) {
+// Whether the source pixel m can scatter into the value tile at (tile_x, tile_y) by its touch mask for group pair
+// `pair`: tiles beyond the 3x3 the mask covers are never ruled out.
+__device__ __forceinline__ bool may_touch(const DcnParams& p, int m, int pair, int tile_x, int tile_y) {
   const int wo = m % p.Wo, ho = (m / p.Wo) % p.Ho;
   const int dx = tile_x - floor_div(base_x(p, wo), kTile), dy = tile_y - floor_div(base_y(p, ho), kTile);
   if (dx < -1 || dx > 1 || dy < -1 || dy > 1) return true;
-  const unsigned mask = touch_masks(p, n)[int64_t(m % (p.Ho * p.Wo)) * ((p.G + 1) / 2) + pair];
+  const unsigned mask = *touch_mask(p, m, pair);
   return (mask >> ((dy + 1) * 3 + dx + 1)) & 1u;
 }
 
@@ -277,7 +279,7 @@ __device__ void project_tile(DcnSmem<T>& sm, const int* rows, const T* a, int a_
                              int64_t b_k, int N, const T* bias, T* out) {
   for (int n0 = 0; n0 < N; n0 += kTileN) {
     tile_gemm<T, kTileM, kTileN, false, kBMN, 1, kCta>(sm.gemm, sm.logits, a, a_pitch, 1, 0, kTileM, b, b_n, b_k, n0,
-                                                       N, 0, K);
+                                                       N, 0, K, nullptr, nullptr, rows);
     store_result_tile<T, kTileM, kTileN, kCta>(sm.logits, [&](int r) { return int64_t(rows[r]); }, n0, N, bias, out);
     __syncthreads();  // the next step's result overwrites this one
   }
@@ -355,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1) dcn_fwd_kernel(DcnParams p) {
       }
       static_assert(kGroupsPerCta == 2, "a pair's touch mask: the OR of two neighbouring lanes");
       touch |= __shfl_xor_sync(0xffffffffu, touch, 1);
-      if (m >= 0 && gl == 0) touch_masks(p, n)[int64_t(m % (p.Ho * p.Wo)) * ((p.G + 1) / 2) + g0 / 2] = uint16_t(touch);
+      if (m >= 0 && gl == 0) *touch_mask(p, m, g0 / 2) = uint16_t(touch);
     }
     __syncthreads();
     const int pair_reach = sm.reach;
@@ -669,7 +671,7 @@ __device__ inline void fill_chunk_rows(const DcnParams& p, RectBatch& batch, int
       const int local = slot - start;
       m = (n * p.Ho + r.ho0 + local / r.w) * p.Wo + r.wo0 + local % r.w;
     }
-    const bool keep = m >= 0 && (pair < 0 || may_touch(p, n, m, pair, tile_x, tile_y));
+    const bool keep = m >= 0 && (pair < 0 || may_touch(p, m, pair, tile_x, tile_y));
     const unsigned kept = __ballot_sync(0xffffffffu, keep);
     const int rank = __popc(kept & ((1u << lane) - 1u)), room = kTileM - filled;
     if (keep && rank < room) rows[filled + rank] = m;

@@ -261,7 +261,8 @@ __device__ __forceinline__ void stage_tile_mn(T* smem, const T* x, int64_t s_r, 
 
 // acc_smem (BM, BN + kAccPad) fp32 <- A(m0.., k_begin..k_end) . B(n0.., k_begin..k_end)^T, or A's rows gathered
 // through a_rows (BM entries in shared memory, see stage_tile; K-major A only), or B's k gathered through b_k_map
-// (k_end entries in shared memory, see stage_tile_mn; MN-major B only). kAMN / kBMN: the operand is
+// (k_end entries in shared memory, see stage_tile_mn; MN-major B only); live_rows (BM entries in shared memory, < 0:
+// a row whose result is not used) lets it skip row blocks, as a_rows does (below). kAMN / kBMN: the operand is
 // staged MN-major (OperandLayout), for operands whose unit stride runs along their rows. kStages > 1: a cp.async
 // pipeline, K-steps kt+1 .. kt+kStages-1 loading while kt's mma run (the standalone GEMMs, whose shared memory is
 // free; the fused kernels' is not, they stage one K-step at a time). All kCta threads must call it; it ends with
@@ -270,7 +271,8 @@ template <class T, int BM = kTileM, int BN = kTileN, bool kAMN = false, bool kBM
           int kCta = kThreads>
 __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem, const T* a, int64_t a_m,
                           int64_t a_k, int m0, int M, const T* b, int64_t b_n, int64_t b_k, int n0, int N, int k_begin,
-                          int k_end, const int* a_rows = nullptr, const int* b_k_map = nullptr) {
+                          int k_end, const int* a_rows = nullptr, const int* b_k_map = nullptr,
+                          const int* live_rows = nullptr) {
   using TiledMma = typename MmaTraits<T, kCta>::TiledMma;
   using Smem = TileGemmSmem<T, BM, BN, kStages>;
   static_assert(size(TiledMma{}) == kCta, "the tiled MMA must use exactly the CTA's threads");
@@ -292,6 +294,26 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
   Tensor acc = thr.partition_fragment_C(sC);          // fp32 accumulators
   clear(acc);
 
+  // The tiled MMA's row blocks: block m is rows [m * kBlockRows, (m + 1) * kBlockRows), every warp along M holding a
+  // 16-row slice of each, so a block none of whose rows is live (live_rows, else a_rows, < 0: a result row nobody
+  // stores) is skipped by every warp alike: its fragment loads and mma are not issued and its accumulators stay 0
+  // (a gathered row staged as zeros would have left them so). A halo chunk's rows are compacted to the front, so a
+  // chunk of at most 32 pixels costs half a tile's tensor-core work. 16-bit types (mma.sync) only.
+  constexpr int kBlockRows = WarpGrid<kCta>::kTileMultiple;
+  constexpr bool kSkipBlocks = sizeof(T) == 2 && !kAMN && BM / kBlockRows > 1;
+  static_assert(!kSkipBlocks || (kBlockRows == 32 && size<1>(decltype(tCrA){}) == BM / kBlockRows),
+                "one warp-wide vote per row block");
+  unsigned live_blocks = ~0u;
+  if constexpr (kSkipBlocks) {
+    const int* live = live_rows != nullptr ? live_rows : a_rows;
+    if (live != nullptr) {
+      live_blocks = 0;
+      for (int blk = 0; blk < BM / kBlockRows; ++blk)
+        if (__ballot_sync(0xffffffffu, live[blk * kBlockRows + int(threadIdx.x) % 32] >= 0) != 0)
+          live_blocks |= 1u << blk;
+    }
+  }
+
   // K-step at k0 into slot s (kAsync: cp.async where the operand runs in vectors, uncommitted).
   auto stage = [&](int s, int k0) {
     if constexpr (kAMN) stage_tile_mn<T, BM, kAsync, kCta>(sm.a + s * Smem::kSlotA, a, a_m, a_k, m0, M, k0, k_end);
@@ -311,8 +333,17 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
       auto s2r_b = make_tiled_copy_B(Copy_Atom<std::conditional_t<kBMN, Ldsm4T, Ldsm4>, T>{}, mma);
       auto thr_a = s2r_a.get_slice(threadIdx.x);
       auto thr_b = s2r_b.get_slice(threadIdx.x);
-      copy(s2r_a, thr_a.partition_S(sA), thr_a.retile_D(tCrA));
       copy(s2r_b, thr_b.partition_S(sB), thr_b.retile_D(tCrB));
+      if constexpr (kSkipBlocks) {
+        Tensor src = thr_a.partition_S(sA);  // (CPY, CPY_M, CPY_K): one ldmatrix.x4 per 16x16 A fragment
+        Tensor dst = thr_a.retile_D(tCrA);
+        static_assert(size<1>(decltype(src){}) == size<1>(decltype(tCrA){}), "a copy's M index is the MMA's");
+        CUTE_UNROLL
+        for (int m = 0; m < size<1>(tCrA); ++m)
+          if ((live_blocks >> m) & 1u) copy(s2r_a, src(_, m, _), dst(_, m, _));
+      } else {
+        copy(s2r_a, thr_a.partition_S(sA), thr_a.retile_D(tCrA));
+      }
     } else {
       Tensor tCsA = thr.partition_A(sA);
       Tensor tCsB = thr.partition_B(sB);
@@ -321,7 +352,18 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
       CUTE_UNROLL
       for (int i = 0; i < size(tCrB); ++i) tCrB(i) = tCsB(i);
     }
-    cute::gemm(mma, tCrA, tCrB, acc);
+    if constexpr (kSkipBlocks) {
+      // Every (m, n) accumulates its k-steps in order, as cute::gemm does: the same bits.
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tCrA); ++k)
+        CUTE_UNROLL
+        for (int m = 0; m < size<1>(tCrA); ++m)
+          if ((live_blocks >> m) & 1u)
+            CUTE_UNROLL
+            for (int n = 0; n < size<1>(tCrB); ++n) cute::gemm(mma, tCrA(_, m, k), tCrB(_, n, k), acc(_, m, n));
+    } else {
+      cute::gemm(mma, tCrA, tCrB, acc);
+    }
   };
 
   if constexpr (kStages == 1) {
