@@ -246,13 +246,14 @@ __device__ __forceinline__ const T* corner_ptr(const DcnParams& p, const ValueWi
   return static_cast<const T*>(p.value) + ((int64_t(n) * p.H + y) * p.W + x) * p.C + ch;
 }
 
-// The 64 rows (output pixel indices, -1 outside the image) of the 8x8 tile [tx0, tx1] x [ty0, ty1] of image n's
-// output grid, in `rows` (threads < 64 write; the caller syncs).
+// The 64 rows (output pixel indices) of the tile [tx0, tx1] x [ty0, ty1] (at most 8x8) of image n's output grid, in
+// `rows`: the box's pixels row by row, then -1, so that an edge tile of at most 32 pixels leaves the tile GEMMs'
+// second row block empty (tile_gemm skips it). Threads < 64 write; the caller syncs.
 __device__ __forceinline__ void fill_tile_rows(const DcnParams& p, int n, int tx0, int tx1, int ty0, int ty1,
                                                int* rows) {
   if (threadIdx.x < kTileM) {
-    const int x = tx0 + threadIdx.x % kTile, y = ty0 + threadIdx.x / kTile;
-    rows[threadIdx.x] = x <= tx1 && y <= ty1 ? (n * p.Ho + y) * p.Wo + x : -1;
+    const int w = tx1 - tx0 + 1, i = threadIdx.x;
+    rows[i] = i < w * (ty1 - ty0 + 1) ? (n * p.Ho + ty0 + i / w) * p.Wo + tx0 + i % w : -1;
   }
 }
 
