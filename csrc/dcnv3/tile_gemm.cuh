@@ -298,9 +298,10 @@ __device__ void tile_gemm(TileGemmSmem<T, BM, BN, kStages>& sm, float* acc_smem,
   // 16-row slice of each, so a block none of whose rows is live (live_rows, else a_rows, < 0: a result row nobody
   // stores) is skipped by every warp alike: its fragment loads and mma are not issued and its accumulators stay 0
   // (a gathered row staged as zeros would have left them so). A halo chunk's rows are compacted to the front, so a
-  // chunk of at most 32 pixels costs half a tile's tensor-core work. 16-bit types (mma.sync) only.
+  // chunk of at most 32 pixels costs half a tile's tensor-core work. 16-bit types (mma.sync) only, and only the
+  // fused kernels' one-stage form: the standalone GEMMs (kStages > 1) pass no rows and keep cute::gemm's order.
   constexpr int kBlockRows = WarpGrid<kCta>::kTileMultiple;
-  constexpr bool kSkipBlocks = sizeof(T) == 2 && !kAMN && BM / kBlockRows > 1;
+  constexpr bool kSkipBlocks = sizeof(T) == 2 && !kAMN && kStages == 1 && BM / kBlockRows > 1;
   static_assert(!kSkipBlocks || (kBlockRows == 32 && size<1>(decltype(tCrA){}) == BM / kBlockRows),
                 "one warp-wide vote per row block");
   unsigned live_blocks = ~0u;
