@@ -555,6 +555,46 @@ def test_halo_masks_give_the_same_bits_with_less_work(emu, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_stored_grad_y_gives_the_same_bits_with_less_tensor_core_work(emu, dtype):
+    """cuda.stored_grad_y(True): grad_y = grad_out . W_out by one GEMM launch, stored, and copied per chunk by the
+    backward instead of recomputed there for its own tile and every halo chunk. The GEMM sums K in the tile GEMM's
+    order and rounds to T as the recompute does, so every output and gradient is bitwise the same (a different
+    rounding or K order would change grad value and grad logits), Cg 16 and Cg 32 with cfs and odd G, with grad
+    wpack in the kernel and by a GEMM, 4 and 8 warps, in every thread order. Counted: one launch more, less mma in
+    the backward (the halo's grad_y GEMMs are gone), more DRAM bytes (grad_y written and read back)."""
+    shapes = [(1, 19, 21, 64, 4, False), (1, 17, 18, 96, 3, True)]
+    for shape in shapes:
+        recomputed = _bench_block_grads(shape, dtype, 2.0)
+        with cuda.stored_grad_y(True, device="cpu"):
+            stored = _bench_block_grads(shape, dtype, 2.0)
+            with cuda.backward_threads(256, device="cpu"), emulation.thread_order("shuffle", 7):
+                eight = _bench_block_grads(shape, dtype, 2.0)
+            with cuda.wpack_slots(3, device="cpu"):
+                in_kernel = _bench_block_grads(shape, dtype, 2.0)
+        with cuda.wpack_slots(3, device="cpu"):
+            in_kernel_recomputed = _bench_block_grads(shape, dtype, 2.0)
+        for a, b, c in zip(recomputed, stored, eight, strict=True):
+            assert torch.equal(a, b) and torch.equal(a, c), shape
+        for a, b in zip(in_kernel_recomputed, in_kernel, strict=True):
+            assert torch.equal(a, b), shape
+    assert not emulation.extension().stored_grad_y()  # restored
+
+    if dtype == torch.bfloat16:  # (fp32 runs FFMA: no mma to count)
+        from pretrain.bench.dcn_counters import count_block, summarise
+
+        counts = {}
+        for enabled in (False, True):
+            with cuda.stored_grad_y(enabled, device="cpu"):
+                counted = count_block(1, 24, 24, 64, 4, False, dtype, offset_std=1.0)
+            counts[enabled] = summarise(counted["bwd"], 24 * 24)
+        before, after = counts[False], counts[True]
+        assert after["launches"] == before["launches"] + 1, (before, after)
+        assert after["mma"] < 0.9 * before["mma"], (before["mma"], after["mma"])
+        # grad_y (C = 64 bf16: 128 bytes a pixel) written, then read back at least once
+        assert after["dram_floor_bytes"] > before["dram_floor_bytes"] + 128, (before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_grad_wpack_accumulates_in_the_backward(emu, dtype):
     """Where their fp32 partials fit beside the backward's tiles (InternImage-T stages 1-2 in 16-bit types, stage 1
     in fp32), grad wpack and grad bpack accumulate in the sampling kernel's persistent CTAs, each taking every

@@ -184,6 +184,19 @@ def test_halo_masks_give_the_same_bits(case):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
+def test_stored_grad_y_gives_the_same_bits(case):
+    """grad_y by a GEMM launch, stored and read by the backward (what `pretrain bench dcn` times as
+    kernel-stored-grad-y), gives the bits of recomputing it per chunk in the sampling kernel: the same mma in the
+    same K order, rounded to T alike."""
+    args = _cuda_inputs(case, torch.bfloat16)
+    recomputed = run_block(cuda.dcnv3_fused_cuda, *args)
+    with cuda.stored_grad_y(True):
+        stored = run_block(cuda.dcnv3_fused_cuda, *args)
+    for name, a, b in zip(NAMES, recomputed, stored):
+        assert torch.equal(a, b), name
+
+
 def test_nonfinite_grad_propagates():
     """A NaN in the incoming gradient must reach grad(value) (loss-scaling overflow checks rely on it)."""
     value, x1, params, geom, grad_out = _cuda_inputs(Case("nan", 1, 7, 7, 64, 4), torch.float16)

@@ -223,6 +223,14 @@ void set_backward_threads(int threads) {
 // (the skipped pixels add nothing), less tensor-core work; kept switchable so that a GPU times both.
 bool g_halo_masks = true;
 
+// Whether block_bwd computes grad_y = grad_out . wout once, in a GEMM launch, and the sampling backward reads it
+// (stored grad_y: 2 C more HBM bytes per pixel, grad_y written and read back), instead of recomputing it per
+// chunk of its own tile and halo (the default: grad_y never goes through HBM). The same results: the recompute
+// rounds to T as the stored one is. The halo's grad_y GEMMs are tensor-core work the stages that wait on their
+// mma (InternImage-H stage 2 and above, by the step-25 roofline) pay in time; kept switchable so that a GPU times
+// both (`pretrain bench dcn`, impl kernel-stored-grad-y).
+bool g_stored_grad_y = false;
+
 // Whether block_bwd accumulates grad wpack and grad bpack in the sampling kernel's persistent CTAs where their fp32
 // partials fit (the default), or stores grad logits and reduces them in a GEMM launch: the same gradients up to the
 // fp32 summation order. The GPU session times both (`pretrain bench dcn`, impl kernel-wpack-gemm).
@@ -456,8 +464,8 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
 //   1. grad wout, grad bout (split-K GEMM over grad_out and y), which also takes max |grad_out| per image and
 //      channel while it reads grad_out's rows: sum_k max|grad_out[n, :, k]| |wout[k, c]| bounds |grad_y[n, :, c]|,
 //      the fixed-point scale of grad value (a bound costs a few of its 24 spare bits, and no pass over grad_y);
-//   2. the sampling backward, grad_y recomputed per tile from grad_out (it never goes through HBM): grad value,
-//      grad logits, and grad x1 = grad logits . wpack as its epilogue (where the tile's grad logits of all groups
+//   2. the sampling backward, grad_y recomputed per tile from grad_out (it never goes through HBM; or, with
+//      g_stored_grad_y, computed once by a GEMM launch before it and read): grad value, grad logits, and grad x1 = grad logits . wpack as its epilogue (where the tile's grad logits of all groups
 //      fit in shared memory; else a GEMM launch of its own);
 //   3. grad wpack, grad bpack.
 std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& x1,
@@ -514,10 +522,16 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
     p.wpack_slots = static_cast<int>(slots);
     p.wpack_cluster = cluster;
   }
+  // Stored grad_y: the GEMM's K order is the tile GEMM's (no split), so it holds the recompute's bits.
+  const at::Tensor grad_y = g_stored_grad_y && grad_out.numel() > 0 ? linear_bwd_input(grad_out, wout) : at::Tensor();
   if (grad_out.numel() > 0) {
-    p.grad_out = grad_out.data_ptr();
-    p.wout = wout.data_ptr();
-    p.Cout = static_cast<int>(wout.size(0));
+    if (grad_y.defined()) {
+      p.grad_y = grad_y.data_ptr();
+    } else {
+      p.grad_out = grad_out.data_ptr();
+      p.wout = wout.data_ptr();
+      p.Cout = static_cast<int>(wout.size(0));
+    }
     p.grad_y_absmax = grad_y_bound.data_ptr<float>();
     p.grad_logits = wpack_fused ? nullptr : grad_logits.data_ptr();
     p.grad_value = grad_value.data_ptr();
@@ -629,6 +643,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_halo_masks", [](bool enabled) { g_halo_masks = enabled; },
         "whether the one-launch backward skips halo pixels by the forward's touch masks");
   m.def("halo_masks", [] { return g_halo_masks; }, "whether the one-launch backward uses the touch masks");
+  m.def("set_stored_grad_y", [](bool enabled) { g_stored_grad_y = enabled; },
+        "whether block_bwd stores grad_y (a GEMM launch) instead of recomputing it in the sampling backward");
+  m.def("stored_grad_y", [] { return g_stored_grad_y; }, "whether block_bwd stores grad_y");
   m.def("set_backward_threads", &set_backward_threads, "threads per CTA of the one-launch backward: 128 or 256");
   m.def("backward_threads", [] { return g_backward_threads; }, "threads per CTA of the one-launch backward");
   m.def("block_bwd", &block_bwd,

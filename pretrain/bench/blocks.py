@@ -37,7 +37,8 @@ def make_block(n, h, w, c, group, cfs, dtype, device, offset_std=1.0):
 def kernel_variant(impl, device: str = "cuda"):
     """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
     of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM;
-    kernel-no-masks, the backward's halo without the touch masks. device "cpu": the emulation's (bench dcn
+    kernel-no-masks, the backward's halo without the touch masks; kernel-stored-grad-y, grad_y by a GEMM, stored and
+    read by the backward instead of recomputed there. device "cpu": the emulation's (bench dcn
     --emulate counts the first --impls entry's variant)."""
     import contextlib
 
@@ -51,4 +52,6 @@ def kernel_variant(impl, device: str = "cuda"):
         return cuda.wpack_in_backward(False, device)
     if impl == "kernel-no-masks":
         return cuda.halo_masks(False, device)
+    if impl == "kernel-stored-grad-y":
+        return cuda.stored_grad_y(True, device)
     return contextlib.nullcontext()

@@ -11,6 +11,9 @@ output projection), forward and forward+backward, per implementation, in one run
               the same as kernel)
 * kernel-no-masks  the same as kernel, with the backward recomputing every halo pixel within the tile reach's
               rectangles instead of skipping those whose touch masks rule its tile out (more tensor-core work)
+* kernel-stored-grad-y  the same as kernel, with grad_y computed once by a GEMM launch, stored and read by the
+              backward's sampling kernel instead of recomputed per chunk of its own tile and halo (2 C more HBM bytes
+              per pixel against the halo's grad_y GEMMs: the GPU decides)
 * reference   pretrain.ops.dcnv3_fused_reference (PyTorch ops, grid_sample)
 * compiled    the reference under torch.compile
 * dcnv4       the DCNv4 package's op (pip `DCNv4`, built on the GPU machine) + PyTorch projections. Different
@@ -44,6 +47,7 @@ IMPLS = (
     "kernel-8w",
     "kernel-wpack-gemm",
     "kernel-no-masks",
+    "kernel-stored-grad-y",
     "reference",
     "compiled",
     "dcnv4",

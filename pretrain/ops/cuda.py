@@ -544,6 +544,14 @@ def halo_masks(enabled: bool, device: str = "cuda"):
     return _extension_switch("halo_masks", enabled, device)
 
 
+def stored_grad_y(enabled: bool, device: str = "cuda"):
+    """Within the block, compute the backward's grad_y = grad_out . W_out once in a GEMM launch and let the sampling
+    backward read it (enabled), or recompute it per chunk of each CTA's own tile and halo (the default): the same
+    results, 2 C more HBM bytes per pixel (grad_y written and read back) against the halo's grad_y GEMMs, tensor-core
+    work (`pretrain bench dcn` times both, impl kernel-stored-grad-y). device "cpu": the emulation build's switch."""
+    return _extension_switch("stored_grad_y", enabled, device)
+
+
 def wpack_in_backward(enabled: bool, device: str = "cuda"):
     """Within the block, accumulate grad wpack and grad bpack in the backward's sampling kernel where their fp32
     partials fit beside its tiles and the batch is large enough for one persistent CTA per SM to pay (enabled, the

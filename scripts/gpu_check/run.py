@@ -401,7 +401,7 @@ class Run:
             common = ["--image-size", "224", "--warmup", "2", "--iters", "5"]
             impls = "kernel,kernel-split,kernel-8w,reference" + (",dcnv4" if self.args.peer else "")
             runs = [
-                ("c-dcn-t", ["--models", "t", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.2),
+                ("c-dcn-t", ["--models", "t", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.17),
                 # grad wpack in the backward's persistent CTAs against its GEMM: only T stages 1-3 and H stage 1
                 # take that path (T3 and H1 in clusters of 8 CTAs)
                 ("c-dcn-t-wpack", ["--models", "t", "--stages", "1,2,3", "--impls", "kernel,kernel-wpack-gemm",
@@ -415,7 +415,11 @@ class Run:
                                 "--dtypes", "bf16", *common], 0.05),
                 ("c-dcn-offsets0", ["--models", "t,h", "--stages", "1,2", "--impls", "kernel,kernel-no-masks",
                                     "--dtypes", "bf16", "--offset-std", "0", *common], 0.05),
-                ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.25),
+                # grad_y by a GEMM, stored and read back (2 C more HBM bytes a pixel) against its recompute in the
+                # backward's own tile and halo (tensor-core work): where the kernel waits on its mma, stored wins
+                ("c-dcn-stored-gy", ["--models", "t,h", "--stages", "1,2,3", "--impls", "kernel,kernel-stored-grad-y",
+                                     "--dtypes", "bf16", *common], 0.06),
+                ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.22),
                 ("c-dcn-fp32", ["--models", "t,h", "--stages", "1", "--impls", impls, "--dtypes", "fp32", *common], 0.10),
                 ("c-dcn-compiled-t", ["--models", "t", "--impls", "compiled", "--dtypes", "bf16", *common], 0.15),
                 ("c-dcn-compiled-h", ["--models", "h", "--impls", "compiled", "--dtypes", "bf16", *common], 0.25),
