@@ -199,11 +199,12 @@ def test_fake_impls_give_shapes_on_meta():
     with torch.device("meta"):
         v = torch.empty(3, 7, 9, 64, dtype=torch.bfloat16)
         wp, bp, wo, bo = torch.empty(128, 64), torch.empty(128), torch.empty(64, 64), torch.empty(64)
-        out, y, reach = cuda.fused_fwd(v, v, wp, bp, wo, bo, gl, 1.0, True, False, True)
+        out, y, reach, logits = cuda.fused_fwd(v, v, wp, bp, wo, bo, gl, 1.0, True, False, True)
         assert out.shape == (3, 7, 9, 64) and y.shape == v.shape and out.dtype == torch.bfloat16
         # 7x9 pixels: 1x2 tiles of 8x8, then a uint16 touch mask per pixel and group pair (2 pairs): 63 int32 words
         assert reach.shape == (3, 1 + 1 * 2 + 63) and reach.dtype == torch.int32
-        grads = cuda.fused_bwd(out, v, v, wp, bp, wo, y, reach, gl, 1.0, True, False)
+        assert logits.numel() == 0 and logits.dtype == torch.float32  # stored only with cuda.stored_logits
+        grads = cuda.fused_bwd(out, v, v, wp, bp, wo, y, reach, logits, gl, 1.0, True, False)
         assert [g.shape for g in grads] == [v.shape, v.shape, wp.shape, bp.shape, wo.shape, bo.shape]
         y, reach = cuda.core_fwd(v, torch.empty(3, 4, 5, 128), 4, 5, gl, 1.0, False)
         assert y.shape == (3, 4, 5, 64) and reach.shape == (3, 1 + 1 + 20)
@@ -218,7 +219,7 @@ def test_fake_impls_under_fake_tensor_mode():
     geom = DCNGeometry.make(3, 1, 1, 1, group=2)
     with FakeTensorMode():
         v = torch.empty(2, 5, 6, 32)
-        out, y, _ = cuda.fused_fwd(
+        out, y, *_ = cuda.fused_fwd(
             v,
             v,
             torch.empty(64, 32),

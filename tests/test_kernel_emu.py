@@ -68,7 +68,7 @@ def test_grad_value_gathers_sources_from_every_tile_of_the_image(emu):
     value, x1, params, geom, _ = make_inputs(case)
     value, x1, params = rounded(value, x1, params, torch.float32)
     wpack, bpack = cuda.pack_projection(params, geom, torch.float32)
-    _, _, reach = cuda.fused_fwd(
+    _, _, reach, _ = cuda.fused_fwd(
         value.detach(), x1.detach(), wpack.detach(), bpack.detach(), params.output_weight.detach(),
         params.output_bias.detach(), cuda.geometry_list(geom), geom.offset_scale, False, True, False,
     )  # fmt: skip
@@ -592,6 +592,64 @@ def test_stored_grad_y_gives_the_same_bits_with_less_tensor_core_work(emu, dtype
         assert after["mma"] < 0.9 * before["mma"], (before["mma"], after["mma"])
         # grad_y (C = 64 bf16: 128 bytes a pixel) written, then read back at least once
         assert after["dram_floor_bytes"] > before["dram_floor_bytes"] + 128, (before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_stored_logits_give_the_same_bits_with_less_tensor_core_work(emu, dtype):
+    """cuda.stored_logits(True): the training forward also writes its fp32 logits (x1 . wpack^T + bpack) and the
+    backward reads them instead of recomputing them per chunk of its own tile and halo. They are the values the
+    recompute gives, so every output and gradient is bitwise the same (a logit stored in T, or without its bias,
+    would change grad value and grad logits): Cg 16 and Cg 32 with cfs and odd G (the last pair's 28 columns), the
+    output projection fused and not, with grad_y stored too, grad wpack in the kernel, 8 warps, every thread order.
+    Counted: less mma in the backward, more DRAM bytes (packed_cols(G) floats a pixel written and read back)."""
+    shapes = [(1, 19, 21, 64, 4, False), (1, 17, 18, 96, 3, True)]
+    for shape in shapes:
+        recomputed = _bench_block_grads(shape, dtype, 2.0)
+        with cuda.stored_logits(True, device="cpu"):
+            stored = _bench_block_grads(shape, dtype, 2.0)
+            with cuda.fused_epilogues(False, device="cpu"):
+                split = _bench_block_grads(shape, dtype, 2.0)
+            with cuda.stored_grad_y(True, device="cpu"), cuda.wpack_slots(3, device="cpu"):
+                with cuda.backward_threads(256, device="cpu"), emulation.thread_order("shuffle", 9):
+                    both = _bench_block_grads(shape, dtype, 2.0)
+        with cuda.wpack_slots(3, device="cpu"):
+            in_kernel = _bench_block_grads(shape, dtype, 2.0)
+        for a, b, c in zip(recomputed, stored, split, strict=True):
+            assert torch.equal(a, b) and torch.equal(a, c), shape
+        for a, b in zip(in_kernel, both, strict=True):
+            assert torch.equal(a, b), shape
+    assert not emulation.extension().stored_logits()  # restored
+
+    # inference (no gradient wanted) stores nothing; training stores (N, H, W, packed_cols(G)) fp32
+    torch.manual_seed(0)
+    from pretrain.bench.blocks import make_block
+
+    value, x1, params, geom = make_block(1, 9, 10, 64, 4, False, dtype, "cpu")
+    wpack, bpack = cuda.pack_projection(params, geom, dtype)
+    args = (value.detach(), x1.detach(), wpack.detach(), bpack.detach(), params.output_weight.detach())
+    args = (*args, params.output_bias.detach(), cuda.geometry_list(geom), geom.offset_scale, False, True)
+    with cuda.stored_logits(True, device="cpu"):
+        assert cuda.fused_fwd(*args, False)[3].numel() == 0
+        out, _, _, logits = cuda.fused_fwd(*args, True)
+    assert logits.shape == (1, 9, 10, cuda.packed_cols(4)) and logits.dtype == torch.float32
+    expected = torch.nn.functional.linear(args[1].float(), args[2].float(), args[3].float())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+    if dtype == torch.bfloat16:  # (fp32 runs FFMA: no mma to count)
+        from pretrain.bench.dcn_counters import count_block, summarise
+
+        counts = {}
+        for enabled in (False, True):
+            with cuda.stored_logits(enabled, device="cpu"):
+                counted = count_block(1, 24, 24, 64, 4, False, dtype, offset_std=1.0)
+            counts[enabled] = {k: summarise(counted[k], 24 * 24) for k in ("fwd", "bwd")}
+        before, after = counts[False], counts[True]
+        assert after["fwd"]["mma"] == before["fwd"]["mma"], (before, after)
+        assert after["bwd"]["mma"] < 0.8 * before["bwd"]["mma"], (before["bwd"]["mma"], after["bwd"]["mma"])
+        # 4 groups: 112 logits, 448 bytes a pixel, written by the forward and read back by the backward, whose
+        # sampling kernel no longer reads x1 (128 bytes a pixel; the grad wpack GEMM still does)
+        assert after["fwd"]["dram_floor_bytes"] >= before["fwd"]["dram_floor_bytes"] + 448, (before, after)
+        assert after["bwd"]["dram_floor_bytes"] >= before["bwd"]["dram_floor_bytes"] + 300, (before, after)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -182,10 +182,12 @@ void check_reach(const at::Tensor& reach, const at::Tensor& value, const DcnPara
 }
 
 // -> (y (N, Ho, Wo, C), reach (N, 1 + reach tiles) int32: how far each output tile samples, for sample_bwd).
-std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<at::Tensor>& x1,
-                                   const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
-                                   const c10::optional<at::Tensor>& logits, int64_t ho, int64_t wo,
-                                   std::vector<int64_t> geom, double offset_scale, bool apply_softmax, bool has_cfs) {
+// logits_out (block_fwd's stored logits, from x1): where the kernel also writes its fp32 logits, or null.
+std::vector<at::Tensor> sample_fwd_into(const at::Tensor& value, const c10::optional<at::Tensor>& x1,
+                                        const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
+                                        const c10::optional<at::Tensor>& logits, int64_t ho, int64_t wo,
+                                        std::vector<int64_t> geom, double offset_scale, bool apply_softmax,
+                                        bool has_cfs, float* logits_out) {
   check_tensor(value, "value", value);
   const DeviceGuard guard(value.device());
   DT dt = dtype_of(value);
@@ -195,10 +197,19 @@ std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<
   at::Tensor reach = new_reach(value, ho, wo, p.G);
   p.y = y.data_ptr();
   p.reach = reach.data_ptr<int>();
+  p.logits_out = logits_out;
   if (y.numel() == 0) return {y, reach};
   DCNV3_DISPATCH(dt, dcn_fwd, p.C / p.G, p, stream());
   check_launch();
   return {y, reach};
+}
+
+std::vector<at::Tensor> sample_fwd(const at::Tensor& value, const c10::optional<at::Tensor>& x1,
+                                   const c10::optional<at::Tensor>& wpack, const c10::optional<at::Tensor>& bpack,
+                                   const c10::optional<at::Tensor>& logits, int64_t ho, int64_t wo,
+                                   std::vector<int64_t> geom, double offset_scale, bool apply_softmax, bool has_cfs) {
+  return sample_fwd_into(value, x1, wpack, bpack, logits, ho, wo, geom, offset_scale, apply_softmax, has_cfs,
+                         nullptr);
 }
 
 // Whether block_fwd/block_bwd fuse the output projection and grad x1 into the sampling kernels where they fit
@@ -230,6 +241,13 @@ bool g_halo_masks = true;
 // mma (InternImage-H stage 2 and above, by the step-25 roofline) pay in time; kept switchable so that a GPU times
 // both (`pretrain bench dcn`, impl kernel-stored-grad-y).
 bool g_stored_grad_y = false;
+
+// Whether block_fwd, when it saves y for training, also stores its fp32 logits (x1 . wpack^T + bpack: packed_cols(G)
+// floats a pixel) for block_bwd to read instead of recomputing them per chunk of each CTA's own tile and halo (the
+// default recomputes: the logits never go through HBM). The same results; 3.5 C (16 channels a group) or 1.75 C
+// (32) HBM bytes a pixel written and as many read back, against the backward's logits GEMMs. Kept switchable so
+// that a GPU times both (`pretrain bench dcn`, impl kernel-stored-logits).
+bool g_stored_logits = false;
 
 // Whether block_bwd accumulates grad wpack and grad bpack in the sampling kernel's persistent CTAs where their fp32
 // partials fit (the default), or stores grad logits and reduces them in a GEMM launch: the same gradients up to the
@@ -288,7 +306,8 @@ DcnParams block_params(const at::Tensor& value, const at::Tensor& x1, const at::
 }
 
 // The DCN block's forward from x1: -> (out (N, H, W, Cout) = y . wout^T + bout, y (N, H, W, C) when save_y (for
-// grad wout; else an empty tensor), reach). One launch, the output projection as the sampling kernel's epilogue,
+// grad wout; else an empty tensor), reach, the fp32 logits (N, H, W, packed_cols(G)) when save_y and
+// g_stored_logits (else an empty tensor)). One launch, the output projection as the sampling kernel's epilogue,
 // when the tile's y fits in shared memory (fwd_out_fits); else the sampling kernel, then the GEMM.
 std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1, const at::Tensor& wpack,
                                   const at::Tensor& bpack, const at::Tensor& wout, const at::Tensor& bout,
@@ -300,16 +319,21 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   const DT dt = dtype_of(value);
   const int64_t h = p.H, w = p.W;
   const int cg = p.C / p.G;
+  const bool store_logits = save_y && g_stored_logits;
+  at::Tensor logits = store_logits ? new_output({p.N, h, w, dcnv3::packed_cols(p.G)}, value.options().dtype(at::kFloat))
+                                   : value.new_empty({0}, value.options().dtype(at::kFloat));
+  float* logits_out = store_logits && logits.numel() > 0 ? logits.data_ptr<float>() : nullptr;
   if (!g_fuse_epilogues || !DCNV3_QUERY(dt, dcn_fwd_out_fits, cg, p.C)) {
-    std::vector<at::Tensor> y_reach = sample_fwd(value, x1, wpack, bpack, c10::nullopt, h, w, geom, offset_scale,
-                                                 true, has_cfs);
+    std::vector<at::Tensor> y_reach = sample_fwd_into(value, x1, wpack, bpack, c10::nullopt, h, w, geom,
+                                                      offset_scale, true, has_cfs, logits_out);
     at::Tensor out = linear_fwd(y_reach[0], wout, bout);
-    return {out, save_y ? y_reach[0] : value.new_empty({0}), y_reach[1]};
+    return {out, save_y ? y_reach[0] : value.new_empty({0}), y_reach[1], logits};
   }
   at::Tensor out = new_output({p.N, h, w, wout.size(0)}, value.options());
   at::Tensor y = save_y ? new_output(value.sizes(), value.options()) : value.new_empty({0});
   at::Tensor reach = new_reach(value, h, w, p.G);
-  if (out.numel() == 0) return {out, y, reach};
+  if (out.numel() == 0) return {out, y, reach, logits};
+  p.logits_out = logits_out;
   p.y = save_y ? y.data_ptr() : nullptr;
   p.reach = reach.data_ptr<int>();
   p.wout = wout.data_ptr();
@@ -318,7 +342,7 @@ std::vector<at::Tensor> block_fwd(const at::Tensor& value, const at::Tensor& x1,
   p.Cout = static_cast<int>(wout.size(0));
   DCNV3_DISPATCH(dt, dcn_fwd, cg, p, stream());
   check_launch();
-  return {out, y, reach};
+  return {out, y, reach, logits};
 }
 
 // -> (grad_value (N,H,W,C) dtype of value, grad_logits (N,Ho,Wo,packed_cols(G)) dtype of value), the core op's
@@ -470,8 +494,8 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
 //   3. grad wpack, grad bpack.
 std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& x1,
                                   const at::Tensor& wpack, const at::Tensor& bpack, const at::Tensor& wout,
-                                  const at::Tensor& y, const at::Tensor& reach, std::vector<int64_t> geom,
-                                  double offset_scale, bool has_cfs) {
+                                  const at::Tensor& y, const at::Tensor& reach, const at::Tensor& logits,
+                                  std::vector<int64_t> geom, double offset_scale, bool has_cfs) {
   const DeviceGuard guard(value.device());
   DcnParams p = block_params(value, x1, wpack, bpack, wout, geom, offset_scale, has_cfs);
   const DT dt = dtype_of(value);
@@ -481,8 +505,14 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
                   grad_out.size(3) == wout.size(0), "dcnv3 CUDA: grad_out must be (N, H, W, Cout)");
   TORCH_CHECK(y.sizes() == value.sizes(), "dcnv3 CUDA: y must be block_fwd's, saved with save_y");
   check_reach(reach, value, p, "block_fwd");
-  std::vector<at::Tensor> wout_grads = linear_bwd_weight(grad_out, y, h * w);
   const int cols = dcnv3::packed_cols(p.G);
+  if (logits.numel() > 0) {
+    TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.device() == value.device() &&
+                    logits.numel() == p.N * h * w * cols,
+                "dcnv3 CUDA: logits must be block_fwd's stored logits (N, H, W, packed_cols(G)) fp32, or empty");
+    p.logits_in = logits.data_ptr<float>();
+  }
+  std::vector<at::Tensor> wout_grads = linear_bwd_weight(grad_out, y, h * w);
   at::Tensor grad_value = new_output(value.sizes(), value.options());
   at::Tensor grad_y_bound = at::matmul(wout_grads[2], wout.to(at::kFloat).abs());  // (N, C), tiny
   const bool x1_fused = g_fuse_epilogues && DCNV3_QUERY(dt, dcn_bwd_x1_fits, p.C / p.G, p.G) && grad_out.numel() > 0;
@@ -612,7 +642,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused DCNv3 kernels (CUTLASS/CuTe): sampling fused with the offset/mask projection, and GEMMs";
   m.def("sample_fwd", &sample_fwd, "(y, reach): y = sample(value, logits or x1.wpack^T+bpack)");
   m.def("block_fwd", &block_fwd,
-        "(out, y or empty, reach): the block forward, output projection fused as the sampling epilogue if it fits");
+        "(out, y or empty, reach, stored logits or empty): the block forward, output projection fused as the sampling "
+        "epilogue if it fits");
   m.def("set_fused_epilogues", &set_fused_epilogues,
         "fuse the output projection (forward) and grad x1 (backward) into the sampling kernels where they fit");
   m.def("fused_epilogues", [] { return g_fuse_epilogues; }, "whether block_fwd/block_bwd fuse their epilogues");
@@ -646,6 +677,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_stored_grad_y", [](bool enabled) { g_stored_grad_y = enabled; },
         "whether block_bwd stores grad_y (a GEMM launch) instead of recomputing it in the sampling backward");
   m.def("stored_grad_y", [] { return g_stored_grad_y; }, "whether block_bwd stores grad_y");
+  m.def("set_stored_logits", [](bool enabled) { g_stored_logits = enabled; },
+        "whether block_fwd stores its fp32 logits (with y) for block_bwd to read instead of recomputing them");
+  m.def("stored_logits", [] { return g_stored_logits; }, "whether block_fwd stores its logits for the backward");
   m.def("set_backward_threads", &set_backward_threads, "threads per CTA of the one-launch backward: 128 or 256");
   m.def("backward_threads", [] { return g_backward_threads; }, "threads per CTA of the one-launch backward");
   m.def("block_bwd", &block_bwd,

@@ -40,7 +40,7 @@ static_assert(kGroupsPerCta * kGroupCols <= kTileN, "a CTA's GEMM columns must h
 template <class T>
 struct DcnSmem {
   TileGemmSmem<T> gemm;
-  float logits[kTileM * (kTileN + kAccPad)];  // (kTileM, kTileN) fp32, row pitch kTileN + kAccPad
+  alignas(16) float logits[kTileM * (kTileN + kAccPad)];  // (kTileM, kTileN) fp32, row pitch kTileN + kAccPad
 };
 
 __device__ __forceinline__ float* logit_row(float* logits, int pix, int gl) {
@@ -53,7 +53,20 @@ template <class T, int kCta = kThreads>
 __device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g0, int M,
                                const int* rows = nullptr) {
   const int n_cols = p.G * kGroupCols;  // the live columns (the 64-column tile's last 8 are the next pair's)
-  if (p.logits == nullptr) {
+  constexpr int kPairCols = kGroupsPerCta * kGroupCols;
+  static_assert(kGroupCols % 4 == 0 && (kTileN + kAccPad) % 4 == 0, "a pair's logits row in whole float4s");
+  if (p.logits_in != nullptr) {
+    // Stored by the forward (fp32, bias added): the pair's columns as float4s, 16-byte aligned (packed_cols is a
+    // multiple of 8, g0 even); the tile's other columns are never read.
+    for (int idx = threadIdx.x; idx < kTileM * (kPairCols / 4); idx += kCta) {
+      const int r = idx / (kPairCols / 4), c = idx % (kPairCols / 4) * 4, n = g0 * kGroupCols + c;
+      const int m = rows != nullptr ? rows[r] : m0 + r;
+      float4 v{0.f, 0.f, 0.f, 0.f};
+      if (m >= 0 && m < M && n < n_cols)
+        v = *reinterpret_cast<const float4*>(p.logits_in + int64_t(m) * packed_cols(p.G) + n);
+      *reinterpret_cast<float4*>(sm.logits + r * (kTileN + kAccPad) + c) = v;
+    }
+  } else if (p.logits == nullptr) {
     // x1 (M, C) row-major: A(m, k) = x1[m*C + k]; wpack (packed_cols(G), C): B(n, k) = wpack[n*C + k].
     tile_gemm<T, kTileM, kTileN, false, false, 1, kCta>(sm.gemm, sm.logits, static_cast<const T*>(p.x1), p.C, 1, m0,
                                                         M, static_cast<const T*>(p.wpack), p.C, 1, g0 * kGroupCols,
@@ -62,6 +75,16 @@ __device__ void compute_logits(const DcnParams& p, DcnSmem<T>& sm, int m0, int g
     for (int idx = threadIdx.x; idx < kTileM * kTileN; idx += kCta) {
       int r = idx / kTileN, c = idx % kTileN, n = g0 * kGroupCols + c;
       if (n < n_cols) sm.logits[r * (kTileN + kAccPad) + c] += to_float(bias[n]);
+    }
+    if (p.logits_out != nullptr) {
+      __syncthreads();  // the bias is added
+      for (int idx = threadIdx.x; idx < kTileM * (kPairCols / 4); idx += kCta) {
+        const int r = idx / (kPairCols / 4), c = idx % (kPairCols / 4) * 4, n = g0 * kGroupCols + c;
+        const int m = rows != nullptr ? rows[r] : m0 + r;
+        if (m >= 0 && m < M && n < n_cols)
+          *reinterpret_cast<float4*>(p.logits_out + int64_t(m) * packed_cols(p.G) + n) =
+              *reinterpret_cast<const float4*>(sm.logits + r * (kTileN + kAccPad) + c);
+      }
     }
   } else {
     const T* src = static_cast<const T*>(p.logits);

@@ -44,6 +44,12 @@ struct DcnParams {
   const void* bpack;
   // Core mode: logits (N*Ho*Wo, packed_cols(G)) given directly (offset and already-normalised mask); x1/wpack unused.
   const void* logits;
+  // Stored logits (the fused block in training, the binding's g_stored_logits): (N*Ho*Wo, packed_cols(G)) fp32,
+  // the logits x1 . wpack^T + bpack (before the softmax and sigmoid), written by the forward (logits_out) and read
+  // by the backward instead of that GEMM per chunk of its own tile and halo (logits_in): the same fp32 values, so
+  // the same results. Null: not stored, recomputed.
+  float* logits_out;
+  const float* logits_in;
   bool apply_softmax;  // fused: softmax over the mask logits; core: mask taken as given
   bool has_cfs;        // center-feature-scale blend y = y(1-s) + value*s, s = sigmoid(logit[3P])
 

@@ -38,7 +38,8 @@ def kernel_variant(impl, device: str = "cuda"):
     """The kernel variants' switch, for the whole forward and backward: kernel-split, the block's epilogues as GEMMs
     of their own; kernel-8w, the backward's sampling kernel in 8 warps; kernel-wpack-gemm, grad wpack by a GEMM;
     kernel-no-masks, the backward's halo without the touch masks; kernel-stored-grad-y, grad_y by a GEMM, stored and
-    read by the backward instead of recomputed there. device "cpu": the emulation's (bench dcn
+    read by the backward instead of recomputed there; kernel-stored-logits, the forward's logits stored for the
+    backward likewise; kernel-stored-both, both. device "cpu": the emulation's (bench dcn
     --emulate counts the first --impls entry's variant)."""
     import contextlib
 
@@ -54,4 +55,11 @@ def kernel_variant(impl, device: str = "cuda"):
         return cuda.halo_masks(False, device)
     if impl == "kernel-stored-grad-y":
         return cuda.stored_grad_y(True, device)
+    if impl == "kernel-stored-logits":
+        return cuda.stored_logits(True, device)
+    if impl == "kernel-stored-both":
+        stack = contextlib.ExitStack()
+        stack.enter_context(cuda.stored_grad_y(True, device))
+        stack.enter_context(cuda.stored_logits(True, device))
+        return stack
     return contextlib.nullcontext()

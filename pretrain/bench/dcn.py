@@ -14,6 +14,10 @@ output projection), forward and forward+backward, per implementation, in one run
 * kernel-stored-grad-y  the same as kernel, with grad_y computed once by a GEMM launch, stored and read by the
               backward's sampling kernel instead of recomputed per chunk of its own tile and halo (2 C more HBM bytes
               per pixel against the halo's grad_y GEMMs: the GPU decides)
+* kernel-stored-logits  the same as kernel, with the forward storing its fp32 logits for the backward to read
+              instead of recomputing them per chunk (packed_cols(G) floats a pixel written and read back against
+              the backward's logits GEMMs)
+* kernel-stored-both  both of the above
 * reference   pretrain.ops.dcnv3_fused_reference (PyTorch ops, grid_sample)
 * compiled    the reference under torch.compile
 * dcnv4       the DCNv4 package's op (pip `DCNv4`, built on the GPU machine) + PyTorch projections. Different
@@ -48,6 +52,8 @@ IMPLS = (
     "kernel-wpack-gemm",
     "kernel-no-masks",
     "kernel-stored-grad-y",
+    "kernel-stored-logits",
+    "kernel-stored-both",
     "reference",
     "compiled",
     "dcnv4",

@@ -13,8 +13,9 @@ grad(wpack) back onto the module's own offset/mask/cfs parameters.
 
 Ops (torch.library.custom_op, with fake implementations so torch.compile can trace them):
     internimage_dcnv3::fused_fwd(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y)
-        -> (out, y (empty unless save_y), reach)
-    internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, ..., emulate) -> 6 grads
+        -> (out, y (empty unless save_y), reach, logits (fp32, empty unless save_y and stored_logits))
+    internimage_dcnv3::fused_bwd(grad_out, value, x1, wpack, bpack, wout, y, reach, logits, geom, ..., emulate)
+        -> 6 grads
     internimage_dcnv3::core_fwd(value, logits, ho, wo, geom, offset_scale, emulate) -> (y, reach)
     internimage_dcnv3::core_bwd(grad_y, value, logits, reach, ho, wo, geom, offset_scale, emulate)
         -> (grad_value, grad_logits)
@@ -299,9 +300,10 @@ def fused_fwd(
     has_cfs: bool,
     emulate: bool,
     save_y: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (N,H,W,Cout), y (N,H,W,C) the blended aggregate, saved for grad wout (an empty tensor unless
-    save_y: inference needs no y), reach for the backward)."""
+    save_y: inference needs no y), reach for the backward, the fp32 logits for the backward (N,H,W,packed_cols(G);
+    an empty tensor unless save_y and stored_logits is on))."""
     if emulate:
         return _fused_fwd_cuda(
             value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y
@@ -310,7 +312,11 @@ def fused_fwd(
     logits = F.linear(x1, wpack, bpack)
     y = sample_reference(value, logits, g, True, has_cfs)
     reach = _reach_like(value, *value.shape[1:3], geom[8])
-    return F.linear(y, wout, bout).contiguous(), _y_output(y.contiguous(), save_y), reach
+    return F.linear(y, wout, bout).contiguous(), _y_output(y.contiguous(), save_y), reach, _no_logits(value)
+
+
+def _no_logits(value: torch.Tensor) -> torch.Tensor:
+    return value.new_empty(0, dtype=torch.float32)
 
 
 def _y_output(y: torch.Tensor, save_y: bool) -> torch.Tensor:
@@ -320,16 +326,22 @@ def _y_output(y: torch.Tensor, save_y: bool) -> torch.Tensor:
 @fused_fwd.register_kernel("cuda")
 def _fused_fwd_cuda(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y):
     # One launch where the tile's y fits on chip: the output projection is the sampling kernel's epilogue.
-    out, y, reach = _kernels(value).block_fwd(
+    out, y, reach, logits = _kernels(value).block_fwd(
         value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, save_y
     )
-    return out, y, reach
+    return out, y, reach, logits
 
 
 @fused_fwd.register_fake
 def _fused_fwd_fake(value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, save_y):
     out = value.new_empty((*value.shape[:3], wout.shape[0]))
-    return out, _y_output(_like(value), save_y), _reach_like(value, *value.shape[1:3], geom[8])
+    # The logits are stored where the kernels run (not the CPU reference) and their switch is on (stored_logits).
+    logits = _no_logits(value)
+    if save_y and (emulate or value.device.type != "cpu"):
+        ext = emulation.extension() if emulate else extension()
+        if ext is not None and ext.stored_logits():
+            logits = value.new_empty((*value.shape[:3], packed_cols(geom[8])), dtype=torch.float32)
+    return out, _y_output(_like(value), save_y), _reach_like(value, *value.shape[1:3], geom[8]), logits
 
 
 @torch.library.custom_op(f"{_LIB}::fused_bwd", mutates_args=())
@@ -342,15 +354,16 @@ def fused_bwd(
     wout: torch.Tensor,
     y: torch.Tensor,
     reach: torch.Tensor,
+    logits: torch.Tensor,
     geom: list[int],
     offset_scale: float,
     has_cfs: bool,
     emulate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grads of (value, x1, wpack, bpack, wout, bout)."""
+    """-> grads of (value, x1, wpack, bpack, wout, bout). logits: the forward's stored ones, or empty."""
     if emulate:
         return _fused_bwd_cuda(
-            grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate
+            grad_out, value, x1, wpack, bpack, wout, y, reach, logits, geom, offset_scale, has_cfs, emulate
         )
     g = _geom_from_list(geom, offset_scale)
     # Custom-op kernels run below the autograd dispatch key: torch.func builds its own graph there.
@@ -368,19 +381,23 @@ def fused_bwd(
 
 
 @fused_bwd.register_kernel("cuda")
-def _fused_bwd_cuda(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate):
+def _fused_bwd_cuda(
+    grad_out, value, x1, wpack, bpack, wout, y, reach, logits, geom, offset_scale, has_cfs, emulate
+):
     # grad wout first (its GEMM also takes max |grad_out| per image, bounding grad_y for the fixed-point scales),
     # then one sampling launch that recomputes grad_y per tile from grad_out, with grad x1 as its epilogue (where
     # it fits), then grad wpack/bpack: a GEMM over the stored grad logits, or (where the partials fit on chip) the
     # sum of the sampling launch's per-CTA partials.
     grads = _kernels(value).block_bwd(
-        grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs
+        grad_out, value, x1, wpack, bpack, wout, y, reach, logits, geom, offset_scale, has_cfs
     )
     return tuple(grads)
 
 
 @fused_bwd.register_fake
-def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, offset_scale, has_cfs, emulate):
+def _fused_bwd_fake(
+    grad_out, value, x1, wpack, bpack, wout, y, reach, logits, geom, offset_scale, has_cfs, emulate
+):
     return (
         _like(value),
         _like(x1),
@@ -393,15 +410,15 @@ def _fused_bwd_fake(grad_out, value, x1, wpack, bpack, wout, y, reach, geom, off
 
 def _fused_setup(ctx, inputs, output):
     value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, _save_y = inputs
-    ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1], output[2])
+    ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1], output[2], output[3])
     ctx.geom, ctx.offset_scale, ctx.has_cfs, ctx.emulate = geom, offset_scale, has_cfs, emulate
-    # y and reach are internal outputs (kept for the backward) that the public wrapper never returns: without this,
+    # y, reach and logits are internal outputs (kept for the backward) that the public wrapper never returns: without this,
     # autograd would allocate and zero-fill a gradient of y's size for every call (128 MB per block at H stage 1).
     ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, grad_out, _grad_y, _grad_reach):
-    value, x1, wpack, bpack, wout, y, reach = ctx.saved_tensors
+def _fused_backward(ctx, grad_out, _grad_y, _grad_reach, _grad_logits):
+    value, x1, wpack, bpack, wout, y, reach, logits = ctx.saved_tensors
     if grad_out is None:  # `out` did not reach the loss
         return (None,) * 11
     grads = fused_bwd(
@@ -413,6 +430,7 @@ def _fused_backward(ctx, grad_out, _grad_y, _grad_reach):
         wout,
         y,
         reach,
+        logits,
         ctx.geom,
         ctx.offset_scale,
         ctx.has_cfs,
@@ -552,6 +570,16 @@ def stored_grad_y(enabled: bool, device: str = "cuda"):
     return _extension_switch("stored_grad_y", enabled, device)
 
 
+def stored_logits(enabled: bool, device: str = "cuda"):
+    """Within the block, let the forward store its fp32 logits (x1 . wpack^T + bpack) beside y when training, and the
+    backward read them (enabled), or recompute them per chunk of each CTA's own tile and halo (the default): the
+    same results, packed_cols(G) floats a pixel written and read back (3.5 C bytes at 16 channels a group, 1.75 C at
+    32) against the backward's logits GEMMs, tensor-core work (`pretrain bench dcn` times both, impl
+    kernel-stored-logits). The forward decides: a forward run with it on gives its backward the stored logits.
+    device "cpu": the emulation build's switch."""
+    return _extension_switch("stored_logits", enabled, device)
+
+
 def wpack_in_backward(enabled: bool, device: str = "cuda"):
     """Within the block, accumulate grad wpack and grad bpack in the backward's sampling kernel where their fp32
     partials fit beside its tiles and the batch is large enough for one persistent CTA per SM to pay (enabled, the
@@ -593,7 +621,7 @@ def _fused_call(
         t is not None and t.requires_grad
         for t in (value, x1, *(getattr(params, f.name) for f in dataclasses.fields(params)))
     )
-    out, _, _ = fused_fwd(
+    out, *_ = fused_fwd(
         aligned16(value),
         aligned16(x1.to(dtype)),
         wpack,

@@ -415,11 +415,13 @@ class Run:
                                 "--dtypes", "bf16", *common], 0.05),
                 ("c-dcn-offsets0", ["--models", "t,h", "--stages", "1,2", "--impls", "kernel,kernel-no-masks",
                                     "--dtypes", "bf16", "--offset-std", "0", *common], 0.05),
-                # grad_y by a GEMM, stored and read back (2 C more HBM bytes a pixel) against its recompute in the
-                # backward's own tile and halo (tensor-core work): where the kernel waits on its mma, stored wins
-                ("c-dcn-stored-gy", ["--models", "t,h", "--stages", "1,2,3", "--impls", "kernel,kernel-stored-grad-y",
-                                     "--dtypes", "bf16", *common], 0.06),
-                ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.22),
+                # grad_y (by a GEMM) and the forward's logits stored and read back (HBM bytes) against their
+                # recompute in the backward's own tile and halo (tensor-core work): where the kernel waits on its
+                # mma, stored wins
+                ("c-dcn-stored", ["--models", "t,h", "--stages", "1,2,3", "--impls",
+                                  "kernel,kernel-stored-grad-y,kernel-stored-logits,kernel-stored-both",
+                                  "--dtypes", "bf16", *common], 0.08),
+                ("c-dcn-h", ["--models", "h", "--impls", impls, "--dtypes", "bf16", "--profile", "6", *common], 0.20),
                 ("c-dcn-fp32", ["--models", "t,h", "--stages", "1", "--impls", impls, "--dtypes", "fp32", *common], 0.10),
                 ("c-dcn-compiled-t", ["--models", "t", "--impls", "compiled", "--dtypes", "bf16", *common], 0.15),
                 ("c-dcn-compiled-h", ["--models", "h", "--impls", "compiled", "--dtypes", "bf16", *common], 0.25),
