@@ -634,6 +634,8 @@ def test_stored_logits_give_the_same_bits_with_less_tensor_core_work(emu, dtype)
     assert logits.shape == (1, 9, 10, cuda.packed_cols(4)) and logits.dtype == torch.float32
     expected = torch.nn.functional.linear(args[1].float(), args[2].float(), args[3].float())
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    with cuda.stored_logits(True, device="cpu"):  # the fake impl knows the switch (torch.compile traces it)
+        torch.library.opcheck(cuda.fused_fwd, (*args, True), test_utils=("test_schema", "test_faketensor"))
 
     if dtype == torch.bfloat16:  # (fp32 runs FFMA: no mma to count)
         from pretrain.bench.dcn_counters import count_block, summarise

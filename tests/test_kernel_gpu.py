@@ -197,6 +197,20 @@ def test_stored_grad_y_gives_the_same_bits(case):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
+def test_stored_logits_give_the_same_bits(case):
+    """The forward's fp32 logits stored and read by the backward (what `pretrain bench dcn` times as
+    kernel-stored-logits; with grad_y stored too, kernel-stored-both) give the bits of recomputing them per chunk."""
+    args = _cuda_inputs(case, torch.bfloat16)
+    recomputed = run_block(cuda.dcnv3_fused_cuda, *args)
+    with cuda.stored_logits(True):
+        stored = run_block(cuda.dcnv3_fused_cuda, *args)
+        with cuda.stored_grad_y(True):
+            both = run_block(cuda.dcnv3_fused_cuda, *args)
+    for name, a, b, c in zip(NAMES, recomputed, stored, both):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
 def test_nonfinite_grad_propagates():
     """A NaN in the incoming gradient must reach grad(value) (loss-scaling overflow checks rely on it)."""
     value, x1, params, geom, grad_out = _cuda_inputs(Case("nan", 1, 7, 7, 64, 4), torch.float16)
