@@ -1102,6 +1102,9 @@ with cuda.wpack_slots(3, device="cpu"):  # grad wpack in persistent CTAs, severa
     for case in (CASES[0], CASES[-1]):
         for dtype in (torch.float32, torch.bfloat16):
             check_block(cuda.dcnv3_fused_emu, case, dtype)
+with cuda.stored_grad_y(True, device="cpu"), cuda.stored_logits(True, device="cpu"):  # the stored-state forms
+    for case in CASES[:2]:
+        check_block(cuda.dcnv3_fused_emu, case, torch.bfloat16)
 with cuda.wpack_slots(2, device="cpu"), cuda.wpack_cluster(3, device="cpu"):  # and in clusters of 3 CTAs
     for dtype in (torch.float32, torch.bfloat16):
         check_block(cuda.dcnv3_fused_emu, CASES[-1], dtype)
@@ -1118,8 +1121,8 @@ SANITIZER_FLAGS = "-O1 -fsanitize=address,undefined -fno-sanitize-recover=all -f
 
 
 def test_kernels_are_clean_under_sanitizers(emu):
-    """The whole block, every case (and its split-epilogue, 8-warp and in-kernel grad wpack forms on two, grad wpack
-    in clusters on one), and the strided core op in an emulation build under ASan and UBSan (in a fresh
+    """The whole block, every case (and its split-epilogue, 8-warp, stored-state and in-kernel grad wpack forms on
+    two, grad wpack in clusters on one), and the strided core op in an emulation build under ASan and UBSan (in a fresh
     interpreter: ASan's runtime must be preloaded). A kernel reading one vector past a tensor, or a signed overflow
     in the fixed-point scale, was reported when injected."""
     import os
@@ -1131,5 +1134,7 @@ def test_kernels_are_clean_under_sanitizers(emu):
     runtime = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout
     env["LD_PRELOAD"] = runtime.strip()
     code = _SANITIZED_RUN.format(tests=str(Path(__file__).parent))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    # The timeout covers the sanitized build too (minutes on 2 cores when its cache is cold and the CI's nvcc check
+    # compiles beside it).
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=2400)
     assert res.returncode == 0 and "CLEAN" in res.stdout, (res.stdout + res.stderr)[-4000:]
