@@ -489,8 +489,9 @@ std::vector<at::Tensor> linear_bwd_weight(const at::Tensor& grad, const at::Tens
 //      channel while it reads grad_out's rows: sum_k max|grad_out[n, :, k]| |wout[k, c]| bounds |grad_y[n, :, c]|,
 //      the fixed-point scale of grad value (a bound costs a few of its 24 spare bits, and no pass over grad_y);
 //   2. the sampling backward, grad_y recomputed per tile from grad_out (it never goes through HBM; or, with
-//      g_stored_grad_y, computed once by a GEMM launch before it and read): grad value, grad logits, and grad x1 = grad logits . wpack as its epilogue (where the tile's grad logits of all groups
-//      fit in shared memory; else a GEMM launch of its own);
+//      g_stored_grad_y, computed once by a GEMM launch before it and read), the logits recomputed from x1 (or read
+//      where the forward stored them): grad value, grad logits, and grad x1 = grad logits . wpack as its epilogue
+//      (where the tile's grad logits of all groups fit in shared memory; else a GEMM launch of its own);
 //   3. grad wpack, grad bpack.
 std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& x1,
                                   const at::Tensor& wpack, const at::Tensor& bpack, const at::Tensor& wout,
@@ -508,7 +509,7 @@ std::vector<at::Tensor> block_bwd(const at::Tensor& grad_out, const at::Tensor& 
   const int cols = dcnv3::packed_cols(p.G);
   if (logits.numel() > 0) {
     TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.device() == value.device() &&
-                    logits.numel() == p.N * h * w * cols,
+                    logits.numel() == p.N * h * w * cols && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0,
                 "dcnv3 CUDA: logits must be block_fwd's stored logits (N, H, W, packed_cols(G)) fp32, or empty");
     p.logits_in = logits.data_ptr<float>();
   }
