@@ -508,6 +508,17 @@ def test_eight_warp_backward_gives_the_same_bits(emu, dtype, fused):
         ext.set_backward_threads(192)
 
 
+# The variant tests' blocks: Cg 16 with edge tiles, and Cg 32 with cfs and odd G (the padding column).
+_VARIANT_SHAPES = [(1, 19, 21, 64, 4, False), (1, 17, 18, 96, 3, True)]
+
+
+def _assert_same_bits(expected, *others, label=None):
+    """Every tensor of each of `others` (lists of a block's outputs and gradients) equals expected's, bit for bit."""
+    for other in others:
+        for a, b in zip(expected, other, strict=True):
+            assert torch.equal(a, b), label
+
+
 def _bench_block_grads(shape, dtype, offset_std):
     """[out, grads...] of one fused block forward + backward on `pretrain bench dcn`'s random inputs."""
     from pretrain.bench.blocks import make_block
@@ -528,19 +539,18 @@ def test_halo_masks_give_the_same_bits_with_less_work(emu, dtype):
     missed a tile would change grad value -- over offsets from none (a fresh block) to 3 pixels (past the
     neighbouring tiles at the far end, which masks never rule out), Cg 16 and Cg 32 with cfs and odd G, 4 and 8 warps,
     in every thread order; and the backward does less tensor-core work (counted)."""
-    shapes = [(1, 19, 21, 64, 4, False), (1, 17, 18, 96, 3, True)]
+    shapes = _VARIANT_SHAPES
     for shape in shapes:
         for std in (0.0, 1.0, 3.0):
             masked = _bench_block_grads(shape, dtype, std)
             with cuda.halo_masks(False, device="cpu"):
                 unmasked = _bench_block_grads(shape, dtype, std)
-            for a, b in zip(masked, unmasked, strict=True):
-                assert torch.equal(a, b), (shape, std)
+            _assert_same_bits(masked, unmasked, label=(shape, std))
     with cuda.backward_threads(256, device="cpu"), emulation.thread_order("shuffle", 5):
         eight = _bench_block_grads(shapes[1], dtype, 1.0)
     with cuda.halo_masks(False, device="cpu"):
         four = _bench_block_grads(shapes[1], dtype, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(eight, four, strict=True))
+    _assert_same_bits(four, eight)
     assert emulation.extension().halo_masks()  # restored
 
     if dtype == torch.bfloat16:  # (fp32 runs FFMA: no mma to count)
@@ -562,7 +572,7 @@ def test_stored_grad_y_gives_the_same_bits_with_less_tensor_core_work(emu, dtype
     rounding or K order would change grad value and grad logits), Cg 16 and Cg 32 with cfs and odd G, with grad
     wpack in the kernel and by a GEMM, 4 and 8 warps, in every thread order. Counted: one launch more, less mma in
     the backward (the halo's grad_y GEMMs are gone), more DRAM bytes (grad_y written and read back)."""
-    shapes = [(1, 19, 21, 64, 4, False), (1, 17, 18, 96, 3, True)]
+    shapes = _VARIANT_SHAPES
     for shape in shapes:
         recomputed = _bench_block_grads(shape, dtype, 2.0)
         with cuda.stored_grad_y(True, device="cpu"):
@@ -573,10 +583,8 @@ def test_stored_grad_y_gives_the_same_bits_with_less_tensor_core_work(emu, dtype
                 in_kernel = _bench_block_grads(shape, dtype, 2.0)
         with cuda.wpack_slots(3, device="cpu"):
             in_kernel_recomputed = _bench_block_grads(shape, dtype, 2.0)
-        for a, b, c in zip(recomputed, stored, eight, strict=True):
-            assert torch.equal(a, b) and torch.equal(a, c), shape
-        for a, b in zip(in_kernel_recomputed, in_kernel, strict=True):
-            assert torch.equal(a, b), shape
+        _assert_same_bits(recomputed, stored, eight, label=shape)
+        _assert_same_bits(in_kernel_recomputed, in_kernel, label=shape)
     assert not emulation.extension().stored_grad_y()  # restored
 
     if dtype == torch.bfloat16:  # (fp32 runs FFMA: no mma to count)
@@ -602,7 +610,7 @@ def test_stored_logits_give_the_same_bits_with_less_tensor_core_work(emu, dtype)
     would change grad value and grad logits): Cg 16 and Cg 32 with cfs and odd G (the last pair's 28 columns), the
     output projection fused and not, with grad_y stored too, grad wpack in the kernel, 8 warps, every thread order.
     Counted: less mma in the backward, more DRAM bytes (packed_cols(G) floats a pixel written and read back)."""
-    shapes = [(1, 19, 21, 64, 4, False), (1, 17, 18, 96, 3, True)]
+    shapes = _VARIANT_SHAPES
     for shape in shapes:
         recomputed = _bench_block_grads(shape, dtype, 2.0)
         with cuda.stored_logits(True, device="cpu"):
@@ -614,10 +622,8 @@ def test_stored_logits_give_the_same_bits_with_less_tensor_core_work(emu, dtype)
                     both = _bench_block_grads(shape, dtype, 2.0)
         with cuda.wpack_slots(3, device="cpu"):
             in_kernel = _bench_block_grads(shape, dtype, 2.0)
-        for a, b, c in zip(recomputed, stored, split, strict=True):
-            assert torch.equal(a, b) and torch.equal(a, c), shape
-        for a, b in zip(in_kernel, both, strict=True):
-            assert torch.equal(a, b), shape
+        _assert_same_bits(recomputed, stored, split, label=shape)
+        _assert_same_bits(in_kernel, both, label=shape)
     assert not emulation.extension().stored_logits()  # restored
 
     # inference (no gradient wanted) stores nothing; training stores (N, H, W, packed_cols(G)) fp32

@@ -159,56 +159,33 @@ def test_grad_wpack_in_clusters_matches_its_gemm(case):
                 assert torch.equal(a, b), (slots, name)
 
 
+# The kernel variants that must give the default kernel's bits, by their `pretrain bench dcn` names (the switches
+# come from the bench's own kernel_variant, so what the GPU session times is what is tested here):
+#   kernel-8w             the backward's sampling kernel in 8 warps per CTA;
+#   kernel-no-masks       the halo recomputed for every pixel of the reach's rectangles (on the GPU the forward's and
+#                         backward's logits may round differently, which the masks' one-pixel margin must absorb);
+#   kernel-stored-grad-y  grad_y by a GEMM launch, stored and read (the same mma in the same K order, rounded alike);
+#   kernel-stored-logits  the forward's fp32 logits stored and read instead of recomputed; kernel-stored-both, both.
+SAME_BITS_VARIANTS = (
+    "kernel-8w",
+    "kernel-no-masks",
+    "kernel-stored-grad-y",
+    "kernel-stored-logits",
+    "kernel-stored-both",
+)
+
+
+@pytest.mark.parametrize("variant", SAME_BITS_VARIANTS)
 @pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
-def test_eight_warp_backward_gives_the_same_bits(case):
-    """The backward's sampling kernel in 8 warps per CTA (what `pretrain bench dcn` times as kernel-8w) gives the
-    4-warp kernel's bits."""
+def test_kernel_variant_gives_the_same_bits(case, variant):
+    from pretrain.bench.blocks import kernel_variant
+
     args = _cuda_inputs(case, torch.bfloat16)
-    four = run_block(cuda.dcnv3_fused_cuda, *args)
-    with cuda.backward_threads(256):
-        eight = run_block(cuda.dcnv3_fused_cuda, *args)
-    for name, a, b in zip(NAMES, four, eight):
+    default = run_block(cuda.dcnv3_fused_cuda, *args)
+    with kernel_variant(variant):
+        varied = run_block(cuda.dcnv3_fused_cuda, *args)
+    for name, a, b in zip(NAMES, default, varied):
         assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
-def test_halo_masks_give_the_same_bits(case):
-    """The backward skipping halo pixels by the forward's touch masks (the default) gives the bits of recomputing
-    every pixel of the reach's rectangles (what `pretrain bench dcn` times as kernel-no-masks): on the GPU the
-    forward's and backward's logits may round differently, which the masks' one-pixel margin must absorb."""
-    args = _cuda_inputs(case, torch.bfloat16)
-    masked = run_block(cuda.dcnv3_fused_cuda, *args)
-    with cuda.halo_masks(False):
-        unmasked = run_block(cuda.dcnv3_fused_cuda, *args)
-    for name, a, b in zip(NAMES, masked, unmasked):
-        assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
-def test_stored_grad_y_gives_the_same_bits(case):
-    """grad_y by a GEMM launch, stored and read by the backward (what `pretrain bench dcn` times as
-    kernel-stored-grad-y), gives the bits of recomputing it per chunk in the sampling kernel: the same mma in the
-    same K order, rounded to T alike."""
-    args = _cuda_inputs(case, torch.bfloat16)
-    recomputed = run_block(cuda.dcnv3_fused_cuda, *args)
-    with cuda.stored_grad_y(True):
-        stored = run_block(cuda.dcnv3_fused_cuda, *args)
-    for name, a, b in zip(NAMES, recomputed, stored):
-        assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[4]], ids=["T-stage1", "H-stage1"])
-def test_stored_logits_give_the_same_bits(case):
-    """The forward's fp32 logits stored and read by the backward (what `pretrain bench dcn` times as
-    kernel-stored-logits; with grad_y stored too, kernel-stored-both) give the bits of recomputing them per chunk."""
-    args = _cuda_inputs(case, torch.bfloat16)
-    recomputed = run_block(cuda.dcnv3_fused_cuda, *args)
-    with cuda.stored_logits(True):
-        stored = run_block(cuda.dcnv3_fused_cuda, *args)
-        with cuda.stored_grad_y(True):
-            both = run_block(cuda.dcnv3_fused_cuda, *args)
-    for name, a, b, c in zip(NAMES, recomputed, stored, both):
-        assert torch.equal(a, b) and torch.equal(a, c), name
 
 
 def test_nonfinite_grad_propagates():

@@ -58,8 +58,19 @@ def kernel_variant(impl, device: str = "cuda"):
     if impl == "kernel-stored-logits":
         return cuda.stored_logits(True, device)
     if impl == "kernel-stored-both":
-        stack = contextlib.ExitStack()
-        stack.enter_context(cuda.stored_grad_y(True, device))
-        stack.enter_context(cuda.stored_logits(True, device))
-        return stack
+        return _together(cuda.stored_grad_y(True, device), cuda.stored_logits(True, device))
     return contextlib.nullcontext()
+
+
+def _together(*switches):
+    """One context of several switches, entered when it is (not when made) and left in reverse order."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def entered():
+        with contextlib.ExitStack() as stack:
+            for switch in switches:
+                stack.enter_context(switch)
+            yield
+
+    return entered()

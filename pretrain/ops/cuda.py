@@ -412,8 +412,9 @@ def _fused_setup(ctx, inputs, output):
     value, x1, wpack, bpack, wout, bout, geom, offset_scale, has_cfs, emulate, _save_y = inputs
     ctx.save_for_backward(value, x1, wpack, bpack, wout, output[1], output[2], output[3])
     ctx.geom, ctx.offset_scale, ctx.has_cfs, ctx.emulate = geom, offset_scale, has_cfs, emulate
-    # y, reach and logits are internal outputs (kept for the backward) that the public wrapper never returns: without this,
-    # autograd would allocate and zero-fill a gradient of y's size for every call (128 MB per block at H stage 1).
+    # y, reach and logits are internal outputs (kept for the backward) that the public wrapper never returns:
+    # without this, autograd would allocate and zero-fill a gradient of y's size for every call (128 MB per block at
+    # H stage 1).
     ctx.set_materialize_grads(False)
 
 

@@ -416,8 +416,8 @@ class Run:
                 ("c-dcn-offsets0", ["--models", "t,h", "--stages", "1,2", "--impls", "kernel,kernel-no-masks",
                                     "--dtypes", "bf16", "--offset-std", "0", *common], 0.05),
                 # grad_y (by a GEMM) and the forward's logits stored and read back (HBM bytes) against their
-                # recompute in the backward's own tile and halo (tensor-core work): where the kernel waits on its
-                # mma, stored wins
+                # recompute in the backward's own tile and halo (tensor-core work): BENCHMARKS step 29's model has
+                # stored win where the kernel waits on its mma (H2, H3) and lose where it waits on HBM (T1, T2)
                 ("c-dcn-stored", ["--models", "t,h", "--stages", "1,2,3", "--impls",
                                   "kernel,kernel-stored-grad-y,kernel-stored-logits,kernel-stored-both",
                                   "--dtypes", "bf16", *common], 0.08),
